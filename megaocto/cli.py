@@ -1,0 +1,76 @@
+"""The `megaocto` command: one thin subcommand per module in `megaocto/commands/`.
+
+Each command module defines::
+
+    NAME = "model-info"                 # the subcommand
+    HELP = "one line for --help"
+    def add_arguments(parser): ...      # argparse arguments
+    def run(args) -> int | None: ...    # calls one library function, prints, returns exit code
+
+Commands are imported lazily so `megaocto --help` stays fast and a command's heavy imports
+(torch, tokenizers) only load when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import megaocto.commands as _commands
+
+
+def _command_modules():
+    for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            yield info.name
+
+
+def _read_header(module_name: str) -> tuple[str, str]:
+    """Read NAME and HELP without importing the module (keeps --help cheap)."""
+    import ast
+    import os
+
+    path = os.path.join(_commands.__path__[0], module_name + ".py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("NAME", "HELP") and isinstance(node.value, ast.Constant):
+                values[node.targets[0].id] = node.value.value
+    return values.get("NAME", module_name.replace("_", "-")), values.get("HELP", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    names = {}
+    for mod in _command_modules():
+        name, help_ = _read_header(mod)
+        names[name] = (mod, help_)
+    parser = argparse.ArgumentParser(prog="megaocto", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the chosen command is imported and gets its full argument list.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (mod, help_) in names.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            module = importlib.import_module(f"megaocto.commands.{mod}")
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if rest and not getattr(args, "_accepts_extra", False):
+        # Commands with free-form overrides (train) read them from args._extra.
+        module = importlib.import_module(f"megaocto.commands.{names[args.command][0]}")
+        if not getattr(module, "ACCEPTS_EXTRA", False):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args._extra = rest
+    code = args._run(args)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of `megaocto`; see megaocto/cli.py for the module contract."""

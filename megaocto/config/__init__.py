@@ -1,0 +1,1 @@
+"""Typed configuration dataclasses. Importable without torch."""
