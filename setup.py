@@ -26,7 +26,7 @@ setup(
     version="0.1.0",
     description="Megatron-style tensor-parallel training for instruction-tuning code LLMs (OctoPack style)",
     packages=find_packages(include=["megaocto", "megaocto.*"]),
-    package_data={"megaocto": ["resources/*"]},
+    package_data={"megaocto": ["resources/*", "resources/**/*"]},
     ext_modules=ext_modules,
     python_requires=">=3.10",
     install_requires=[
