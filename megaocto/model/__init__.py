@@ -1,0 +1,32 @@
+"""Models: ``build_model(cfg, pc)`` for the bigcode (GPT/StarCoder) and glm2 (CodeGeeX2) families.
+
+``megaocto.model.flops`` and ``megaocto.model.memory`` need no torch; the family modules are imported lazily.
+"""
+from __future__ import annotations
+
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
+def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", recompute_num_layers: int = 1):
+    """Build the model of ``cfg.family`` sharded for ``pc`` (a ParallelContext).
+
+    Every rank draws the full weights from the default torch RNG and keeps its shard, so one seed gives the same
+    model at every TP size. ``recompute``: none | full (checkpoint every ``recompute_num_layers``-layer chunk) |
+    selective (core attention only). Forward: ``model(input_ids, *, position_ids=None, segment_ids=None,
+    labels=None)`` -> fp32 per-token loss [b, s] with labels, else vocab-parallel logits [b, s, V_pad/tp].
+    """
+    import torch
+
+    from megaocto.config.base import ConfigError
+
+    if recompute not in RECOMPUTE_MODES:
+        raise ConfigError(f"recompute must be one of {RECOMPUTE_MODES} (got {recompute!r})")
+    if recompute_num_layers < 1:
+        raise ConfigError(f"recompute_num_layers must be >= 1 (got {recompute_num_layers})")
+    cfg.validate(pc.tp)
+    if cfg.family == "bigcode":
+        from megaocto.model.bigcode import BigCodeModel as cls
+    else:
+        from megaocto.model.glm2 import GLM2Model as cls
+    return cls(cfg, pc, dtype=dtype if dtype is not None else torch.float32, device=device,
+               recompute=recompute, recompute_num_layers=recompute_num_layers)

@@ -1,0 +1,170 @@
+"""Model architecture configuration (importable without torch).
+
+Two families share one dataclass:
+
+* ``bigcode`` — GPT-2 style decoder used by SantaCoder / StarCoder(Base): pre-LayerNorm blocks, learned
+  absolute positions, tied input/output embeddings, tanh-GELU MLP, multi-query (``num_query_groups=1``),
+  grouped or multi-head attention.
+* ``glm2`` — ChatGLM2 / CodeGeeX2: RMSNorm, SwiGLU MLP, rotary embedding on part of each head (GLM's
+  interleaved pairs), grouped K/V, bias on the QKV projection only, untied output layer.
+
+``ModelConfig.from_preset("starcoder-15b", seq_length=4096)`` builds a validated config from the data in
+:mod:`megaocto.config.presets`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megaocto.config.base import ConfigError, field
+
+FAMILIES = ("bigcode", "glm2")
+ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")
+
+
+def pad_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Vocab rounded up to a multiple of ``multiple * tp`` (Megatron's padded_vocab_size)."""
+    step = multiple * tp
+    return ((vocab_size + step - 1) // step) * step
+
+
+@dataclass
+class ModelConfig:
+    family: str = field("bigcode", "Model family: bigcode (GPT/StarCoder, MQA/MHA) or glm2 (ChatGLM2/CodeGeeX2).")
+    num_layers: int = field(2, "Number of transformer blocks (Megatron --num-layers).")
+    hidden_size: int = field(64, "Width of the residual stream h (Megatron --hidden-size).")
+    num_attention_heads: int = field(4, "Number of query heads; must be divisible by the tensor-parallel size.")
+    num_query_groups: int = field(
+        1, "Number of K/V heads: 1 = multi-query (StarCoder), == num_attention_heads = multi-head, "
+           "otherwise grouped (CodeGeeX2 uses 2). With >1 group, groups must be divisible by tp.")
+    kv_channels: int | None = field(None, "Per-head dimension; None means hidden_size // num_attention_heads.")
+    ffn_hidden_size: int | None = field(
+        None, "MLP inner width; None means 4*hidden_size. For swiglu this is the width of each of gate/up.")
+    vocab_size: int = field(1000, "Tokenizer vocabulary size (before padding for tensor parallelism).")
+    make_vocab_size_divisible_by: int = field(
+        128, "Embedding rows are padded to a multiple of this times tp (Megatron --make-vocab-size-divisible-by).")
+    seq_length: int = field(64, "Training sequence length (tokens per sample).")
+    max_position_embeddings: int | None = field(
+        None, "Rows of the learned position table (bigcode) / longest supported position; None means seq_length.")
+    activation: str = field(
+        "gelu_tanh", "MLP activation: gelu_tanh (Megatron's fused bias-GELU, HF gelu_pytorch_tanh), gelu (exact erf) "
+                     "or swiglu (glm2: silu(gate) * up).")
+    norm_epsilon: float = field(1e-5, "Epsilon of LayerNorm (bigcode) / RMSNorm (glm2).")
+    init_method_std: float = field(
+        0.02, "Std of the normal init of weights; output projections (attention dense, MLP down) use "
+              "std / sqrt(2 * num_layers) (Megatron --init-method-std).")
+    attention_dropout: float = field(0.1, "Dropout on attention probabilities (Megatron --attention-dropout).")
+    hidden_dropout: float = field(0.1, "Dropout on embeddings and on each residual branch (Megatron --hidden-dropout).")
+    add_qkv_bias: bool = field(True, "Bias on the query/key/value projections.")
+    add_bias_linear: bool = field(
+        True, "Bias on the attention output and MLP projections (bigcode: true; glm2: false).")
+    tie_embeddings: bool = field(
+        True, "Use the input word embedding as the output layer (bigcode); false adds an untied output_layer (glm2).")
+    rotary_percent: float = field(
+        0.5, "glm2: fraction of each head's dims that get rotary position embedding (CodeGeeX2: 0.5).")
+    rotary_base: float = field(10000.0, "glm2: rotary frequency base theta.")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings if self.max_position_embeddings is not None else self.seq_length
+
+    @property
+    def is_mqa(self) -> bool:
+        return self.num_query_groups == 1
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of rotated dims per head (glm2); 0 for bigcode."""
+        return int(self.head_dim * self.rotary_percent) if self.family == "glm2" else 0
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        return pad_vocab(self.vocab_size, tp, self.make_vocab_size_divisible_by)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A preset from :mod:`megaocto.config.presets`, with field overrides, validated for tp=1."""
+        from megaocto.config.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        values = dict(PRESETS[name])
+        values.pop("source", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ConfigError(f"unknown ModelConfig field(s) {bad} in overrides for preset {name!r}; "
+                              f"valid fields: {', '.join(sorted(known))}")
+        values.update(overrides)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, tp: int = 1) -> None:
+        """Raise ConfigError when the architecture is inconsistent or cannot be split over ``tp`` ranks."""
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family must be one of {FAMILIES} (got {self.family!r})")
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
+                     "seq_length", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation must be one of {ACTIVATIONS} (got {self.activation!r})")
+        if self.family == "glm2" and self.activation != "swiglu":
+            raise ConfigError(f"model.activation must be 'swiglu' for family glm2 (got {self.activation!r})")
+        if self.family == "bigcode" and self.activation == "swiglu":
+            raise ConfigError("model.activation 'swiglu' is only supported by family glm2; use gelu_tanh for bigcode")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; change one of them or set model.kv_channels explicitly")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} must be a multiple of num_query_groups="
+                f"{self.num_query_groups} (each K/V group serves the same number of query heads)")
+        if tp < 1:
+            raise ConfigError(f"tensor-parallel size must be >= 1 (got {tp})")
+        if self.num_attention_heads % tp:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by tp={tp}; "
+                f"pick a tensor-parallel size that divides the head count")
+        if self.num_query_groups > 1 and self.num_query_groups % tp:
+            raise ConfigError(
+                f"model.num_query_groups={self.num_query_groups} is not divisible by tp={tp}: every TP rank must own "
+                f"whole K/V groups. Use tp in the divisors of {self.num_query_groups}, or multi-query "
+                f"(num_query_groups=1, bigcode only) which replicates K/V on every rank")
+        if self.family == "glm2" and self.num_query_groups == 1 and tp > 1:
+            raise ConfigError("glm2 shards K/V groups over TP; num_query_groups=1 only works with tp=1 "
+                              "(use family bigcode for replicated multi-query K/V)")
+        if self.ffn_size % tp:
+            raise ConfigError(f"MLP width {self.ffn_size} (model.ffn_hidden_size) is not divisible by tp={tp}")
+        if self.max_positions < self.seq_length:
+            raise ConfigError(
+                f"model.seq_length={self.seq_length} exceeds max_position_embeddings={self.max_positions}; "
+                f"raise max_position_embeddings or shorten seq_length")
+        for name in ("attention_dropout", "hidden_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1) (got {p})")
+        if self.init_method_std <= 0:
+            raise ConfigError(f"model.init_method_std must be > 0 (got {self.init_method_std})")
+        if self.family == "glm2":
+            if self.tie_embeddings:
+                raise ConfigError("glm2 has an untied output layer; set model.tie_embeddings=false")
+            if not 0.0 < self.rotary_percent <= 1.0 or self.rotary_dim % 2:
+                raise ConfigError(
+                    f"model.rotary_percent={self.rotary_percent} must give an even, non-zero number of rotated dims "
+                    f"per head (head_dim={self.head_dim} -> {self.rotary_dim})")
