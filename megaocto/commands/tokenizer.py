@@ -1,0 +1,39 @@
+"""`megaocto tokenizer train|info`: train a StarCoder-style byte-level BPE, or describe a tokenizer."""
+from __future__ import annotations
+
+NAME = "tokenizer"
+HELP = "Train a byte-level BPE with StarCoder's special tokens (train) or describe a tokenizer (info)"
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE (StarCoder special tokens at ids 0..18)")
+    t.add_argument("--input", nargs="+", required=True, help=".jsonl files (read by --json-keys) or text files")
+    t.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="jsonl keys whose strings are training text (e.g. old_contents new_contents)")
+    t.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size incl. special tokens")
+    t.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
+    t.add_argument("--output", required=True, help="path of the tokenizer.json to write")
+    i = sub.add_parser("info", help="print vocab size and special token ids")
+    i.add_argument("path", help="tokenizer.json, a sentencepiece .model, or a directory holding one")
+
+
+def run(args) -> int:
+    from megaocto.data.tokenizer import STARCODER_SPECIAL_TOKENS, load_tokenizer, train_bpe_tokenizer
+
+    if args.action == "train":
+        info = train_bpe_tokenizer(args.input, args.vocab_size, args.output, min_frequency=args.min_frequency,
+                                   json_keys=args.json_keys)
+        print(f"wrote {info['output']}: vocab {info['vocab_size']} (requested {info['vocab_size_requested']})")
+        if info["vocab_size"] < info["vocab_size_requested"]:
+            print("  the corpus ran out of merges before the requested size")
+        for reason, n in info["skipped"].items():
+            print(f"  skipped {n}: {reason}")
+        return 0
+    tok = load_tokenizer(args.path)
+    print(f"{tok.path}: {type(tok).__name__}, vocab {tok.vocab_size}, eod {tok.eod}, pad {tok.pad}, bos {tok.bos}")
+    for t in STARCODER_SPECIAL_TOKENS:
+        tid = tok.token_to_id(t)
+        if tid is not None:
+            print(f"  {tid:6d} {t}")
+    return 0

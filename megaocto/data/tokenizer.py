@@ -1,0 +1,243 @@
+"""Tokenizers: HF ``tokenizer.json`` (StarCoder style) and sentencepiece ``.model`` (ChatGLM2/CodeGeeX2 style).
+
+``load_tokenizer(path)`` returns an object with ``encode(text) -> list[int]``, ``encode_batch(texts)``,
+``decode(ids)``, ``vocab_size``, ``eod``, ``pad``, ``bos`` and ``token_to_id(token)``. ``encode`` never adds
+BOS/EOS: formats append EOD explicitly. Special-token strings in the text (``<commit_before>``, ``[gMASK]``)
+become their ids.
+
+``train_bpe_tokenizer`` trains a byte-level BPE whose ids 0..18 are StarCoder's 19 special tokens.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable, Iterator
+
+# StarCoder's special tokens, ids 0..18 in this order (special_tokens_map.json of bigcode/starcoder).
+STARCODER_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<gh_stars>",
+    "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
+    "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>", "<commit_after>", "<reponame>",
+)
+# ChatGLM2 / CodeGeeX2 add these after the sentencepiece vocabulary (ids n_pieces + i).
+GLM2_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+
+_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+_PAD_CANDIDATES = ("<fim_pad>", "<pad>", "[PAD]", "<|pad|>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, unreadable, or lacks a token the caller needs."""
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` (what Megatron's TokenizerFromFile wraps)."""
+
+    def __init__(self, path: str, eod_token: str | None = None, pad_token: str | None = None):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on parse errors
+            raise TokenizerError(f"{path}: cannot load tokenizer.json: {e}") from None
+        self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eod = _pick(self, eod_token, _EOD_CANDIDATES, path, "EOD")
+        pad = _pick(self, pad_token, _PAD_CANDIDATES, path, "pad", required=False)
+        self.pad = self.eod if pad is None else pad
+        self.bos = self.eod if self.token_to_id("<|endoftext|>") == self.eod else self.token_to_id("<s>")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece ``.model``; ``special_tokens`` not already pieces get ids after the piece vocabulary
+    (ChatGLM2/CodeGeeX2: ``[MASK] [gMASK] [sMASK] sop eop`` → vocab 64794)."""
+
+    def __init__(self, path: str, special_tokens: Iterable[str] = GLM2_SPECIAL_TOKENS,
+                 eod_token: str | None = None, pad_token: str | None = None):
+        import sentencepiece as spm
+
+        self.path = path
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(path)
+        except Exception as e:
+            raise TokenizerError(f"{path}: cannot load sentencepiece model: {e}") from None
+        n = self._sp.GetPieceSize()
+        self._special: dict[str, int] = {}
+        for tok in special_tokens:
+            pid = self._sp.PieceToId(tok)
+            if pid == self._sp.unk_id() and tok != self._sp.IdToPiece(self._sp.unk_id()):
+                self._special[tok] = n + len([t for t in self._special.values() if t >= n])
+            else:
+                self._special[tok] = pid
+        self._special_by_id = {i: t for t, i in self._special.items()}
+        self.vocab_size = n + sum(1 for i in self._special.values() if i >= n)
+        self._split = (re.compile("(" + "|".join(re.escape(t) for t in sorted(self._special, key=len, reverse=True))
+                                  + ")") if self._special else None)
+        if eod_token is not None:
+            self.eod = self._require(eod_token, "EOD")
+        elif self._sp.eos_id() >= 0:
+            self.eod = self._sp.eos_id()
+        else:
+            self.eod = _pick(self, None, _EOD_CANDIDATES, path, "EOD")
+        if pad_token is not None:
+            self.pad = self._require(pad_token, "pad")
+        else:  # ChatGLM2 pads with unk (id 0)
+            self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else max(self._sp.unk_id(), 0)
+        self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+
+    def _require(self, token, what):
+        tid = self.token_to_id(token)
+        if tid is None:
+            raise TokenizerError(f"{self.path}: {what} token {token!r} is not in the vocabulary")
+        return tid
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None:
+            return self._sp.EncodeAsIds(text)
+        ids: list[int] = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self._special[part])
+            elif part:
+                ids.extend(self._sp.EncodeAsIds(part))
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        out, run = [], []
+        for i in (int(x) for x in ids):
+            if i in self._special_by_id and (i >= self._sp.GetPieceSize()):
+                if run:
+                    out.append(self._sp.DecodeIds(run))
+                    run = []
+                out.append(self._special_by_id[i])
+            else:
+                run.append(i)
+        if run:
+            out.append(self._sp.DecodeIds(run))
+        return "".join(out)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._special:
+            return self._special[token]
+        pid = self._sp.PieceToId(token)
+        if pid == self._sp.unk_id() and token != self._sp.IdToPiece(pid):
+            return None
+        return pid
+
+
+def _pick(tok, explicit, candidates, path, what, required=True):
+    if explicit is not None:
+        tid = tok.token_to_id(explicit)
+        if tid is None:
+            raise TokenizerError(f"{path}: {what} token {explicit!r} is not in the vocabulary")
+        return tid
+    for c in candidates:
+        tid = tok.token_to_id(c)
+        if tid is not None:
+            return tid
+    if required:
+        raise TokenizerError(f"{path}: no {what} token found (tried {', '.join(candidates)}); "
+                             f"pass eod_token= / --eod-token to name it")
+    return None
+
+
+def load_tokenizer(path: str, *, eod_token: str | None = None, pad_token: str | None = None,
+                   sp_special_tokens: Iterable[str] = GLM2_SPECIAL_TOKENS):
+    """Load ``tokenizer.json`` / a ``.model`` file, or a directory holding one of them."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
+            if not models:
+                raise TokenizerError(f"{path}: directory has no tokenizer.json or *.model")
+            path = os.path.join(path, models[0])
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{path}: tokenizer file not found")
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path, sp_special_tokens, eod_token, pad_token)
+    return HFTokenizer(path, eod_token, pad_token)
+
+
+def iter_training_texts(paths: Iterable[str], json_keys: Iterable[str] = ("text",),
+                        stats: dict | None = None) -> Iterator[str]:
+    """Texts for tokenizer training: the ``json_keys`` of each ``.jsonl`` row, or each other file whole.
+
+    Bad jsonl rows and non-UTF-8 files are skipped and counted in ``stats``.
+    """
+    from megaocto.data.jsonl import JsonlReader
+
+    stats = {} if stats is None else stats
+    keys = tuple(json_keys)
+    for p in paths:
+        if p.endswith((".jsonl", ".json")):
+            reader = JsonlReader([p], required_keys=(), on_error="skip")
+            for row in reader:
+                for k in keys:
+                    v = row.data.get(k)
+                    if isinstance(v, str) and v:
+                        yield v
+            for reason, n in reader.stats.skipped.items():
+                stats[f"jsonl: {reason}"] = stats.get(f"jsonl: {reason}", 0) + n
+        else:
+            try:
+                with open(p, encoding="utf-8") as f:
+                    yield f.read()
+            except UnicodeDecodeError:
+                stats["non-UTF-8 file"] = stats.get("non-UTF-8 file", 0) + 1
+
+
+def train_bpe_tokenizer(files_or_iterator, vocab_size: int, output: str, *, min_frequency: int = 2,
+                        json_keys: Iterable[str] = ("text",), special_tokens=STARCODER_SPECIAL_TOKENS) -> dict:
+    """Train a byte-level BPE (digits split individually, as StarCoder) and save ``output`` (tokenizer.json).
+
+    ``files_or_iterator``: paths (``.jsonl`` read by ``json_keys``; other files whole) or an iterable of
+    strings. Ids ``0..len(special_tokens)-1`` are the special tokens in order. Returns a summary dict
+    (requested/actual vocab size, skipped inputs); a corpus too small for ``vocab_size`` gives fewer merges.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    items = list(files_or_iterator) if isinstance(files_or_iterator, (list, tuple)) else None
+    stats: dict = {}
+    if items is not None and all(isinstance(x, (str, os.PathLike)) and os.path.isfile(x) for x in items):
+        texts = iter_training_texts([os.fspath(x) for x in items], json_keys, stats)
+    else:
+        texts = iter(items if items is not None else files_or_iterator)
+    if vocab_size <= len(special_tokens) + 256:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: it must exceed the {len(special_tokens)} "
+                             f"special tokens + 256 byte symbols")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(special_tokens))
+    tok.train_from_iterator(texts, trainer=trainer)
+    for i, t in enumerate(special_tokens):
+        if tok.token_to_id(t) != i:
+            raise TokenizerError(f"special token {t!r} got id {tok.token_to_id(t)}, expected {i}")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tok.save(output)
+    return {"output": output, "vocab_size_requested": vocab_size,
+            "vocab_size": tok.get_vocab_size(with_added_tokens=True), "skipped": stats}
