@@ -1,0 +1,306 @@
+"""Load a run config from YAML/TOML plus `--section.field VALUE` overrides into typed dataclasses.
+
+    cfg = load_run_config("launch/configs/tiny-bigcode.yaml", ["--train.iters", "20", "--parallel.tp=2"])
+
+Rules: `model.preset` is applied first (ModelConfig.from_preset), then explicit model fields; file values
+are checked against the field types; CLI values are parsed to the field's type; an unknown key (file or
+CLI) is an error naming where it came from and the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from typing import Any
+
+from megaocto.config.base import ConfigError, field_docs
+
+_NONE_WORDS = ("none", "null", "~", "")
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+# ----------------------------------------------------------------------------------------- file reading
+def read_config_file(path: str) -> tuple[dict, dict[str, int]]:
+    """Parse YAML (.yaml/.yml) or TOML (.toml); returns (nested dict, {dotted key: line number})."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".toml"):
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        return data, _toml_lines(text)
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+            lines = _yaml_lines(yaml.compose(text))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+        return data, lines
+    raise ConfigError(f"{path}: unknown config format; use .yaml, .yml or .toml")
+
+
+def _yaml_lines(node, prefix: str = "") -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if node is not None and node.tag.endswith(":map"):
+        for key, value in node.value:
+            name = f"{prefix}{key.value}"
+            lines[name] = key.start_mark.line + 1
+            lines.update(_yaml_lines(value, name + "."))
+    return lines
+
+
+def _toml_lines(text: str) -> dict[str, int]:
+    lines: dict[str, int] = {}
+    section = ""
+    for i, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if m := re.match(r"^\[\s*([\w.\-]+)\s*\]", s):
+            section = m.group(1) + "."
+            lines.setdefault(m.group(1), i)
+        elif m := re.match(r"^([\w.\-\"']+)\s*=", s):
+            lines.setdefault(section + m.group(1).strip("\"'"), i)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------- overrides
+def parse_overrides(argv: list[str]) -> list[tuple[str, str | None]]:
+    """`--a.b VALUE`, `--a.b=VALUE` or a bare `--a.b` (a bool flag) -> [(dotted key, raw value or None)]."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"command line: expected --section.field VALUE, got {tok!r}")
+        key, eq, value = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            out.append((key, value))
+            i += 1
+        elif i + 1 < len(argv) and not (argv[i + 1].startswith("--") and len(argv[i + 1]) > 2):
+            out.append((key, argv[i + 1]))
+            i += 2
+        else:
+            out.append((key, None))
+            i += 1
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"command line: --{key} sets inside {p!r}, which is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------------------- typing
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, from_cli: bool, where: str) -> Any:
+    """Check/convert one value to the annotated type `tp` (CLI strings are parsed)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (from_cli and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            if len(args) < len(typing.get_args(tp)):
+                return None
+            raise ConfigError(f"{where}: a value is required")
+        errors = []
+        for a in args:
+            try:
+                return _convert(value, a, from_cli, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple) or tp in (list, tuple):
+        origin = origin or tp
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if from_cli and isinstance(value, str):
+            import yaml
+
+            s = value.strip()
+            value = yaml.safe_load(s) if s.startswith("[") else [v for v in s.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        items = [_convert(v, item_tp, from_cli, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        if from_cli and isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))} (got {value!r})")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        if value is None and from_cli:
+            return True  # a bare --section.flag
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if from_cli or isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if value is None:
+        raise ConfigError(f"{where}: a value is required")
+    return value
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if _is_dataclass_type(hints[f.name]):
+            keys += _all_keys(hints[f.name], prefix + f.name + ".")
+    return keys
+
+
+def _unknown(key: str, root_cls, where: str) -> ConfigError:
+    candidates = _all_keys(root_cls)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close:  # try matching only the last part within the same section
+        section, _, leaf = key.rpartition(".")
+        same = [c for c in candidates if c.rpartition(".")[0] == section]
+        close = difflib.get_close_matches(key, same, n=1, cutoff=0.0) if same else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> Any:
+    """Instantiate dataclass `cls` from a nested dict; `origin` maps dotted keys to 'file:line' / 'command line'."""
+    if not isinstance(data, dict):
+        where = origin.get(prefix.rstrip("."), "config")
+        raise ConfigError(f"{where}: {prefix.rstrip('.')!r} must be a section (mapping), got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    data = dict(data)
+    preset = None
+    if "preset" in data and "preset" not in names and hasattr(cls, "from_preset"):
+        preset = data.pop("preset")
+    kwargs = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        where = origin.get(dotted) or next((v for k, v in origin.items() if k.startswith(dotted + ".")), "config")
+        if key not in names:
+            raise _unknown(dotted, root_cls, where)
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, dotted + ".", origin, root_cls)
+        else:
+            kwargs[key] = _convert(value, tp, origin.get(dotted, "").startswith("command line"),
+                                   f"{where}: {dotted}")
+    try:
+        if preset is not None:
+            return cls.from_preset(str(preset), **kwargs)
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{origin.get(prefix.rstrip('.'), 'config')}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{origin.get(prefix + 'preset', origin.get(prefix.rstrip('.'), 'config'))}: "
+                          f"cannot build {prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None, *, validate: bool = True):
+    """Build dataclass `cls` from an optional config file plus CLI override tokens."""
+    tree: dict = {}
+    origin: dict[str, str] = {}
+    if path is not None:
+        tree, lines = read_config_file(path)
+        origin = {k: f"{path}:{n}" for k, n in lines.items()}
+    for key, raw in parse_overrides(overrides or []):
+        _set_dotted(tree, key, raw)
+        origin[key] = f"command line --{key}"
+    cfg = _build(cls, tree, "", origin, cls)
+    if validate and hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def load_run_config(path: str | None, overrides: list[str] | None = None):
+    """The `megaocto train` config: RunConfig from YAML/TOML + `--section.field VALUE` overrides."""
+    from megaocto.config.train import RunConfig
+
+    return load_config(RunConfig, path, overrides)
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain JSON-able dict of a config dataclass (for checkpoint metadata and W&B)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_docs_markdown(cls) -> str:
+    """A markdown table (section, field, default, doc) generated from the dataclass field docs."""
+    rows = ["| key | default | description |", "| --- | --- | --- |"]
+
+    def walk(c, prefix):
+        docs = field_docs(c)
+        h = _hints(c)
+        for f in dataclasses.fields(c):
+            if _is_dataclass_type(h[f.name]):
+                walk(h[f.name], prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            rows.append(f"| `{prefix}{f.name}` | `{default!r}` | {docs[f.name]} |")
+
+    walk(cls, "")
+    return "\n".join(rows)

@@ -1,0 +1,359 @@
+"""The training loop: data parallel + gradient accumulation, mixed precision, NaN skipping, validation,
+atomic checkpoints, exact resume and preemption.
+
+    result = train(load_run_config("launch/configs/tiny-bigcode.yaml", overrides))
+    sys.exit(result.exit_code)       # EXIT_PREEMPTED (42) after SIGTERM/SIGUSR1: requeue the job
+
+One optimizer step = `num_micro` micro batches per DP rank (global batch / (micro batch x dp)); each micro
+batch's loss is the masked token mean, scaled by 1/num_micro; fp32 main grads are averaged over DP. The LR of
+step k (1-based) is schedule.lr_at(k); a skipped (NaN/inf) step still consumes its data and its step number.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import megaocto
+from megaocto.config.base import ConfigError
+from megaocto.config.loader import config_to_dict
+from megaocto.config.train import RunConfig
+from megaocto.training import checkpoint as ckpt
+from megaocto.training.loggers import MetricsLogger
+from megaocto.training.metrics import FLOPS_FORMULA, format_eta, memory_stats, model_tflops_and_mfu, peak_tflops
+from megaocto.training.optimizer import MixedPrecisionAdamW
+from megaocto.training.sampler import PretrainingSampler, collate
+from megaocto.training.schedule import LRSchedule
+
+EXIT_OK = 0
+EXIT_PREEMPTED = 42  # saved after SIGTERM/SIGUSR1 (or exit_duration_mins); launchers requeue on this code
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many NaN/inf steps; the last good state was saved before raising."""
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    consumed_samples: int
+    exit_reason: str  # finished | preempted | exit_interval | exit_duration | already_done
+    exit_code: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss of the steps run in this process
+    val_losses: dict[int, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    checkpoint: str | None = None
+
+
+class _PreemptFlag:
+    """Sets a flag on SIGTERM/SIGUSR1 (main thread only); the loop finishes the step, saves and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in PREEMPT_SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def resolve_train_iters(cfg: RunConfig, global_batch: int) -> int:
+    """Run length in optimizer steps from train.iters | samples | epochs."""
+    t = cfg.train
+    if t.iters is not None:
+        return t.iters
+    if t.samples is not None:
+        return math.ceil(t.samples / global_batch)
+    from megaocto.data.build import epoch_num_samples
+
+    per_epoch = epoch_num_samples(cfg.data, seq_length=cfg.model.seq_length, seed=t.seed)
+    return max(1, math.ceil(math.ceil(t.epochs * per_epoch) / global_batch))
+
+
+def micro_batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Masked mean of the per-token loss of one micro batch (fp32 scalar)."""
+    kwargs = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
+    per_token = model(batch["input_ids"], labels=batch["labels"], **kwargs)  # [b, s] fp32
+    mask = batch["loss_mask"].to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class Trainer:
+    """Holds the pieces of one run; `run()` executes it. Use :func:`train` unless you need the parts."""
+
+    def __init__(self, cfg: RunConfig, pc=None, *, stream=None):
+        from megaocto.data.build import build_datasets
+        from megaocto.model import build_model
+        from megaocto.model.flops import flops_per_token
+        from megaocto.parallel.context import ParallelContext
+        from megaocto.parallel.random import seed_everything
+
+        cfg.validate()
+        self.cfg = cfg
+        p = cfg.parallel
+        self.pc = pc or ParallelContext.init(tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel,
+                                             backend=p.backend, timeout_minutes=p.timeout_minutes)
+        pc = self.pc
+        if pc.pp > 1:
+            raise ConfigError("parallel.pp > 1: the training loop has no pipeline schedule yet; use tp and dp")
+        cfg.model.validate(pc.tp)
+        self.num_micro = cfg.train.microbatches(pc.dp)
+        self.global_batch = self.num_micro * cfg.train.micro_batch_size * pc.dp
+        self.total_iters = resolve_train_iters(cfg, self.global_batch)
+        self.seq_length = cfg.model.seq_length
+        self.bf16 = cfg.train.dtype == "bf16"
+        self.log = MetricsLogger(cfg.logging, enabled=pc.rank == 0, run_config=config_to_dict(cfg), stream=stream)
+        self.log.info(f"megaocto {megaocto.__version__} | {pc.describe()} | dtype {cfg.train.dtype} | "
+                      f"global batch {self.global_batch} = {cfg.train.micro_batch_size} x {pc.dp} dp x "
+                      f"{self.num_micro} micro | {self.total_iters} steps")
+
+        seed_everything(cfg.train.seed, pc)
+        self.model = build_model(cfg.model, pc, dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                                 device=pc.device, recompute=cfg.train.recompute,
+                                 recompute_num_layers=cfg.train.recompute_num_layers)
+        self.model.train()
+        self.iteration, self.consumed, self.skipped = 0, 0, 0
+        state = self._load_model_checkpoint()
+        self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, pc, bf16=self.bf16)
+        self._load_rest(state)
+        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optimizer.lr, self.total_iters)
+        self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
+
+        need_valid = cfg.eval.interval > 0 and cfg.eval.iters > 0
+        self.datasets = build_datasets(
+            cfg.data, seq_length=self.seq_length, seed=cfg.train.seed,
+            num_samples={"train": self.total_iters * self.global_batch,
+                         "valid": cfg.eval.iters * self.global_batch if need_valid else 0, "test": 0})
+        if need_valid and self.datasets.get("valid") is None:
+            self.log.info("warning: eval.interval is set but the data has no valid split; validation disabled")
+
+        self.flops_per_token = flops_per_token(cfg.model, self.seq_length)
+        device_name = torch.cuda.get_device_name(pc.device) if pc.device.type == "cuda" else None
+        self.peak = cfg.logging.peak_tflops or peak_tflops(device_name, cfg.train.dtype)
+        self.log.info(f"model flops/token {self.flops_per_token:.4g} ({FLOPS_FORMULA}); peak TFLOP/s per device: "
+                      f"{self.peak if self.peak else 'n/a (set logging.peak_tflops)'}")
+
+    # ------------------------------------------------------------------ checkpoint loading
+    def _load_model_checkpoint(self) -> dict | None:
+        c = self.cfg.checkpoint
+        if not c.load:
+            return None
+        loaded = ckpt.load_checkpoint(c.load, self.pc)
+        if loaded is None:
+            if c.finetune:
+                raise ConfigError(f"checkpoint.finetune is set but {c.load} has no {ckpt.TRACKER}")
+            self.log.info(f"no checkpoint in {c.load}; starting from scratch")
+            return None
+        state, _meta, it = loaded
+        self.model.load_state_dict(state["model"])
+        self.log.info(f"loaded model weights from {ckpt.iter_dir_name(it)} in {c.load}")
+        return state
+
+    def _load_rest(self, state: dict | None) -> None:
+        from megaocto.parallel.random import set_rng_state
+
+        c = self.cfg.checkpoint
+        if state is None or c.finetune:
+            return
+        if not c.no_load_optim:
+            if "optimizer" not in state:
+                raise ConfigError(f"checkpoint in {c.load} has no optimizer state; set checkpoint.no_load_optim=true")
+            self.optimizer.load_state_dict(state["optimizer"])
+        if not c.no_load_rng:
+            set_rng_state(state["rng_state"][0], self.pc)
+        if not c.reset_progress:
+            self.iteration = int(state["iteration"])
+            self.consumed = int(state["data"]["consumed_samples"])
+            self.skipped = int(state["data"].get("skipped_steps", 0))
+
+    # ------------------------------------------------------------------ saving
+    def save(self, reason: str) -> str | None:
+        c = self.cfg.checkpoint
+        if not c.save:
+            return None
+        from megaocto.parallel.random import get_rng_state
+
+        state = {"checkpoint_version": 3.0, "iteration": self.iteration, "model": self.model.state_dict(),
+                 "opt_param_scheduler": {**self.schedule.state_dict(), "num_steps": self.iteration},
+                 "rng_state": [get_rng_state(self.pc)],
+                 "data": {"consumed_samples": self.consumed, "skipped_steps": self.skipped}}
+        if c.save_optim:
+            state["optimizer"] = self.optimizer.state_dict()
+        meta = {"consumed_samples": self.consumed, "skipped_steps": self.skipped, "reason": reason,
+                "megaocto_version": megaocto.__version__, "config": config_to_dict(self.cfg)}
+        path = ckpt.save_checkpoint(c.save, self.iteration, state, meta, self.pc, keep_last=c.keep_last)
+        self.log.info(f"saved checkpoint {path} ({reason})")
+        return path
+
+    # ------------------------------------------------------------------ steps
+    def _reduce_mean_dp(self, value: torch.Tensor) -> torch.Tensor:
+        if self.pc.dp > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=self.pc.dp_group)
+            value /= self.pc.dp
+        return value
+
+    def train_step(self, batches) -> tuple[float, float, bool]:
+        """Forward/backward `num_micro` micro batches, reduce grads, clip, update. -> (loss, grad norm, applied)."""
+        from megaocto.parallel.grads import allreduce_sequence_parallel_grads, clip_grad_norm_, grad_norm
+
+        step = self.iteration + 1
+        self.optimizer.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.pc.device)
+        for _ in range(self.num_micro):
+            batch = collate(self.datasets["train"], next(batches), self.pc.device)
+            loss = micro_batch_loss(self.forward_model, batch)
+            if step in self.cfg.train.debug_nan_iters:
+                loss = loss * float("nan")
+            (loss / self.num_micro).backward()
+            loss_sum += loss.detach()
+        if self.pc.sequence_parallel:
+            allreduce_sequence_parallel_grads(self.model, self.pc)
+        self.optimizer.allreduce_dp_grads()
+        step_loss = self._reduce_mean_dp(loss_sum / self.num_micro)
+        clip = self.cfg.optimizer.clip_grad
+        params = self.optimizer.params
+        norm = clip_grad_norm_(params, clip, self.pc) if clip > 0 else grad_norm(params, self.pc)
+        loss_v, norm_v = float(step_loss), float(norm)
+        applied = math.isfinite(loss_v) and math.isfinite(norm_v)
+        if applied:
+            self.optimizer.step(self.schedule.lr_at(step))
+        return loss_v, norm_v, applied
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over eval.iters global batches of the valid split (same samples every time)."""
+        ds = self.datasets.get("valid")
+        if ds is None:
+            return None
+        self.model.eval()
+        sampler = iter(PretrainingSampler(len(ds), 0, self.cfg.train.micro_batch_size, self.pc.dp_rank, self.pc.dp))
+        total = torch.zeros((), dtype=torch.float32, device=self.pc.device)
+        n = 0
+        for indices in sampler:
+            if n == self.cfg.eval.iters * self.num_micro:
+                break
+            total += micro_batch_loss(self.forward_model, collate(ds, indices, self.pc.device))
+            n += 1
+        self.model.train()
+        return float(self._reduce_mean_dp(total / max(n, 1)))
+
+    def _stop_requested(self, preempt: _PreemptFlag, start_time: float) -> str | None:
+        t = self.cfg.train
+        local = 0
+        if preempt.signum is not None:
+            local = 2
+        elif t.exit_duration_mins is not None and time.time() - start_time >= 60 * t.exit_duration_mins:
+            local = 1
+        if self.pc.world_size > 1:  # every rank must agree to stop at the same step
+            flag = torch.tensor([local], dtype=torch.int64, device=self.pc.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = int(flag.item())
+        if local == 2:
+            return "preempted"
+        if local == 1:
+            return "exit_duration"
+        if t.exit_interval and self.iteration % t.exit_interval == 0 and self.iteration < self.total_iters:
+            return "exit_interval"
+        return None
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        cfg, pc = self.cfg, self.pc
+        result = TrainResult(self.iteration, self.consumed, "finished", EXIT_OK, skipped_steps=self.skipped)
+        if self.iteration >= self.total_iters:
+            self.log.info(f"checkpoint is at step {self.iteration} >= {self.total_iters} steps; nothing to do")
+            result.exit_reason = "already_done"
+            self.log.close()
+            return result
+        sampler = PretrainingSampler(len(self.datasets["train"]), self.consumed, cfg.train.micro_batch_size,
+                                     pc.dp_rank, pc.dp)
+        batches = iter(sampler)
+        start = interval_start = time.time()
+        interval_steps, interval_loss, interval_n = 0, 0.0, 0
+        with _PreemptFlag() as preempt:
+            try:
+                while self.iteration < self.total_iters:
+                    loss, norm, applied = self.train_step(batches)
+                    self.iteration += 1
+                    self.consumed += self.global_batch
+                    result.losses[self.iteration] = loss
+                    interval_steps += 1
+                    if applied:
+                        interval_loss += loss
+                        interval_n += 1
+                    else:
+                        self.skipped += 1
+                        self.log.info(f"warning: step {self.iteration} has non-finite loss {loss} / grad norm {norm}; "
+                                      f"skipped (no update), {self.skipped} skipped so far "
+                                      f"(limit train.max_skipped_steps={cfg.train.max_skipped_steps})")
+                        if self.skipped > cfg.train.max_skipped_steps:
+                            path = self.save("diverged")
+                            raise TrainingDiverged(
+                                f"{self.skipped} steps had non-finite loss or grad norm (limit "
+                                f"train.max_skipped_steps={cfg.train.max_skipped_steps}); stopping at step "
+                                f"{self.iteration}. Last good state saved to {path or 'nowhere (checkpoint.save unset)'}; "
+                                f"lower optimizer.lr, raise schedule.warmup_iters or inspect the data")
+                    if self.iteration % cfg.logging.log_interval == 0 or self.iteration == self.total_iters:
+                        elapsed = time.time() - interval_start
+                        self._log_interval(loss if interval_n == 0 else interval_loss / interval_n, norm,
+                                           interval_steps, elapsed)
+                        interval_start, interval_steps, interval_loss, interval_n = time.time(), 0, 0.0, 0
+                    if cfg.eval.interval and (self.iteration % cfg.eval.interval == 0
+                                              or self.iteration == self.total_iters):
+                        val = self.evaluate()
+                        if val is not None:
+                            result.val_losses[self.iteration] = val
+                            self.log.log_valid(self.iteration, val)
+                    reason = self._stop_requested(preempt, start)
+                    if reason is not None:
+                        result.checkpoint = self.save(reason)
+                        result.exit_reason = reason
+                        result.exit_code = EXIT_PREEMPTED if reason in ("preempted", "exit_duration") else EXIT_OK
+                        if reason == "preempted":
+                            self.log.info(f"received signal {preempt.signum}: saved at step {self.iteration}; "
+                                          f"exiting with code {EXIT_PREEMPTED} (requeue)")
+                        break
+                    if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0 \
+                            and self.iteration < self.total_iters:
+                        self.save("interval")
+                else:
+                    result.checkpoint = self.save("finished")
+            finally:
+                self.log.close()
+        result.iteration, result.consumed_samples, result.skipped_steps = self.iteration, self.consumed, self.skipped
+        return result
+
+    def _log_interval(self, loss: float, norm: float, steps: int, elapsed: float) -> None:
+        tokens_per_s = steps * self.global_batch * self.seq_length / max(elapsed, 1e-9)
+        per_device = tokens_per_s / self.pc.world_size
+        tflops, mfu = model_tflops_and_mfu(self.flops_per_token, per_device, self.peak)
+        step_time = elapsed / max(steps, 1)
+        metrics = {"consumed_samples": self.consumed, "loss": loss,
+                   "lr": self.schedule.lr_at(self.iteration), "grad_norm": norm,
+                   "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+                   "tflops_per_device": tflops, "mfu": mfu, "step_time_s": step_time,
+                   "skipped_steps": self.skipped,
+                   "eta": format_eta(step_time * (self.total_iters - self.iteration)),
+                   **memory_stats(self.pc.device)}
+        self.log.log_train(self.iteration, metrics, total_iters=self.total_iters)
+
+
+def train(cfg: RunConfig, pc=None, *, stream=None) -> TrainResult:
+    """Run training as configured; returns a TrainResult (exit_code EXIT_PREEMPTED after a preemption save)."""
+    return Trainer(cfg, pc, stream=stream).run()

@@ -1,0 +1,44 @@
+"""Sequential, resumable micro-batch sampling (Megatron's MegatronPretrainingSampler semantics).
+
+Samples are consumed in index order 0, 1, 2, ... . Each group of `micro_batch_size * dp` consecutive indices
+is one micro batch across the data-parallel ranks; DP rank r takes the r-th slice of `micro_batch_size`.
+Starting from `consumed_samples` therefore continues with exactly the next sample after a resume. All TP
+ranks of a DP rank get the same indices (they share dp_rank).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+class PretrainingSampler:
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad sampler layout: micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, dp={dp_size}")
+        if consumed_samples > total_samples:
+            raise ValueError(f"consumed_samples={consumed_samples} is past the end of the dataset ({total_samples} "
+                             "samples); the run is longer than the data built for it")
+        self.total = total_samples
+        self.consumed = consumed_samples
+        self.mbs = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp = dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """This rank's indices for each full micro batch (a trailing partial one is dropped)."""
+        step = self.mbs * self.dp
+        for start in range(self.consumed, self.total - step + 1, step):
+            first = start + self.dp_rank * self.mbs
+            yield list(range(first, first + self.mbs))
+
+
+def collate(dataset, indices: list[int], device) -> dict[str, torch.Tensor]:
+    """Stack samples (dicts of equal-length numpy arrays) into `[b, s]` tensors on `device`."""
+    samples = [dataset[i] for i in indices]
+    batch = {}
+    for key in samples[0]:
+        arr = np.stack([np.asarray(s[key]) for s in samples])
+        batch[key] = torch.from_numpy(arr).to(device, non_blocking=True)
+    return batch

@@ -1,0 +1,60 @@
+"""Learning-rate schedules (Megatron's math, stepped per optimizer step).
+
+`lr_at(step)` takes the 1-based number of the update about to be applied, so with warmup W the first
+update uses max_lr/W — never 0 (Megatron calls step(0) in its constructor, so its first update runs at
+lr 0 when warmup > 0; we deliberately do not reproduce that).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megaocto.config.base import ConfigError
+from megaocto.config.train import LR_STYLES, ScheduleConfig
+
+
+@dataclass
+class LRSchedule:
+    max_lr: float
+    min_lr: float
+    style: str
+    warmup_steps: int
+    decay_steps: int
+
+    def __post_init__(self):
+        if self.style not in LR_STYLES:
+            raise ConfigError(f"schedule.style must be one of {', '.join(LR_STYLES)} (got {self.style!r})")
+        if self.min_lr > self.max_lr:
+            raise ConfigError(f"schedule.min_lr={self.min_lr} is above optimizer.lr={self.max_lr}")
+        if self.style in ("linear", "cosine") and self.warmup_steps > self.decay_steps:
+            raise ConfigError(f"warmup ({self.warmup_steps} steps) is longer than the decay ({self.decay_steps} steps); "
+                              "shorten schedule.warmup_iters or raise schedule.decay_iters")
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig, max_lr: float, total_steps: int) -> "LRSchedule":
+        decay = cfg.decay_iters or total_steps
+        warmup = cfg.warmup_iters or int(round(cfg.warmup_fraction * decay))
+        return cls(max_lr=max_lr, min_lr=cfg.min_lr, style=cfg.style, warmup_steps=warmup, decay_steps=decay)
+
+    def lr_at(self, step: int) -> float:
+        """LR for the `step`-th optimizer update (1-based)."""
+        if step < 1:
+            raise ValueError(f"optimizer steps are 1-based (got {step})")
+        if self.warmup_steps > 0 and step <= self.warmup_steps:
+            return self.max_lr * step / self.warmup_steps
+        if self.style == "constant":
+            return self.max_lr
+        if self.style == "inverse_sqrt":
+            return max(self.min_lr, self.max_lr * math.sqrt(max(self.warmup_steps, 1)) / math.sqrt(step))
+        if step >= self.decay_steps:
+            return self.min_lr
+        ratio = (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps)
+        if self.style == "linear":
+            coeff = 1.0 - ratio
+        else:  # cosine
+            coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
+        return self.min_lr + (self.max_lr - self.min_lr) * coeff
+
+    def state_dict(self) -> dict:
+        return {"max_lr": self.max_lr, "min_lr": self.min_lr, "style": self.style,
+                "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps}
