@@ -1,0 +1,185 @@
+"""GPT / BigCode (SantaCoder, StarCoder) decoder with tensor and sequence parallelism.
+
+Block (pre-LN, Megatron GPT): ``x + drop(attn(LN(x)))`` then ``x + drop(mlp(LN(x)))``; final LayerNorm; learned
+absolute position embeddings; tanh-GELU MLP; output logits through the tied word embedding.
+
+Multi-query attention (``num_query_groups == 1``) follows bigcode Megatron-LM exactly (reference §1.2): the query
+projection is column-parallel (split by heads); the single K/V projection ``key_value`` ([K | V], 2·head_dim) is a
+plain ``nn.Linear`` replicated on every TP rank, and its *output* goes through ``copy_to_tp`` (``gather_from_sp``
+with sequence parallelism) so the K/V gradient, which each rank only sees for its own query heads, is summed over
+TP before it reaches the replicated weight. With more than one group, Q/K/V are one fused column-parallel
+projection ``[q | k | v]`` whose groups are split over TP.
+
+Tensor layout: ``[b, s, h]``; with sequence parallelism the residual stream is ``[b, s/tp, h]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaocto.config.model import ModelConfig
+from megaocto.model.attention import attention
+from megaocto.model.common import (checkpoint, default_position_ids, dropout, lm_head_input, logits_or_loss,
+                                   normal_init, run_layers, scaled_init, tag_sequence_parallel)
+from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
+from megaocto.parallel.mappings import copy_to_tp, gather_from_sp, scatter_to_sp
+
+
+class BigCodeAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc, *, dtype, device, selective_recompute: bool):
+        super().__init__()
+        self.pc, self.cfg = pc, cfg
+        self.selective_recompute = selective_recompute
+        d, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
+        self.head_dim = d
+        self.local_heads = heads // pc.tp
+        self.mqa = cfg.is_mqa
+        init, out_init = normal_init(cfg.init_method_std), scaled_init(cfg.init_method_std, cfg.num_layers)
+        kw = dict(dtype=dtype, device=device)
+        if self.mqa:
+            self.local_groups = 1
+            self.query = ColumnParallelLinear(cfg.hidden_size, heads * d, pc, bias=cfg.add_qkv_bias,
+                                              init_method=init, **kw)
+            self.key_value = nn.Linear(cfg.hidden_size, 2 * d, bias=cfg.add_qkv_bias, **kw)
+            with torch.no_grad():
+                init(self.key_value.weight)
+                if self.key_value.bias is not None:
+                    self.key_value.bias.zero_()
+            # Under sequence parallelism each rank's key_value sees only its sequence shard: grads are partial.
+            tag_sequence_parallel(self.key_value.parameters(), pc)
+        else:
+            self.local_groups = groups // pc.tp
+            self.query_key_value = ColumnParallelLinear(cfg.hidden_size, [heads * d, groups * d, groups * d], pc,
+                                                        bias=cfg.add_qkv_bias, init_method=init, **kw)
+        self.dense = RowParallelLinear(heads * d, cfg.hidden_size, pc, bias=cfg.add_bias_linear,
+                                       init_method=out_init, **kw)
+
+    def _qkv(self, x: torch.Tensor):
+        b = x.shape[0]
+        d, pc = self.head_dim, self.pc
+        if self.mqa:
+            q = self.query(x)  # [b, s, local_heads*d] (gathers the SP shards itself)
+            kv = self.key_value(x)  # [b, s or s/tp, 2d], replicated weight
+            kv = gather_from_sp(kv, pc, dim=1, grad_is_partial=True) if pc.sequence_parallel else copy_to_tp(kv, pc)
+            k, v = kv.split(d, dim=-1)
+            s = q.shape[1]
+            q = q.view(b, s, self.local_heads, d).transpose(1, 2)
+            return q, k.unsqueeze(1), v.unsqueeze(1)
+        qkv = self.query_key_value(x)
+        s = qkv.shape[1]
+        q, k, v = qkv.split([self.local_heads * d, self.local_groups * d, self.local_groups * d], dim=-1)
+        q = q.view(b, s, self.local_heads, d).transpose(1, 2)
+        k = k.view(b, s, self.local_groups, d).transpose(1, 2)
+        v = v.view(b, s, self.local_groups, d).transpose(1, 2)
+        return q, k, v
+
+    def _core(self, q, k, v, segment_ids):
+        p = self.cfg.attention_dropout if self.training else 0.0
+        if p > 0.0:
+            with self.pc.rng.fork():  # attention probabilities are sharded by head: per-TP-rank stream
+                return attention(q, k, v, causal=True, segment_ids=segment_ids, dropout_p=p,
+                                 scale=1.0 / math.sqrt(self.head_dim))
+        return attention(q, k, v, causal=True, segment_ids=segment_ids, scale=1.0 / math.sqrt(self.head_dim))
+
+    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        if self.selective_recompute and torch.is_grad_enabled():
+            ctx = checkpoint(lambda q_, k_, v_: self._core(q_, k_, v_, segment_ids), self.pc, q, k, v)
+        else:
+            ctx = self._core(q, k, v, segment_ids)
+        b, _, s, _ = ctx.shape
+        ctx = ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
+        return self.dense(ctx)
+
+
+class BigCodeMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc, *, dtype, device):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, pc, bias=cfg.add_bias_linear,
+                                                  init_method=normal_init(cfg.init_method_std), **kw)
+        self.dense_4h_to_h = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, pc, bias=cfg.add_bias_linear,
+                                               init_method=scaled_init(cfg.init_method_std, cfg.num_layers), **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
+
+
+class BigCodeBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc, *, dtype, device, selective_recompute: bool):
+        super().__init__()
+        self.pc, self.hidden_dropout = pc, cfg.hidden_dropout
+        kw = dict(dtype=dtype, device=device)
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        self.self_attention = BigCodeAttention(cfg, pc, selective_recompute=selective_recompute, **kw)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        self.mlp = BigCodeMLP(cfg, pc, **kw)
+        tag_sequence_parallel(list(self.input_layernorm.parameters()) +
+                              list(self.post_attention_layernorm.parameters()), pc)
+
+    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        sp = self.pc.sequence_parallel
+        h = self.self_attention(self.input_layernorm(x), segment_ids)
+        x = x + dropout(h, self.hidden_dropout, self.training, self.pc, sharded=sp)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + dropout(h, self.hidden_dropout, self.training, self.pc, sharded=sp)
+
+
+class BigCodeEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc, vocab: int, *, dtype, device):
+        super().__init__()
+        init = normal_init(cfg.init_method_std)
+        self.word_embeddings = VocabParallelEmbedding(vocab, cfg.hidden_size, pc, init_method=init,
+                                                      dtype=dtype, device=device)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, dtype=dtype, device=device)
+        with torch.no_grad():
+            init(self.position_embeddings.weight)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+
+
+class BigCodeModel(nn.Module):
+    """GPT/BigCode decoder; see the module docstring. Built by :func:`megaocto.model.build_model`."""
+
+    def __init__(self, cfg: ModelConfig, pc, *, dtype=torch.float32, device=None, recompute: str = "none",
+                 recompute_num_layers: int = 1):
+        super().__init__()
+        cfg.validate(pc.tp)
+        self.cfg, self.pc = cfg, pc
+        self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
+        self.padded_vocab_size = pad_vocab_size(cfg.vocab_size, pc.tp, cfg.make_vocab_size_divisible_by)
+        kw = dict(dtype=dtype, device=device)
+        self.embedding = BigCodeEmbedding(cfg, pc, self.padded_vocab_size, **kw)
+        self.layers = nn.ModuleList(
+            BigCodeBlock(cfg, pc, selective_recompute=(recompute == "selective"), **kw)
+            for _ in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        tag_sequence_parallel(self.final_layernorm.parameters(), pc)
+        if not cfg.tie_embeddings:
+            self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,
+                                                     init_method=normal_init(cfg.init_method_std), **kw)
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        pc = self.pc
+        if input_ids.shape[1] > self.cfg.max_positions:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"{self.cfg.max_positions} of this model")
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, segment_ids)
+        x = self.embedding(input_ids, position_ids)  # [b, s, h], full on every TP rank
+        if pc.sequence_parallel:
+            x = scatter_to_sp(x, pc, dim=1)
+        x = dropout(x, self.cfg.hidden_dropout, self.training, pc, sharded=pc.sequence_parallel)
+        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers, segment_ids=segment_ids)
+        x = self.final_layernorm(x)
+        if self.cfg.tie_embeddings:
+            logits = F.linear(lm_head_input(x, pc), self.embedding.word_embeddings.weight)
+        else:
+            logits = self.output_layer(x)
+        return logits_or_loss(logits, labels, pc)

@@ -1,0 +1,128 @@
+"""Pieces both model families share: norms, dropout placement, position ids, recompute, the loss head."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaocto.parallel.mappings import copy_to_tp, gather_from_sp
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """In-place N(0, std) initialiser (Megatron init_method_normal)."""
+    def init(t: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(t, mean=0.0, std=std)
+    return init
+
+
+def scaled_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """N(0, std / sqrt(2 * num_layers)) for output projections (Megatron scaled_init_method_normal)."""
+    return normal_init(std / math.sqrt(2.0 * num_layers))
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (ChatGLM2 / CodeGeeX2)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, *, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * y).to(x.dtype)
+
+
+def tag_sequence_parallel(params, pc) -> None:
+    """Mark params whose grads are partial over the sequence shards (all-reduced over TP by grads.py)."""
+    if pc.sequence_parallel:
+        for p in params:
+            p.sequence_parallel = True
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, pc, *, sharded: bool) -> torch.Tensor:
+    """Dropout; activations that differ across TP ranks (``sharded``) draw from the per-TP-rank RNG stream."""
+    if p == 0.0 or not training:
+        return x
+    if sharded:
+        with pc.rng.fork():
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)
+
+
+def default_position_ids(input_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """0, 1, 2, ... per row, restarting at every segment boundary when ``segment_ids`` is given."""
+    b, s = input_ids.shape
+    idx = torch.arange(s, device=input_ids.device).expand(b, s)
+    if segment_ids is None:
+        return idx
+    starts = torch.ones(b, s, dtype=torch.bool, device=input_ids.device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def checkpoint(fn: Callable, pc, *args):
+    """torch.utils.checkpoint (non-reentrant, RNG preserved) that also replays the TP RNG tracker.
+
+    The default RNG is restored by torch; the tracker streams used for sharded dropout are snapshotted here and
+    put back during recompute, so recomputed dropout masks equal the original ones.
+    """
+    snapshot = pc.rng.get_states()
+    calls = []
+
+    def run(*a):
+        if not calls:
+            calls.append(1)
+            return fn(*a)
+        current = pc.rng.get_states()
+        pc.rng.set_states(snapshot)
+        try:
+            return fn(*a)
+        finally:
+            pc.rng.set_states(current)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+def lm_head_input(x: torch.Tensor, pc) -> torch.Tensor:
+    """Final hidden states -> full-sequence input of a vocab-parallel output GEMM.
+
+    Forward: all-gather the sequence shards (sequence parallel) or identity. Backward: each rank's grad is partial
+    (its vocab shard only), so it is reduce-scattered / all-reduced over TP.
+    """
+    if pc.sequence_parallel:
+        return gather_from_sp(x, pc, dim=1, grad_is_partial=True)
+    return copy_to_tp(x, pc)
+
+
+def logits_or_loss(logits: torch.Tensor, labels: torch.Tensor | None, pc) -> torch.Tensor:
+    """Vocab-parallel logits ``[b, s, V/tp]``, or fp32 per-token loss ``[b, s]`` when labels are given."""
+    if labels is None:
+        return logits
+    from megaocto.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(logits.float(), labels, pc)
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk: int, **kwargs) -> torch.Tensor:
+    """Apply the blocks; with ``recompute == "full"`` each ``chunk``-layer group is checkpointed as one unit."""
+    if recompute != "full" or not torch.is_grad_enabled():
+        for layer in layers:
+            x = layer(x, **kwargs)
+        return x
+
+    def make(group):
+        def run(h):
+            for layer in group:
+                h = layer(h, **kwargs)
+            return h
+        return run
+
+    for start in range(0, len(layers), chunk):
+        x = checkpoint(make(layers[start:start + chunk]), pc, x)
+    return x

@@ -1,0 +1,161 @@
+"""GLM2 (ChatGLM2 / CodeGeeX2) decoder with tensor and sequence parallelism.
+
+Block: ``x + drop(attn(RMSNorm(x)))`` then ``x + drop(mlp(RMSNorm(x)))``; final RMSNorm; untied output layer.
+
+* QKV: one fused column-parallel projection with bias, rows ``[q (heads·d) | k (groups·d) | v (groups·d)]``
+  (ChatGLM2's ``query_key_value`` layout); the K/V groups are split over TP, query head ``i`` uses group
+  ``i // (heads / groups)``.
+* Rotary: applied to the first ``rotary_percent·d`` dims of every q/k head, rotating GLM's *interleaved* pairs
+  ``(x[2j], x[2j+1])`` by ``pos · base^(-2j / rot_dim)`` (modeling_chatglm.py ``apply_rotary_pos_emb``, where the
+  frequency denominator is the rotated width, e.g. 64 for CodeGeeX2's 128-dim heads); the rest passes through.
+* MLP: SwiGLU ``dense_4h_to_h(silu(gate) * up)`` with ``dense_h_to_4h`` the fused column-parallel [gate | up].
+* No bias on ``dense``/MLP (``add_bias_linear=False``), RMSNorm eps 1e-5, no embedding dropout.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaocto.config.model import ModelConfig
+from megaocto.model.attention import attention
+from megaocto.model.common import (RMSNorm, checkpoint, default_position_ids, dropout, logits_or_loss, normal_init,
+                                   run_layers, scaled_init, tag_sequence_parallel)
+from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
+from megaocto.parallel.mappings import scatter_to_sp
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``cos, sin`` of shape ``[b, 1, s, rot_dim/2]`` for GLM's interleaved rotary."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=position_ids.device)
+                               / rot_dim))
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [b, s, rot_dim/2]
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_glm_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., 2j], x[..., 2j+1]) of the first ``2·cos.shape[-1]`` dims of ``x [b, h, s, d]``."""
+    rot = 2 * cos.shape[-1]
+    xr, rest = x[..., :rot].float(), x[..., rot:]
+    x0, x1 = xr[..., 0::2], xr[..., 1::2]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([out.to(x.dtype), rest], dim=-1)
+
+
+class GLM2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc, *, dtype, device, selective_recompute: bool):
+        super().__init__()
+        self.pc, self.cfg = pc, cfg
+        self.selective_recompute = selective_recompute
+        d, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
+        self.head_dim, self.local_heads, self.local_groups = d, heads // pc.tp, max(groups // pc.tp, 1)
+        kw = dict(dtype=dtype, device=device)
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, [heads * d, groups * d, groups * d], pc,
+                                                    bias=cfg.add_qkv_bias,
+                                                    init_method=normal_init(cfg.init_method_std), **kw)
+        self.dense = RowParallelLinear(heads * d, cfg.hidden_size, pc, bias=cfg.add_bias_linear,
+                                       init_method=scaled_init(cfg.init_method_std, cfg.num_layers), **kw)
+
+    def _core(self, q, k, v, segment_ids):
+        p = self.cfg.attention_dropout if self.training else 0.0
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if p > 0.0:
+            with self.pc.rng.fork():
+                return attention(q, k, v, causal=True, segment_ids=segment_ids, dropout_p=p, scale=scale)
+        return attention(q, k, v, causal=True, segment_ids=segment_ids, scale=scale)
+
+    def forward(self, x, cos, sin, segment_ids=None):
+        d = self.head_dim
+        qkv = self.query_key_value(x)  # [b, s, (local_heads + 2 local_groups) d]
+        b, s, _ = qkv.shape
+        q, k, v = qkv.split([self.local_heads * d, self.local_groups * d, self.local_groups * d], dim=-1)
+        q = apply_glm_rotary(q.view(b, s, self.local_heads, d).transpose(1, 2), cos, sin)
+        k = apply_glm_rotary(k.view(b, s, self.local_groups, d).transpose(1, 2), cos, sin)
+        v = v.view(b, s, self.local_groups, d).transpose(1, 2)
+        if self.selective_recompute and torch.is_grad_enabled():
+            ctx = checkpoint(lambda q_, k_, v_: self._core(q_, k_, v_, segment_ids), self.pc, q, k, v)
+        else:
+            ctx = self._core(q, k, v, segment_ids)
+        return self.dense(ctx.transpose(1, 2).reshape(b, s, self.local_heads * d))
+
+
+class GLM2MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc, *, dtype, device):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        f = cfg.ffn_size
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, [f, f], pc, bias=cfg.add_bias_linear,
+                                                  init_method=normal_init(cfg.init_method_std), **kw)
+        self.dense_4h_to_h = RowParallelLinear(f, cfg.hidden_size, pc, bias=cfg.add_bias_linear,
+                                               init_method=scaled_init(cfg.init_method_std, cfg.num_layers), **kw)
+
+    def forward(self, x):
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # local [gate shard | up shard]
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLM2Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc, *, dtype, device, selective_recompute: bool):
+        super().__init__()
+        self.pc, self.hidden_dropout = pc, cfg.hidden_dropout
+        kw = dict(dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, **kw)
+        self.self_attention = GLM2Attention(cfg, pc, selective_recompute=selective_recompute, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, **kw)
+        self.mlp = GLM2MLP(cfg, pc, **kw)
+        tag_sequence_parallel([self.input_layernorm.weight, self.post_attention_layernorm.weight], pc)
+
+    def forward(self, x, cos=None, sin=None, segment_ids=None):
+        sp = self.pc.sequence_parallel
+        h = self.self_attention(self.input_layernorm(x), cos, sin, segment_ids)
+        x = x + dropout(h, self.hidden_dropout, self.training, self.pc, sharded=sp)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + dropout(h, self.hidden_dropout, self.training, self.pc, sharded=sp)
+
+
+class GLM2Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc, vocab: int, *, dtype, device):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(vocab, cfg.hidden_size, pc,
+                                                      init_method=normal_init(cfg.init_method_std),
+                                                      dtype=dtype, device=device)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids)
+
+
+class GLM2Model(nn.Module):
+    """GLM2 / CodeGeeX2 decoder; see the module docstring. Built by :func:`megaocto.model.build_model`."""
+
+    def __init__(self, cfg: ModelConfig, pc, *, dtype=torch.float32, device=None, recompute: str = "none",
+                 recompute_num_layers: int = 1):
+        super().__init__()
+        cfg.validate(pc.tp)
+        self.cfg, self.pc = cfg, pc
+        self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
+        self.padded_vocab_size = pad_vocab_size(cfg.vocab_size, pc.tp, cfg.make_vocab_size_divisible_by)
+        kw = dict(dtype=dtype, device=device)
+        self.embedding = GLM2Embedding(cfg, pc, self.padded_vocab_size, **kw)
+        self.layers = nn.ModuleList(GLM2Block(cfg, pc, selective_recompute=(recompute == "selective"), **kw)
+                                    for _ in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, **kw)
+        tag_sequence_parallel([self.final_layernorm.weight], pc)
+        self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,
+                                                 init_method=normal_init(cfg.init_method_std), **kw)
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        pc = self.pc
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, segment_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_base)
+        x = self.embedding(input_ids)
+        if pc.sequence_parallel:
+            x = scatter_to_sp(x, pc, dim=1)
+        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers, cos=cos, sin=sin,
+                       segment_ids=segment_ids)
+        x = self.final_layernorm(x)
+        # output_layer is column-parallel over the vocab: it all-gathers the SP shards (or copies to TP) itself.
+        return logits_or_loss(self.output_layer(x), labels, pc)

@@ -1,0 +1,139 @@
+"""ModelConfig / presets / FLOPs / memory estimate / model-info CLI (no distributed)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megaocto.cli import main as cli_main
+from megaocto.config.base import ConfigError, field_docs
+from megaocto.config.model import ModelConfig
+from megaocto.config.presets import PRESETS
+from megaocto.model import build_model
+from megaocto.model.flops import flops_per_token, num_matmul_params, num_params, num_params_per_rank, param_table
+from megaocto.model.memory import activation_bytes_per_layer, estimate_memory
+from megaocto.parallel.context import ParallelContext
+
+
+def test_every_field_documented_and_presets_validate():
+    assert all(doc for doc in field_docs(ModelConfig).values())
+    for name in PRESETS:
+        cfg = ModelConfig.from_preset(name)
+        assert PRESETS[name]["source"]
+        cfg.validate(tp=2 if name != "starcoderbase-3b" else 2)
+
+
+def test_presets_importable_without_torch():
+    code = ("import sys; import megaocto.config.presets, megaocto.config.model, megaocto.model.flops, "
+            "megaocto.model.memory; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_from_preset_overrides_and_errors():
+    cfg = ModelConfig.from_preset("starcoder-15b", seq_length=4096)
+    assert cfg.seq_length == 4096 and cfg.num_layers == 40 and cfg.is_mqa
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        ModelConfig.from_preset("starcoder-16b")
+    with pytest.raises(ConfigError, match="unknown ModelConfig field"):
+        ModelConfig.from_preset("tiny-bigcode", n_layer=3)
+    with pytest.raises(ConfigError, match="exceeds max_position_embeddings"):
+        ModelConfig.from_preset("santacoder-1b", seq_length=4096)
+
+
+def test_validate_tp_divisibility_messages():
+    with pytest.raises(ConfigError, match="num_attention_heads=22 is not divisible by tp=4"):
+        ModelConfig.from_preset("starcoderbase-3b").validate(tp=4)
+    with pytest.raises(ConfigError, match="num_query_groups=2 is not divisible by tp=4"):
+        ModelConfig.from_preset("codegeex2-6b").validate(tp=4)
+    ModelConfig.from_preset("starcoder-15b").validate(tp=8)  # MQA: K/V replicated, any tp dividing heads
+    with pytest.raises(ConfigError, match="multiple of num_query_groups"):
+        ModelConfig.from_preset("tiny-glm2", num_query_groups=3)
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        ModelConfig.from_preset("tiny-glm2", tie_embeddings=True)
+
+
+def test_param_counts_match_public_sizes():
+    n15 = num_params(ModelConfig.from_preset("starcoder-15b"))
+    assert abs(n15 - 15.5e9) / 15.5e9 < 0.01, n15
+    assert n15 == 15_517_456_384
+    assert abs(num_params(ModelConfig.from_preset("codegeex2-6b")) - 6.24e9) / 6.24e9 < 0.01
+    assert abs(num_params(ModelConfig.from_preset("santacoder-1b")) - 1.12e9) / 1.12e9 < 0.01
+    assert abs(num_params(ModelConfig.from_preset("starcoderbase-7b")) - 7.33e9) / 7.33e9 < 0.01
+
+
+@pytest.mark.parametrize("name", ["tiny-bigcode", "tiny-glm2"])
+def test_num_params_equals_built_model(name):
+    cfg = ModelConfig.from_preset(name)
+    model = build_model(cfg, ParallelContext.single())
+    built = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    assert built == {s.name: s.shape for s in param_table(cfg)}
+    assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
+
+
+def test_flops_per_token_formula():
+    cfg = ModelConfig.from_preset("starcoder-15b")
+    n = num_matmul_params(cfg)
+    # tied embedding kept (it is the LM head), learned positions dropped
+    assert n == num_params(cfg) - 8192 * 6144
+    expected = 6 * n + 12 * 40 * 48 * 128 * 8192
+    assert flops_per_token(cfg, 8192) == expected
+    assert flops_per_token(cfg, 8192, causal=True) == 6 * n + 6 * 40 * 48 * 128 * 8192
+    glm = ModelConfig.from_preset("codegeex2-6b")  # untied: input embedding dropped, output layer kept
+    assert num_matmul_params(glm) == num_params(glm) - 65024 * 4096
+
+
+def test_activation_memory_reduces_to_korthikanti():
+    # MHA, 4h GELU MLP, 16-bit, dropout on, no flash: s*b*h*(34 + 5*a*s/h) per layer, /t with TP+SP.
+    cfg = ModelConfig(family="bigcode", num_layers=4, hidden_size=1024, num_attention_heads=16,
+                      num_query_groups=16, vocab_size=1000, seq_length=2048)
+    s, b, h, a = 2048, 2, 1024, 16
+    got = activation_bytes_per_layer(cfg, tp=1, micro_batch=b, seq_len=s, elem=2, sequence_parallel=False,
+                                     flash_attention=False, selective=False)
+    assert got == s * b * h * (34 + 5 * a * s / h)
+    got_sp = activation_bytes_per_layer(cfg, tp=4, micro_batch=b, seq_len=s, elem=2, sequence_parallel=True,
+                                        flash_attention=False, selective=False)
+    assert got_sp == pytest.approx(s * b * h / 4 * (34 + 5 * a * s / h))
+    sel = activation_bytes_per_layer(cfg, tp=4, micro_batch=b, seq_len=s, elem=2, sequence_parallel=True,
+                                     flash_attention=False, selective=True)
+    assert sel == pytest.approx(s * b * h / 4 * 34)
+
+
+def test_memory_estimate_model_states_and_ordering():
+    cfg = ModelConfig.from_preset("starcoder-15b")
+    base = estimate_memory(cfg, tp=4, pp=4, dp=8, recompute="none")
+    n = base.params_per_gpu
+    assert base.weights == 2 * n and base.grads == 4 * n and base.optimizer == 12 * n
+    z = estimate_memory(cfg, tp=4, pp=4, dp=8, zero1=True)
+    assert z.optimizer == pytest.approx(12 * n / 8)
+    full = estimate_memory(cfg, tp=4, pp=4, dp=8, recompute="full")
+    sel = estimate_memory(cfg, tp=4, pp=4, dp=8, recompute="selective", flash_attention=False)
+    none_noflash = estimate_memory(cfg, tp=4, pp=4, dp=8, recompute="none", flash_attention=False)
+    assert full.activations < base.activations <= none_noflash.activations
+    assert sel.activations < none_noflash.activations
+    # the whole 15.5B model splits over tp*pp ranks (+ replicated norms / MQA K/V / positions)
+    assert 15.5e9 / 16 < n < 15.5e9 / 16 * 1.2
+    replicated = sum(s.numel for s in param_table(cfg, 4) if s.partition_dim is None)
+    assert num_params_per_rank(cfg, 4) == (num_params(cfg, 4) - replicated) // 4 + replicated
+    fp32 = estimate_memory(ModelConfig.from_preset("tiny-bigcode"), dtype="fp32")
+    assert fp32.weights == 4 * fp32.params_per_gpu and fp32.optimizer == 8 * fp32.params_per_gpu
+
+
+def test_model_info_cli(capsys):
+    assert cli_main(["model-info", "--preset", "starcoder-15b", "--tp", "4", "--pp", "4", "--dp", "8",
+                     "--zero1", "--recompute", "selective"]) == 0
+    out = capsys.readouterr().out
+    assert "15,517,456,384" in out and "FLOPs per token" in out and "activations" in out and "total" in out
+    assert cli_main(["model-info", "--preset", "codegeex2-6b", "--tp", "4"]) == 2
+    assert "num_query_groups=2 is not divisible by tp=4" in capsys.readouterr().out
+
+
+def test_tied_embedding_is_output_layer():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("tiny-bigcode"), ParallelContext.single())
+    assert not hasattr(model, "output_layer")
+    ids = torch.randint(0, 1000, (1, 8))
+    x = model.embedding(ids, torch.arange(8)[None])
+    for layer in model.layers:
+        x = layer(x)
+    logits = model.final_layernorm(x) @ model.embedding.word_embeddings.weight.T
+    torch.testing.assert_close(model(ids), logits)
