@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
-import uuid
 
 import numpy as np
 
@@ -127,20 +125,6 @@ def index_cache_paths(data_prefix: str, name: str, documents: tuple[int, int], s
     return {k: os.path.join(directory, f"{stem}_{k}.npy") for k in _KINDS}
 
 
-def save_atomic(path: str, array: np.ndarray) -> None:
-    """np.save to a private temp file, then rename: readers never see a partial file."""
-    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def get_index_mappings(data_prefix: str, name: str, documents: tuple[int, int], sizes: np.ndarray, num_samples: int,
                        seq_length: int, seed: int, *, cache_dir: str = "", may_build: bool = True,
                        wait_timeout_s: float = 3600.0, use_cpp: bool | None = None):
@@ -149,29 +133,16 @@ def get_index_mappings(data_prefix: str, name: str, documents: tuple[int, int], 
     Returns (doc_idx, sample_idx, shuffle_idx, built). Pass may_build=(local_rank == 0) so one process
     per node builds (concurrent builders are also safe: the content is deterministic, writes atomic).
     """
+    from megaocto.data.index_helpers import cached_arrays
+
     paths = index_cache_paths(data_prefix, name, documents, sizes, num_samples, seq_length, seed, cache_dir)
-    built = False
-    if not all(os.path.isfile(p) for p in paths.values()):
-        if may_build:
-            docs = np.arange(int(documents[0]), int(documents[1]), dtype=np.int64)
-            arrays = build_index_mappings(docs, sizes, num_samples, seq_length, seed, use_cpp=use_cpp)
-            try:
-                os.makedirs(os.path.dirname(paths["doc_idx"]), exist_ok=True)
-                for kind, arr in zip(_KINDS, arrays):
-                    save_atomic(paths[kind], arr)
-            except OSError as e:
-                raise OSError(f"cannot write index cache {paths['doc_idx']}: {e}; set data.cache_dir to a "
-                              f"writable directory") from e
-            built = True
-        else:
-            deadline = time.monotonic() + wait_timeout_s
-            while not all(os.path.isfile(p) for p in paths.values()):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"index cache {paths['doc_idx']} (and siblings) did not appear within "
-                                       f"{wait_timeout_s:.0f}s; prebuild it with `megaocto build-index`")
-                time.sleep(1.0)
-    loaded = tuple(np.load(paths[k], mmap_mode="r", allow_pickle=False) for k in _KINDS)
-    return (*loaded, built)
+
+    def build():
+        docs = np.arange(int(documents[0]), int(documents[1]), dtype=np.int64)
+        return dict(zip(_KINDS, build_index_mappings(docs, sizes, num_samples, seq_length, seed, use_cpp=use_cpp)))
+
+    arrays, built = cached_arrays(paths, build, may_build=may_build, wait_timeout_s=wait_timeout_s)
+    return (*(arrays[k] for k in _KINDS), built)
 
 
 class GPTDataset:

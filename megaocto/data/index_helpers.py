@@ -5,6 +5,9 @@ Set MEGAOCTO_NO_CPP_HELPERS=1 to force the numpy path.
 from __future__ import annotations
 
 import os
+import time
+import uuid
+from typing import Callable
 
 import numpy as np
 
@@ -89,3 +92,48 @@ def build_blending_indices(weights, size: int, *, use_cpp: bool | None = None) -
     dataset_index[:] = pick_d
     sample_index[:] = pick_s
     return dataset_index, sample_index
+
+
+def save_atomic(path: str, array: np.ndarray) -> None:
+    """np.save to a private temp file, then rename: readers never see a partial file."""
+    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cached_arrays(paths: dict[str, str], build: Callable[[], dict], *, may_build: bool = True,
+                  wait_timeout_s: float = 3600.0) -> tuple[dict[str, np.ndarray], bool]:
+    """Load {key: .npy path} (memory-mapped) or build + save them atomically; returns (arrays, built).
+
+    With may_build=False the caller waits (polling) for another process, e.g. local rank 0 or a
+    `megaocto build-index` run, to write them. Concurrent builders are safe: writes are atomic and
+    the content is deterministic.
+    """
+    built = False
+    if not all(os.path.isfile(p) for p in paths.values()):
+        if may_build:
+            arrays = build()
+            first = next(iter(paths.values()))
+            try:
+                os.makedirs(os.path.dirname(first) or ".", exist_ok=True)
+                for key, path in paths.items():
+                    save_atomic(path, arrays[key])
+            except OSError as e:
+                raise OSError(f"cannot write index cache {first}: {e}; set data.cache_dir to a writable "
+                              f"directory") from e
+            built = True
+        else:
+            deadline = time.monotonic() + wait_timeout_s
+            while not all(os.path.isfile(p) for p in paths.values()):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"index cache {next(iter(paths.values()))} (and siblings) did not appear "
+                                       f"within {wait_timeout_s:.0f}s; prebuild it with `megaocto build-index`")
+                time.sleep(0.5)
+    return {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}, built

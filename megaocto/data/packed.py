@@ -1,0 +1,179 @@
+"""Packed instruction-tuning samples from paired P_inputs_document / P_targets_document datasets.
+
+Row i of the inputs dataset pairs with row i of the targets dataset. Each epoch shuffles the
+split's examples with RandomState(seed) (one shuffle per epoch, in order) and packs them greedily:
+an example joins the current row while the row's tokens stay <= seq_length + 1, else the row is
+closed and the example opens the next one; a partly filled row carries over the epoch boundary
+(Megatron mtf). Unlike Megatron the split's document range is respected, the cache name includes
+seq_length, and over-long examples are truncated (and counted), not skipped:
+
+    Truncation rule (L = seq_length + 1): an example with len(input) + len(target) > L keeps the LAST
+    k = min(len(input), max(L − len(target), L // 2)) input tokens (the end of the prompt, next to
+    the answer) and the FIRST L − k target tokens.
+
+Examples with an empty target carry no training signal and are left out; their count is reported.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from megaocto.data.index_helpers import cached_arrays
+
+log = logging.getLogger(__name__)
+PACKING_VERSION = 1
+
+
+def kept_lengths(len_in: np.ndarray, len_tgt: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input tokens kept, target tokens kept) per example under the truncation rule."""
+    len_in, len_tgt = np.asarray(len_in, np.int64), np.asarray(len_tgt, np.int64)
+    keep_in = np.minimum(len_in, np.maximum(row_len - len_tgt, row_len // 2))
+    keep_tgt = np.minimum(len_tgt, row_len - keep_in)
+    return keep_in, keep_tgt
+
+
+def pack_order(lengths: np.ndarray, examples: np.ndarray, num_rows: int, row_len: int, seed: int,
+               max_epochs: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Greedy packing over per-epoch shuffles of `examples` (ids into `lengths`).
+
+    Returns (order, rows, epochs): order = the concatenated shuffles (example ids); row r holds
+    order[rows[r]:rows[r+1]]. Stops once num_rows rows are closed, or after max_epochs epochs (then
+    the last partial row is closed too).
+    """
+    if len(examples) == 0:
+        raise ValueError("no examples to pack (the split's document range is empty or every target is empty)")
+    rng = np.random.RandomState(seed)
+    chunks, bounds = [], [0]
+    fill, pos, epochs = 0, 0, 0
+    while len(bounds) - 1 < num_rows and (max_epochs is None or epochs < max_epochs):
+        perm = np.array(examples, dtype=np.int64)
+        rng.shuffle(perm)
+        epochs += 1
+        for n in lengths[perm].tolist():
+            if fill + n > row_len:
+                bounds.append(pos)
+                fill = 0
+            fill += n
+            pos += 1
+        chunks.append(perm)
+    if max_epochs is not None and fill > 0:
+        bounds.append(pos)
+    return np.concatenate(chunks), np.asarray(bounds, dtype=np.int64), epochs
+
+
+def packed_cache_paths(data_prefix: str, name: str, documents: tuple[int, int], len_in: np.ndarray,
+                       len_tgt: np.ndarray, num_samples: int, seq_length: int, seed: int,
+                       cache_dir: str = "") -> dict[str, str]:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=6)
+    h.update(f"packed-v{PACKING_VERSION}:{len(len_in)}:".encode())
+    h.update(np.ascontiguousarray(len_in, np.int32).tobytes())
+    h.update(np.ascontiguousarray(len_tgt, np.int32).tobytes())
+    directory = cache_dir or os.path.dirname(os.path.abspath(data_prefix))
+    stem = (f"{os.path.basename(data_prefix)}_{name}_packed_{int(num_samples)}ns_{int(seq_length)}sl_{int(seed)}s_"
+            f"{int(documents[0])}-{int(documents[1])}docs_{h.hexdigest()}")
+    return {k: os.path.join(directory, f"{stem}_{k}.npy") for k in ("order", "rows")}
+
+
+class PackedDataset:
+    """Rows of packed (input, target) examples in the design.md sample format with segment_ids.
+
+    `inputs` / `targets` need `prefix`, `sizes` and `get(i)` (MMapIndexedDataset). Loss is on target
+    tokens only (or on every token of an example after its first with loss_on_inputs); with
+    norm_target_loss each example's mask sums to 1 so every example weighs the same.
+    """
+
+    def __init__(self, inputs, targets, *, name: str, documents: tuple[int, int], num_samples: int,
+                 seq_length: int, seed: int, pad_id: int, loss_on_inputs: bool = False,
+                 norm_target_loss: bool = False, cache_dir: str = "", may_build: bool = True,
+                 data_prefix: str | None = None):
+        if len(inputs.sizes) != len(targets.sizes):
+            raise ValueError(f"{inputs.prefix} has {len(inputs.sizes)} rows but {targets.prefix} has "
+                             f"{len(targets.sizes)}; inputs and targets must pair row by row (re-run preprocessing)")
+        start, end = int(documents[0]), int(documents[1])
+        if not 0 <= start < end <= len(inputs.sizes):
+            raise ValueError(f"{inputs.prefix}: {name} document range [{start}, {end}) is empty or outside the "
+                             f"{len(inputs.sizes)} examples; change data.split or add data")
+        self.inputs, self.targets, self.name, self.documents = inputs, targets, name, (start, end)
+        self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
+        self.pad_id, self.loss_on_inputs, self.norm_target_loss = int(pad_id), loss_on_inputs, norm_target_loss
+        self.row_len = self.seq_length + 1
+        len_in = np.asarray(inputs.sizes, np.int64)
+        len_tgt = np.asarray(targets.sizes, np.int64)
+        self.keep_in, self.keep_tgt = kept_lengths(len_in, len_tgt, self.row_len)
+        docs = np.arange(start, end, dtype=np.int64)
+        empty = len_tgt[docs] == 0
+        self.examples = docs[~empty]
+        truncated = (len_in[docs] + len_tgt[docs] > self.row_len) & ~empty
+        self.stats = {"documents": int(end - start), "examples": int(len(self.examples)),
+                      "skipped_empty_targets": int(empty.sum()), "truncated_examples": int(truncated.sum()),
+                      "truncated_tokens": int((len_in[docs] + len_tgt[docs] - self.row_len)[truncated].sum())}
+        if self.stats["truncated_examples"] or self.stats["skipped_empty_targets"]:
+            log.warning("%s %s: %d of %d examples truncated to seq_length+1=%d tokens (%d tokens cut), %d skipped "
+                        "with an empty target", inputs.prefix, name, self.stats["truncated_examples"], end - start,
+                        self.row_len, self.stats["truncated_tokens"], self.stats["skipped_empty_targets"])
+        lengths = self.keep_in + self.keep_tgt
+        paths = packed_cache_paths(data_prefix or inputs.prefix, name, self.documents, len_in, len_tgt,
+                                   self.num_samples, self.seq_length, self.seed, cache_dir)
+
+        def build():
+            order, rows, _ = pack_order(lengths, self.examples, self.num_samples, self.row_len, self.seed)
+            return {"order": order, "rows": rows}
+
+        arrays, self.built = cached_arrays(paths, build, may_build=may_build)
+        self.order, self.rows = arrays["order"], arrays["rows"]
+        self.epochs = -(-int(self.rows[self.num_samples]) // len(self.examples)) if self.num_samples else 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def row_examples(self, idx: int) -> np.ndarray:
+        return np.asarray(self.order[int(self.rows[idx]):int(self.rows[idx + 1])])
+
+    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(f"row {idx} out of range for {self.inputs.prefix} {self.name} ({self.num_samples})")
+        L = self.row_len
+        tokens = np.full(L, self.pad_id, dtype=np.int64)
+        seg = np.zeros(L, dtype=np.int64)
+        pos = np.zeros(L, dtype=np.int64)
+        is_target = np.zeros(L, dtype=bool)
+        at = 0
+        for k, ex in enumerate(self.row_examples(idx).tolist(), start=1):
+            ki, kt = int(self.keep_in[ex]), int(self.keep_tgt[ex])
+            if ki:
+                tokens[at:at + ki] = self.inputs.get(ex)[-ki:]
+            tokens[at + ki:at + ki + kt] = self.targets.get(ex)[:kt]
+            seg[at:at + ki + kt] = k
+            pos[at:at + ki + kt] = np.arange(ki + kt)
+            is_target[at + ki:at + ki + kt] = True
+            at += ki + kt
+        same = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)  # label j is the next token of the same example
+        mask = same if self.loss_on_inputs else same & is_target[1:]
+        loss_mask = mask.astype(np.float32)
+        if self.norm_target_loss:
+            counts = np.bincount(seg[:-1], weights=loss_mask, minlength=seg.max() + 1)
+            denom = counts[seg[:-1]]
+            loss_mask = np.where(denom > 0, loss_mask / np.maximum(denom, 1), 0).astype(np.float32)
+        return {"input_ids": tokens[:-1], "labels": tokens[1:].copy(), "loss_mask": loss_mask,
+                "position_ids": pos[:-1], "segment_ids": seg[:-1]}
+
+    def summary(self) -> dict:
+        used = int(self.rows[self.num_samples]) if self.num_samples else 0
+        return {"kind": "packed", "prefix": self.inputs.prefix, "split": self.name,
+                "document_range": list(self.documents), **self.stats, "rows": self.num_samples,
+                "epochs": self.epochs, "examples_per_row": used / max(self.num_samples, 1),
+                "index_built_here": self.built}
+
+
+def packing_epoch_rows(inputs_sizes: np.ndarray, targets_sizes: np.ndarray, documents: tuple[int, int],
+                       seq_length: int, seed: int) -> int:
+    """Rows produced by packing one epoch of the document range (the last partial row included)."""
+    keep_in, keep_tgt = kept_lengths(inputs_sizes, targets_sizes, seq_length + 1)
+    docs = np.arange(int(documents[0]), int(documents[1]), dtype=np.int64)
+    docs = docs[np.asarray(targets_sizes)[docs] > 0]
+    _, rows, _ = pack_order(keep_in + keep_tgt, docs, 1 << 62, seq_length + 1, seed, max_epochs=1)
+    return len(rows) - 1

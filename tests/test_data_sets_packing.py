@@ -1,0 +1,193 @@
+"""Packing invariants, splits, blending counts and FIM purity."""
+import numpy as np
+import pytest
+
+from megaocto.data.blending import BlendedDataset, blended_num_samples
+from megaocto.data.fim import FIM
+from megaocto.data.packed import PackedDataset, kept_lengths, pack_order, packing_epoch_rows
+from megaocto.data.splits import split_boundaries, split_ranges
+
+
+class FakeIndexed:
+    def __init__(self, prefix, docs):
+        self.prefix, self.docs = prefix, [np.asarray(d, dtype=np.int64) for d in docs]
+        self.sizes = np.array([len(d) for d in docs], dtype=np.int32)
+
+    def get(self, i, offset=0, length=None):
+        d = self.docs[i]
+        return d[offset:] if length is None else d[offset:offset + length]
+
+
+def make_pairs(tmp_path, n=60, seed=0, max_in=12, max_tgt=8):
+    r = np.random.RandomState(seed)
+    # example e: input tokens 1000+e (so rows can be traced back), target tokens 2000+e
+    ins = [np.full(r.randint(1, max_in), 1000 + e) for e in range(n)]
+    tgts = [np.full(r.randint(1, max_tgt), 2000 + e) for e in range(n)]
+    return FakeIndexed(str(tmp_path / "sft_inputs_document"), ins), \
+        FakeIndexed(str(tmp_path / "sft_targets_document"), tgts)
+
+
+def test_packing_invariants(tmp_path):
+    ins, tgts = make_pairs(tmp_path)
+    ins.docs[3] = np.full(40, 1003)  # too long: truncated, counted
+    ins.sizes[3] = 40
+    tgts.docs[5], tgts.sizes[5] = np.zeros(0, np.int64), 0  # empty target: skipped, counted
+    seq = 16
+    ds = PackedDataset(ins, tgts, name="train", documents=(0, 50), num_samples=80, seq_length=seq, seed=1, pad_id=7)
+    summ = ds.summary()
+    assert summ["truncated_examples"] == 1 and summ["skipped_empty_targets"] == 1 and summ["examples"] == 49
+    assert ds.built and len(ds) == 80 and summ["epochs"] >= 2
+    seen = set()
+    for i in range(len(ds)):
+        s = ds[i]
+        assert all(v.shape == (seq,) for v in s.values()) and s["segment_ids"].dtype == np.int64
+        full = np.concatenate([s["input_ids"], s["labels"][-1:]])
+        seg = s["segment_ids"]
+        exs = ds.row_examples(i)
+        assert seg.max() == len(exs) or (seg.max() == len(exs) - 1 and len(full[seg == 0]) == 0)
+        for k, e in enumerate(exs.tolist(), start=1):
+            seen.add(e)
+            assert 0 <= e < 50 and e != 5
+            where = np.flatnonzero(seg == k)
+            if len(where) == 0:  # last example ends exactly at the row's extra (label-only) token
+                continue
+            assert np.all(np.diff(where) == 1)  # contiguous: no example split
+            np.testing.assert_array_equal(s["position_ids"][where], np.arange(len(where)))
+            assert set(full[where].tolist()) <= {1000 + e, 2000 + e}
+            # loss exactly where the LABEL is a target token of the same example
+            lab_tgt = (s["labels"][where] == 2000 + e)
+            np.testing.assert_array_equal(s["loss_mask"][where] > 0, lab_tgt)
+        pad = seg == 0
+        assert np.all(s["loss_mask"][pad] == 0) and np.all(s["input_ids"][pad] == 7)
+        assert np.all(np.diff(seg[~pad]) >= 0) and (not pad.any() or np.all(seg[np.argmax(pad):] == 0))
+    assert seen == set(range(50)) - {5}
+    # the truncated example keeps its input's end and the whole target (rule in packed.py)
+    ki, kt = kept_lengths(np.array([40]), np.array([tgts.sizes[3]]), seq + 1)
+    assert ki[0] + kt[0] == seq + 1 and kt[0] == tgts.sizes[3]
+    # cache reuse, and seq_length is part of the cache key
+    again = PackedDataset(ins, tgts, name="train", documents=(0, 50), num_samples=80, seq_length=seq, seed=1,
+                          pad_id=7, may_build=False)
+    assert not again.built
+    np.testing.assert_array_equal(again[3]["input_ids"], ds[3]["input_ids"])
+    longer = PackedDataset(ins, tgts, name="train", documents=(0, 50), num_samples=80, seq_length=32, seed=1,
+                           pad_id=7)
+    assert longer.built
+
+
+def test_packing_loss_options_and_split_range(tmp_path):
+    ins, tgts = make_pairs(tmp_path, n=40, seed=3)
+    common = dict(name="valid", documents=(30, 40), num_samples=12, seq_length=24, seed=2, pad_id=0)
+    ds = PackedDataset(ins, tgts, **common, norm_target_loss=True)
+    for i in range(len(ds)):
+        s = ds[i]
+        exs = ds.row_examples(i)
+        assert all(30 <= e < 40 for e in exs.tolist())  # never documents outside the split (mtf bug)
+        for k in range(1, s["segment_ids"].max() + 1):
+            total = s["loss_mask"][s["segment_ids"] == k].sum()
+            assert total == pytest.approx(1.0) or total == 0
+    both = PackedDataset(ins, tgts, **common, loss_on_inputs=True, cache_dir=str(tmp_path / "c"))
+    s = both[0]
+    seg = s["segment_ids"]
+    expect = (np.concatenate([seg[1:] == seg[:-1], [True]]) & (seg != 0))
+    # last position: label is the row's extra token; same segment iff the row continues it
+    np.testing.assert_array_equal(s["loss_mask"][:-1] > 0, expect[:-1])
+
+
+def test_pack_order_carries_rows_over_epochs_and_epoch_rows():
+    lengths = np.array([5, 5, 5, 5, 5])
+    order, rows, epochs = pack_order(lengths, np.arange(5), 7, 11, seed=0)
+    assert epochs == 3 and len(rows) - 1 == 7  # 15 examples, the 7th row closes in epoch 3
+    # two examples per row (5+5 <= 11), including rows that straddle an epoch boundary
+    assert np.all(np.diff(rows[:8]) == 2)
+    assert packing_epoch_rows(np.full(5, 2), np.full(5, 3), (0, 5), 10, seed=0) == 3
+    with pytest.raises(ValueError, match="no examples"):
+        pack_order(lengths, np.arange(0), 1, 11, seed=0)
+
+
+def test_splits_never_overlap():
+    assert split_boundaries("98,2,0", 1000) == [0, 980, 1000, 1000]
+    assert split_boundaries("969,30,1", 1000) == [0, 969, 999, 1000]
+    r = np.random.RandomState(0)
+    for _ in range(300):
+        n = int(r.randint(0, 50))
+        split = ",".join(str(int(x)) for x in r.randint(0, 5, size=3)) if r.rand() < 0.9 else "1"
+        if split.replace(",", "").strip("0") == "":
+            continue
+        rng = split_ranges(split, n)
+        covered = [d for s in ("train", "valid", "test") for d in range(*rng[s])]
+        assert covered == list(range(n)), (split, n, rng)  # disjoint, ordered, complete
+
+
+def test_blending_counts_and_sizes():
+    assert blended_num_samples(1000, [0.3, 0.7]) == [302, 704]
+
+    class Ds:
+        def __init__(self, tag, n):
+            self.tag, self.n = tag, n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            assert 0 <= i < self.n
+            return (self.tag, i)
+
+    sizes = blended_num_samples(500, [0.25, 0.75])
+    blend = BlendedDataset([Ds("a", sizes[0]), Ds("b", sizes[1])], [1, 3], 500)
+    items = [blend[i] for i in range(500)]
+    assert sum(1 for t, _ in items if t == "a") == 125
+    assert [i for t, i in items if t == "b"] == list(range(375))
+    with pytest.raises(ValueError, match="blended dataset 0"):
+        BlendedDataset([Ds("a", 10), Ds("b", 1000)], [1, 1], 500)
+
+
+class CharTok:
+    """Tiny tokenizer: one token per character (ids = ord + 10), FIM tokens 1..4."""
+    special = {"<fim_prefix>": 1, "<fim_middle>": 2, "<fim_suffix>": 3, "<fim_pad>": 4}
+
+    def encode(self, text):
+        return [ord(c) + 10 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 10) for i in ids if i >= 10)
+
+    def token_to_id(self, t):
+        return self.special.get(t)
+
+
+def test_fim_pure_function_of_seed_and_index():
+    tok = CharTok()
+    fim = FIM.from_tokenizer(tok, rate=0.5, spm_rate=0.5, seed=9, eod=0)
+    r = np.random.RandomState(0)
+    text = np.array(tok.encode("abcdefghij") + [0] + tok.encode("klmnopq") + [0] + tok.encode("rstu"))
+    outs = {i: fim.apply(text, i) for i in range(40)}
+    permuted = 0
+    for i in r.permutation(40):  # any order (any worker / DP layout) gives the same result
+        out = fim.apply(text, int(i))
+        np.testing.assert_array_equal(out, outs[int(i)])
+        assert len(out) == len(text)
+        permuted += int(not np.array_equal(out, text))
+    assert 5 < permuted < 40
+    other = FIM.from_tokenizer(tok, rate=0.5, spm_rate=0.5, seed=10, eod=0)
+    assert any(not np.array_equal(other.apply(text, i), outs[i]) for i in range(40))
+    # a permuted segment has the same characters once the FIM tokens are removed; PSM and SPM both occur
+    orders = set()
+    for i in range(40):
+        out = outs[i]
+        if 1 in out.tolist():
+            first = out.tolist()[:out.tolist().index(0)] if 0 in out.tolist() else out.tolist()
+            orders.add("spm" if first[1] == 3 else "psm")
+    assert orders == {"psm", "spm"}
+    always = FIM.from_tokenizer(tok, rate=1.0, spm_rate=0.0, seed=1, eod=None)
+    out = always.apply(np.array(tok.encode("hello world")), 3)
+    assert out[0] == 1 and len(out) == 11  # 3 FIM tokens added -> truncated to the exact length
+    short = always.apply(np.array(tok.encode("ab") + [0, 0, 0, 0, 0]), 0)
+    assert len(short) == 7
+
+
+def test_fim_missing_tokens_error():
+    class NoFim(CharTok):
+        special = {"<fim_prefix>": 1}
+
+    with pytest.raises(ValueError, match="<fim_middle>, <fim_suffix>, <fim_pad>"):
+        FIM.from_tokenizer(NoFim(), rate=0.1, spm_rate=0.5, seed=0)
