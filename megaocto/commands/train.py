@@ -1,0 +1,42 @@
+"""`megaocto train --config FILE [--section.field VALUE ...]`: run training (single process, torchrun or srun)."""
+from __future__ import annotations
+
+import sys
+
+NAME = "train"
+HELP = "Train a model from a YAML/TOML run config; --section.field VALUE overrides any config field."
+ACCEPTS_EXTRA = True
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default=None, help="Run config file (.yaml/.yml/.toml); see docs/training.md.")
+    parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
+
+
+def run(args) -> int:
+    from megaocto.config.base import ConfigError
+    from megaocto.config.loader import config_to_dict, load_run_config
+
+    try:
+        cfg = load_run_config(args.config, list(args._extra))
+    except ConfigError as e:
+        print(f"megaocto train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    from megaocto.training.loop import TrainingDiverged, train
+
+    try:
+        result = train(cfg)
+    except ConfigError as e:
+        print(f"megaocto train: config error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"megaocto train: {e}", file=sys.stderr)
+        return 1
+    print(f"megaocto train: {result.exit_reason} at step {result.iteration} "
+          f"({result.consumed_samples} samples, {result.skipped_steps} skipped steps); exit code {result.exit_code}")
+    return result.exit_code
