@@ -141,7 +141,8 @@ class ParallelContext:
 
     def __post_init__(self):
         if not self.rng.names():
-            self.rng.add("model-parallel", 1234 + 2718 + self.tp_rank)  # Megatron's default seed
+            # as seed_everything(1234) (Megatron's default seed) would, without touching the global RNGs
+            self.rng.add("model-parallel", 1234 + 100 * self.pp_rank + 2718 + self.tp_rank)
 
     # ------------------------------------------------------------------ constructors
     @classmethod

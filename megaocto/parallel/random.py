@@ -3,7 +3,7 @@
 Two kinds of randomness (Megatron's scheme):
 - the default torch / python / numpy RNGs: seed + 100·pp_rank, identical across TP ranks, so replicated
   weights and the full-weight draws of parallel layers agree on every TP rank;
-- the tracker stream ``"model-parallel"``: seed + 2718 + tp_rank, used for dropout on TP-sharded
+- the tracker stream ``"model-parallel"``: (seed + 100·pp_rank) + 2718 + tp_rank, used for dropout on TP-sharded
   activations (``with pc.rng.fork(): x = F.dropout(x, p)``), so each TP rank drops different units.
 
 All states are plain python (lists of ints), so they are JSON-able and ``torch.load(weights_only=True)``-safe.
@@ -80,12 +80,16 @@ class RNGTracker:
 
 
 def seed_everything(seed: int, pc: "ParallelContext") -> RNGTracker:
-    """Seed python/numpy/torch with seed + 100·pp_rank and ``pc.rng`` with seed + 2718 + tp_rank."""
+    """Seed python/numpy/torch with ``base = seed + 100·pp_rank`` and ``pc.rng`` with base + 2718 + tp_rank.
+
+    As Megatron (_set_random_seed + model_parallel_cuda_manual_seed): DP ranks share every stream, TP ranks
+    share the default stream (so full-weight draws agree) and differ in the tracker stream.
+    """
     base = seed + 100 * pc.pp_rank
     random.seed(base)
     np.random.seed(base % 2**32)
     torch.manual_seed(base)  # also seeds every CUDA device
-    pc.rng.add(MODEL_PARALLEL, seed + 2718 + pc.tp_rank)
+    pc.rng.add(MODEL_PARALLEL, base + 2718 + pc.tp_rank)
     return pc.rng
 
 
