@@ -182,4 +182,4 @@ class BigCodeModel(nn.Module):
             logits = F.linear(lm_head_input(x, pc), self.embedding.word_embeddings.weight)
         else:
             logits = self.output_layer(x)
-        return logits_or_loss(logits, labels, pc)
+        return logits_or_loss(logits, labels, pc, self.cfg.vocab_size)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megaocto.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaocto.parallel.mappings import copy_to_tp, gather_from_sp
 
 
@@ -100,13 +101,15 @@ def lm_head_input(x: torch.Tensor, pc) -> torch.Tensor:
     return copy_to_tp(x, pc)
 
 
-def logits_or_loss(logits: torch.Tensor, labels: torch.Tensor | None, pc) -> torch.Tensor:
-    """Vocab-parallel logits ``[b, s, V/tp]``, or fp32 per-token loss ``[b, s]`` when labels are given."""
+def logits_or_loss(logits: torch.Tensor, labels: torch.Tensor | None, pc, vocab_size: int) -> torch.Tensor:
+    """Vocab-parallel logits ``[b, s, V/tp]``, or fp32 per-token loss ``[b, s]`` when labels are given.
+
+    The softmax runs over the real ``vocab_size`` columns only (padding rows never compete), so the loss equals
+    the one of the same weights exported to HF with the padding dropped. Labels of -100 give loss 0.
+    """
     if labels is None:
         return logits
-    from megaocto.parallel.cross_entropy import vocab_parallel_cross_entropy
-
-    return vocab_parallel_cross_entropy(logits.float(), labels, pc)
+    return vocab_parallel_cross_entropy(logits.float(), labels, pc, vocab_size=vocab_size)
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk: int, **kwargs) -> torch.Tensor:

@@ -158,4 +158,4 @@ class GLM2Model(nn.Module):
                        segment_ids=segment_ids)
         x = self.final_layernorm(x)
         # output_layer is column-parallel over the vocab: it all-gathers the SP shards (or copies to TP) itself.
-        return logits_or_loss(self.output_layer(x), labels, pc)
+        return logits_or_loss(self.output_layer(x), labels, pc, self.cfg.vocab_size)
