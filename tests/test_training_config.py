@@ -91,8 +91,10 @@ def test_lr_schedules_first_step_not_zero():
     assert inv.lr_at(16) == pytest.approx(1e-3 * 2 / 4)
     frac = LRSchedule.from_config(ScheduleConfig(style="cosine", warmup_fraction=0.1), 1e-3, 50)
     assert frac.warmup_steps == 5 and frac.lr_at(1) == pytest.approx(2e-4)
-    with pytest.raises(ConfigError, match="warmup"):
-        LRSchedule(1e-3, 0.0, "cosine", 20, 10)
+    short = LRSchedule(1e-3, 0.0, "cosine", 20, 10)  # warmup longer than the run: ramp, then min_lr
+    assert short.lr_at(10) == pytest.approx(5e-4) and short.lr_at(21) == 0.0
+    with pytest.raises(ConfigError, match="decay steps"):
+        LRSchedule(1e-3, 0.0, "linear", 0, 0)
 
 
 def test_peak_table_and_mfu():

@@ -26,9 +26,9 @@ class LRSchedule:
             raise ConfigError(f"schedule.style must be one of {', '.join(LR_STYLES)} (got {self.style!r})")
         if self.min_lr > self.max_lr:
             raise ConfigError(f"schedule.min_lr={self.min_lr} is above optimizer.lr={self.max_lr}")
-        if self.style in ("linear", "cosine") and self.warmup_steps > self.decay_steps:
-            raise ConfigError(f"warmup ({self.warmup_steps} steps) is longer than the decay ({self.decay_steps} steps); "
-                              "shorten schedule.warmup_iters or raise schedule.decay_iters")
+        if self.warmup_steps < 0 or self.decay_steps < 1:
+            raise ConfigError(f"warmup steps must be >= 0 and decay steps >= 1 "
+                              f"(got {self.warmup_steps}, {self.decay_steps})")
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, max_lr: float, total_steps: int) -> "LRSchedule":
@@ -37,7 +37,7 @@ class LRSchedule:
         return cls(max_lr=max_lr, min_lr=cfg.min_lr, style=cfg.style, warmup_steps=warmup, decay_steps=decay)
 
     def lr_at(self, step: int) -> float:
-        """LR for the `step`-th optimizer update (1-based)."""
+        """LR for the `step`-th optimizer update (1-based). A warmup longer than the decay ramps, then min_lr."""
         if step < 1:
             raise ValueError(f"optimizer steps are 1-based (got {step})")
         if self.warmup_steps > 0 and step <= self.warmup_steps:
