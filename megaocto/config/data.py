@@ -12,10 +12,10 @@ DATA_KINDS = ("synthetic", "gpt", "packed")
 class DataConfig:
     kind: str = field("synthetic", "Dataset kind: synthetic (generated patterns, no files), gpt (Megatron "
                       "pretraining samples from .bin/.idx prefixes) or packed (inputs/targets pairs packed per row).")
-    paths: list = field(default_factory=list, doc="Indexed-dataset prefixes (without .bin/.idx). gpt: token "
+    paths: list[str] = field(default_factory=list, doc="Indexed-dataset prefixes (without .bin/.idx). gpt: token "
                         "prefixes such as data/code_text_document; packed: prefixes P such that "
                         "P_inputs_document and P_targets_document exist. Several paths are blended.")
-    weights: list = field(default_factory=list, doc="Blending weight per path (normalised to sum 1). Empty = "
+    weights: list[float] = field(default_factory=list, doc="Blending weight per path (normalised to sum 1). Empty = "
                           "equal weights. Like Megatron's --data-path w1 p1 w2 p2.")
     split: str = field("969,30,1", "Train/valid/test proportions over DOCUMENTS of every path, e.g. '98,2,0' "
                        "(normalised; Megatron rounding). The three document ranges never overlap.")
@@ -30,7 +30,7 @@ class DataConfig:
     fim_rate: float = field(0.0, "gpt: probability that a document segment is turned into a fill-in-the-middle "
                             "example (bigcode --fim-rate). 0 disables FIM and needs no FIM tokens.")
     fim_spm_rate: float = field(0.5, "gpt: probability that a FIM example uses SPM instead of PSM order.")
-    fim_tokens: list = field(default_factory=lambda: ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"],
+    fim_tokens: list[str] = field(default_factory=lambda: ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"],
                              doc="FIM special tokens [prefix, middle, suffix, pad] (StarCoder names; SantaCoder "
                              "uses <fim-prefix>, ...).")
     loss_on_inputs: bool = field(False, "packed: also train on the input (prompt) tokens, not only the targets.")
