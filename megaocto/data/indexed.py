@@ -362,3 +362,19 @@ def remove_dataset(prefix: str) -> None:
 def move_dataset(src_prefix: str, dst_prefix: str) -> None:
     for f in (data_file_path, index_file_path):
         shutil.move(f(src_prefix), f(dst_prefix))
+
+
+def resolve_dataset_inputs(inputs: list[str], pattern: str = "*.idx") -> list[str]:
+    """Dataset prefixes from prefixes / ``.idx``/``.bin`` paths / directories (sorted ``pattern`` matches)."""
+    import glob
+
+    prefixes = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, pattern)))
+            if not found:
+                raise IndexedDatasetError(f"{item}: no datasets matching {pattern!r}")
+            prefixes.extend(_strip_prefix(f) for f in found)
+        else:
+            prefixes.append(_strip_prefix(item))
+    return prefixes

@@ -49,13 +49,13 @@ class JsonlStats:
     bytes_read: int = 0
     bom_files: int = 0
     skipped: Counter = field(default_factory=Counter)
-    examples: list = field(default_factory=list)  # first few "path:line: reason" of skipped rows
+    examples: list = field(default_factory=list)  # first few skipped rows, as BadRowError
     max_examples: int = 5
 
     def skip(self, err: BadRowError) -> None:
         self.skipped[err.category] += 1
         if len(self.examples) < self.max_examples:
-            self.examples.append(str(err))
+            self.examples.append(err)
 
     @property
     def rows_skipped(self) -> int:

@@ -1,0 +1,56 @@
+"""`megaocto preprocess`: jsonl → Megatron .bin/.idx (parallel, streamed, worker-count independent)."""
+from __future__ import annotations
+
+NAME = "preprocess"
+HELP = "Tokenize jsonl files into Megatron .bin/.idx datasets (formats: text, commits-*, qa, magicoder, ...)"
+
+
+def add_arguments(parser):
+    from megaocto.data.formats import FORMATS
+
+    fmts = "; ".join(f"{f.name}: {f.template}" for f in FORMATS.values())
+    parser.add_argument("--input", nargs="+", required=True, help="input .jsonl files (processed in order)")
+    parser.add_argument("--format", default="text", choices=list(FORMATS), help=f"row format ({fmts})")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a directory")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (one core each)")
+    parser.add_argument("--json-key", default="text", help="json key for --format text (Megatron --json-keys)")
+    parser.add_argument("--keys", nargs="*", default=[], metavar="ROLE=KEY",
+                        help="rename a format's input key, e.g. question=prompt answer=completion")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                        help="bad rows: fail at the first (file:line: reason) or skip and count them")
+    parser.add_argument("--no-append-eod", dest="append_eod", action="store_false",
+                        help="do not append the EOD token to each document")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"], help="token dtype")
+    parser.add_argument("--chunk-mb", type=float, default=4.0, help="input MB per work unit / shard")
+    parser.add_argument("--max-line-bytes", type=int, default=None, help="longer jsonl lines are bad rows")
+    parser.add_argument("--no-join", dest="join", action="store_false",
+                        help="leave per-chunk shards in PREFIX_shards/ (join later with merge-datasets)")
+    parser.add_argument("--log-interval", type=float, default=5.0, help="seconds between progress lines")
+
+
+def run(args) -> int:
+    from megaocto.data.jsonl import BadRowError
+    from megaocto.data.preprocess import PreprocessConfig, preprocess
+
+    key_map = {}
+    for kv in args.keys:
+        role, sep, key = kv.partition("=")
+        if not sep:
+            print(f"--keys expects ROLE=KEY, got {kv!r}")
+            return 2
+        key_map[role] = key
+    cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
+                           format=args.format, json_key=args.json_key, key_map=key_map, workers=args.workers,
+                           on_error=args.on_error, append_eod=args.append_eod, dtype=args.dtype,
+                           chunk_bytes=max(1, int(args.chunk_mb * 2**20)), join=args.join,
+                           log_interval=args.log_interval)
+    if args.max_line_bytes:
+        cfg.max_line_bytes = args.max_line_bytes
+    try:
+        result = preprocess(cfg)
+    except BadRowError as e:
+        print(f"error: {e}\n(re-run with --on-error skip to skip and count bad rows)")
+        return 1
+    print(result.summary())
+    return 0

@@ -1,0 +1,321 @@
+"""jsonl → Megatron ``.bin/.idx``: streamed, parallel, output independent of the worker count.
+
+Design (vs Megatron's Pool.imap + single writer, which pickles every token list back to one process):
+the inputs are cut into fixed byte chunks (line-aligned by the reader, so chunking never depends on
+``workers``); each worker process reads its chunk straight from the file, renders + batch-encodes the rows
+single-threaded and writes its own shard ``.bin/.idx`` per output. The main process only joins the shards in
+chunk order (a byte copy) as they complete, and prints progress. Memory per worker is one encode batch, so it
+stays flat however large the input is. With ``join=False`` the shards are left for ``megaocto merge-datasets``.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from megaocto.config.base import ConfigError, field
+from megaocto.data import indexed
+from megaocto.data.formats import FormatError, get_format, output_names, render, resolve_keys
+from megaocto.data.jsonl import DEFAULT_MAX_LINE_BYTES, ON_ERROR, BadRowError, JsonlReader, JsonlStats
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list = field(None, "Input .jsonl files, processed in the given order (documents keep file order).")
+    output_prefix: str = field("", "Output prefix P: writes P_{key}_document.bin/.idx per output key.")
+    tokenizer: str = field("", "tokenizer.json, sentencepiece .model, or a directory holding one.")
+    format: str = field("text", "Row format: text, commits-pretrain, commits-finetune, commits-linediff, qa, "
+                                "magicoder, instruction-response (see docs/data-preprocess.md).")
+    json_key: str = field("text", "JSON key read by the `text` format (Megatron --json-keys).")
+    key_map: dict = field(None, "Override the JSON key of a format role, e.g. {'question': 'prompt'}.")
+    workers: int = field(1, "Worker processes (1 = in-process). Each tokenizes single-threaded.")
+    on_error: str = field("fail", "Bad rows: 'fail' stops at the first with file:line: reason; 'skip' counts them.")
+    append_eod: bool = field(True, "Append the tokenizer's EOD id to each document (to `targets` for pairs).")
+    chunk_bytes: int = field(4 << 20, "Input bytes per work unit/shard. Output does not depend on it.")
+    batch_bytes: int = field(1 << 20, "Text bytes per encode_batch call inside a worker (bounds memory).")
+    max_line_bytes: int = field(DEFAULT_MAX_LINE_BYTES, "Longer jsonl lines are bad rows ('oversized').")
+    dtype: str = field("auto", "Token dtype: auto (uint16 if vocab < 65500 else int32), uint16 or int32.")
+    join: bool = field(True, "Join shards into P_{key}_document; False leaves P_shards/ for merge-datasets.")
+    log_interval: float = field(5.0, "Seconds between progress lines (0 disables).")
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ConfigError("preprocess: no --input files given")
+        for p in self.inputs:
+            if not os.path.isfile(p):
+                raise ConfigError(f"preprocess: input file {p} does not exist")
+        if not self.output_prefix:
+            raise ConfigError("preprocess: --output-prefix is required")
+        if self.workers < 1:
+            raise ConfigError(f"preprocess: --workers must be >= 1 (got {self.workers})")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"preprocess: --on-error must be fail or skip (got {self.on_error!r})")
+        if self.dtype not in ("auto", "uint16", "int32"):
+            raise ConfigError(f"preprocess: --dtype must be auto, uint16 or int32 (got {self.dtype!r})")
+        if self.chunk_bytes < 1 or self.batch_bytes < 1:
+            raise ConfigError("preprocess: chunk_bytes and batch_bytes must be positive")
+        try:
+            get_format(self.format)
+            resolve_keys(get_format(self.format), self.json_key, self.key_map)
+        except ValueError as e:
+            raise ConfigError(f"preprocess: {e}") from None
+
+
+@dataclass
+class _Task:
+    index: int
+    path: str
+    start: int
+    end: int
+    shard_prefix: str  # shard files: {shard_prefix}_{key}_document
+
+
+@dataclass
+class _ChunkResult:
+    index: int
+    lines: int
+    stats: JsonlStats
+    docs: int
+    tokens: dict
+    text_bytes: int
+    error: BadRowError | None = None
+
+
+@dataclass
+class PreprocessResult:
+    outputs: dict          # output key -> dataset prefix (or shard directory when join=False)
+    docs: int
+    tokens: dict           # output key -> tokens written (EOD included)
+    stats: JsonlStats
+    seconds: float
+    text_bytes: int        # UTF-8 bytes of the rendered text tokenized
+    input_bytes: int
+
+    def summary(self) -> str:
+        tok = sum(self.tokens.values())
+        s = max(self.seconds, 1e-9)
+        lines = [self.stats.summary(written=self.docs),
+                 f"{self.docs} docs, {tok:,} tokens in {self.seconds:.1f} s: {self.docs / s:.1f} docs/s, "
+                 f"{self.input_bytes / s / 1e6:.2f} MB/s input, {tok / s:,.0f} tokens/s"]
+        lines += [f"  {k}: {v}" for k, v in self.outputs.items()]
+        return "\n".join(lines)
+
+
+# --- worker side --------------------------------------------------------------------------------------------
+
+_WORKER_STATE: dict = {}  # per-process cache: the tokenizer and the config (set by _init_worker)
+
+
+def _init_worker(cfg: PreprocessConfig) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; scale with processes
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    from megaocto.data.tokenizer import load_tokenizer
+
+    _WORKER_STATE["cfg"] = cfg
+    _WORKER_STATE["tok"] = load_tokenizer(cfg.tokenizer)
+
+
+def _token_dtype(cfg: PreprocessConfig, vocab_size: int):
+    return indexed.best_dtype(vocab_size) if cfg.dtype == "auto" else np.dtype(cfg.dtype).type
+
+
+def _process_chunk(task: _Task) -> _ChunkResult:
+    cfg, tok = _WORKER_STATE["cfg"], _WORKER_STATE["tok"]
+    fmt = get_format(cfg.format)
+    keys = resolve_keys(fmt, cfg.json_key, cfg.key_map)
+    names = output_names(fmt, keys)
+    dtype = _token_dtype(cfg, tok.vocab_size)
+    eod = np.array([tok.eod], dtype=dtype) if cfg.append_eod else None
+    reader = JsonlReader([task.path], keys, "skip", cfg.max_line_bytes, task.start, task.end)
+    builders = [indexed.MMapIndexedDatasetBuilder(indexed.data_file_path(indexed.dataset_prefix(task.shard_prefix, n)),
+                                                  dtype) for n in names]
+    result = _ChunkResult(task.index, 0, reader.stats, 0, {n: 0 for n in names}, 0)
+    batch: list[tuple[int, tuple[str, ...]]] = []
+    batch_bytes = 0
+
+    def flush():
+        nonlocal batch_bytes
+        if not batch:
+            return
+        encoded = [tok.encode_batch([texts[j] for _, texts in batch]) for j in range(len(names))]
+        for i, (line, _) in enumerate(batch):
+            ids = [encoded[j][i] for j in range(len(names))]
+            empty = next((names[j] for j in range(len(names)) if not ids[j]), None)
+            if empty is not None:
+                err = BadRowError(task.path, line, f"empty {empty}", "no tokens after tokenization")
+                if cfg.on_error == "fail":
+                    raise err
+                reader.stats.skip(err)
+                reader.stats.rows_ok -= 1
+                continue
+            for j, b in enumerate(builders):
+                arr = np.array(ids[j], dtype=dtype)
+                if eod is not None and j == len(builders) - 1:
+                    arr = np.concatenate([arr, eod])
+                b.add_item(arr)
+                b.end_document()
+                result.tokens[names[j]] += arr.size
+            result.docs += 1
+        batch.clear()
+        batch_bytes = 0
+
+    try:
+        try:
+            for row in _rows_failing_early(reader, cfg.on_error):
+                try:
+                    texts = render(fmt, row.data, keys)
+                except FormatError as e:
+                    err = BadRowError(task.path, row.line, e.category, e.detail)
+                    if cfg.on_error == "fail":
+                        raise err from None
+                    reader.stats.skip(err)
+                    reader.stats.rows_ok -= 1
+                    continue
+                batch.append((row.line, texts))
+                n = sum(len(t) for t in texts)
+                batch_bytes += n
+                result.text_bytes += n
+                if batch_bytes >= cfg.batch_bytes:
+                    flush()
+            flush()
+        except BadRowError as e:
+            result.error = e
+        for n, b in zip(names, builders):
+            b.finalize(indexed.index_file_path(indexed.dataset_prefix(task.shard_prefix, n)))
+    except BaseException:
+        for b in builders:
+            b.abort()
+        raise
+    result.lines = reader.lines_seen
+    return result
+
+
+def _rows_failing_early(reader: JsonlReader, on_error: str):
+    """Rows of ``reader`` (which skips); in fail mode the first skipped row becomes the error instead."""
+    skipped = 0
+    for row in reader:
+        if on_error == "fail" and reader.stats.rows_skipped != skipped:
+            raise reader.stats.examples[0]
+        yield row
+    if on_error == "fail" and reader.stats.rows_skipped != skipped:
+        raise reader.stats.examples[0]
+
+
+# --- main side ----------------------------------------------------------------------------------------------
+
+def _plan(inputs: list[str], chunk_bytes: int, shard_dir: str) -> list[_Task]:
+    tasks = []
+    for path in inputs:
+        size = os.path.getsize(path)
+        for start in range(0, size, chunk_bytes):
+            i = len(tasks)
+            tasks.append(_Task(i, path, start, min(start + chunk_bytes, size), os.path.join(shard_dir, f"{i:06d}")))
+    return tasks
+
+
+def _relocate(err: BadRowError, offset: int) -> BadRowError:
+    return BadRowError(err.path, err.line + offset, err.category, err.detail)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def preprocess(cfg: PreprocessConfig, log=None) -> PreprocessResult:
+    """Tokenize ``cfg.inputs`` into ``{output_prefix}_{key}_document.bin/.idx``; see the module docstring.
+
+    Raises BadRowError (``file:line: reason``) on the first bad row with ``on_error="fail"``; nothing is left
+    at the output paths then.
+    """
+    cfg.validate()
+    log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    from megaocto.data.tokenizer import load_tokenizer
+
+    fmt = get_format(cfg.format)
+    keys = resolve_keys(fmt, cfg.json_key, cfg.key_map)
+    names = output_names(fmt, keys)
+    tok = load_tokenizer(cfg.tokenizer)  # fail fast here, not in every worker
+    dtype = _token_dtype(cfg, tok.vocab_size)
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    shard_dir = cfg.output_prefix + "_shards"
+    if os.path.exists(shard_dir):
+        shutil.rmtree(shard_dir)
+    os.makedirs(shard_dir)
+    tasks = _plan(list(cfg.inputs), cfg.chunk_bytes, shard_dir)
+    total_bytes = sum(os.path.getsize(p) for p in cfg.inputs)
+    final = {n: indexed.dataset_prefix(cfg.output_prefix, n) for n in names}
+    tmp = {n: p + ".tmp" for n, p in final.items()}
+    builders = ({n: indexed.MMapIndexedDatasetBuilder(indexed.data_file_path(tmp[n]), dtype) for n in names}
+                if cfg.join else {})
+    stats, docs, tokens, text_bytes, done_bytes = JsonlStats(), 0, {n: 0 for n in names}, 0, 0
+    line_base: dict[str, int] = {}
+    t0 = last_log = time.perf_counter()
+    pool = None
+    saved_env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    try:
+        if cfg.workers == 1 or len(tasks) <= 1:
+            _init_worker(cfg)
+            results = map(_process_chunk, tasks)
+        else:
+            pool = mp.get_context("spawn").Pool(min(cfg.workers, len(tasks)), _init_worker, (cfg,))
+            results = pool.imap(_process_chunk, tasks)
+        for task, res in zip(tasks, results):
+            base = line_base.get(task.path, 0)
+            line_base[task.path] = base + res.lines
+            if res.error is not None:
+                raise _relocate(res.error, base)
+            res.stats.examples = [_relocate(e, base) for e in res.stats.examples]
+            stats.merge(res.stats)
+            docs += res.docs
+            text_bytes += res.text_bytes
+            done_bytes += task.end - task.start
+            for n in names:
+                tokens[n] += res.tokens[n]
+                if cfg.join:
+                    shard = indexed.dataset_prefix(task.shard_prefix, n)
+                    builders[n].merge_file_(shard)
+                    indexed.remove_dataset(shard)
+            now = time.perf_counter()
+            if cfg.log_interval and (now - last_log >= cfg.log_interval):
+                last_log = now
+                el = now - t0
+                tok_n = sum(tokens.values())
+                eta = el / done_bytes * (total_bytes - done_bytes) if done_bytes else 0.0
+                log(f"[preprocess] {docs} docs, {done_bytes / 1e6:.1f}/{total_bytes / 1e6:.1f} MB "
+                    f"({100 * done_bytes / max(total_bytes, 1):.0f}%) | {docs / el:.1f} docs/s, "
+                    f"{done_bytes / el / 1e6:.2f} MB/s, {tok_n / el:,.0f} tokens/s | ETA {_fmt_eta(eta)}")
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        for n in names:
+            if cfg.join:
+                builders[n].finalize(indexed.index_file_path(tmp[n]))
+                indexed.move_dataset(tmp[n], final[n])
+        if cfg.join:
+            shutil.rmtree(shard_dir)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for n, b in builders.items():
+            b.abort()
+            indexed.remove_dataset(tmp[n])
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        raise
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _WORKER_STATE.clear()
+    outputs = final if cfg.join else {n: shard_dir for n in names}
+    return PreprocessResult(outputs, docs, tokens, stats, time.perf_counter() - t0, text_bytes, total_bytes)

@@ -1,0 +1,117 @@
+"""preprocess: formats, tokens vs direct encode, 1-vs-2 workers byte-identical, aligned pairs, CLI + merge."""
+import json
+
+import numpy as np
+import pytest
+
+from megaocto.cli import main
+from megaocto.data.formats import FORMATS, get_format, line_diff, magicoder_prompt, number_lines, render
+from megaocto.data.indexed import MMapIndexedDataset
+from megaocto.data.jsonl import BadRowError
+from megaocto.data.preprocess import PreprocessConfig, preprocess
+from megaocto.data.tokenizer import load_tokenizer
+from test_data_prep_tokenizer import train_tiny_tokenizer
+
+
+def _commit(i, new=None):
+    old = f"def f{i}(x):\r\n    return x + {i}\r\n" + "# päd\n" * (i % 5)
+    return {"commit": f"{i:040x}", "old_file": f"m{i}.py", "new_file": f"m{i}.py", "old_contents": old,
+            "new_contents": old.replace("+", "-") if new is None else new, "subject": f"Fix sign in f{i} ✓",
+            "message": f"Fix sign in f{i} ✓\n", "lang": "Python", "license": "mit", "repos": "o/r"}
+
+
+def _write(path, rows, extra_lines=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+
+
+def test_linediff_verified_example_and_templates():
+    old = "def f(x):\n    return x+1\n\nprint(f(2))"
+    new = old.replace("x+1", "x+2")
+    assert number_lines(old) == "  1 def f(x):\n  2     return x+1\n  3 \n  4 print(f(2))"
+    assert line_diff(old, new) == "-  2     return x+1\n+  2     return x+2"
+    inp, tgt = render(get_format("commits-linediff"), {"old_contents": old, "subject": "Fix", "new_contents": new},
+                      ("old_contents", "subject", "new_contents"))
+    assert inp == ("<commit_before>\n  1 def f(x):\n  2     return x+1\n  3 \n  4 print(f(2))\n<commit_msg>\nFix\n"
+                   "<commit_after>\n")
+    assert tgt == "-  2     return x+1\n+  2     return x+2"
+    row = {"old_contents": "a", "subject": "Fix it", "new_contents": "b"}
+    keys = ("old_contents", "subject", "new_contents")
+    assert render(FORMATS["commits-pretrain"], row, keys) == ("<commit_before>a<commit_msg>Fix it<commit_after>b",)
+    assert render(FORMATS["commits-finetune"], row, keys) == ("Question: Fix it\na\n\nAnswer:\n", "b")
+    assert render(FORMATS["qa"], {"q": "Why?", "a": "Because."}, ("q", "a")) == ("Question: Why?\n\nAnswer: ",
+                                                                                  "Because.")
+    m_in, m_out = render(FORMATS["magicoder"], {"problem": "P", "solution": "S"}, ("problem", "solution"))
+    assert m_in.endswith("@@ Instruction\nWrite a solution to the following coding problem:\nP\n\n@@ Response\n")
+    assert m_in.startswith("You are an exceptionally intelligent coding assistant") and m_out == "S"
+    assert render(FORMATS["instruction-response"], {"instruction": "I", "response": "R"},
+                  ("instruction", "response")) == (magicoder_prompt("I"), "R")
+
+
+def test_workers_identical_and_tokens_match_direct_encode(tmp_path):
+    tok_path = train_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tok_path)
+    rows = [_commit(i) for i in range(40)]
+    _write(tmp_path / "a.jsonl", rows[:25])
+    _write(tmp_path / "b.jsonl", rows[25:])
+    outs = {}
+    for w in (1, 2):
+        cfg = PreprocessConfig(inputs=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")],
+                               output_prefix=str(tmp_path / f"w{w}" / "out"), tokenizer=tok_path,
+                               format="commits-pretrain", workers=w, chunk_bytes=700, batch_bytes=300,
+                               log_interval=0)
+        res = preprocess(cfg)
+        assert res.docs == 40 and res.stats.rows_read == 40 and res.stats.rows_skipped == 0
+        outs[w] = [(tmp_path / f"w{w}" / f"out_text_document.{ext}").read_bytes() for ext in ("bin", "idx")]
+        assert not (tmp_path / f"w{w}" / "out_shards").exists()
+    assert outs[1] == outs[2]
+    ds = MMapIndexedDataset(str(tmp_path / "w2" / "out_text_document"))
+    assert ds.dtype == np.uint16 and ds.num_docs == 40
+    for i, r in enumerate(rows):
+        text = f"<commit_before>{r['old_contents']}<commit_msg>{r['subject']}<commit_after>{r['new_contents']}"
+        assert ds[i].tolist() == tok.encode(text) + [tok.eod]
+    assert res.tokens["text"] == ds.num_tokens
+
+
+def test_pairs_stay_aligned_and_bad_rows(tmp_path):
+    tok_path = train_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tok_path)
+    rows = [_commit(0), _commit(1, new=""), _commit(2), _commit(3)]
+    _write(tmp_path / "c.jsonl", rows, extra_lines=['{"old_contents": "x", "subject": null}'])
+    base = dict(inputs=[str(tmp_path / "c.jsonl")], tokenizer=tok_path, format="commits-finetune",
+                chunk_bytes=300, log_interval=0)
+    with pytest.raises(BadRowError, match=r"c\.jsonl:2: empty targets"):
+        preprocess(PreprocessConfig(output_prefix=str(tmp_path / "f" / "o"), workers=2, **base))
+    assert not list((tmp_path / "f").iterdir())  # nothing half-written is left
+    res = preprocess(PreprocessConfig(output_prefix=str(tmp_path / "s" / "o"), on_error="skip", **base))
+    assert res.docs == 3 and dict(res.stats.skipped) == {"empty targets": 1, "null key": 1}
+    assert "c.jsonl:5: null key" in res.summary() and "rows read 5, written 3, skipped 2" in res.summary()
+    inp = MMapIndexedDataset(str(tmp_path / "s" / "o_inputs_document"))
+    tgt = MMapIndexedDataset(str(tmp_path / "s" / "o_targets_document"))
+    assert inp.num_docs == tgt.num_docs == 3
+    for d, r in enumerate([rows[0], rows[2], rows[3]]):
+        assert tok.decode(inp[d]) == f"Question: {r['subject']}\n{r['old_contents']}\n\nAnswer:\n"
+        assert tok.decode(tgt[d]) == r["new_contents"] + "<|endoftext|>"
+    assert inp[0][-1] != tok.eod  # EOD only after the target
+
+
+def test_cli_preprocess_no_join_then_merge(tmp_path, capsys):
+    tok_path = train_tiny_tokenizer(tmp_path)
+    _write(tmp_path / "t.jsonl", [{"content": f"print({i})\n" * (i + 1)} for i in range(30)])
+    common = ["preprocess", "--input", str(tmp_path / "t.jsonl"), "--tokenizer", tok_path, "--json-key", "content",
+              "--chunk-mb", "0.0005", "--log-interval", "0"]
+    assert main(common + ["--output-prefix", str(tmp_path / "j")]) == 0
+    assert "rows read 30, written 30, skipped 0" in capsys.readouterr().out
+    assert main(common + ["--output-prefix", str(tmp_path / "n"), "--no-join"]) == 0
+    assert main(["merge-datasets", "--input", str(tmp_path / "n_shards"), "--pattern", "*_content_document.idx",
+                 "--output-prefix", str(tmp_path / "m")]) == 0
+    assert "30 docs" in capsys.readouterr().out
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"m.{ext}").read_bytes() == (tmp_path / f"j_content_document.{ext}").read_bytes()
+    (tmp_path / "bad.jsonl").write_text('{"content": "ok"}\n{"content": \n')
+    assert main(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", tok_path, "--json-key",
+                 "content", "--output-prefix", str(tmp_path / "b"), "--log-interval", "0"]) == 1
+    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().out
