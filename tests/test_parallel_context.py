@@ -89,3 +89,37 @@ def test_single_context_helpers():
     assert "rank 0/1 tp 0/1" in pc.describe()
     assert copy.deepcopy(pc) is pc
     assert pc.rng.names() == ["model-parallel"]
+
+
+def _env_init_worker(rank, port, out_dir):
+    """Rank 0 finds a torchrun environment, rank 1 a SLURM one; both meet at the same TCP store."""
+    import os
+
+    import torch.distributed as dist
+    for k in [k for k in os.environ if k.startswith("SLURM_")] + ["RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                  "MASTER_ADDR", "MASTER_PORT"]:
+        os.environ.pop(k, None)
+    if rank == 0:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)})
+    else:
+        os.environ.update({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1",
+                           "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "MASTER_PORT": str(port)})
+    pc = ParallelContext.init(tp=2, sequence_parallel=True, timeout_minutes=1)
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t, group=pc.tp_group)
+    with open(f"{out_dir}/{rank}.txt", "w") as f:
+        f.write(f"{pc.tp_rank} {pc.local_rank} {pc.backend} {pc.sequence_parallel} {t.item()}")
+    dist.destroy_process_group()
+
+
+def test_init_from_torchrun_and_slurm_env(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_env_init_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    assert (tmp_path / "0.txt").read_text() == "0 0 gloo True 3.0"
+    assert (tmp_path / "1.txt").read_text() == "1 1 gloo True 3.0"
