@@ -94,3 +94,17 @@ def test_build_index_command(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 dataset(s) indexed" in out and '"samples": 12' in out
     assert len(list((tmp_path / "cache").glob("*_train_indexmap_12ns_*_shuffle_idx.npy"))) == 1
+
+
+def test_separate_valid_paths(corpus, tmp_path):
+    from megaocto.config.base import ConfigError
+
+    with pytest.raises(ConfigError, match="valid no share"):
+        DataConfig(kind="gpt", paths=[corpus["a"]], valid_paths=[corpus["b"]], eod_id=0).validate()
+    with pytest.raises(ConfigError, match="training documents"):
+        DataConfig(kind="gpt", paths=[corpus["a"]], valid_paths=[corpus["a"]], split="100,0,0", eod_id=0).validate()
+    cfg = DataConfig(kind="gpt", paths=[corpus["a"]], valid_paths=[corpus["b"]], split="100,0,0", eod_id=0,
+                     cache_dir=str(tmp_path))
+    ds = build_datasets(cfg, seq_length=16, num_samples={"train": 10, "valid": 6}, seed=0)
+    assert ds["train"].documents == (0, 40) and ds["valid"].documents == (0, 20)
+    assert ds["valid"].indexed.prefix == corpus["b"]

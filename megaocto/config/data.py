@@ -17,6 +17,11 @@ class DataConfig:
                         "P_inputs_document and P_targets_document exist. Several paths are blended.")
     weights: list[float] = field(default_factory=list, doc="Blending weight per path (normalised to sum 1). Empty = "
                           "equal weights. Like Megatron's --data-path w1 p1 w2 p2.")
+    valid_paths: list[str] = field(default_factory=list, doc="Separate validation datasets (every document, "
+                                   "blended with equal weights), like Megatron --valid-data-path. Needs a zero "
+                                   "valid share in data.split, e.g. '100,0,0'.")
+    test_paths: list[str] = field(default_factory=list, doc="Separate test datasets (every document); needs a zero "
+                                  "test share in data.split.")
     split: str = field("969,30,1", "Train/valid/test proportions over DOCUMENTS of every path, e.g. '98,2,0' "
                        "(normalised; Megatron rounding). The three document ranges never overlap.")
     seed: int | None = field(None, "Seed of the data order, FIM and packing shuffles. None = the training seed.")
@@ -73,7 +78,15 @@ class DataConfig:
                 raise ConfigError(f"data.weights must be non-negative with a positive sum (got {self.weights})")
         if len(self.paths) > 255:
             raise ConfigError(f"data.paths: at most 255 datasets can be blended (got {len(self.paths)})")
-        self.split_fractions()
+        fractions = self.split_fractions()
+        for key, extra, share in (("valid", self.valid_paths, fractions[1]), ("test", self.test_paths, fractions[2])):
+            if extra and share > 0:
+                raise ConfigError(f"data.{key}_paths is set, so data.split must give {key} no share of data.paths "
+                                  f"(got {self.split!r}; e.g. '100,0,0')")
+            leak = sorted(set(extra) & set(self.paths))
+            if leak:
+                raise ConfigError(f"data.{key}_paths repeats training path(s) {', '.join(leak)}: {key} would see "
+                                  f"training documents; use data.split for a held-out range instead")
         if not 0.0 <= self.fim_rate <= 1.0 or not 0.0 <= self.fim_spm_rate <= 1.0:
             raise ConfigError(f"data.fim_rate and data.fim_spm_rate must be in [0, 1] "
                               f"(got {self.fim_rate}, {self.fim_spm_rate})")

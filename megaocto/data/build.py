@@ -27,9 +27,7 @@ class _Sources:
     """Opened inputs of a gpt/packed config: indexed datasets, tokenizer, special ids."""
 
     def __init__(self, cfg: DataConfig):
-        from megaocto.data.indexed import MMapIndexedDataset, dataset_prefix
-
-        self.tokenizer = None
+        self.cfg, self.tokenizer, self._opened = cfg, None, {}
         if cfg.tokenizer:
             from megaocto.data.tokenizer import load_tokenizer
 
@@ -37,38 +35,53 @@ class _Sources:
         tok = self.tokenizer
         self.eod = cfg.eod_id if cfg.eod_id is not None else (tok.eod if tok is not None else None)
         self.pad = next((x for x in (cfg.pad_id, getattr(tok, "pad", None), self.eod) if x is not None), None)
-        self.weights = cfg.weights_normalised()
-        if cfg.kind == "gpt":
-            self.data = [(MMapIndexedDataset(p),) for p in cfg.paths]
-        else:
-            self.data = [(MMapIndexedDataset(dataset_prefix(p, "inputs")),
-                          MMapIndexedDataset(dataset_prefix(p, "targets"))) for p in cfg.paths]
 
-    def ranges(self, cfg: DataConfig, split: str) -> list[tuple[int, int]]:
+    def open(self, path: str) -> tuple:
+        """(tokens,) for gpt, (inputs, targets) for packed; opened once per path."""
+        from megaocto.data.indexed import MMapIndexedDataset, dataset_prefix
+
+        if path not in self._opened:
+            if self.cfg.kind == "gpt":
+                self._opened[path] = (MMapIndexedDataset(path),)
+            else:
+                self._opened[path] = (MMapIndexedDataset(dataset_prefix(path, "inputs")),
+                                      MMapIndexedDataset(dataset_prefix(path, "targets")))
+        return self._opened[path]
+
+    def for_split(self, split: str) -> tuple[list[str], list[float], list[tuple[int, int]]]:
+        """(paths, normalised weights, document range per path) that feed `split`."""
         from megaocto.data.splits import split_ranges
 
-        return [split_ranges(cfg.split, len(d[0].sizes))[split] for d in self.data]
+        cfg = self.cfg
+        separate = {"valid": cfg.valid_paths, "test": cfg.test_paths}.get(split)
+        if separate:
+            return list(separate), [1.0 / len(separate)] * len(separate), \
+                [(0, len(self.open(p)[0].sizes)) for p in separate]
+        ranges = [split_ranges(cfg.split, len(self.open(p)[0].sizes))[split] for p in cfg.paths]
+        return list(cfg.paths), cfg.weights_normalised(), ranges
 
 
-def _plan(cfg: DataConfig, src: _Sources, split: str, n: int) -> list[tuple[int, tuple[int, int], int]]:
-    """[(path index, document range, samples)] for one split; [] when the split is empty everywhere."""
+def _plan(cfg: DataConfig, src: _Sources, split: str, n: int) -> tuple[list, list[float]]:
+    """([(path, salt, document range, samples)], weights) for one split; [] when the split has no documents."""
     from megaocto.data.blending import blended_num_samples
 
     if n <= 0:
-        return []
-    ranges = src.ranges(cfg, split)
-    empty = [cfg.paths[i] for i, (a, b) in enumerate(ranges) if b <= a]
+        return [], []
+    paths, weights, ranges = src.for_split(split)
+    empty = [p for p, (a, b) in zip(paths, ranges) if b <= a]
     if len(empty) == len(ranges):
         log.warning("data.split=%r gives the %s split no documents; %s dataset is None", cfg.split, split, split)
-        return []
+        return [], []
     if empty:
         raise ValueError(f"data.split={cfg.split!r} leaves the {split} split of {', '.join(empty)} without "
                          f"documents while other paths have some; adjust data.split or use larger datasets")
-    counts = blended_num_samples(n, src.weights) if len(ranges) > 1 else [n]
-    return [(i, ranges[i], counts[i]) for i in range(len(ranges))]
+    counts = blended_num_samples(n, weights) if len(ranges) > 1 else [n]
+    separate = bool({"valid": cfg.valid_paths, "test": cfg.test_paths}.get(split))
+    salt = 256 * SPLITS.index(split) if separate else 0  # FIM RNG salt: distinct per dataset
+    return [(p, salt + i, ranges[i], counts[i]) for i, p in enumerate(paths)], weights
 
 
-def _make(cfg: DataConfig, src: _Sources, split: str, path_idx: int, documents, n: int, seq_length: int,
+def _make(cfg: DataConfig, src: _Sources, split: str, path: str, salt: int, documents, n: int, seq_length: int,
           seed: int, may_build: bool):
     if cfg.kind == "gpt":
         from megaocto.data.fim import FIM
@@ -77,18 +90,18 @@ def _make(cfg: DataConfig, src: _Sources, split: str, path_idx: int, documents, 
         fim = None
         if cfg.fim_rate > 0:
             fim = FIM.from_tokenizer(src.tokenizer, rate=cfg.fim_rate, spm_rate=cfg.fim_spm_rate, seed=seed,
-                                     tokens=tuple(cfg.fim_tokens), eod=src.eod, salt=path_idx)
-        return GPTDataset(src.data[path_idx][0], name=split, documents=documents, num_samples=n,
+                                     tokens=tuple(cfg.fim_tokens), eod=src.eod, salt=salt)
+        return GPTDataset(src.open(path)[0], name=split, documents=documents, num_samples=n,
                           seq_length=seq_length, seed=seed, eod=src.eod, eod_mask_loss=cfg.eod_mask_loss,
                           reset_position_ids=cfg.reset_position_ids, fim=fim, cache_dir=cfg.cache_dir,
                           may_build=may_build)
     from megaocto.data.packed import PackedDataset
 
-    inputs, targets = src.data[path_idx]
+    inputs, targets = src.open(path)
     return PackedDataset(inputs, targets, name=split, documents=documents, num_samples=n, seq_length=seq_length,
                          seed=seed, pad_id=src.pad, loss_on_inputs=cfg.loss_on_inputs,
                          norm_target_loss=cfg.norm_target_loss, cache_dir=cfg.cache_dir, may_build=may_build,
-                         data_prefix=cfg.paths[path_idx])
+                         data_prefix=path)
 
 
 def build_datasets(cfg: DataConfig, *, seq_length: int, num_samples: dict, seed: int,
@@ -110,14 +123,14 @@ def build_datasets(cfg: DataConfig, *, seq_length: int, num_samples: dict, seed:
     src = _Sources(cfg)
     out = {}
     for split in SPLITS:
-        plan = _plan(cfg, src, split, wanted[split])
-        parts = [_make(cfg, src, split, i, docs, n, seq_length, seed, may_build) for i, docs, n in plan]
+        plan, weights = _plan(cfg, src, split, wanted[split])
+        parts = [_make(cfg, src, split, *job, seq_length, seed, may_build) for job in plan]
         if not parts:
             out[split] = None
         elif len(parts) == 1:
             out[split] = parts[0]
         else:
-            out[split] = BlendedDataset(parts, src.weights, wanted[split])
+            out[split] = BlendedDataset(parts, weights, wanted[split])
     return out
 
 
@@ -133,11 +146,11 @@ def prebuild_indices(cfg: DataConfig, *, seq_length: int, num_samples: dict, see
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     seed = _data_seed(cfg, seed)
     src = _Sources(cfg)
-    jobs = [(split, *p) for split in SPLITS for p in _plan(cfg, src, split, int(num_samples.get(split, 0) or 0))]
+    jobs = [(split, job) for split in SPLITS for job in _plan(cfg, src, split, int(num_samples.get(split, 0) or 0))[0]]
     done = []
-    for j, (split, path_idx, docs, n) in enumerate(jobs):
+    for j, (split, job) in enumerate(jobs):
         if j % world_size == rank:
-            done.append(_make(cfg, src, split, path_idx, docs, n, seq_length, seed, True).summary())
+            done.append(_make(cfg, src, split, *job, seq_length, seed, True).summary())
     return done
 
 
@@ -151,11 +164,12 @@ def epoch_num_samples(cfg: DataConfig, *, seq_length: int, seed: int) -> int:
     if cfg.kind == "synthetic":
         return int(cfg.synthetic_epoch_samples)
     src = _Sources(cfg)
-    ranges = src.ranges(cfg, "train")
+    paths, _, ranges = src.for_split("train")
+    data = [src.open(p) for p in paths]
     if cfg.kind == "gpt":
-        tokens = sum(int(np.sum(d[0].sizes[a:b], dtype=np.int64)) for d, (a, b) in zip(src.data, ranges))
+        tokens = sum(int(np.sum(d[0].sizes[a:b], dtype=np.int64)) for d, (a, b) in zip(data, ranges))
         return max(0, (tokens - 1) // int(seq_length))
     from megaocto.data.packed import packing_epoch_rows
 
     return sum(packing_epoch_rows(d[0].sizes, d[1].sizes, r, seq_length, _data_seed(cfg, seed))
-               for d, r in zip(src.data, ranges) if r[1] > r[0])
+               for d, r in zip(data, ranges) if r[1] > r[0])
