@@ -91,6 +91,16 @@ def test_cross_entropy_tp1_and_errors():
     loss.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         loss.sum().backward()
+    # non-contiguous logits (a transposed view) and int32 targets
+    lt = torch.randn(5, 2, 16).transpose(0, 1).requires_grad_(True)
+    ref_in = lt.detach().clone().requires_grad_(True)
+    t32 = target.to(torch.int32)
+    out = vocab_parallel_cross_entropy(lt, t32, pc)
+    ref = F.cross_entropy(ref_in.reshape(-1, 16), target.reshape(-1), reduction="none").view(2, 5)
+    _close(out, ref, "non-contiguous logits")
+    out.sum().backward()
+    ref.sum().backward()
+    _close(lt.grad, ref_in.grad, "non-contiguous logits grad")
     with pytest.raises(ValueError, match="disagree"):
         vocab_parallel_cross_entropy(logits, target[:, :4], pc)
     with pytest.raises(ValueError, match="reduction"):

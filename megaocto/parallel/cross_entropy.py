@@ -21,9 +21,8 @@ class _VocabParallelCE(torch.autograd.Function):
         tp = pc.tp
         v_local = logits.shape[-1]
         start = pc.tp_rank * v_local
-        x = logits.float()  # copy when logits are bf16/fp16; cloned below otherwise (we write into it)
-        if x is logits:
-            x = x.clone()
+        # one contiguous fp32 copy that becomes the softmax (and, in backward, the grad) in place
+        x = logits.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
         n_valid_cols = max(0, min(v_local, vocab_size - start))  # columns that are real (not padding)
         if n_valid_cols < v_local:
             x[..., n_valid_cols:] = float("-inf")
@@ -66,9 +65,9 @@ class _VocabParallelCE(torch.autograd.Function):
         grad, local_t, outside, ignored = ctx.saved_tensors  # the softmax, turned into the grad in place
         onehot_w = 1.0 - ctx.smoothing
         rows = grad.view(-1, grad.shape[-1])
-        hit = (~outside).view(-1)
+        hit = (~outside).reshape(-1)
         idx = torch.arange(rows.shape[0], device=rows.device)[hit]
-        rows[idx, local_t.view(-1)[hit]] -= onehot_w
+        rows[idx, local_t.reshape(-1)[hit]] -= onehot_w
         if ctx.smoothing > 0:
             grad[..., :ctx.n_valid_cols] -= ctx.smoothing / ctx.vocab_size
         grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
@@ -97,6 +96,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, pc:
     vocab_size = v_pad if vocab_size is None else vocab_size
     if not 0 < vocab_size <= v_pad:
         raise ValueError(f"vocab_size={vocab_size} must be in (0, {v_pad}] (the padded vocabulary)")
+    target = target.long()
     loss = _VocabParallelCE.apply(logits, target, pc, ignore_index, float(label_smoothing), vocab_size)
     mask = (target != ignore_index).float()
     if loss_mask is not None:
