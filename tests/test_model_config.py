@@ -137,3 +137,11 @@ def test_tied_embedding_is_output_layer():
         x = layer(x)
     logits = model.final_layernorm(x) @ model.embedding.word_embeddings.weight.T
     torch.testing.assert_close(model(ids), logits)
+
+
+def test_build_model_rejects_bad_recompute_and_pp():
+    cfg = ModelConfig.from_preset("tiny-bigcode")
+    with pytest.raises(ConfigError, match="recompute must be one of"):
+        build_model(cfg, ParallelContext.single(), recompute="layers")
+    with pytest.raises(ConfigError, match="pipeline parallelism"):
+        build_model(cfg, ParallelContext(pp=2, world_size=2))

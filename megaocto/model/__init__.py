@@ -23,6 +23,9 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
         raise ConfigError(f"recompute must be one of {RECOMPUTE_MODES} (got {recompute!r})")
     if recompute_num_layers < 1:
         raise ConfigError(f"recompute_num_layers must be >= 1 (got {recompute_num_layers})")
+    if getattr(pc, "pp", 1) > 1:
+        raise ConfigError(f"build_model builds the whole layer stack on every rank; pipeline parallelism (pp={pc.pp}) "
+                          f"is not supported by the model builders: use parallel.pp=1 with tp/dp (and recompute)")
     cfg.validate(pc.tp)
     if cfg.family == "bigcode":
         from megaocto.model.bigcode import BigCodeModel as cls
