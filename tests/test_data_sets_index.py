@@ -189,3 +189,40 @@ def test_gpt_dataset_samples_cache_and_wait(tmp_path):
         get_index_mappings(ind.prefix, "valid", (0, 5), ind.sizes, 3, 8, 3, may_build=False, wait_timeout_s=0)
     with pytest.raises(ValueError, match="document range"):
         GPTDataset(ind, name="test", documents=(40, 40), num_samples=1, seq_length=8, seed=3)
+
+
+def _concurrent_worker(prefix, sizes, may_build, queue):
+    doc_idx, sample_idx, shuffle_idx, built = get_index_mappings(prefix, "train", (0, len(sizes)), sizes, 5000, 16,
+                                                                 11, may_build=may_build, wait_timeout_s=60)
+    queue.put((may_build, built, np.asarray(sample_idx).tobytes() + np.asarray(shuffle_idx).tobytes()))
+
+
+def test_concurrent_builders_and_waiter_agree(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    sizes = np.random.RandomState(0).randint(1, 200, size=3000).astype(np.int32)
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_concurrent_worker, args=(str(tmp_path / "d"), sizes, mb, q))
+             for mb in (False, True, True)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=90) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert len({r[2] for r in results}) == 1
+    assert [r[1] for r in results if not r[0]] == [False]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]
+    ref = build_index_mappings(np.arange(3000), sizes, 5000, 16, 11)
+    assert results[0][2] == ref[1].tobytes() + ref[2].tobytes()
+
+
+def test_fallback_when_extension_missing(monkeypatch):
+    monkeypatch.setattr(index_helpers, "_cpp", None)
+    assert not index_helpers.cpp_available()
+    sizes = np.array([3, 4, 5], dtype=np.int32)
+    out = index_helpers.build_sample_idx(sizes, np.arange(3), 2, 1, 12)
+    np.testing.assert_array_equal(out, ref_sample_idx(sizes, [0, 1, 2], 2, 5))
+    with pytest.raises(RuntimeError, match="not compiled"):
+        index_helpers.build_sample_idx(sizes, np.arange(3), 2, 1, 12, use_cpp=True)
