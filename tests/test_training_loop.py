@@ -90,8 +90,12 @@ def test_bf16_masters_and_finetune_switches(tmp_path):
     assert masters and all(m.dtype == torch.float32 for m in masters)
     assert state["data"]["consumed_samples"] == 16 and len(state["rng_state"]) == 1
 
-    ft = _quiet(_cfg(tmp_path, "--train.dtype", "bf16", "--checkpoint.load", save, "--checkpoint.finetune", iters=2))
+    ft_args = ("--train.dtype", "bf16", "--checkpoint.load", save, "--checkpoint.finetune",
+               "--checkpoint.save", str(tmp_path / "ft"))
+    ft = _quiet(_cfg(tmp_path, *ft_args, "--train.exit_interval", "2", iters=3))
     assert list(ft.losses) == [1, 2] and ft.consumed_samples == 8
+    requeued = _quiet(_cfg(tmp_path, *ft_args, iters=3))  # auto-resumes its own save, not the base weights
+    assert list(requeued.losses) == [3] and requeued.consumed_samples == 12
     reset = Trainer(_cfg(tmp_path, "--train.dtype", "bf16", "--checkpoint.load", save, "--checkpoint.reset_progress",
                          iters=2), stream=io.StringIO())
     assert reset.iteration == 0 and reset.consumed == 0
@@ -137,3 +141,18 @@ def test_golden_losses_tiny_bigcode(tmp_path):
     for i, (got, want) in enumerate(zip(losses, golden["losses"]), 1):
         assert abs(got - want) <= 1e-6, f"step {i}: loss {got!r} != golden {want!r}"
     assert losses[-1] < losses[0] - 0.3
+
+
+def test_launch_configs_load_and_tiny_ones_run(tmp_path):
+    root = os.path.join(os.path.dirname(__file__), "..", "launch", "configs")
+    names = sorted(n for n in os.listdir(root) if n.endswith(".yaml"))
+    assert {"tiny-bigcode.yaml", "tiny-glm2.yaml"} <= set(names)
+    for name in names:
+        cfg = load_run_config(os.path.join(root, name))
+        assert cfg.train.dtype in ("fp32", "bf16")
+    for name in ("tiny-bigcode.yaml", "tiny-glm2.yaml"):
+        d = str(tmp_path / name)
+        result = _quiet(load_run_config(os.path.join(root, name), [
+            "--train.iters", "2", "--checkpoint.save", d, "--checkpoint.load", d, "--logging.run_dir", d,
+            "--logging.tensorboard", "false", "--eval.interval", "2"]))
+        assert result.exit_reason == "finished" and 2 in result.val_losses and ckpt.read_tracker(d) == 2

@@ -69,6 +69,8 @@ class CheckpointConfig:
     no_load_optim: bool = field(False, "Do not load optimizer state (fp32 masters come from the loaded model weights).")
     no_load_rng: bool = field(False, "Do not load RNG states; re-seed from train.seed instead.")
     reset_progress: bool = field(False, "Load model+optimizer but reset iteration, consumed samples and the LR schedule to 0.")
+    auto_resume: bool = field(True, "When `save` already holds a checkpoint (a requeued job), resume from it with full "
+                                    "state and ignore load/finetune/reset_progress/no_load_*.")
     save_optim: bool = field(True, "Save optimizer state (AdamW moments and fp32 masters); needed for exact resume.")
 
     def validate(self) -> None:

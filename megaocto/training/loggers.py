@@ -15,14 +15,20 @@ import time
 from megaocto.config.train import LoggingConfig
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.3e}"
-        return f"{v:.4f}"
-    return str(v)
+# (metric key, console label, formatter) in console order
+_CONSOLE = (
+    ("consumed_samples", "samples", str),
+    ("loss", "loss", lambda v: f"{v:.4f}"),
+    ("lr", "lr", lambda v: f"{v:.3e}"),
+    ("grad_norm", "grad_norm", lambda v: f"{v:.3f}"),
+    ("tokens_per_s", "tok/s", lambda v: f"{v:.0f}"),
+    ("tokens_per_s_per_device", "tok/s/dev", lambda v: f"{v:.0f}"),
+    ("tflops_per_device", "TFLOP/s/dev", lambda v: f"{v:.3g}"),
+    ("mfu", "MFU", lambda v: f"{100 * v:.2f}%"),
+    ("step_time_s", "ms/step", lambda v: f"{1000 * v:.1f}"),
+    ("skipped_steps", "skipped", str),
+    ("eta", "ETA", str),
+)
 
 
 class MetricsLogger:
@@ -58,15 +64,12 @@ class MetricsLogger:
             return
         record = {"kind": "train", "iteration": iteration, **metrics, "time": time.time()}
         parts = [f"iter {iteration}" + (f"/{total_iters}" if total_iters else "")]
-        order = ("consumed_samples", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device",
-                 "tflops_per_device", "mfu", "step_time_s", "skipped_steps", "eta")
-        for k in order:
-            if k in metrics:
-                v = metrics[k]
-                parts.append(f"{k} {(_fmt(v * 100) + '%') if k == 'mfu' and v is not None else _fmt(v)}")
+        for key, label, fmt in _CONSOLE:
+            if key in metrics:
+                parts.append(f"{label} {fmt(metrics[key]) if metrics[key] is not None else 'n/a'}")
         for k, v in metrics.items():
             if k.startswith(("mem_", "max_rss")):
-                parts.append(f"{k} {_fmt(v)}")
+                parts.append(f"{k} {v:.2f} GiB")
         self.info(" | ".join(parts))
         self._write(record, "train", iteration, metrics)
 
@@ -74,7 +77,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         ppl = math.exp(min(val_loss, 50.0))
-        self.info(f"validation at iter {iteration} | val_loss {_fmt(val_loss)} | val_ppl {_fmt(ppl)}")
+        self.info(f"validation at iter {iteration} | val_loss {val_loss:.4f} | val_ppl {ppl:.3f}")
         metrics = {"val_loss": val_loss, "val_ppl": ppl}
         self._write({"kind": "valid", "iteration": iteration, **metrics, "time": time.time()}, "valid", iteration, metrics)
 

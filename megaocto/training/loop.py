@@ -151,32 +151,37 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint loading
     def _load_model_checkpoint(self) -> dict | None:
         c = self.cfg.checkpoint
-        if not c.load:
+        self._own_resume = bool(c.auto_resume and c.save and ckpt.read_tracker(c.save) is not None)
+        source = c.save if self._own_resume else c.load
+        if not source:
             return None
-        loaded = ckpt.load_checkpoint(c.load, self.pc)
+        loaded = ckpt.load_checkpoint(source, self.pc)
         if loaded is None:
             if c.finetune:
-                raise ConfigError(f"checkpoint.finetune is set but {c.load} has no {ckpt.TRACKER}")
-            self.log.info(f"no checkpoint in {c.load}; starting from scratch")
+                raise ConfigError(f"checkpoint.finetune is set but {source} has no {ckpt.TRACKER}")
+            self.log.info(f"no checkpoint in {source}; starting from scratch")
             return None
         state, _meta, it = loaded
         self.model.load_state_dict(state["model"])
-        self.log.info(f"loaded model weights from {ckpt.iter_dir_name(it)} in {c.load}")
+        self.log.info(f"{'resuming' if self._own_resume else 'loaded model weights'} from "
+                      f"{ckpt.iter_dir_name(it)} in {source}")
         return state
 
     def _load_rest(self, state: dict | None) -> None:
         from megaocto.parallel.random import set_rng_state
 
         c = self.cfg.checkpoint
-        if state is None or c.finetune:
+        own = self._own_resume  # a requeued run resumes its own checkpoint fully, whatever the finetune switches
+        if state is None or (c.finetune and not own):
             return
-        if not c.no_load_optim:
+        if own or not c.no_load_optim:
             if "optimizer" not in state:
-                raise ConfigError(f"checkpoint in {c.load} has no optimizer state; set checkpoint.no_load_optim=true")
+                raise ConfigError("checkpoint has no optimizer state (saved with save_optim=false); "
+                                  "set checkpoint.no_load_optim=true")
             self.optimizer.load_state_dict(state["optimizer"])
-        if not c.no_load_rng:
+        if own or not c.no_load_rng:
             set_rng_state(state["rng_state"][0], self.pc)
-        if not c.reset_progress:
+        if own or not c.reset_progress:
             self.iteration = int(state["iteration"])
             self.consumed = int(state["data"]["consumed_samples"])
             self.skipped = int(state["data"].get("skipped_steps", 0))
