@@ -53,6 +53,13 @@ def _dist_body(rank, world_size):
     dist.all_reduce(t, group=pc.pp_group)
     assert t.item() == sum(pc.pp_ranks)
 
+    # the same 4 ranks as tp=2 x dp=2: dp groups stride by tp
+    pc_dp = ParallelContext.init(tp=2)
+    assert (pc_dp.dp, pc_dp.dp_rank, pc_dp.dp_ranks) == (2, rank // 2, (rank % 2, rank % 2 + 2))
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=pc_dp.dp_group)
+    assert t.item() == sum(pc_dp.dp_ranks)
+
     stages = _reference(7)
     ref_params = [p for mods in stages for m in mods for p in m.parameters()]
     ref_inf = max(p.grad.abs().max().item() for p in ref_params)

@@ -178,9 +178,16 @@ class ParallelContext:
                 backend = "nccl" if cuda else "gloo"
             if cuda:
                 torch.cuda.set_device(env["local_rank"])
-            dist.init_process_group(
-                backend, init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
-                rank=env["rank"], world_size=env["world_size"], timeout=timeout)
+            addr = f"tcp://{env['master_addr']}:{env['master_port']}"
+            try:
+                dist.init_process_group(backend, init_method=addr, rank=env["rank"],
+                                        world_size=env["world_size"], timeout=timeout)
+            except Exception as e:
+                raise RuntimeError(
+                    f"torch.distributed init failed: rank {env['rank']} of {env['world_size']} ({env['source']} "
+                    f"environment) at {addr}: {e}. Check that all {env['world_size']} processes were started "
+                    f"(under sbatch run the script through srun, one task per GPU) and that the port is free"
+                ) from e
         world, rank = dist.get_world_size(), dist.get_rank()
         backend_used = str(dist.get_backend())
         if env is not None and env["world_size"] == world:
