@@ -1,0 +1,41 @@
+"""`megaocto filter-commits`: CommitPackFT filter rules over CommitPack-schema jsonl, with per-rule counts."""
+from __future__ import annotations
+
+NAME = "filter-commits"
+HELP = "Apply the CommitPackFT filters (commitpackft_filters1/2) to commit jsonl; prints drops per rule"
+
+
+def add_arguments(parser):
+    parser.add_argument("--input", nargs="+", required=True, help="CommitPack-schema .jsonl files")
+    parser.add_argument("--output", required=True, help="filtered .jsonl to write")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer for the token-length rule")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the 90%% 'Bump' drop (keyed on seed, row)")
+    parser.add_argument("--min-tokens", type=int, default=50, help="token-length lower bound")
+    parser.add_argument("--max-tokens", type=int, default=768, help="token-length upper bound")
+    parser.add_argument("--rules", nargs="+", default=None, help="only these rules (canonical order kept)")
+    parser.add_argument("--skip-rules", nargs="+", default=None, help="leave these rules out")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="malformed rows")
+    parser.add_argument("--list-rules", action="store_true", help="print the rules and exit")
+
+
+def run(args) -> int:
+    from megaocto.config.base import ConfigError
+    from megaocto.data.filters import RULES, FilterConfig, filter_commits
+    from megaocto.data.jsonl import BadRowError
+
+    if args.list_rules:
+        for r in RULES:
+            print(f"{r.name:24s} [{r.source}] {r.doc}")
+        return 0
+    cfg = FilterConfig(seed=args.seed, tokenizer=args.tokenizer, min_tokens=args.min_tokens,
+                       max_tokens=args.max_tokens, rules=args.rules, skip_rules=args.skip_rules,
+                       on_error=args.on_error)
+    try:
+        filt = filter_commits(args.input, args.output, cfg)
+    except (BadRowError, ConfigError) as e:
+        print(f"error: {e}")
+        return 1
+    print(filt.report())
+    print(filt.stats.summary(written=filt.kept))
+    print(f"wrote {filt.kept} of {filt.seen} rows to {args.output}")
+    return 0
