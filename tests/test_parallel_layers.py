@@ -206,6 +206,11 @@ def _check_embedding(pc):
     assert torch.equal(y, yr)
     y.backward(gy)
     _close(gather_full_like(emb.weight.grad, emb.weight, pc), ref.weight.grad, "embedding dW")
+    # a tied output head appears twice in state_dict; both entries gather to the full weight
+    tied = nn.ModuleDict({"emb": emb, "out": nn.Linear(H, vocab // tp, bias=False)})
+    tied["out"].weight = emb.weight
+    sd = gather_full_state_dict(tied, pc)
+    assert torch.equal(sd["emb.weight"], ref.weight) and torch.equal(sd["out.weight"], ref.weight)
 
 
 def _dist_body(rank, world_size):

@@ -91,7 +91,7 @@ def shard_for_param(p: torch.Tensor, full: torch.Tensor, pc: "ParallelContext") 
 
 
 def gather_full_tensor(p: torch.Tensor, pc: "ParallelContext") -> torch.Tensor:
-    """The unsharded tensor of a TP parameter (or its grad, via ``like=``), gathered over the TP group.
+    """The unsharded tensor of a TP parameter, gathered over the TP group (grads: :func:`gather_full_like`).
 
     Collective over the TP group: every TP rank must call it. Replicated tensors are returned detached.
     """
@@ -110,9 +110,7 @@ def gather_full_like(t: torch.Tensor, p: torch.Tensor, pc: "ParallelContext") ->
 
 def gather_full_state_dict(module: nn.Module, pc: "ParallelContext") -> dict[str, torch.Tensor]:
     """Unsharded ``state_dict`` of a TP module tree (collective over TP; identical on every TP rank)."""
-    params = dict(module.named_parameters())
-    return {k: gather_full_tensor(params[k], pc) if k in params else v.detach()
-            for k, v in module.state_dict(keep_vars=True).items()}
+    return {k: gather_full_tensor(v, pc) for k, v in module.state_dict(keep_vars=True).items()}
 
 
 @torch.no_grad()
