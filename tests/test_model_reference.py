@@ -116,6 +116,41 @@ def test_glm2_matches_independent_reference():
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
 
 
+def test_glm2_matches_transformers_glm():
+    """transformers' native GlmForCausalLM is the same architecture: q/k/v split, [gate | up], 50% interleaved rope."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    model = _model("tiny-glm2").eval()
+    cfg = model.cfg
+    n, g, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
+    hf = GlmForCausalLM(GlmConfig(
+        vocab_size=V, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=n, num_key_value_heads=g, head_dim=d, max_position_embeddings=cfg.max_positions,
+        rms_norm_eps=cfg.norm_epsilon, attention_bias=True, tie_word_embeddings=False, attention_dropout=0.0,
+        rope_parameters={"rope_theta": cfg.rotary_base, "partial_rotary_factor": cfg.rotary_percent,
+                         "rope_type": "default"},
+        pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval()
+    ours = {k: v.detach() for k, v in model.named_parameters()}
+    mapped = {"model.embed_tokens.weight": ours["embedding.word_embeddings.weight"][:V],
+              "model.norm.weight": ours["final_layernorm.weight"],
+              "lm_head.weight": ours["output_layer.weight"][:V]}
+    for i in range(cfg.num_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            qw, kw, vw = ours[p + f"self_attention.query_key_value.{kind}"].split([n * d, g * d, g * d])
+            mapped[q + f"self_attn.q_proj.{kind}"], mapped[q + f"self_attn.k_proj.{kind}"] = qw, kw
+            mapped[q + f"self_attn.v_proj.{kind}"] = vw
+        mapped[q + "self_attn.o_proj.weight"] = ours[p + "self_attention.dense.weight"]
+        mapped[q + "mlp.gate_up_proj.weight"] = ours[p + "mlp.dense_h_to_4h.weight"]
+        mapped[q + "mlp.down_proj.weight"] = ours[p + "mlp.dense_4h_to_h.weight"]
+        mapped[q + "input_layernorm.weight"] = ours[p + "input_layernorm.weight"]
+        mapped[q + "post_attention_layernorm.weight"] = ours[p + "post_attention_layernorm.weight"]
+    hf.load_state_dict(mapped, strict=True)
+    ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[..., :V], hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_glm2_rotary_is_interleaved_and_partial():
     from megaocto.model.glm2 import apply_glm_rotary, rotary_cos_sin
 
