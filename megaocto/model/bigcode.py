@@ -87,7 +87,8 @@ class BigCodeAttention(nn.Module):
     def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._qkv(x)
         if self.selective_recompute and torch.is_grad_enabled():
-            ctx = checkpoint(lambda q_, k_, v_: self._core(q_, k_, v_, segment_ids), self.pc, q, k, v)
+            ctx = checkpoint(lambda q_, k_, v_: self._core(q_, k_, v_, segment_ids), self.pc, q, k, v,
+                             replay_rng=self.training and self.cfg.attention_dropout > 0)
         else:
             ctx = self._core(q, k, v, segment_ids)
         b, _, s, _ = ctx.shape
@@ -164,6 +165,9 @@ class BigCodeModel(nn.Module):
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,
                                                      init_method=normal_init(cfg.init_method_std), **kw)
 
+    def _dropout_on(self) -> bool:
+        return self.training and (self.cfg.attention_dropout > 0 or self.cfg.hidden_dropout > 0)
+
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         pc = self.pc
@@ -176,7 +180,8 @@ class BigCodeModel(nn.Module):
         if pc.sequence_parallel:
             x = scatter_to_sp(x, pc, dim=1)
         x = dropout(x, self.cfg.hidden_dropout, self.training, pc, sharded=pc.sequence_parallel)
-        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers, segment_ids=segment_ids)
+        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers,
+                       dropout_on=self._dropout_on(), segment_ids=segment_ids)
         x = self.final_layernorm(x)
         if self.cfg.tie_embeddings:
             logits = F.linear(lm_head_input(x, pc), self.embedding.word_embeddings.weight)

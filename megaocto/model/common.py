@@ -67,12 +67,15 @@ def default_position_ids(input_ids: torch.Tensor, segment_ids: torch.Tensor | No
     return idx - first
 
 
-def checkpoint(fn: Callable, pc, *args):
+def checkpoint(fn: Callable, pc, *args, replay_rng: bool = True):
     """torch.utils.checkpoint (non-reentrant, RNG preserved) that also replays the TP RNG tracker.
 
     The default RNG is restored by torch; the tracker streams used for sharded dropout are snapshotted here and
-    put back during recompute, so recomputed dropout masks equal the original ones.
+    put back during recompute, so recomputed dropout masks equal the original ones. ``replay_rng=False`` skips
+    all RNG bookkeeping (no dropout in ``fn``).
     """
+    if not replay_rng:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     snapshot = pc.rng.get_states()
     calls = []
 
@@ -112,7 +115,8 @@ def logits_or_loss(logits: torch.Tensor, labels: torch.Tensor | None, pc, vocab_
     return vocab_parallel_cross_entropy(logits.float(), labels, pc, vocab_size=vocab_size)
 
 
-def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk: int, **kwargs) -> torch.Tensor:
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk: int, *, dropout_on: bool,
+               **kwargs) -> torch.Tensor:
     """Apply the blocks; with ``recompute == "full"`` each ``chunk``-layer group is checkpointed as one unit."""
     if recompute != "full" or not torch.is_grad_enabled():
         for layer in layers:
@@ -127,5 +131,5 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk
         return run
 
     for start in range(0, len(layers), chunk):
-        x = checkpoint(make(layers[start:start + chunk]), pc, x)
+        x = checkpoint(make(layers[start:start + chunk]), pc, x, replay_rng=dropout_on)
     return x

@@ -75,7 +75,8 @@ class GLM2Attention(nn.Module):
         k = apply_glm_rotary(k.view(b, s, self.local_groups, d).transpose(1, 2), cos, sin)
         v = v.view(b, s, self.local_groups, d).transpose(1, 2)
         if self.selective_recompute and torch.is_grad_enabled():
-            ctx = checkpoint(lambda q_, k_, v_: self._core(q_, k_, v_, segment_ids), self.pc, q, k, v)
+            ctx = checkpoint(lambda q_, k_, v_: self._core(q_, k_, v_, segment_ids), self.pc, q, k, v,
+                             replay_rng=self.training and self.cfg.attention_dropout > 0)
         else:
             ctx = self._core(q, k, v, segment_ids)
         return self.dense(ctx.transpose(1, 2).reshape(b, s, self.local_heads * d))
@@ -145,6 +146,9 @@ class GLM2Model(nn.Module):
         self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,
                                                  init_method=normal_init(cfg.init_method_std), **kw)
 
+    def _dropout_on(self) -> bool:
+        return self.training and (self.cfg.attention_dropout > 0 or self.cfg.hidden_dropout > 0)
+
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         pc = self.pc
@@ -154,8 +158,8 @@ class GLM2Model(nn.Module):
         x = self.embedding(input_ids)
         if pc.sequence_parallel:
             x = scatter_to_sp(x, pc, dim=1)
-        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers, cos=cos, sin=sin,
-                       segment_ids=segment_ids)
+        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers,
+                       dropout_on=self._dropout_on(), cos=cos, sin=sin, segment_ids=segment_ids)
         x = self.final_layernorm(x)
         # output_layer is column-parallel over the vocab: it all-gathers the SP shards (or copies to TP) itself.
         return logits_or_loss(self.output_layer(x), labels, pc, self.cfg.vocab_size)
