@@ -22,7 +22,7 @@ def add_arguments(parser):
     parser.add_argument("--no-append-eod", dest="append_eod", action="store_false",
                         help="do not append the EOD token to each document")
     parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"], help="token dtype")
-    parser.add_argument("--chunk-mb", type=float, default=4.0, help="input MB per work unit / shard")
+    parser.add_argument("--chunk-mb", type=float, default=1.0, help="input MB per work unit / shard")
     parser.add_argument("--max-line-bytes", type=int, default=None, help="longer jsonl lines are bad rows")
     parser.add_argument("--no-join", dest="join", action="store_false",
                         help="leave per-chunk shards in PREFIX_shards/ (join later with merge-datasets)")

@@ -36,7 +36,7 @@ class PreprocessConfig:
     workers: int = field(1, "Worker processes (1 = in-process). Each tokenizes single-threaded.")
     on_error: str = field("fail", "Bad rows: 'fail' stops at the first with file:line: reason; 'skip' counts them.")
     append_eod: bool = field(True, "Append the tokenizer's EOD id to each document (to `targets` for pairs).")
-    chunk_bytes: int = field(4 << 20, "Input bytes per work unit/shard. Output does not depend on it.")
+    chunk_bytes: int = field(1 << 20, "Input bytes per work unit/shard. Output does not depend on it.")
     batch_bytes: int = field(1 << 20, "Text bytes per encode_batch call inside a worker (bounds memory).")
     max_line_bytes: int = field(DEFAULT_MAX_LINE_BYTES, "Longer jsonl lines are bad rows ('oversized').")
     dtype: str = field("auto", "Token dtype: auto (uint16 if vocab < 65500 else int32), uint16 or int32.")
