@@ -299,8 +299,8 @@ class MMapIndexedDatasetBuilder:
             raise IndexedDatasetError(f"{index_file_path(prefix)}: dtype {np.dtype(other.dtype)} differs from the "
                                       f"builder's {self.dtype}; all merged datasets must share one dtype")
         offset = len(self._sizes)
-        self._sizes.extend(other.sizes.astype(np.int64).tolist())
-        self._doc_idx.extend((other.doc_idx[1:] + offset).tolist())
+        self._sizes.frombytes(other.sizes.astype(np.int64).tobytes())
+        self._doc_idx.frombytes((other.doc_idx[1:] + offset).astype(np.int64).tobytes())
         nbytes = int(other.pointers[-1]) + int(other.sizes[-1]) * self.dtype.itemsize if len(other) else 0
         del other
         with open(data_file_path(prefix), "rb") as src:
