@@ -115,3 +115,22 @@ def test_cli_preprocess_no_join_then_merge(tmp_path, capsys):
     assert main(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", tok_path, "--json-key",
                  "content", "--output-prefix", str(tmp_path / "b"), "--log-interval", "0"]) == 1
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().out
+
+
+def test_every_bad_case_skipped_with_global_line_numbers(tmp_path):
+    from test_data_prep_jsonl import _write_mixed
+
+    tok_path = train_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tok_path)
+    valid, bad = _write_mixed(tmp_path / "mixed.jsonl")
+    base = dict(inputs=[str(tmp_path / "mixed.jsonl")], tokenizer=tok_path, chunk_bytes=64, max_line_bytes=200,
+                log_interval=0)
+    res = preprocess(PreprocessConfig(output_prefix=str(tmp_path / "o"), on_error="skip", **base))
+    ds = MMapIndexedDataset(str(tmp_path / "o_text_document"))
+    assert res.docs == ds.num_docs == len(valid)
+    assert [tok.decode(ds[i][:-1]) for i in range(len(valid))] == [v["text"] for v in valid]
+    assert res.stats.rows_skipped == len(bad) and res.stats.rows_read == len(valid) + len(bad)
+    assert [(e.line, e.category) for e in res.stats.examples] == bad[:5]  # line numbers global across chunks
+    with pytest.raises(BadRowError) as e:
+        preprocess(PreprocessConfig(output_prefix=str(tmp_path / "f"), **base))
+    assert (e.value.line, e.value.category) == bad[0]
