@@ -1,10 +1,11 @@
 """Build a small local git repository of real code with a realistic single-file commit history.
 
 The demo (`megaocto demo`) needs commits without network access. We replay megaocto's own
-source files as history: each file is introduced with its first top-level block, then every
-further function or class arrives in its own commit with an imperative subject
-("Add the `build_parser` helper"). Author, committer and dates are fixed, so the repository
-(and every commit hash) is identical on every machine.
+sources as history: every top-level function or class becomes one small file, added first
+without its docstrings ("Add the function build_parser") and then documented in a second
+commit ("Document build_parser and its arguments") — an instruction / before / after triple
+like CommitPackFT's. Author, committer and dates are fixed, so the repository (and every
+commit hash) is identical on every machine.
 """
 from __future__ import annotations
 
@@ -49,20 +50,29 @@ def _blocks(source: str) -> list[tuple[str, str]]:
     return [(names[i], "".join(lines[cuts[i]:cuts[i + 1]])) for i in range(len(names))]
 
 
-def _subject(kind_name: str, step: int) -> str:
-    kind, _, name = kind_name.partition(" ")
-    if kind == "class":
-        verbs = ["Add the {} class", "Introduce class {} with its methods", "Implement the {} class"]
-    elif kind == "function":
-        verbs = ["Add the {} helper function", "Implement {} and document its arguments",
-                 "Introduce function {} for callers"]
-    else:
-        return "Add module with its initial contents"
-    return verbs[step % len(verbs)].format(name)
+def _strip_docstrings(block: str) -> str:
+    """The block with its class and function docstrings removed."""
+    try:
+        tree = ast.parse(block)
+    except SyntaxError:
+        return block
+    drop: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body and len(body) > 1
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            drop.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return "".join(line for i, line in enumerate(block.splitlines(keepends=True), 1) if i not in drop)
+
+
+# Subjects pass the CommitPackFT rules: imperative verb, > 4 words, file name not mentioned.
+_ADD = ["Add the {1} {0} to this module", "Implement {1} as a new {0} here", "Introduce the {1} {0} for callers"]
+_DOC = ["Document {1} and describe its arguments", "Add docstrings to the {1} {0}", "Explain what the {1} {0} does"]
 
 
 def make_demo_repo(path: str | os.PathLike, source_dir: str | os.PathLike | None = None,
-                   max_files: int = 40) -> Path:
+                   max_files: int = 400) -> Path:
     """Create (or reuse, if already complete) a git repo at `path`; returns its path."""
     repo = Path(path)
     marker = repo / ".git" / "megaocto-demo-complete"
@@ -76,25 +86,32 @@ def make_demo_repo(path: str | os.PathLike, source_dir: str | os.PathLike | None
         raise FileNotFoundError(f"no .py files under {source_dir} to build the demo repository from")
     repo.mkdir(parents=True, exist_ok=True)
     _git(repo, "init", "-q", "-b", "main")
-    t = 1_700_000_000
     step = 0
-    for src in files:
-        rel = src.relative_to(source_dir)
-        text = src.read_text(encoding="utf-8")
-        blocks = _blocks(text)
+
+    def commit(rel: Path, text: str, subject: str, detail: str) -> None:
+        nonlocal step
         dest = repo / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        acc = ""
-        for i, (kind_name, chunk) in enumerate(blocks):
-            acc += chunk
-            dest.write_text(acc, encoding="utf-8")
-            _git(repo, "add", str(rel))
-            subject = "Add {} module".format(rel.with_suffix("").as_posix().replace("/", " ")) \
-                if i == 0 and len(blocks) == 1 else _subject(kind_name, step)
-            body = f"{subject}\n\nPart {i + 1} of {len(blocks)} of {rel.as_posix()}.\n"
-            date = f"{t + 3600 * step} +0000"
-            _git(repo, "commit", "-q", "--no-verify", "-m", body,
-                 env={"GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
-            step += 1
+        dest.write_text(text, encoding="utf-8")
+        _git(repo, "add", rel.as_posix())
+        date = f"{1_700_000_000 + 3600 * step} +0000"
+        _git(repo, "commit", "-q", "--no-verify", "-m", f"{subject}\n\n{detail}\n",
+             env={"GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
+        step += 1
+
+    for src in files:
+        module = src.relative_to(source_dir).with_suffix("")
+        for i, (kind_name, block) in enumerate(_blocks(src.read_text(encoding="utf-8"))):
+            kind, _, name = kind_name.partition(" ")
+            if kind == "module":
+                continue
+            # One small file per top-level definition: first without docstrings, then documented.
+            rel = module.parent / f"{module.name}_{i:02d}.py"
+            bare = _strip_docstrings(block)
+            commit(rel, bare, _ADD[step % 3].format(kind, name), f"From {module.as_posix()}.py.")
+            if bare != block:
+                commit(rel, block, _DOC[step % 3].format(kind, name), "Docstrings only; no code change.")
+    if step == 0:
+        raise ValueError(f"no top-level functions or classes in the .py files under {source_dir}")
     marker.write_text(f"{step} commits\n")
     return repo

@@ -1,0 +1,32 @@
+"""`megaocto demo`: the whole pipeline (git commits → filters → tokenizer → .bin/.idx → training) on a tiny model."""
+from __future__ import annotations
+
+NAME = "demo"
+HELP = "Run the end-to-end OctoCoder-style pipeline on a local git repo with a tiny model (no network)"
+ACCEPTS_EXTRA = True  # extra --section.field VALUE pairs go to the training run
+
+
+def add_arguments(parser):
+    from megaocto.demo import DemoConfig
+
+    d = DemoConfig()
+    parser.add_argument("--workdir", default=d.workdir, help="output directory (default: %(default)s)")
+    parser.add_argument("--repo", default=d.repo, help="git repository to use (default: megaocto's own sources "
+                                                       "replayed as a history)")
+    parser.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary (default: %(default)s)")
+    parser.add_argument("--seq-length", type=int, default=d.seq_length, help="sequence length (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=d.iters, help="training steps (default: %(default)s)")
+
+
+def run(args) -> int:
+    from megaocto.config.base import ConfigError
+    from megaocto.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(workdir=args.workdir, repo=args.repo, vocab_size=args.vocab_size,
+                     seq_length=args.seq_length, iters=args.iters, extra=list(args._extra))
+    try:
+        summary = run_demo(cfg)
+    except ConfigError as e:
+        print(f"megaocto demo: {e}")
+        return 2
+    return summary["exit_code"]

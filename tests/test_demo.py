@@ -1,0 +1,23 @@
+"""The README's main job, shrunk: the whole pipeline end to end on a small repository."""
+import json
+import os
+
+import megaocto.parallel
+from megaocto.demo import DemoConfig, run_demo
+from megaocto.demo_repo import make_demo_repo
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    repo = make_demo_repo(tmp_path / "repo", os.path.dirname(megaocto.parallel.__file__))
+    lines = []
+    summary = run_demo(DemoConfig(workdir=str(tmp_path / "work"), repo=str(repo), vocab_size=600,
+                                  seq_length=256, iters=4, global_batch_size=4, micro_batch_size=2,
+                                  extra=["--train.dtype", "fp32"]), log=lines.append)
+    assert summary["exit_code"] == 0 and summary["iterations"] == 4
+    assert summary["kept_commits"] >= 20 and summary["commits"] > summary["kept_commits"]
+    assert summary["val_loss"] is not None and summary["last_loss"] < summary["first_loss"] + 0.5
+    run = tmp_path / "work" / "run"
+    assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows)
+    assert any(line.startswith("[6/6]") for line in lines)
