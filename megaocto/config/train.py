@@ -27,7 +27,7 @@ class OptimizerConfig:
     beta2: float = field(0.999, "Adam beta2 (0.95 is common for large code models).")
     eps: float = field(1e-8, "Adam epsilon.")
     clip_grad: float = field(1.0, "Global L2 grad-norm clipping threshold over all ranks; 0 disables clipping.")
-    fused: str = field("auto", "torch AdamW implementation: auto (fused on CUDA, foreach on CPU), fused, foreach or single.")
+    fused: str = field("auto", "torch AdamW implementation: auto (fused on CUDA and CPU), fused, foreach or single (per-tensor loop).")
 
     def validate(self) -> None:
         if self.lr < 0 or self.weight_decay < 0 or self.clip_grad < 0 or self.eps <= 0:

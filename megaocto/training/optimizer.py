@@ -58,16 +58,10 @@ class MixedPrecisionAdamW:
         no_decay = [m for m in self.masters if m.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        kwargs = {}
         impl = cfg.fused
-        if impl == "auto":
-            impl = "fused" if device.type == "cuda" else "foreach"
-        if impl == "fused":
-            kwargs["fused"] = True
-        elif impl == "foreach":
-            kwargs["foreach"] = True
-        else:
-            kwargs["foreach"] = False
+        if impl == "auto":  # torch's fused AdamW exists for CUDA and CPU (on CPU ~10x faster than foreach)
+            impl = "fused" if device.type in ("cuda", "cpu") else "foreach"
+        kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 

@@ -1,0 +1,128 @@
+"""Training-step throughput: megaocto's training step vs HF GPTBigCodeForCausalLM, same shape, one process.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_bench.py [--steps 5] [--warmup 2] [--compile] [--threads 2]
+
+Shape (reference machine-feasibility.md §8): 6 layers x hidden 512 x 8 heads, multi-query, vocab 32768,
+batch 4 x seq 512, fp32, AdamW(lr 1e-4, wd 0.1), dropout 0. One step = forward + loss + backward + optimizer.
+megaocto's step is the real `Trainer.train_step` (data collate, fp32 grad buffer, grad clipping, AdamW);
+HF's is the usual `model(input_ids, labels=...)`, `loss.backward()`, `opt.step()`, `opt.zero_grad()`.
+Steps of the two models alternate (so both see the same load on a shared machine); reports the median
+step time of `--steps` steps after `--warmup` steps, tokens/s, and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import time
+
+import torch
+
+B, S, LAYERS, HIDDEN, HEADS, VOCAB = 4, 512, 6, 512, 8, 32768
+
+
+def _timed(step) -> float:
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
+
+
+def _interleaved(steps_by_name: dict, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Alternate one step of each model so both see the same (shared-machine) load; returns step times."""
+    for _ in range(warmup):
+        for step in steps_by_name.values():
+            step()
+    times = {name: [] for name in steps_by_name}
+    for _ in range(steps):
+        for name, step in steps_by_name.items():
+            times[name].append(_timed(step))
+    return times
+
+
+def megaocto_step(compile_model: bool):
+    from megaocto.config.loader import load_run_config
+    from megaocto.training.loop import Trainer
+    from megaocto.training.sampler import PretrainingSampler
+
+    cfg = load_run_config(None, [
+        "--model.family", "bigcode", "--model.num_layers", str(LAYERS), "--model.hidden_size", str(HIDDEN),
+        "--model.num_attention_heads", str(HEADS), "--model.num_query_groups", "1", "--model.vocab_size", str(VOCAB),
+        "--model.seq_length", str(S), "--model.attention_dropout", "0", "--model.hidden_dropout", "0",
+        "--data.kind", "synthetic", "--train.micro_batch_size", str(B), "--train.iters", "1000",
+        "--train.dtype", "fp32", "--train.compile", str(compile_model).lower(),
+        "--optimizer.lr", "1e-4", "--optimizer.weight_decay", "0.1", "--optimizer.clip_grad", "1.0",
+        "--logging.jsonl", "false", "--logging.run_dir", "/tmp/megaocto_bench"])
+    trainer = Trainer(cfg, stream=io.StringIO())
+    batches = iter(PretrainingSampler(len(trainer.datasets["train"]), 0, B, 0, 1))
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+
+    def step():
+        trainer.train_step(batches)
+        trainer.iteration += 1
+    return step, n_params
+
+
+def hf_step(compile_model: bool):
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    cfg = GPTBigCodeConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, multi_query=True, vocab_size=VOCAB,
+                           n_positions=S, n_inner=4 * HIDDEN, activation_function="gelu_pytorch_tanh",
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = GPTBigCodeForCausalLM(cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    fwd = torch.compile(model) if compile_model else model
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        ids = torch.randint(0, 256, (B, S), generator=gen)
+        loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    ap.add_argument("--only", choices=("megaocto", "hf"), default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()}")
+    print(f"shape: {LAYERS} layers x {HIDDEN} hidden x {HEADS} heads MQA, vocab {VOCAB}, batch {B} x seq {S}, fp32")
+    modes = [False, True] if args.compile else [False]
+    results = {}
+    for compiled in modes:
+        builders = {"megaocto": megaocto_step, "hf": hf_step}
+        if args.only:
+            builders = {args.only: builders[args.only]}
+        steps, sizes = {}, {}
+        for name, build in builders.items():
+            torch.manual_seed(0)
+            steps[name], sizes[name] = build(compiled)
+        t0 = time.perf_counter()
+        times = _interleaved(steps, args.steps, args.warmup + (1 if compiled else 0))
+        tag = " +compile" if compiled else ""
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            results[name + tag] = B * S / med
+            print(f"{name + tag:18s} params {sizes[name] / 1e6:.1f}M  median {med:.3f} s/step  {B * S / med:7.1f} "
+                  f"tokens/s  (steps {', '.join(f'{t:.2f}' for t in ts)})")
+        if len(times) == 2:
+            pairs = [h / m for m, h in zip(times["megaocto"], times["hf"])]
+            print(f"ratio megaocto/hf{tag}: {results['megaocto' + tag] / results['hf' + tag]:.2f}x "
+                  f"(median of per-pair ratios {statistics.median(pairs):.2f}x; {time.perf_counter() - t0:.0f} s)")
+        del steps
+    if "megaocto +compile" in results and "hf" in results:
+        print(f"ratio megaocto+compile / hf eager: {results['megaocto +compile'] / results['hf']:.2f}x")
+    print(f"load avg after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
