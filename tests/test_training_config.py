@@ -166,3 +166,10 @@ def test_checkpoint_atomic_keep_last_and_tp_check(tmp_path, monkeypatch):
     (tmp_path / "bad" / ckpt.TRACKER).write_text("latest\n")
     with pytest.raises(ConfigError, match="latest_checkpointed_iteration.txt:1"):
         ckpt.read_tracker(str(tmp_path / "bad"))
+
+
+def test_docs_list_every_training_field():
+    from megaocto.config.loader import training_docs_markdown
+
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")).read()
+    assert training_docs_markdown() in docs, "docs/training.md is stale: paste `python -m megaocto.config.loader`"

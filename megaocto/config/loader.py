@@ -287,8 +287,8 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_docs_markdown(cls) -> str:
-    """A markdown table (section, field, default, doc) generated from the dataclass field docs."""
+def config_docs_markdown(cls, prefix: str = "") -> str:
+    """A markdown table (key, default, doc) generated from the dataclass field docs; keys get `prefix`."""
     rows = ["| key | default | description |", "| --- | --- | --- |"]
 
     def walk(c, prefix):
@@ -302,5 +302,20 @@ def config_docs_markdown(cls) -> str:
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
             rows.append(f"| `{prefix}{f.name}` | `{default!r}` | {docs[f.name]} |")
 
-    walk(cls, "")
+    walk(cls, prefix)
     return "\n".join(rows)
+
+
+def training_docs_markdown() -> str:
+    """The config reference of docs/training.md: one table per training section."""
+    from megaocto.config.train import RunConfig
+
+    hints = _hints(RunConfig)
+    parts = []
+    for name in ("train", "optimizer", "schedule", "checkpoint", "logging", "eval"):
+        parts.append(f"### {name}\n\n{config_docs_markdown(hints[name], name + '.')}\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(training_docs_markdown())
