@@ -156,3 +156,22 @@ def test_launch_configs_load_and_tiny_ones_run(tmp_path):
             "--train.iters", "2", "--checkpoint.save", d, "--checkpoint.load", d, "--logging.run_dir", d,
             "--logging.tensorboard", "false", "--eval.interval", "2"]))
         assert result.exit_reason == "finished" and 2 in result.val_losses and ckpt.read_tracker(d) == 2
+
+
+def test_accumulation_recompute_and_run_length(tmp_path):
+    accum = _quiet(_cfg(tmp_path, iters=3)).losses  # 2 micro batches of 2
+    whole = _quiet(_cfg(tmp_path, "--train.micro_batch_size", "4", iters=3)).losses  # 1 micro batch of 4
+    full = _quiet(_cfg(tmp_path, "--train.recompute", "full", iters=3)).losses
+    selective = _quiet(_cfg(tmp_path, "--train.recompute", "selective", iters=3)).losses
+    for step in (1, 2, 3):
+        assert whole[step] == pytest.approx(accum[step], rel=1e-5)
+        assert full[step] == pytest.approx(accum[step], rel=1e-6)
+        assert selective[step] == pytest.approx(accum[step], rel=1e-6)
+    by_samples = Trainer(load_run_config(None, ["--model.preset", "tiny-bigcode", "--train.samples", "10",
+                                                "--train.global_batch_size", "4", "--train.dtype", "fp32"]),
+                         stream=io.StringIO())
+    assert by_samples.total_iters == 3 and len(by_samples.datasets["train"]) == 12
+    by_epochs = Trainer(load_run_config(None, ["--model.preset", "tiny-bigcode", "--train.epochs", "0.5",
+                                               "--data.synthetic_epoch_samples", "16", "--train.global_batch_size",
+                                               "4", "--train.dtype", "fp32"]), stream=io.StringIO())
+    assert by_epochs.total_iters == 2
