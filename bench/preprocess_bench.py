@@ -74,7 +74,6 @@ def _mt_encode(line):
 def megatron_style(text_path, tok_path, workers, out_prefix):
     """tools/preprocess_data.py's shape: Pool.imap over lines, per-doc encode, one writer in the main process."""
     from megaocto.data.indexed import MMapIndexedDatasetBuilder
-    t0 = time.perf_counter()
     fin = open(text_path, encoding="utf-8")
     pool = mp.get_context("fork").Pool(workers, initializer=_mt_init, initargs=(tok_path,))
     encoded = pool.imap(_mt_encode, fin, 25)
@@ -88,7 +87,7 @@ def megatron_style(text_path, tok_path, workers, out_prefix):
     builder.finalize(out_prefix + ".idx")
     pool.close()
     pool.join()
-    return time.perf_counter() - t0, tokens
+    return tokens
 
 
 # --- raw ceiling ------------------------------------------------------------------------------------------
@@ -104,9 +103,9 @@ def _raw_proc(text_path, tok_path, part, parts, barrier, q):
     tok = Tokenizer.from_file(tok_path)
     texts = _load_texts(text_path, part, parts)
     barrier.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens = sum(len(e.ids) for e in tok.encode_batch_fast(texts))
-    q.put((time.perf_counter() - t0, tokens))
+    q.put((time.perf_counter() - t0, time.process_time() - c0, tokens))
 
 
 def raw_processes(text_path, tok_path, n):
@@ -118,7 +117,7 @@ def raw_processes(text_path, tok_path, n):
     res = [q.get() for _ in procs]
     for p in procs:
         p.join()
-    return max(r[0] for r in res), sum(r[1] for r in res)
+    return max(r[0] for r in res), sum(r[1] for r in res), sum(r[2] for r in res)
 
 
 _BATCH_CHILD = """
@@ -126,9 +125,9 @@ import json, sys, time
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[2])
 texts = [json.loads(l)["text"] for l in open(sys.argv[1], encoding="utf-8")]
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 n = sum(len(e.ids) for e in tok.encode_batch_fast(texts))
-print(json.dumps([time.perf_counter() - t0, n]))
+print(json.dumps([time.perf_counter() - t0, time.process_time() - c0, n]))
 """
 
 
@@ -165,11 +164,26 @@ def _tree_rss_kb(pid: int) -> int:
     return total
 
 
+def _children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def megatron_run(text_path, tok_path, workers, out_prefix):
+    """(wall, cpu) of the Megatron-style pipeline in a fresh process (start-up included, as for megaocto)."""
+    c0, t0 = _children_cpu(), time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--_megatron", text_path, tok_path, str(workers), out_prefix],
+                   check=True, cwd=REPO)
+    return time.perf_counter() - t0, _children_cpu() - c0
+
+
 def megaocto_run(inputs, tok_path, workers, out_prefix):
-    """Wall time, tokens and peak tree RSS (MiB) of `megaocto preprocess` in a subprocess."""
+    """Wall time, CPU seconds (all processes), tokens and peak tree RSS (MiB) of `megaocto preprocess`."""
     cmd = [sys.executable, "-m", "megaocto.cli", "preprocess", "--input", *inputs, "--tokenizer", tok_path,
            "--output-prefix", out_prefix, "--workers", str(workers), "--log-interval", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    c0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     peak = [0]
@@ -188,7 +202,7 @@ def megaocto_run(inputs, tok_path, workers, out_prefix):
         raise RuntimeError(f"megaocto preprocess failed:\n{out}\n{err}")
     from megaocto.data.indexed import MMapIndexedDataset
     tokens = MMapIndexedDataset(out_prefix + "_text_document").num_tokens
-    return wall, tokens, peak[0] / 1024
+    return wall, _children_cpu() - c0, tokens, peak[0] / 1024
 
 
 def main():
@@ -196,48 +210,72 @@ def main():
     ap.add_argument("--data", default="/work/shared/data/commits")
     ap.add_argument("--work", default="/tmp/megaocto_preprocess_bench")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best wall time is kept")
     ap.add_argument("--scale", type=int, default=10, help="input multiple for the RSS check (0 = skip)")
+    ap.add_argument("--_megatron", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._megatron:
+        text_path, tok_path, n, out = args._megatron
+        megatron_style(text_path, tok_path, int(n), out)
+        return
     text_path, tok_path, docs, nbytes = prepare(args.data, args.work)
     mb = nbytes / 1e6
     print(f"input: {docs} docs, {mb:.2f} MB text, {os.path.getsize(text_path) / 1e6:.2f} MB jsonl; "
-          f"load: {os.getloadavg()}")
-    rows = []
-
-    def report(name, n, secs, tokens, extra=""):
-        rows.append((name, n, secs, tokens))
-        print(f"{name:34s} N={n}  {secs:7.2f} s  {docs / secs:7.1f} docs/s  {mb / secs:6.2f} MB/s  "
-              f"{tokens / secs:12,.0f} tok/s {extra}", flush=True)
-        return mb / secs
-
-    results = {}
+          f"loadavg before: {os.getloadavg()}", flush=True)
+    kinds = {
+        "ceiling: encode_batch, N threads": lambda n: raw_batch_threads(text_path, tok_path, n)[:2],
+        "ceiling: N processes": lambda n: raw_processes(text_path, tok_path, n)[:2],
+        "megatron-style preprocess": lambda n: megatron_run(text_path, tok_path, n,
+                                                            os.path.join(args.work, f"mt{n}")),
+        "megaocto preprocess": lambda n: megaocto_run([text_path], tok_path, n,
+                                                      os.path.join(args.work, f"mo{n}"))[:2],
+    }
+    best: dict = {}
+    for r in range(args.repeats):
+        for n in args.workers:
+            for name, fn in kinds.items():
+                wall, cpu = fn(n)
+                print(f"  round {r} {name:34s} N={n} {wall:7.2f} s wall {cpu:7.2f} s cpu", flush=True)
+                if (name, n) not in best or wall < best[(name, n)][0]:
+                    best[(name, n)] = (wall, cpu)
+    tokens = _num_tokens(os.path.join(args.work, f"mo{args.workers[0]}_text_document"))
+    print(f"\nbest of {args.repeats} (tokens incl. EOD: {tokens:,}):")
+    print(f"{'':34s} {'N':>2s} {'wall s':>7s} {'docs/s':>7s} {'MB/s':>6s} {'tok/s':>10s} {'cpu s':>7s} "
+          f"{'MB/cpu-s':>8s}")
     for n in args.workers:
-        secs, tokens = raw_batch_threads(text_path, tok_path, n)
-        a = report("ceiling: encode_batch, N threads", n, secs, tokens)
-        secs, tokens = raw_processes(text_path, tok_path, n)
-        b = report("ceiling: N processes", n, secs, tokens)
-        secs, tokens = megatron_style(text_path, tok_path, n, os.path.join(args.work, f"mt{n}"))
-        c = report("megatron-style preprocess", n, secs, tokens)
-        secs, tokens, rss = megaocto_run([text_path], tok_path, n, os.path.join(args.work, f"mo{n}"))
-        d = report("megaocto preprocess", n, secs, tokens, f"peak RSS {rss:.0f} MiB")
-        results[n] = dict(ceiling=max(a, b), megatron=c, megaocto=d, rss=rss)
-        print(f"  N={n}: megaocto / ceiling = {d / max(a, b):.2f}, megaocto / megatron-style = {d / c:.2f}")
-    if 1 in results and 2 in results:
-        print(f"scaling 1->2 workers: megaocto {results[2]['megaocto'] / results[1]['megaocto']:.2f}x, "
-              f"megatron-style {results[2]['megatron'] / results[1]['megatron']:.2f}x, "
-              f"ceiling {results[2]['ceiling'] / results[1]['ceiling']:.2f}x")
+        for name in kinds:
+            wall, cpu = best[(name, n)]
+            print(f"{name:34s} {n:2d} {wall:7.2f} {docs / wall:7.1f} {mb / wall:6.2f} {tokens / wall:10,.0f} "
+                  f"{cpu:7.2f} {mb / cpu:8.2f}")
+        ceil = min(best[(k, n)][0] for k in kinds if k.startswith("ceiling"))
+        ceil_cpu = min(best[(k, n)][1] for k in kinds if k.startswith("ceiling"))
+        mo, mt = best[("megaocto preprocess", n)], best[("megatron-style preprocess", n)]
+        print(f"  N={n}: megaocto/ceiling wall {ceil / mo[0]:.2f}, cpu-efficiency {ceil_cpu / mo[1]:.2f}; "
+              f"megaocto/megatron-style speed {mt[0] / mo[0]:.2f}x")
+    if 1 in args.workers and 2 in args.workers:
+        sc = {k: best[(k, 1)][0] / best[(k, 2)][0] for k in kinds}
+        print("scaling 1->2 workers (wall): " + ", ".join(f"{k.split(':')[0].split(' pre')[0]} "
+                                                          f"{'(' + k.split(': ')[1] + ') ' if ': ' in k else ''}"
+                                                          f"{v:.2f}x" for k, v in sc.items()))
     same = all(open(os.path.join(args.work, f"mo{n}_text_document.{e}"), "rb").read()
                == open(os.path.join(args.work, f"mo{args.workers[0]}_text_document.{e}"), "rb").read()
                for n in args.workers for e in ("bin", "idx"))
     print(f"megaocto outputs identical across worker counts: {same}")
     if args.scale:
         n = max(args.workers)
-        secs, tokens, rss = megaocto_run([text_path] * args.scale, tok_path, n, os.path.join(args.work, "mo_big"))
-        report(f"megaocto preprocess, {args.scale}x input", n, secs * 1.0 / args.scale, tokens / args.scale,
-               f"(per 1x) peak RSS {rss:.0f} MiB vs {results[n]['rss']:.0f} MiB at 1x")
-        for e in ("bin", "idx"):
-            os.remove(os.path.join(args.work, f"mo_big_text_document.{e}"))
-    print(f"load after: {os.getloadavg()}")
+        w1, c1, t1, rss1 = megaocto_run([text_path], tok_path, n, os.path.join(args.work, "mo_1x"))
+        wb, cb, tb, rssb = megaocto_run([text_path] * args.scale, tok_path, n, os.path.join(args.work, "mo_big"))
+        print(f"peak RSS (main + {n} workers): 1x input {rss1:.0f} MiB ({w1:.1f} s), {args.scale}x input "
+              f"{rssb:.0f} MiB ({wb:.1f} s, {args.scale * mb / wb:.2f} MB/s, tokens {tb:,} = {tb / t1:.1f}x)")
+        for pre in ("mo_big", "mo_1x"):
+            for e in ("bin", "idx"):
+                os.remove(os.path.join(args.work, f"{pre}_text_document.{e}"))
+    print(f"loadavg after: {os.getloadavg()}")
+
+
+def _num_tokens(prefix):
+    from megaocto.data.indexed import MMapIndexedDataset
+    return MMapIndexedDataset(prefix).num_tokens
 
 
 if __name__ == "__main__":
