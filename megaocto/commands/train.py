@@ -37,6 +37,7 @@ def run(args) -> int:
     except TrainingDiverged as e:
         print(f"megaocto train: {e}", file=sys.stderr)
         return 1
-    print(f"megaocto train: {result.exit_reason} at step {result.iteration} "
-          f"({result.consumed_samples} samples, {result.skipped_steps} skipped steps); exit code {result.exit_code}")
+    if result.rank == 0:
+        print(f"megaocto train: {result.exit_reason} at step {result.iteration} "
+              f"({result.consumed_samples} samples, {result.skipped_steps} skipped steps); exit code {result.exit_code}")
     return result.exit_code

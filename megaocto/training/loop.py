@@ -49,6 +49,7 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     skipped_steps: int = 0
     checkpoint: str | None = None
+    rank: int = 0  # global rank of the process that returned this
 
 
 class _PreemptFlag:
@@ -280,7 +281,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         cfg, pc = self.cfg, self.pc
-        result = TrainResult(self.iteration, self.consumed, "finished", EXIT_OK, skipped_steps=self.skipped)
+        result = TrainResult(self.iteration, self.consumed, "finished", EXIT_OK, skipped_steps=self.skipped,
+                             rank=pc.rank)
         if self.iteration >= self.total_iters:
             self.log.info(f"checkpoint is at step {self.iteration} >= {self.total_iters} steps; nothing to do")
             result.exit_reason = "already_done"
