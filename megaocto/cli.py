@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     for mod in _command_modules():
         name, help_ = _read_header(mod)
         names[name] = (mod, help_)
-    parser = argparse.ArgumentParser(prog="megaocto", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="megaocto", description="megaocto: Megatron-style tensor-parallel "
+                                     "training for instruction-tuning code LLMs (OctoPack style).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the chosen command is imported and gets its full argument list.
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -62,12 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if rest and not getattr(args, "_accepts_extra", False):
-        # Commands with free-form overrides (train) read them from args._extra.
-        module = importlib.import_module(f"megaocto.commands.{names[args.command][0]}")
-        if not getattr(module, "ACCEPTS_EXTRA", False):
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args._extra = rest
+    module = importlib.import_module(f"megaocto.commands.{names[args.command][0]}")
+    if rest and not getattr(module, "ACCEPTS_EXTRA", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args._extra = rest  # e.g. `train`'s --section.field VALUE overrides
     code = args._run(args)
     return int(code or 0)
 

@@ -1,0 +1,5 @@
+import sys
+
+from megaocto.cli import main
+
+sys.exit(main())
