@@ -197,12 +197,11 @@ def _process_chunk(task: _Task) -> _ChunkResult:
 
 def _rows_failing_early(reader: JsonlReader, on_error: str):
     """Rows of ``reader`` (which skips); in fail mode the first skipped row becomes the error instead."""
-    skipped = 0
     for row in reader:
-        if on_error == "fail" and reader.stats.rows_skipped != skipped:
+        if on_error == "fail" and reader.stats.rows_skipped:
             raise reader.stats.examples[0]
         yield row
-    if on_error == "fail" and reader.stats.rows_skipped != skipped:
+    if on_error == "fail" and reader.stats.rows_skipped:
         raise reader.stats.examples[0]
 
 
