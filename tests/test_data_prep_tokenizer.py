@@ -94,3 +94,13 @@ def test_tokenizer_cli(tmp_path, capsys):
     assert main(["tokenizer", "info", str(tmp_path / "o.json")]) == 0
     out = capsys.readouterr().out
     assert "eod" in out and "<|endoftext|>" in out
+
+
+def test_training_input_with_a_missing_file_is_an_error(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("def f(): pass\n")
+    with pytest.raises(TokenizerError, match="not found"):
+        train_bpe_tokenizer([str(p), str(tmp_path / "typo.txt")], 300, str(tmp_path / "t.json"))
+    from megaocto.cli import main
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "typo.txt"), "--vocab-size", "300",
+                 "--output", str(tmp_path / "t.json")]) == 1

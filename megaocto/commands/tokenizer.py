@@ -1,6 +1,8 @@
 """`megaocto tokenizer train|info`: train a StarCoder-style byte-level BPE, or describe a tokenizer."""
 from __future__ import annotations
 
+import os
+
 NAME = "tokenizer"
 HELP = "Train a byte-level BPE with StarCoder's special tokens (train) or describe a tokenizer (info)"
 
@@ -22,6 +24,10 @@ def run(args) -> int:
     from megaocto.data.tokenizer import STARCODER_SPECIAL_TOKENS, load_tokenizer, train_bpe_tokenizer
 
     if args.action == "train":
+        missing = [p for p in args.input if not os.path.isfile(p)]
+        if missing:
+            print(f"error: input file(s) not found: {', '.join(missing)}")
+            return 1
         info = train_bpe_tokenizer(args.input, args.vocab_size, args.output, min_frequency=args.min_frequency,
                                    json_keys=args.json_keys)
         print(f"wrote {info['output']}: vocab {info['vocab_size']} (requested {info['vocab_size_requested']})")

@@ -218,8 +218,12 @@ def train_bpe_tokenizer(files_or_iterator, vocab_size: int, output: str, *, min_
 
     items = list(files_or_iterator) if isinstance(files_or_iterator, (list, tuple)) else None
     stats: dict = {}
-    if items is not None and all(isinstance(x, (str, os.PathLike)) and os.path.isfile(x) for x in items):
+    is_file = [isinstance(x, (str, os.PathLike)) and os.path.isfile(x) for x in items or []]
+    if items and all(is_file):
         texts = iter_training_texts([os.fspath(x) for x in items], json_keys, stats)
+    elif any(is_file):
+        missing = [x for x, f in zip(items, is_file) if not f]
+        raise TokenizerError(f"training input mixes files with non-files; not found: {missing[:5]}")
     else:
         texts = iter(items if items is not None else files_or_iterator)
     if vocab_size <= len(special_tokens) + 256:
