@@ -122,3 +122,9 @@ def test_cli_reports_per_rule_counts(tmp_path, tok_path, capsys):
     assert "hash-in-subject" in text and "skipped 1 (missing key: 1)" in text
     line = next(ln for ln in text.splitlines() if ln.startswith("unchanged "))
     assert line.split()[1] == "1"
+
+
+def test_cli_list_rules(capsys):
+    assert main(["filter-commits", "--list-rules"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == list(RULE_NAMES)

@@ -6,8 +6,8 @@ HELP = "Apply the CommitPackFT filters (commitpackft_filters1/2) to commit jsonl
 
 
 def add_arguments(parser):
-    parser.add_argument("--input", nargs="+", required=True, help="CommitPack-schema .jsonl files")
-    parser.add_argument("--output", required=True, help="filtered .jsonl to write")
+    parser.add_argument("--input", nargs="+", help="CommitPack-schema .jsonl files (required)")
+    parser.add_argument("--output", help="filtered .jsonl to write (required)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for the token-length rule")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 90%% 'Bump' drop (keyed on seed, row)")
     parser.add_argument("--min-tokens", type=int, default=50, help="token-length lower bound")
@@ -27,6 +27,9 @@ def run(args) -> int:
         for r in RULES:
             print(f"{r.name:24s} [{r.source}] {r.doc}")
         return 0
+    if not args.input or not args.output:
+        print("error: --input and --output are required (or use --list-rules)")
+        return 2
     cfg = FilterConfig(seed=args.seed, tokenizer=args.tokenizer, min_tokens=args.min_tokens,
                        max_tokens=args.max_tokens, rules=args.rules, skip_rules=args.skip_rules,
                        on_error=args.on_error)
