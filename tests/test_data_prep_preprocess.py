@@ -134,3 +134,18 @@ def test_every_bad_case_skipped_with_global_line_numbers(tmp_path):
     with pytest.raises(BadRowError) as e:
         preprocess(PreprocessConfig(output_prefix=str(tmp_path / "f"), **base))
     assert (e.value.line, e.value.category) == bad[0]
+
+
+def test_text_format_with_several_json_keys(tmp_path):
+    tok_path = train_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tok_path)
+    rows = [{"inputs": f"<commit_before>x = {i}<commit_msg>", "targets": f"Fix {i}<commit_after>x = {i + 1}"}
+            for i in range(5)] + [{"inputs": "a", "targets": ""}]
+    _write(tmp_path / "mtf.jsonl", rows)
+    res = preprocess(PreprocessConfig(inputs=[str(tmp_path / "mtf.jsonl")], output_prefix=str(tmp_path / "m"),
+                                      tokenizer=tok_path, json_key=["inputs", "targets"], on_error="skip",
+                                      log_interval=0))
+    assert dict(res.stats.skipped) == {"empty targets": 1}
+    for key in ("inputs", "targets"):
+        ds = MMapIndexedDataset(str(tmp_path / f"m_{key}_document"))
+        assert [ds[i].tolist() for i in range(5)] == [tok.encode(r[key]) + [tok.eod] for r in rows[:5]]

@@ -14,7 +14,8 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a directory")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (one core each)")
-    parser.add_argument("--json-key", default="text", help="json key for --format text (Megatron --json-keys)")
+    parser.add_argument("--json-key", "--json-keys", dest="json_key", nargs="+", default=["text"],
+                        help="json key(s) for --format text, one output dataset per key (Megatron --json-keys)")
     parser.add_argument("--keys", nargs="*", default=[], metavar="ROLE=KEY",
                         help="rename a format's input key, e.g. question=prompt answer=completion")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",

@@ -33,6 +33,7 @@ class Format:
     outputs: tuple[str, ...]       # output dataset keys (P_{output}_document)
     template: str                  # human-readable template (docs / --help)
     build: Callable[..., tuple[str, ...]]  # build(*values) -> one text per output
+    eod_on_all: bool = False       # EOD after every output (text) or only after the last (pairs)
 
 
 def magicoder_prompt(instruction: str, response: str = "") -> str:
@@ -82,8 +83,8 @@ def _instruction_response(instruction, response):
 _COMMIT_ROLES = ("old_contents", "subject", "new_contents")
 
 FORMATS: dict[str, Format] = {f.name: f for f in [
-    Format("text", "one json key, as is (Megatron --json-keys K)", ("text",), ("text",), ("text",),
-           "{text}", lambda t: (t,)),
+    Format("text", "json key(s) as is, one output per key (Megatron --json-keys K [K2 ...])", ("text",),
+           ("text",), ("text",), "{text}", lambda *t: t, eod_on_all=True),
     Format("commits-pretrain", "SantaCoderPack / StarCoder commit pretraining text", _COMMIT_ROLES, _COMMIT_ROLES,
            ("text",), "<commit_before>{old_contents}<commit_msg>{subject}<commit_after>{new_contents}",
            _commits_pretrain),
@@ -114,8 +115,14 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
-def resolve_keys(fmt: Format, json_key: str | None = None, key_map: dict[str, str] | None = None) -> tuple[str, ...]:
-    """JSON key per role: defaults, ``json_key`` for the ``text`` format, ``key_map`` {role: key} overrides."""
+def resolve_keys(fmt: Format, json_key=None, key_map: dict[str, str] | None = None) -> tuple[str, ...]:
+    """JSON key per role: defaults, ``key_map`` {role: key} overrides; for ``text``, ``json_key`` (a key or a
+    list of keys, each its own output)."""
+    if fmt.name == "text" and json_key is not None and not isinstance(json_key, str):
+        keys = tuple(json_key)
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"--json-key needs distinct keys, got {list(keys)}")
+        return keys
     key_map = dict(key_map or {})
     unknown = set(key_map) - set(fmt.roles)
     if unknown:
@@ -133,7 +140,7 @@ def output_names(fmt: Format, keys: tuple[str, ...]) -> tuple[str, ...]:
 def render(fmt: Format, row: dict, keys: tuple[str, ...]) -> tuple[str, ...]:
     """Texts for one row (keys are validated strings); raises FormatError for an empty output."""
     texts = fmt.build(*(row[k] for k in keys))
-    names = fmt.outputs
+    names = output_names(fmt, keys)
     for name, t in zip(names, texts):
         if not t:
             raise FormatError(f"empty {name}", f"format {fmt.name} produced an empty {name}")

@@ -31,11 +31,13 @@ class PreprocessConfig:
     tokenizer: str = field("", "tokenizer.json, sentencepiece .model, or a directory holding one.")
     format: str = field("text", "Row format: text, commits-pretrain, commits-finetune, commits-linediff, qa, "
                                 "magicoder, instruction-response (see docs/data-preprocess.md).")
-    json_key: str = field("text", "JSON key read by the `text` format (Megatron --json-keys).")
+    json_key: str | list = field("text", "JSON key(s) read by the `text` format, one output per key "
+                                         "(Megatron --json-keys).")
     key_map: dict = field(None, "Override the JSON key of a format role, e.g. {'question': 'prompt'}.")
     workers: int = field(1, "Worker processes (1 = in-process). Each tokenizes single-threaded.")
     on_error: str = field("fail", "Bad rows: 'fail' stops at the first with file:line: reason; 'skip' counts them.")
-    append_eod: bool = field(True, "Append the tokenizer's EOD id to each document (to `targets` for pairs).")
+    append_eod: bool = field(True, "Append the tokenizer's EOD id to each document (every `text` key; only "
+                                   "`targets` for input/target formats).")
     chunk_bytes: int = field(1 << 20, "Input bytes per work unit/shard. Output does not depend on it.")
     batch_bytes: int = field(1 << 20, "Text bytes per encode_batch call inside a worker (bounds memory).")
     max_line_bytes: int = field(DEFAULT_MAX_LINE_BYTES, "Longer jsonl lines are bad rows ('oversized').")
@@ -155,7 +157,7 @@ def _process_chunk(task: _Task) -> _ChunkResult:
                 continue
             for j, b in enumerate(builders):
                 arr = np.array(ids[j], dtype=dtype)
-                if eod is not None and j == len(builders) - 1:
+                if eod is not None and (fmt.eod_on_all or j == len(builders) - 1):
                     arr = np.concatenate([arr, eod])
                 b.add_item(arr)
                 b.end_document()
