@@ -159,12 +159,15 @@ class JsonlReader:
         limit = self.max_line_bytes
         stats, keys = self.stats, self.required_keys
         with open(path, "rb", buffering=1 << 20) as f:
-            pos = self.start
+            pos, end = self.start, self.end
             if pos > 0:
                 f.seek(pos - 1)
-                if f.read(1) != b"\n":  # mid-line: that line belongs to the previous range
-                    pos += len(f.readline())
-            end = self.end
+                if f.read(1) != b"\n":  # mid-line: that line belongs to the previous range; skip it in pieces
+                    while True:
+                        piece = f.readline(1 << 20)
+                        pos += len(piece)
+                        if not piece or piece.endswith(b"\n") or (end is not None and pos >= end):
+                            break
             lineno = self.line_offset
             while end is None or pos < end:
                 line_start = pos
