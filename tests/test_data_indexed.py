@@ -40,6 +40,7 @@ def test_reader_on_hand_built_files(tmp_path):
     (tmp_path / "h.idx").write_bytes(_toy_idx_bytes())
     (tmp_path / "h.bin").write_bytes(np.array(sum(TOY_DOCS, []), dtype="<u2").tobytes())
     ds = MMapIndexedDataset(str(tmp_path / "h"))
+    assert MMapIndexedDataset.exists(str(tmp_path / "h")) and not MMapIndexedDataset.exists(str(tmp_path / "x"))
     assert len(ds) == 3 and ds.num_docs == 3 and ds.num_tokens == 9
     assert ds.dtype == np.uint16 and ds.dtype_code == 8
     assert ds.sizes.tolist() == [4, 3, 2] and ds.pointers.tolist() == [0, 8, 14] and ds.doc_idx.tolist() == [0, 1, 2, 3]

@@ -176,6 +176,11 @@ class MMapIndexedDataset:
         if bin_size % itemsize:
             raise IndexedDatasetError(f"{bin_path}: size {bin_size} is not a multiple of the {itemsize}-byte dtype")
 
+    @staticmethod
+    def exists(prefix: str) -> bool:
+        """Both ``prefix.bin`` and ``prefix.idx`` exist (Megatron's ``MMapIndexedDataset.exists``)."""
+        return dataset_exists(_strip_prefix(prefix))
+
     def __len__(self) -> int:
         return len(self.sizes)
 
