@@ -40,7 +40,7 @@ def _interleaved(steps_by_name: dict, steps: int, warmup: int) -> dict[str, list
     return times
 
 
-def megaocto_step(compile_model: bool):
+def megaocto_step(compile_model: bool, dtype: str = "fp32"):
     from megaocto.config.loader import load_run_config
     from megaocto.training.loop import Trainer
     from megaocto.training.sampler import PretrainingSampler
@@ -50,7 +50,7 @@ def megaocto_step(compile_model: bool):
         "--model.num_attention_heads", str(HEADS), "--model.num_query_groups", "1", "--model.vocab_size", str(VOCAB),
         "--model.seq_length", str(S), "--model.attention_dropout", "0", "--model.hidden_dropout", "0",
         "--data.kind", "synthetic", "--train.micro_batch_size", str(B), "--train.iters", "1000",
-        "--train.dtype", "fp32", "--train.compile", str(compile_model).lower(),
+        "--train.dtype", dtype, "--train.compile", str(compile_model).lower(),
         "--optimizer.lr", "1e-4", "--optimizer.weight_decay", "0.1", "--optimizer.clip_grad", "1.0",
         "--logging.jsonl", "false", "--logging.run_dir", "/tmp/megaocto_bench"])
     trainer = Trainer(cfg, stream=io.StringIO())
@@ -63,7 +63,7 @@ def megaocto_step(compile_model: bool):
     return step, n_params
 
 
-def hf_step(compile_model: bool):
+def hf_step(compile_model: bool, autocast: bool = False):
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     cfg = GPTBigCodeConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, multi_query=True, vocab_size=VOCAB,
@@ -77,7 +77,8 @@ def hf_step(compile_model: bool):
 
     def step():
         ids = torch.randint(0, 256, (B, S), generator=gen)
-        loss = fwd(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -92,14 +93,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     ap.add_argument("--only", choices=("megaocto", "hf"), default=None)
+    ap.add_argument("--megaocto-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="megaocto compute dtype (bf16 = bf16 params/activations + fp32 masters/grads)")
+    ap.add_argument("--hf-autocast", action="store_true", help="run HF under torch.autocast(cpu, bfloat16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()}")
-    print(f"shape: {LAYERS} layers x {HIDDEN} hidden x {HEADS} heads MQA, vocab {VOCAB}, batch {B} x seq {S}, fp32")
+    print(f"shape: {LAYERS} layers x {HIDDEN} hidden x {HEADS} heads MQA, vocab {VOCAB}, batch {B} x seq {S}; "
+          f"megaocto {args.megaocto_dtype}, HF {'bf16 autocast' if args.hf_autocast else 'fp32'}")
     modes = [False, True] if args.compile else [False]
     results = {}
     for compiled in modes:
-        builders = {"megaocto": megaocto_step, "hf": hf_step}
+        builders = {"megaocto": lambda c: megaocto_step(c, args.megaocto_dtype), "hf": lambda c: hf_step(c, args.hf_autocast)}
         if args.only:
             builders = {args.only: builders[args.only]}
         steps, sizes = {}, {}
