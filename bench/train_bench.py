@@ -43,18 +43,17 @@ def _interleaved(steps_by_name: dict, steps: int, warmup: int) -> dict[str, list
 def megaocto_step(compile_model: bool, dtype: str = "fp32"):
     from megaocto.config.loader import load_run_config
     from megaocto.training.loop import Trainer
-    from megaocto.training.sampler import PretrainingSampler
 
     cfg = load_run_config(None, [
         "--model.family", "bigcode", "--model.num_layers", str(LAYERS), "--model.hidden_size", str(HIDDEN),
         "--model.num_attention_heads", str(HEADS), "--model.num_query_groups", "1", "--model.vocab_size", str(VOCAB),
         "--model.seq_length", str(S), "--model.attention_dropout", "0", "--model.hidden_dropout", "0",
-        "--data.kind", "synthetic", "--train.micro_batch_size", str(B), "--train.iters", "1000",
+        "--data.kind", "synthetic", "--data.num_workers", "0", "--train.micro_batch_size", str(B), "--train.iters", "1000",
         "--train.dtype", dtype, "--train.compile", str(compile_model).lower(),
         "--optimizer.lr", "1e-4", "--optimizer.weight_decay", "0.1", "--optimizer.clip_grad", "1.0",
         "--logging.jsonl", "false", "--logging.run_dir", "/tmp/megaocto_bench"])
     trainer = Trainer(cfg, stream=io.StringIO())
-    batches = iter(PretrainingSampler(len(trainer.datasets["train"]), 0, B, 0, 1))
+    batches = iter(trainer.train_loader())
     n_params = sum(p.numel() for p in trainer.model.parameters())
 
     def step():

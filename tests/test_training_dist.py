@@ -19,7 +19,7 @@ def _cfg(save, *extra, iters=6):
         "--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--train.iters", str(iters),
         "--train.micro_batch_size", "2", "--train.global_batch_size", "4", "--train.dtype", "fp32",
         "--train.seed", "11", "--optimizer.lr", "2e-3", "--schedule.warmup_iters", "2",
-        "--checkpoint.save", save, "--logging.run_dir", save + "_run", "--logging.jsonl", "false", *extra])
+        "--checkpoint.save", save, "--logging.run_dir", save + "_run", "--logging.jsonl", "false", "--data.num_workers", "0", *extra])
 
 
 def _resume_matches(root, name, *extra):

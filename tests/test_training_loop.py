@@ -32,7 +32,7 @@ def _cfg(tmp_path, *extra, iters=10):
         "--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--train.iters", str(iters),
         "--train.micro_batch_size", "2", "--train.global_batch_size", "4", "--train.dtype", "fp32",
         "--train.seed", "7", "--optimizer.lr", "2e-3", "--schedule.warmup_iters", "3",
-        "--logging.run_dir", str(tmp_path / "run"), "--logging.log_interval", "5", *extra])
+        "--logging.run_dir", str(tmp_path / "run"), "--logging.log_interval", "5", "--data.num_workers", "0", *extra])
 
 
 def _quiet(cfg, **kw):
@@ -44,12 +44,13 @@ def _weights(save, it):
 
 
 def test_exact_resume_fp32(tmp_path):
-    straight = _quiet(_cfg(tmp_path, "--checkpoint.save", str(tmp_path / "a")))
+    straight = _quiet(_cfg(tmp_path, "--checkpoint.save", str(tmp_path / "a")))  # main-process data reading
     assert straight.exit_reason == "finished" and list(straight.losses) == list(range(1, 11))
     save = str(tmp_path / "b")
-    first = _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--train.exit_interval", "5"))
+    workers = ("--data.num_workers", "2")  # the resumed halves read through 2 DataLoader workers
+    first = _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--train.exit_interval", "5", *workers))
     assert first.exit_reason == "exit_interval" and first.iteration == 5 and first.consumed_samples == 20
-    second = _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--checkpoint.load", save))
+    second = _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--checkpoint.load", save, *workers))
     assert list(second.losses) == list(range(6, 11)) and second.consumed_samples == 40
     resumed = {**first.losses, **second.losses}
     assert resumed == straight.losses, "resumed run diverged from the straight run"

@@ -1,6 +1,7 @@
 """Preemption: SIGUSR1/SIGTERM -> finish the step, save, exit with EXIT_PREEMPTED; all ranks agree; resume works.
 
-One real `megaocto train` subprocess gets SIGUSR1 (SLURM's pre-timeout signal) while training; in-process runs
+One real `megaocto train` subprocess (with DataLoader workers) gets SIGUSR1 (SLURM's pre-timeout signal) on its
+whole process group while training; in-process runs
 get SIGTERM at a known step (and, on 2 ranks, only rank 0 is signalled). Debug: the subprocess output is in the
 assertion message.
 """
@@ -26,7 +27,9 @@ def test_sigusr1_subprocess_saves_and_exits_with_requeue_code(tmp_path):
     cmd = [sys.executable, "-m", "megaocto.cli", "train", *ARGS, "--train.iters", "100000",
            "--checkpoint.save", save, "--logging.run_dir", str(run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    # Own session, signalled as a group (like SLURM): the 2 DataLoader workers must ignore it.
+    proc = subprocess.Popen(cmd + ["--data.num_workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
         metrics = run_dir / "metrics.jsonl"
@@ -35,7 +38,7 @@ def test_sigusr1_subprocess_saves_and_exits_with_requeue_code(tmp_path):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[0]
-        proc.send_signal(signal.SIGUSR1)
+        os.killpg(proc.pid, signal.SIGUSR1)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -75,6 +78,7 @@ def test_sigterm_in_process_saves_at_current_step(tmp_path):
 
 def _dist_body(rank, world_size, root):
     cfg = load_run_config(None, [*ARGS, "--train.iters", "10", "--parallel.tp", "1", "--checkpoint.save", root,
+                                 "--data.num_workers", "0",
                                  "--logging.run_dir", root + "_run"])
     result = _signal_at(Trainer(cfg, stream=io.StringIO()), 2, only_rank=0).run()
     assert (result.exit_code, result.iteration) == (EXIT_PREEMPTED, 2), f"rank {rank}: {result}"

@@ -27,7 +27,7 @@ from megaocto.training import checkpoint as ckpt
 from megaocto.training.loggers import MetricsLogger
 from megaocto.training.metrics import FLOPS_FORMULA, format_eta, memory_stats, model_tflops_and_mfu, peak_tflops
 from megaocto.training.optimizer import MixedPrecisionAdamW
-from megaocto.training.sampler import PretrainingSampler, collate
+from megaocto.training.sampler import PretrainingSampler, collate, micro_batch_loader, to_device
 from megaocto.training.schedule import LRSchedule
 
 EXIT_OK = 0
@@ -215,14 +215,15 @@ class Trainer:
         return value
 
     def train_step(self, batches) -> tuple[float, float, bool]:
-        """Forward/backward `num_micro` micro batches, reduce grads, clip, update. -> (loss, grad norm, applied)."""
+        """Forward/backward `num_micro` micro batches (from the iterator `batches` of CPU batch dicts), reduce grads,
+        clip, update. -> (loss, grad norm, applied)."""
         from megaocto.parallel.grads import allreduce_sequence_parallel_grads, clip_grad_norm_, grad_norm
 
         step = self.iteration + 1
         self.optimizer.zero_grad()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.pc.device)
         for _ in range(self.num_micro):
-            batch = collate(self.datasets["train"], next(batches), self.pc.device)
+            batch = to_device(next(batches), self.pc.device)
             loss = micro_batch_loss(self.forward_model, batch)
             if step in self.cfg.train.debug_nan_iters:
                 loss = loss * float("nan")
@@ -259,6 +260,13 @@ class Trainer:
         self.model.train()
         return float(self._reduce_mean_dp(total / max(n, 1)))
 
+    def train_loader(self):
+        """This rank's training micro batches, starting after the consumed samples."""
+        sampler = PretrainingSampler(len(self.datasets["train"]), self.consumed, self.cfg.train.micro_batch_size,
+                                     self.pc.dp_rank, self.pc.dp)
+        return micro_batch_loader(self.datasets["train"], sampler, num_workers=self.cfg.data.num_workers,
+                                  pin_memory=self.pc.device.type == "cuda")
+
     def _stop_requested(self, preempt: _PreemptFlag, start_time: float) -> str | None:
         t = self.cfg.train
         local = 0
@@ -288,9 +296,7 @@ class Trainer:
             result.exit_reason = "already_done"
             self.log.close()
             return result
-        sampler = PretrainingSampler(len(self.datasets["train"]), self.consumed, cfg.train.micro_batch_size,
-                                     pc.dp_rank, pc.dp)
-        batches = iter(sampler)
+        batches = iter(self.train_loader())
         start = interval_start = time.time()
         interval_steps, interval_loss, interval_n = 0, 0.0, 0
         with _PreemptFlag() as preempt:

@@ -7,6 +7,7 @@ ranks of a DP rank get the same indices (they share dp_rank).
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -34,11 +35,30 @@ class PretrainingSampler:
             yield list(range(first, first + self.mbs))
 
 
+def collate_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack samples (dicts of equal-length numpy arrays) into `[b, s]` CPU tensors."""
+    return {key: torch.from_numpy(np.stack([np.asarray(s[key]) for s in samples])) for key in samples[0]}
+
+
 def collate(dataset, indices: list[int], device) -> dict[str, torch.Tensor]:
-    """Stack samples (dicts of equal-length numpy arrays) into `[b, s]` tensors on `device`."""
-    samples = [dataset[i] for i in indices]
-    batch = {}
-    for key in samples[0]:
-        arr = np.stack([np.asarray(s[key]) for s in samples])
-        batch[key] = torch.from_numpy(arr).to(device, non_blocking=True)
-    return batch
+    """Read `indices` from `dataset` and stack them into `[b, s]` tensors on `device`."""
+    return to_device(collate_samples([dataset[i] for i in indices]), device)
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _ignore_preempt_signals(_worker_id: int) -> None:
+    # SLURM signals every process of the step; the main process decides when to stop and shuts workers down.
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def micro_batch_loader(dataset, sampler: PretrainingSampler, *, num_workers: int, pin_memory: bool):
+    """A DataLoader yielding this rank's micro batches in sampler order, read by `num_workers` processes."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=num_workers,
+                      pin_memory=pin_memory, worker_init_fn=_ignore_preempt_signals if num_workers else None,
+                      prefetch_factor=2 if num_workers else None)
