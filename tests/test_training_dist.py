@@ -1,6 +1,7 @@
 """The training loop on 2 gloo ranks: tp=2 (with and without sequence parallel) and dp=2.
 
-Proves: exact resume (6 steps == 3 + save/exit + resume 3, bitwise) at tp=2 and at dp=2, and that tp=2, tp=2+SP
+Proves: exact resume (6 steps == 3 + save/exit + resume 3, bitwise) at tp=2 and at dp=2, that the overlapped
+bucketed DP grad all-reduce equals the one after backward (bitwise), and that tp=2, tp=2+SP
 and dp=2 train the same model as one process (losses match the unsharded run to 1e-5; DP grads are averaged,
 every TP rank reads the same samples). Debug: failures carry the rank's traceback.
 """
@@ -11,7 +12,7 @@ import pytest
 
 from dist_utils import run_distributed
 from megaocto.config.loader import load_run_config
-from megaocto.training.loop import train
+from megaocto.training.loop import Trainer, train
 
 
 def _cfg(save, *extra, iters=6):
@@ -35,6 +36,17 @@ def _resume_matches(root, name, *extra):
 def _body(rank, world_size, root, reference):
     tp2 = _resume_matches(root, "tp2", "--parallel.tp", "2")
     dp2 = _resume_matches(root, "dp2", "--parallel.tp", "1")
+    # overlapped bucketed DP all-reduce (default) == all-reduce after backward, bitwise; also with small buckets
+    # (many in flight) and 2 micro batches per rank
+    def dp_run(name, *args):
+        return train(_cfg(os.path.join(root, name), "--parallel.tp", "1", *args), stream=io.StringIO()).losses
+    assert dp_run("dp2_sync", "--train.overlap_grad_reduce", "false") == dp2
+    accum = ("--train.global_batch_size", "8")
+    small = Trainer(_cfg(os.path.join(root, "dp2_small"), "--parallel.tp", "1", "--train.grad_bucket_mb", "0.02",
+                         *accum), stream=io.StringIO())
+    assert small.run().losses == dp_run("dp2_small_sync", "--train.overlap_grad_reduce", "false", *accum)
+    n = len(small.optimizer.buckets)
+    assert n > 5 and small.optimizer.overlapped_buckets == n, (n, small.optimizer.overlapped_buckets)
     sp = train(_cfg(os.path.join(root, "sp"), "--parallel.tp", "2", "--parallel.sequence_parallel", "true"),
                stream=io.StringIO()).losses
     for name, losses in (("tp2", tp2), ("dp2", dp2), ("tp2+sp", sp)):

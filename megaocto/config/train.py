@@ -120,6 +120,9 @@ class TrainConfig:
     dtype: str = field("bf16", "Compute dtype: bf16 (fp32 master weights + fp32 grads, Megatron style) or fp32.")
     recompute: str = field("none", "Activation recompute: none, full (every recompute_num_layers layers) or selective (attention).")
     recompute_num_layers: int = field(1, "With recompute=full: layers per recomputed chunk.")
+    overlap_grad_reduce: bool = field(True, "Start each grad bucket's DP all-reduce during the last micro batch's "
+                                      "backward (Megatron --overlap-grad-reduce); false = all-reduce after backward.")
+    grad_bucket_mb: float = field(25.0, "Size of the fp32 grad buckets for the DP all-reduce, in MB.")
     max_skipped_steps: int = field(10, "Skip up to N steps with NaN/inf loss or grad norm; one more saves the last good state and stops.")
     exit_interval: int | None = field(None, "Save and exit cleanly after the step whose number is a multiple of N.")
     exit_duration_mins: float | None = field(None, "Save and exit cleanly once the run has used this many minutes.")
@@ -142,6 +145,8 @@ class TrainConfig:
             raise ConfigError(f"train.dtype must be bf16 or fp32 (got {self.dtype!r})")
         if self.recompute not in ("none", "full", "selective"):
             raise ConfigError(f"train.recompute must be none, full or selective (got {self.recompute!r})")
+        if self.grad_bucket_mb <= 0:
+            raise ConfigError(f"train.grad_bucket_mb must be > 0 (got {self.grad_bucket_mb})")
         if self.max_skipped_steps < 0:
             raise ConfigError(f"train.max_skipped_steps must be >= 0 (got {self.max_skipped_steps})")
 

@@ -130,7 +130,9 @@ class Trainer:
         self.model.train()
         self.iteration, self.consumed, self.skipped = 0, 0, 0
         state = self._load_model_checkpoint()
-        self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, pc, bf16=self.bf16)
+        self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, pc, bf16=self.bf16,
+                                             bucket_mb=cfg.train.grad_bucket_mb,
+                                             overlap_grad_reduce=cfg.train.overlap_grad_reduce)
         self._load_rest(state)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optimizer.lr, self.total_iters)
         self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
@@ -222,16 +224,17 @@ class Trainer:
         step = self.iteration + 1
         self.optimizer.zero_grad()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.pc.device)
-        for _ in range(self.num_micro):
+        for i in range(self.num_micro):
             batch = to_device(next(batches), self.pc.device)
             loss = micro_batch_loss(self.forward_model, batch)
             if step in self.cfg.train.debug_nan_iters:
                 loss = loss * float("nan")
+            self.optimizer.before_backward(last_micro_batch=i == self.num_micro - 1)
             (loss / self.num_micro).backward()
             loss_sum += loss.detach()
         if self.pc.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model, self.pc)
-        self.optimizer.allreduce_dp_grads()
+        self.optimizer.finish_grad_sync()
         step_loss = self._reduce_mean_dp(loss_sum / self.num_micro)
         clip = self.cfg.optimizer.clip_grad
         params = self.optimizer.params

@@ -2,7 +2,9 @@
 
 Every trainable parameter gets ``p.main_grad``: an fp32 view into one contiguous buffer, which is what the
 data-parallel all-reduce (bucketed over the flat buffer), the sequence-parallel reduction and grad clipping
-(megaocto.parallel.grads) operate on.
+(megaocto.parallel.grads) operate on. With ``overlap_grad_reduce`` a bucket's DP all-reduce starts (async) as
+soon as the last micro batch's backward has produced all its grads, overlapping communication with the rest
+of the backward pass (Megatron's --overlap-grad-reduce, torch DDP's buckets).
 
 * fp32: ``p.grad`` *is* ``p.main_grad`` (autograd accumulates micro batches into it in place); AdamW updates
   the model parameters directly.
@@ -24,20 +26,36 @@ _TAGS = ("tensor_parallel", "partition_dim", "sequence_parallel", "shared")
 
 
 class MixedPrecisionAdamW:
-    def __init__(self, model: nn.Module, cfg: OptimizerConfig, pc, *, bf16: bool, bucket_mb: float = 25.0):
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig, pc, *, bf16: bool, bucket_mb: float = 25.0,
+                 overlap_grad_reduce: bool = False):
         self.cfg, self.pc, self.bf16 = cfg, pc, bf16
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        if not bf16 and any(p.dtype != torch.float32 for p in self.params):
+            raise ValueError("fp32 training needs fp32 parameters; build the model with dtype=torch.float32")
         device = self.params[0].device
-        total = sum(p.numel() for p in self.params)
-        self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
-        self.bucket_numel = max(1, int(bucket_mb * 2**20 / 4))
-        self._hooks = []
-        offset = 0
-        for p in self.params:
+        self.grad_buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32, device=device)
+        # The flat buffer holds the params in reverse order (about the order backward produces their grads), cut
+        # into buckets of whole params of >= bucket_mb, so a bucket can be all-reduced as soon as it is complete.
+        bucket_numel = max(1, int(bucket_mb * 2**20 / 4))
+        self.buckets: list[tuple[int, int, int]] = []  # (start, end, number of params)
+        self._bucket_of: dict[torch.Tensor, int] = {}
+        offset = start = count = 0
+        for p in reversed(self.params):
             p.main_grad = self.grad_buffer[offset:offset + p.numel()].view_as(p)
+            self._bucket_of[p] = len(self.buckets)
             offset += p.numel()
+            count += 1
+            if offset - start >= bucket_numel or p is self.params[0]:
+                self.buckets.append((start, offset, count))
+                start, count = offset, 0
+        self.overlap = overlap_grad_reduce and pc.dp > 1
+        self._reduce_now = False
+        self._pending: list[int] = []
+        self._handles: dict[int, object] = {}
+        self.overlapped_buckets = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
         if bf16:
             self.masters = []
             for p in self.params:
@@ -47,13 +65,10 @@ class MixedPrecisionAdamW:
                     if hasattr(p, tag):
                         setattr(m, tag, getattr(p, tag))
                 self.masters.append(m)
-                self._hooks.append(p.register_post_accumulate_grad_hook(_accumulate_into_main_grad))
         else:
-            if any(p.dtype != torch.float32 for p in self.params):
-                raise ValueError("fp32 training needs fp32 parameters; build the model with dtype=torch.float32")
             self.masters = self.params
             for p in self.params:
-                p.grad = p.main_grad
+                p.grad = p.main_grad  # autograd accumulates micro batches in place into the flat buffer
         decay = [m for m in self.masters if m.ndim >= 2]
         no_decay = [m for m in self.masters if m.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
@@ -72,14 +87,44 @@ class MixedPrecisionAdamW:
             for p in self.params:
                 p.grad = None
 
-    def allreduce_dp_grads(self) -> None:
-        """Average main grads over the data-parallel group, one flat bucket at a time."""
+    def before_backward(self, last_micro_batch: bool) -> None:
+        """Call before each micro batch's backward; on the last one, complete buckets start their DP all-reduce."""
+        self._reduce_now = self.overlap and last_micro_batch
+        if self._reduce_now:
+            self._pending = [n for _, _, n in self.buckets]
+            self._handles = {}
+            self.overlapped_buckets = 0  # buckets launched from inside backward this step (for tests/debugging)
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        if self.bf16:  # fold this micro batch's bf16 grad into the fp32 main grad
+            p.main_grad.add_(p.grad)
+            p.grad = None
+        if self._reduce_now:
+            b = self._bucket_of[p]
+            self._pending[b] -= 1
+            if self._pending[b] == 0:
+                self._launch(b)
+                self.overlapped_buckets += 1
+
+    def _launch(self, b: int) -> None:
+        start, end, _ = self.buckets[b]
+        self._handles[b] = dist.all_reduce(self.grad_buffer[start:end], group=self.pc.dp_group, async_op=True)
+
+    def finish_grad_sync(self) -> None:
+        """Average the main grads over the data-parallel group (waits for the overlapped bucket all-reduces)."""
         if self.pc.dp == 1:
             return
-        for start in range(0, self.grad_buffer.numel(), self.bucket_numel):
-            bucket = self.grad_buffer[start:start + self.bucket_numel]
-            dist.all_reduce(bucket, group=self.pc.dp_group)
-            bucket.div_(self.pc.dp)
+        if not self.overlap:
+            for b in range(len(self.buckets)):
+                self._launch(b)
+        for b in range(len(self.buckets)):  # buckets whose params got no grad this step are reduced now
+            if b not in self._handles:
+                self._launch(b)
+        for b, (start, end, _) in enumerate(self.buckets):
+            self._handles[b].wait()
+            self.grad_buffer[start:end].div_(self.pc.dp)
+        self._handles = {}
+        self._reduce_now = False
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -117,7 +162,3 @@ class MixedPrecisionAdamW:
             h.remove()
         self._hooks = []
 
-
-def _accumulate_into_main_grad(p: torch.Tensor) -> None:
-    p.main_grad.add_(p.grad)
-    p.grad = None
