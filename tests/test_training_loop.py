@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -105,6 +106,13 @@ def test_bf16_masters_and_finetune_switches(tmp_path):
                          iters=6), stream=io.StringIO())
     assert fresh.iteration == 4 and not fresh.optimizer.optimizer.state  # moments start fresh
     assert fresh.run().iteration == 6
+    release = tmp_path / "release_ck"  # Megatron's OctoPack trick: iter dir renamed to `release`
+    shutil.copytree(os.path.join(save, "iter_0000004"), release / "release")
+    (release / ckpt.TRACKER).write_text("release\n")
+    rel = Trainer(_cfg(tmp_path, "--train.dtype", "bf16", "--checkpoint.load", str(release), iters=2),
+                  stream=io.StringIO())
+    assert rel.iteration == 0 and not rel.optimizer.optimizer.state
+    assert torch.equal(rel.model.state_dict()["final_layernorm.weight"], state["model"]["final_layernorm.weight"])
 
 
 def test_validation_uses_valid_split_and_sinks(tmp_path):
@@ -121,6 +129,7 @@ def test_validation_uses_valid_split_and_sinks(tmp_path):
                   for idx in PretrainingSampler(len(valid), 0, 2, 0, 1)]
     assert result.val_losses[2] == pytest.approx(float(sum(losses) / len(losses)), rel=1e-6)
     run_dir = tmp_path / "run"
+    assert json.load(open(run_dir / "config.json"))["eval"]["iters"] == 2
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     train_recs = [r for r in records if r["kind"] == "train"]
     assert [r["iteration"] for r in train_recs] == [1, 2]

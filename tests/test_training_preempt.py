@@ -74,6 +74,11 @@ def test_sigterm_in_process_saves_at_current_step(tmp_path):
     assert (result.exit_code, result.exit_reason, result.iteration) == (EXIT_PREEMPTED, "preempted", 3)
     assert ckpt.read_tracker(str(tmp_path / "ck")) == 3
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    timed = train(load_run_config(None, [*ARGS, "--train.iters", "10", "--train.exit_duration_mins", "0",
+                                         "--checkpoint.save", str(tmp_path / "ck2"),
+                                         "--logging.run_dir", str(tmp_path / "run")]), stream=io.StringIO())
+    assert (timed.exit_code, timed.exit_reason, timed.iteration) == (EXIT_PREEMPTED, "exit_duration", 1)
+    assert ckpt.read_tracker(str(tmp_path / "ck2")) == 1
 
 
 def _dist_body(rank, world_size, root):

@@ -1,4 +1,5 @@
 """Metric sinks: stdout, {run_dir}/metrics.jsonl, TensorBoard, W&B. Only the logging rank creates one.
+It also writes the resolved run config to {run_dir}/config.json.
 
 metrics.jsonl (this module owns the format): one JSON object per line, appended across resumes:
     {"kind": "train", "iteration": 10, "consumed_samples": 80, "loss": 2.31, "lr": ..., "grad_norm": ..., ...}
@@ -42,6 +43,9 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
+        if run_config is not None:  # the resolved config of the latest (re)start, for reproducibility
+            with open(os.path.join(cfg.run_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(run_config, f, indent=2)
         if cfg.jsonl:
             self._jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a", encoding="utf-8")
         if cfg.tensorboard:

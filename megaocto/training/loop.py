@@ -155,6 +155,7 @@ class Trainer:
     def _load_model_checkpoint(self) -> dict | None:
         c = self.cfg.checkpoint
         self._own_resume = bool(c.auto_resume and c.save and ckpt.read_tracker(c.save) is not None)
+        self._release = False
         source = c.save if self._own_resume else c.load
         if not source:
             return None
@@ -165,6 +166,7 @@ class Trainer:
             self.log.info(f"no checkpoint in {source}; starting from scratch")
             return None
         state, _meta, it = loaded
+        self._release = it == "release"  # Megatron's release checkpoints are weights only (finetune semantics)
         self.model.load_state_dict(state["model"])
         self.log.info(f"{'resuming' if self._own_resume else 'loaded model weights'} from "
                       f"{ckpt.iter_dir_name(it)} in {source}")
@@ -175,7 +177,7 @@ class Trainer:
 
         c = self.cfg.checkpoint
         own = self._own_resume  # a requeued run resumes its own checkpoint fully, whatever the finetune switches
-        if state is None or (c.finetune and not own):
+        if state is None or ((c.finetune or self._release) and not own):
             return
         if own or not c.no_load_optim:
             if "optimizer" not in state:
