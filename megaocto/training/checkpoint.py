@@ -11,10 +11,12 @@ model_optim_rng.pt holds only tensors and plain containers (load with weights_on
 Atomicity: every rank writes into {save}/.tmp_iter_XXXXXXX/ (file written as *.part, fsynced, renamed); after a
 barrier, global rank 0 writes metadata.json, renames the temp directory to iter_XXXXXXX, fsyncs {save}, then
 replaces the tracker through a temp file + os.replace. A crash at any point leaves the previous iter_* and a
-tracker that names a complete checkpoint. Only DP rank 0 writes model files.
+tracker that names a complete checkpoint. Only DP rank 0 writes model files. With several nodes, `save` must be
+on a filesystem all ranks share (as for Megatron).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -47,9 +49,13 @@ def model_file(save: str, iteration: int | str, tp_rank: int, pp_rank: int = 0, 
 
 
 def _fsync_dir(path: str) -> None:
+    """Persist a directory's entries (renames); some network filesystems refuse fsync on directories."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
