@@ -173,3 +173,27 @@ def test_docs_list_every_training_field():
 
     docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")).read()
     assert training_docs_markdown() in docs, "docs/training.md is stale: paste `python -m megaocto.config.loader`"
+
+
+KILL_SCRIPT = """
+import os, sys, torch
+from megaocto.parallel.context import ParallelContext
+from megaocto.training import checkpoint as ckpt
+pc = ParallelContext.single()
+ckpt.save_checkpoint(sys.argv[1], 1, {"model": {"w": torch.ones(2)}}, {}, pc)
+ckpt.save_checkpoint(sys.argv[1], 2, {"model": {"w": torch.zeros(2)}}, {}, pc,
+                     fail_after_rank_files=lambda: os._exit(9))  # hard kill: no cleanup code runs
+"""
+
+
+def test_checkpoint_survives_hard_kill_mid_save(tmp_path):
+    import subprocess
+    import sys
+
+    save = str(tmp_path / "ck")
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, save], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert ckpt.read_tracker(save) == 1 and ckpt.list_checkpoints(save) == [1]
+    assert any(n.endswith(".tmp") for n in os.listdir(save))  # the half-written checkpoint is only a temp dir
+    state, _, it = ckpt.load_checkpoint(save, ParallelContext.single())
+    assert it == 1 and torch.equal(state["model"]["w"], torch.ones(2))
