@@ -1,9 +1,9 @@
 """The training loop on 2 gloo ranks: tp=2 (with and without sequence parallel) and dp=2.
 
-Proves: exact resume (6 steps == 3 + save/exit + resume 3, bitwise) at tp=2 and at dp=2, that the overlapped
-bucketed DP grad all-reduce equals the one after backward (bitwise), and that tp=2, tp=2+SP
-and dp=2 train the same model as one process (losses match the unsharded run to 1e-5; DP grads are averaged,
-every TP rank reads the same samples). Debug: failures carry the rank's traceback.
+Proves: exact resume (6 steps == 3 + save/exit + resume 3, bitwise) at tp=2 and at dp=2; that the overlapped
+bucketed DP grad all-reduce equals the one after backward (bitwise); and that tp=2, tp=2+SP, dp=2 (tiny-bigcode)
+and tp=2 (tiny-glm2) train the same model as one process (losses match the unsharded run to 1e-5: DP grads
+are averaged, every TP rank reads the same samples). Debug: failures carry the rank's traceback.
 """
 import io
 import os
@@ -13,6 +13,9 @@ import pytest
 from dist_utils import run_distributed
 from megaocto.config.loader import load_run_config
 from megaocto.training.loop import Trainer, train
+
+
+GLM = ("--model.preset", "tiny-glm2", "--model.seq_length", "32")
 
 
 def _cfg(save, *extra, iters=6):
@@ -33,7 +36,7 @@ def _resume_matches(root, name, *extra):
     return straight.losses
 
 
-def _body(rank, world_size, root, reference):
+def _body(rank, world_size, root, reference, glm_reference):
     tp2 = _resume_matches(root, "tp2", "--parallel.tp", "2")
     dp2 = _resume_matches(root, "dp2", "--parallel.tp", "1")
     # overlapped bucketed DP all-reduce (default) == all-reduce after backward, bitwise; also with small buckets
@@ -49,11 +52,14 @@ def _body(rank, world_size, root, reference):
     assert n > 5 and small.optimizer.overlapped_buckets == n, (n, small.optimizer.overlapped_buckets)
     sp = train(_cfg(os.path.join(root, "sp"), "--parallel.tp", "2", "--parallel.sequence_parallel", "true"),
                stream=io.StringIO()).losses
-    for name, losses in (("tp2", tp2), ("dp2", dp2), ("tp2+sp", sp)):
-        for step, want in reference.items():
+    glm = train(_cfg(os.path.join(root, "glm"), *GLM, "--parallel.tp", "2"), stream=io.StringIO()).losses
+    for name, losses, ref in (("tp2", tp2, reference), ("dp2", dp2, reference), ("tp2+sp", sp, reference),
+                              ("glm2 tp2", glm, glm_reference)):
+        for step, want in ref.items():
             assert losses[step] == pytest.approx(want, rel=1e-5, abs=1e-5), f"{name} step {step}"
 
 
 def test_tp2_dp2_exact_resume_and_match_single_process(tmp_path):
     reference = train(_cfg(str(tmp_path / "ref")), stream=io.StringIO()).losses
-    run_distributed(_body, 2, str(tmp_path), reference)
+    glm_reference = train(_cfg(str(tmp_path / "glm_ref"), *GLM), stream=io.StringIO()).losses
+    run_distributed(_body, 2, str(tmp_path), reference, glm_reference)
