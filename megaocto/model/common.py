@@ -109,10 +109,11 @@ def logits_or_loss(logits: torch.Tensor, labels: torch.Tensor | None, pc, vocab_
 
     The softmax runs over the real ``vocab_size`` columns only (padding rows never compete), so the loss equals
     the one of the same weights exported to HF with the padding dropped. Labels of -100 give loss 0.
+    The cross-entropy makes its own fp32 copy of the logits, so bf16 logits are passed as they are.
     """
     if labels is None:
         return logits
-    return vocab_parallel_cross_entropy(logits.float(), labels, pc, vocab_size=vocab_size)
+    return vocab_parallel_cross_entropy(logits, labels, pc, vocab_size=vocab_size)
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk: int, *, dropout_on: bool,
