@@ -177,6 +177,13 @@ def test_accumulation_recompute_and_run_length(tmp_path):
         assert whole[step] == pytest.approx(accum[step], rel=1e-5)
         assert full[step] == pytest.approx(accum[step], rel=1e-6)
         assert selective[step] == pytest.approx(accum[step], rel=1e-6)
+    # with uneven loss masks (EOD tokens masked), token_mean does not depend on how the batch is split
+    masked = ("--data.eod_mask_loss", "true")
+    tok2 = _quiet(_cfg(tmp_path, *masked, iters=2)).losses
+    tok4 = _quiet(_cfg(tmp_path, *masked, "--train.micro_batch_size", "4", iters=2)).losses
+    mb2 = _quiet(_cfg(tmp_path, *masked, "--train.loss_reduction", "micro_batch_mean", iters=2)).losses
+    assert tok2[1] == pytest.approx(tok4[1], rel=1e-6) and tok2[2] == pytest.approx(tok4[2], rel=1e-5)
+    assert abs(mb2[1] - tok2[1]) > 1e-6  # the per-micro-batch mean weighs tokens unequally
     by_samples = Trainer(load_run_config(None, ["--model.preset", "tiny-bigcode", "--train.samples", "10",
                                                 "--train.global_batch_size", "4", "--train.dtype", "fp32"]),
                          stream=io.StringIO())

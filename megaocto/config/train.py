@@ -120,6 +120,10 @@ class TrainConfig:
     dtype: str = field("bf16", "Compute dtype: bf16 (fp32 master weights + fp32 grads, Megatron style) or fp32.")
     recompute: str = field("none", "Activation recompute: none, full (every recompute_num_layers layers) or selective (attention).")
     recompute_num_layers: int = field(1, "With recompute=full: layers per recomputed chunk.")
+    loss_reduction: str = field(
+        "token_mean", "token_mean: every loss-masked token of the global batch weighs the same, across micro batches "
+                      "and DP ranks (torchtitan; Megatron-Core calculate_per_token_loss); micro_batch_mean: mean per "
+                      "micro batch, then averaged (classic Megatron; biased for SFT with variable target lengths).")
     overlap_grad_reduce: bool = field(True, "Start each grad bucket's DP all-reduce during the last micro batch's "
                                       "backward (Megatron --overlap-grad-reduce); false = all-reduce after backward.")
     grad_bucket_mb: float = field(25.0, "Size of the fp32 grad buckets for the DP all-reduce, in MB.")
@@ -145,6 +149,8 @@ class TrainConfig:
             raise ConfigError(f"train.dtype must be bf16 or fp32 (got {self.dtype!r})")
         if self.recompute not in ("none", "full", "selective"):
             raise ConfigError(f"train.recompute must be none, full or selective (got {self.recompute!r})")
+        if self.loss_reduction not in ("token_mean", "micro_batch_mean"):
+            raise ConfigError(f"train.loss_reduction must be token_mean or micro_batch_mean (got {self.loss_reduction!r})")
         if self.grad_bucket_mb <= 0:
             raise ConfigError(f"train.grad_bucket_mb must be > 0 (got {self.grad_bucket_mb})")
         if self.max_skipped_steps < 0:

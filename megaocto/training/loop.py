@@ -4,8 +4,9 @@ atomic checkpoints, exact resume and preemption.
     result = train(load_run_config("launch/configs/tiny-bigcode.yaml", overrides))
     sys.exit(result.exit_code)       # EXIT_PREEMPTED (42) after SIGTERM/SIGUSR1: requeue the job
 
-One optimizer step = `num_micro` micro batches per DP rank (global batch / (micro batch x dp)); each micro
-batch's loss is the masked token mean, scaled by 1/num_micro; fp32 main grads are averaged over DP. The LR of
+One optimizer step = `num_micro` micro batches per DP rank (global batch / (micro batch x dp)). The loss is the
+mean over all loss-masked tokens of the global batch (train.loss_reduction=token_mean; or Megatron's classic
+mean per micro batch, averaged); fp32 main grads are averaged over DP. The LR of
 step k (1-based) is schedule.lr_at(k); a skipped (NaN/inf) step still consumes its data and its step number.
 """
 from __future__ import annotations
@@ -86,12 +87,18 @@ def resolve_train_iters(cfg: RunConfig, global_batch: int) -> int:
     return max(1, math.ceil(math.ceil(t.epochs * per_epoch) / global_batch))
 
 
-def micro_batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Masked mean of the per-token loss of one micro batch (fp32 scalar)."""
+def micro_batch_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of loss x loss_mask, sum of loss_mask) over one micro batch, fp32 scalars."""
     kwargs = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
     per_token = model(batch["input_ids"], labels=batch["labels"], **kwargs)  # [b, s] fp32
     mask = batch["loss_mask"].to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token * mask).sum(), mask.sum()
+
+
+def micro_batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Masked mean of the per-token loss of one micro batch (fp32 scalar)."""
+    total, count = micro_batch_loss_sum(model, batch)
+    return total / count.clamp(min=1.0)
 
 
 class Trainer:
@@ -211,12 +218,14 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ steps
-    def _reduce_mean_dp(self, value: torch.Tensor) -> torch.Tensor:
+    def _sum_dp(self, value: torch.Tensor) -> torch.Tensor:
         if self.pc.dp > 1:
             value = value.clone()
             dist.all_reduce(value, group=self.pc.dp_group)
-            value /= self.pc.dp
         return value
+
+    def _reduce_mean_dp(self, value: torch.Tensor) -> torch.Tensor:
+        return self._sum_dp(value) / self.pc.dp if self.pc.dp > 1 else value
 
     def train_step(self, batches) -> tuple[float, float, bool]:
         """Forward/backward `num_micro` micro batches (from the iterator `batches` of CPU batch dicts), reduce grads,
@@ -225,19 +234,28 @@ class Trainer:
 
         step = self.iteration + 1
         self.optimizer.zero_grad()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.pc.device)
-        for i in range(self.num_micro):
-            batch = to_device(next(batches), self.pc.device)
-            loss = micro_batch_loss(self.forward_model, batch)
+        micro = [to_device(next(batches), self.pc.device) for _ in range(self.num_micro)]
+        token_mean = self.cfg.train.loss_reduction == "token_mean"
+        if token_mean:  # every loss token of the global batch weighs the same, across micro batches and DP ranks
+            tokens = self._sum_dp(torch.stack([b["loss_mask"].float().sum() for b in micro]).sum()).clamp(min=1.0)
+        loss_acc = torch.zeros((), dtype=torch.float32, device=self.pc.device)
+        for i, batch in enumerate(micro):
+            total, count = micro_batch_loss_sum(self.forward_model, batch)
             if step in self.cfg.train.debug_nan_iters:
-                loss = loss * float("nan")
+                total = total * float("nan")
+            if token_mean:
+                scaled = total * (self.pc.dp / tokens)  # x dp: the DP grad all-reduce averages
+                loss_acc += total.detach()
+            else:
+                loss = total / count.clamp(min=1.0)
+                scaled = loss / self.num_micro
+                loss_acc += loss.detach()
             self.optimizer.before_backward(last_micro_batch=i == self.num_micro - 1)
-            (loss / self.num_micro).backward()
-            loss_sum += loss.detach()
+            scaled.backward()
         if self.pc.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model, self.pc)
         self.optimizer.finish_grad_sync()
-        step_loss = self._reduce_mean_dp(loss_sum / self.num_micro)
+        step_loss = self._sum_dp(loss_acc) / tokens if token_mean else self._reduce_mean_dp(loss_acc / self.num_micro)
         clip = self.cfg.optimizer.clip_grad
         params = self.optimizer.params
         norm = clip_grad_norm_(params, clip, self.pc) if clip > 0 else grad_norm(params, self.pc)
@@ -249,21 +267,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss over eval.iters global batches of the valid split (same samples every time)."""
+        """Token-weighted mean validation loss over eval.iters global batches of the valid split (the same samples
+        every time)."""
         ds = self.datasets.get("valid")
         if ds is None:
             return None
         self.model.eval()
         sampler = iter(PretrainingSampler(len(ds), 0, self.cfg.train.micro_batch_size, self.pc.dp_rank, self.pc.dp))
-        total = torch.zeros((), dtype=torch.float32, device=self.pc.device)
-        n = 0
-        for indices in sampler:
+        sums = torch.zeros(2, dtype=torch.float32, device=self.pc.device)  # [sum of loss x mask, sum of mask]
+        for n, indices in enumerate(sampler):
             if n == self.cfg.eval.iters * self.num_micro:
                 break
-            total += micro_batch_loss(self.forward_model, collate(ds, indices, self.pc.device))
-            n += 1
+            sums += torch.stack(micro_batch_loss_sum(self.forward_model, collate(ds, indices, self.pc.device)))
         self.model.train()
-        return float(self._reduce_mean_dp(total / max(n, 1)))
+        sums = self._sum_dp(sums)
+        return float(sums[0] / sums[1].clamp(min=1.0))
 
     def train_loader(self):
         """This rank's training micro batches, starting after the consumed samples."""
