@@ -350,6 +350,7 @@ class Trainer:
                         self._log_interval(loss if interval_n == 0 else interval_loss / interval_n, norm,
                                            interval_steps, elapsed)
                         interval_start, interval_steps, interval_loss, interval_n = time.time(), 0, 0.0, 0
+                    paused = time.time()  # validation and saving do not count towards tokens/s
                     if cfg.eval.interval and (self.iteration % cfg.eval.interval == 0
                                               or self.iteration == self.total_iters):
                         val = self.evaluate()
@@ -368,6 +369,7 @@ class Trainer:
                     if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0 \
                             and self.iteration < self.total_iters:
                         self.save("interval")
+                    interval_start += time.time() - paused
                 else:
                     result.checkpoint = self.save("finished")
             finally:
