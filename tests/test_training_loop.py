@@ -117,7 +117,7 @@ def test_bf16_masters_and_finetune_switches(tmp_path):
 
 def test_validation_uses_valid_split_and_sinks(tmp_path):
     cfg = _cfg(tmp_path, "--eval.interval", "2", "--eval.iters", "2", "--logging.tensorboard", "true",
-               "--logging.wandb", "true", "--logging.wandb_project", "megaocto-test", "--logging.log_interval", "1",
+               "--logging.wandb", "true", "--logging.wandb_project", "megaocto-test", "--logging.wandb_id", "job123", "--logging.log_interval", "1",
                iters=2)
     trainer = Trainer(cfg, stream=io.StringIO())
     valid = trainer.datasets["valid"]
@@ -136,7 +136,7 @@ def test_validation_uses_valid_split_and_sinks(tmp_path):
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mfu"] is None for r in train_recs)
     assert [r["iteration"] for r in records if r["kind"] == "valid"] == [2]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir / "tensorboard"))
-    assert any(n.startswith("offline-run-") for n in os.listdir(run_dir / "wandb"))
+    assert any(n.startswith("offline-run-") and n.endswith("-job123") for n in os.listdir(run_dir / "wandb"))
 
 
 def test_golden_losses_tiny_bigcode(tmp_path):

@@ -90,6 +90,8 @@ class LoggingConfig:
     wandb_run_name: str | None = field(None, "W&B run name (default: W&B picks one).")
     wandb_group: str | None = field(None, "W&B group, e.g. to gather the requeued parts of one run.")
     wandb_entity: str | None = field(None, "W&B entity (team or user); default: the logged-in user.")
+    wandb_id: str | None = field(None, "W&B run id; with a fixed id a requeued job continues the same W&B run "
+                                       "(resume='allow'), e.g. the SLURM job id.")
     peak_tflops: float | None = field(None, "Peak dense TFLOP/s per device for MFU; default: looked up by GPU name (n/a on CPU).")
 
     def validate(self) -> None:

@@ -56,7 +56,8 @@ class MetricsLogger:
             import wandb
 
             self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, group=cfg.wandb_group,
-                                     entity=cfg.wandb_entity, config=run_config or {}, dir=cfg.run_dir)
+                                     entity=cfg.wandb_entity, config=run_config or {}, dir=cfg.run_dir,
+                                     id=cfg.wandb_id, resume="allow" if cfg.wandb_id else None)
 
     def info(self, message: str) -> None:
         if self.enabled:
