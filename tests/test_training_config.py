@@ -159,9 +159,25 @@ def test_checkpoint_atomic_keep_last_and_tp_check(tmp_path, monkeypatch):
     ckpt.save_checkpoint(save, 6, _state(6), {}, pc)  # next save cleans up the leftover temp dir
     assert not [n for n in os.listdir(save) if n.endswith(".tmp")] and ckpt.read_tracker(save) == 6
 
+    # crash while re-saving iteration 6 itself, between swapping the old copy aside and renaming the new one in
+    def failing_swap(src, dst):
+        if src.endswith(".tmp"):
+            raise OSError("killed between renames")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing_swap)
+    with pytest.raises(OSError, match="between renames"):
+        ckpt.save_checkpoint(save, 6, _state(7), {}, pc)
+    monkeypatch.setattr(os, "replace", real_replace)
+    state, _, it = ckpt.load_checkpoint(save, pc)
+    assert it == 6 and torch.equal(state["model"]["w"], torch.full((3,), 6.0))
+
     two = ParallelContext(tp=2, world_size=2)
     with pytest.raises(ConfigError, match="saved with tp=1, pp=1 but this run uses tp=2, pp=1"):
         ckpt.load_checkpoint(save, two)
+    os.remove(os.path.join(save, "iter_0000006", "metadata.json"))  # a Megatron checkpoint: layout from mp_rank_*
+    os.makedirs(os.path.join(save, "iter_0000006", "mp_rank_01"))
+    with pytest.raises(ConfigError, match="saved with tp=2, pp=1 but this run uses tp=1"):
+        ckpt.load_checkpoint(save, pc)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / ckpt.TRACKER).write_text("latest\n")
     with pytest.raises(ConfigError, match="latest_checkpointed_iteration.txt:1"):

@@ -143,8 +143,16 @@ def save_checkpoint(save: str, iteration: int, state: dict, metadata: dict, pc, 
     return final
 
 
+def _resolve_dir(load: str, iteration: int | str) -> str:
+    """The iter directory; a crash while re-saving the same iteration may have left the complete copy at *.old."""
+    directory = os.path.join(load, iter_dir_name(iteration))
+    if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
+        return directory + ".old"
+    return directory
+
+
 def read_metadata(load: str, iteration: int | str) -> dict | None:
-    path = os.path.join(load, iter_dir_name(iteration), METADATA)
+    path = os.path.join(_resolve_dir(load, iteration), METADATA)
     if not os.path.exists(path):
         return None
     try:
@@ -154,14 +162,14 @@ def read_metadata(load: str, iteration: int | str) -> dict | None:
         raise ConfigError(f"{path}:{e.lineno}: invalid checkpoint metadata JSON: {e.msg}") from None
 
 
-def _saved_layout(load: str, iteration: int | str, meta: dict | None) -> tuple[int, int]:
+def _saved_layout(directory: str, meta: dict | None) -> tuple[int, int]:
     if meta is not None and "tp" in meta:
         return int(meta["tp"]), int(meta.get("pp", 1))
-    names = os.listdir(os.path.join(load, iter_dir_name(iteration)))  # Megatron checkpoint without metadata
-    ranks = [re.match(r"^mp_rank_(\d+)(?:_(\d+))?$", n) for n in names]
-    ranks = [m for m in ranks if m]
-    if not ranks:
-        raise ConfigError(f"{os.path.join(load, iter_dir_name(iteration))}: no mp_rank_* directories")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"checkpoint directory missing: {directory} (the tracker names an iteration that is not there)")
+    ranks = [m for n in os.listdir(directory) if (m := re.match(r"^mp_rank_(\d+)(?:_(\d+))?$", n))]
+    if not ranks:  # Megatron checkpoint without metadata: infer the layout from the rank directories
+        raise ConfigError(f"{directory}: no mp_rank_* directories")
     return (max(int(m.group(1)) for m in ranks) + 1,
             max(int(m.group(2)) if m.group(2) else 0 for m in ranks) + 1)
 
@@ -175,13 +183,14 @@ def load_checkpoint(load: str, pc, *, iteration: int | str | None = None) -> tup
         iteration = read_tracker(load)
         if iteration is None:
             return None
+    directory = _resolve_dir(load, iteration)
     meta = read_metadata(load, iteration)
-    tp, pp = _saved_layout(load, iteration, meta)
+    tp, pp = _saved_layout(directory, meta)
     if (tp, pp) != (pc.tp, pc.pp):
         raise ConfigError(
-            f"checkpoint {os.path.join(load, iter_dir_name(iteration))} was saved with tp={tp}, pp={pp} but this run "
-            f"uses tp={pc.tp}, pp={pc.pp}; run with the same parallel.tp/pp or reshard the checkpoint first")
-    path = model_file(load, iteration, pc.tp_rank, pc.pp_rank, pc.pp)
+            f"checkpoint {directory} was saved with tp={tp}, pp={pp} but this run uses tp={pc.tp}, pp={pc.pp}; "
+            f"run with the same parallel.tp/pp or reshard the checkpoint first")
+    path = os.path.join(directory, rank_dir_name(pc.tp_rank, pc.pp_rank, pc.pp), MODEL_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint file missing: {path} (incomplete or foreign checkpoint)")
     state = torch.load(path, map_location="cpu", weights_only=True)
