@@ -175,6 +175,7 @@ def test_checkpoint_atomic_keep_last_and_tp_check(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="saved with tp=1, pp=1 but this run uses tp=2, pp=1"):
         ckpt.load_checkpoint(save, two)
     ckpt.save_checkpoint(save, 7, _state(7), {}, pc)
+    assert not [n for n in os.listdir(save) if n.endswith((".old", ".tmp"))]
     os.remove(os.path.join(save, "iter_0000007", "metadata.json"))  # a Megatron checkpoint: layout from mp_rank_*
     os.makedirs(os.path.join(save, "iter_0000007", "mp_rank_01"))
     with pytest.raises(ConfigError, match="saved with tp=2, pp=1 but this run uses tp=1"):

@@ -124,17 +124,16 @@ def save_checkpoint(save: str, iteration: int, state: dict, metadata: dict, pc, 
                 "torch_version": torch.__version__, **metadata}
         _write_file_atomic(os.path.join(tmp, METADATA), lambda f: f.write(json.dumps(meta, indent=2).encode()))
         _fsync_dir(tmp)
-        old = None
-        if os.path.exists(final):  # re-saving the same iteration: swap the old one out, then delete it
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+        if os.path.exists(final):  # re-saving the same iteration: swap the old copy aside (removed below)
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
         os.replace(tmp, final)
         _fsync_dir(save)
         _write_file_atomic(os.path.join(save, TRACKER), lambda f: f.write(f"{int(iteration)}\n".encode()))
         _fsync_dir(save)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        for name in os.listdir(save):  # swapped-aside copies (ours, or left by a crash) are now superseded
+            if name.startswith("iter_") and name.endswith(".old"):
+                shutil.rmtree(os.path.join(save, name), ignore_errors=True)
         if keep_last > 0:
             for it in list_checkpoints(save)[:-keep_last]:
                 if it != int(iteration):
