@@ -61,7 +61,7 @@ def test_packing_invariants(tmp_path):
         assert np.all(s["loss_mask"][pad] == 0) and np.all(s["input_ids"][pad] == 7)
         assert np.all(np.diff(seg[~pad]) >= 0) and (not pad.any() or np.all(seg[np.argmax(pad):] == 0))
     assert seen == set(range(50)) - {5}
-    # the truncated example keeps its input's end and the whole target (rule in packed.py)
+    # the truncated example keeps its input's head+tail and the whole target (rule in packed.py)
     ki, kt = kept_lengths(np.array([40]), np.array([tgts.sizes[3]]), seq + 1)
     assert ki[0] + kt[0] == seq + 1 and kt[0] == tgts.sizes[3]
     # cache reuse, and seq_length is part of the cache key
@@ -191,3 +191,41 @@ def test_fim_missing_tokens_error():
 
     with pytest.raises(ValueError, match="<fim_middle>, <fim_suffix>, <fim_pad>"):
         FIM.from_tokenizer(NoFim(), rate=0.1, spm_rate=0.5, seed=0)
+
+
+def test_truncated_commit_keeps_instruction_and_answer_cue(tmp_path):
+    """A long commits-finetune example keeps its input's head (the subject) AND tail (the answer cue)."""
+    import json
+
+    from megaocto.data.indexed import MMapIndexedDataset
+    from megaocto.data.packed import input_head_tail, truncated_input
+    from megaocto.data.preprocess import PreprocessConfig, preprocess
+    from megaocto.data.tokenizer import load_tokenizer
+    from test_data_prep_tokenizer import train_tiny_tokenizer
+
+    assert input_head_tail(7) == (4, 3) and input_head_tail(0) == (0, 0)
+    np.testing.assert_array_equal(truncated_input(np.arange(10), 4), [0, 1, 8, 9])
+    np.testing.assert_array_equal(truncated_input(np.arange(3), 5), [0, 1, 2])
+    tok_path = train_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tok_path)
+    old = "".join(f"x{i} = {i} * 2\n" for i in range(200))  # far longer than the row
+    row = {"old_contents": old, "new_contents": old.replace("* 2", "* 3"), "subject": "Triple the values"}
+    (tmp_path / "c.jsonl").write_text(json.dumps(row) + "\n")
+    preprocess(PreprocessConfig(inputs=[str(tmp_path / "c.jsonl")], output_prefix=str(tmp_path / "ft"),
+                                tokenizer=tok_path, format="commits-finetune", log_interval=0))
+    ins = MMapIndexedDataset(str(tmp_path / "ft_inputs_document"))
+    tgts = MMapIndexedDataset(str(tmp_path / "ft_targets_document"))
+    seq = 96
+    assert ins.sizes[0] > seq and tgts.sizes[0] > seq
+    ds = PackedDataset(ins, tgts, name="train", documents=(0, 1), num_samples=2, seq_length=seq, seed=0,
+                       pad_id=tok.pad, cache_dir=str(tmp_path / "cache"))
+    assert ds.summary()["truncated_examples"] == 1
+    assert ds.summary()["truncated_tokens"] == int(ins.sizes[0] + tgts.sizes[0]) - (seq + 1)
+    s = ds[0]
+    ki = int(ds.keep_in[0])
+    tokens = np.concatenate([s["input_ids"], s["labels"][-1:]])
+    prompt = tok.decode(tokens[:ki].tolist())
+    assert prompt.startswith("Question: Triple the values\n")  # the instruction (head)
+    assert prompt.endswith("99 * 2\n\n\nAnswer:\n")  # the answer cue (tail)
+    assert tok.decode(tokens[ki:].tolist()).startswith("x0 = 0 * 3\n")  # the target's start
+    assert s["loss_mask"][ki - 1] == 1 and s["loss_mask"][:ki - 1].sum() == 0

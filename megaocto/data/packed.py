@@ -7,9 +7,13 @@ closed and the example opens the next one; a partly filled row carries over the 
 (Megatron mtf). Unlike Megatron the split's document range is respected, the cache name includes
 seq_length, and over-long examples are truncated (and counted), not skipped:
 
-    Truncation rule (L = seq_length + 1): an example with len(input) + len(target) > L keeps the LAST
-    k = min(len(input), max(L − len(target), L // 2)) input tokens (the end of the prompt, next to
-    the answer) and the FIRST L − k target tokens.
+    Truncation rule (L = seq_length + 1): an example with len(input) + len(target) > L keeps
+    k = min(len(input), max(L − len(target), L // 2)) input tokens and the FIRST L − k target tokens.
+    The k input tokens are the input's HEAD and TAIL with the middle cut out: the first h = k − k // 2
+    and the last t = k // 2 tokens (input_head_tail). Prompts put the instruction at the head
+    (commits-finetune "Question: {subject}\n{old}...", qa, magicoder) and the answer cue at the tail
+    ("\n\nAnswer:\n", "@@ Response\n"), so both survive; keeping only the tail would drop the
+    instruction of every long commit. An input that fits is kept whole (h + t = len(input)).
 
 Examples with an empty target carry no training signal and are left out; their count is reported.
 """
@@ -32,6 +36,21 @@ def kept_lengths(len_in: np.ndarray, len_tgt: np.ndarray, row_len: int) -> tuple
     keep_in = np.minimum(len_in, np.maximum(row_len - len_tgt, row_len // 2))
     keep_tgt = np.minimum(len_tgt, row_len - keep_in)
     return keep_in, keep_tgt
+
+
+def input_head_tail(keep_in: int) -> tuple[int, int]:
+    """(h, t): a kept input of keep_in tokens is input[:h] followed by input[len(input) - t:]."""
+    keep_in = int(keep_in)
+    return keep_in - keep_in // 2, keep_in // 2
+
+
+def truncated_input(tokens: np.ndarray, keep_in: int) -> np.ndarray:
+    """The kept input tokens under the truncation rule: head and tail, middle cut (whole when it fits)."""
+    tokens = np.asarray(tokens)
+    if keep_in >= len(tokens):
+        return tokens
+    h, t = input_head_tail(keep_in)
+    return np.concatenate([tokens[:h], tokens[len(tokens) - t:]])
 
 
 def pack_order(lengths: np.ndarray, examples: np.ndarray, num_rows: int, row_len: int, seed: int,
@@ -145,7 +164,7 @@ class PackedDataset:
         for k, ex in enumerate(self.row_examples(idx).tolist(), start=1):
             ki, kt = int(self.keep_in[ex]), int(self.keep_tgt[ex])
             if ki:
-                tokens[at:at + ki] = self.inputs.get(ex)[-ki:]
+                tokens[at:at + ki] = truncated_input(self.inputs.get(ex), ki)
             tokens[at + ki:at + ki + kt] = self.targets.get(ex)[:kt]
             seg[at:at + ki + kt] = k
             pos[at:at + ki + kt] = np.arange(ki + kt)
