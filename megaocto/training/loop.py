@@ -145,8 +145,9 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
 
         need_valid = cfg.eval.interval > 0 and cfg.eval.iters > 0
+        # One process per node builds missing index caches (atomic files); the others wait for them.
         self.datasets = build_datasets(
-            cfg.data, seq_length=self.seq_length, seed=cfg.train.seed,
+            cfg.data, seq_length=self.seq_length, seed=cfg.train.seed, may_build=pc.local_rank == 0,
             num_samples={"train": self.total_iters * self.global_batch,
                          "valid": cfg.eval.iters * self.global_batch if need_valid else 0, "test": 0})
         if need_valid and self.datasets.get("valid") is None:
