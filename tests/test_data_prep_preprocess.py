@@ -1,5 +1,6 @@
 """preprocess: formats, tokens vs direct encode, 1-vs-2 workers byte-identical, aligned pairs, CLI + merge."""
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -111,10 +112,70 @@ def test_cli_preprocess_no_join_then_merge(tmp_path, capsys):
     assert "30 docs" in capsys.readouterr().out
     for ext in ("bin", "idx"):
         assert (tmp_path / f"m.{ext}").read_bytes() == (tmp_path / f"j_content_document.{ext}").read_bytes()
+    # a two-sided format: `merge-datasets DIR` with the default pattern merges each key separately, and the
+    # command printed at the end of the --no-join run reproduces the joined output byte for byte
+    _write(tmp_path / "c.jsonl", [_commit(i) for i in range(12)])
+    ft = ["preprocess", "--input", str(tmp_path / "c.jsonl"), "--tokenizer", tok_path, "--format", "commits-finetune",
+          "--chunk-mb", "0.0005", "--log-interval", "0"]
+    assert main(ft + ["--output-prefix", str(tmp_path / "fj")]) == 0
+    capsys.readouterr()
+    assert main(ft + ["--output-prefix", str(tmp_path / "fn"), "--no-join"]) == 0
+    out = capsys.readouterr().out
+    shards = sorted(p.name for p in (tmp_path / "fn_shards").iterdir())
+    assert len(shards) > 4 and shards[0] == "000000_inputs_document.bin"
+    cmd = shlex.split(out.split("join them with:\n")[1].split("\n")[0])
+    assert cmd[:2] == ["megaocto", "merge-datasets"] and "--pattern" not in cmd
+    assert main(cmd[1:]) == 0
+    out = capsys.readouterr().out
+    assert "fn_inputs_document: 12 docs" in out and "fn_targets_document: 12 docs" in out
+    for key in ("inputs", "targets"):
+        for ext in ("bin", "idx"):
+            assert ((tmp_path / f"fn_{key}_document.{ext}").read_bytes()
+                    == (tmp_path / f"fj_{key}_document.{ext}").read_bytes())
+    # single-key shards: the printed command writes P_{key}_document too
+    assert main(common + ["--output-prefix", str(tmp_path / "n1"), "--no-join"]) == 0
+    cmd = shlex.split(capsys.readouterr().out.split("join them with:\n")[1].split("\n")[0])
+    assert main(cmd[1:]) == 0
+    assert ((tmp_path / "n1_content_document.bin").read_bytes()
+            == (tmp_path / "j_content_document.bin").read_bytes())
     (tmp_path / "bad.jsonl").write_text('{"content": "ok"}\n{"content": \n')
     assert main(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", tok_path, "--json-key",
                  "content", "--output-prefix", str(tmp_path / "b"), "--log-interval", "0"]) == 1
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().out
+
+
+def test_merge_groups_keys_and_sorts_shards_numerically(tmp_path):
+    from megaocto.data.indexed import (IndexedDatasetError, MMapIndexedDatasetBuilder, resolve_dataset_groups,
+                                       resolve_dataset_inputs)
+
+    def make(prefix, value):
+        b = MMapIndexedDatasetBuilder(str(prefix) + ".bin", np.uint16)
+        b.add_document([value])
+        b.finalize(str(prefix) + ".idx")
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i in (2, 10, 1_000_000, 999_999):  # unpadded / past 6 digits: numeric order, not text order
+        for key in ("inputs", "targets"):
+            make(d / f"{i}_{key}_document", i % 1000)
+    groups = resolve_dataset_groups([str(d)])
+    assert list(groups) == ["inputs", "targets"]
+    assert [p.rsplit("/", 1)[1] for p in groups["targets"]] == [
+        "2_targets_document", "10_targets_document", "999999_targets_document", "1000000_targets_document"]
+    with pytest.raises(IndexedDatasetError, match="several keys"):
+        resolve_dataset_inputs([str(d)])
+    with pytest.raises(IndexedDatasetError, match="different keys"):
+        resolve_dataset_groups([str(d), str(d / "2_inputs_document")])
+    assert len(resolve_dataset_inputs([str(d)], "*_inputs_document.idx")) == 4
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("wiki10_text_document", "wiki9_text_document", "code_text_document"):
+        make(plain / name, 1)
+    assert [p.rsplit("/", 1)[1] for p in resolve_dataset_inputs([str(plain)])] == [
+        "code_text_document", "wiki9_text_document", "wiki10_text_document"]
+    make(plain / "code_targets_document", 1)  # P_inputs/P_targets style names of one prefix: refuse to mix
+    with pytest.raises(IndexedDatasetError, match="several keys"):
+        resolve_dataset_inputs([str(plain)])
 
 
 def test_every_bad_case_skipped_with_global_line_numbers(tmp_path):

@@ -8,16 +8,21 @@ HELP = "Concatenate Megatron .bin/.idx datasets (prefixes or directories of shar
 def add_arguments(parser):
     parser.add_argument("--input", nargs="+", required=True,
                         help="dataset prefixes, or directories whose datasets (matching --pattern) are merged "
-                             "in sorted name order")
+                             "in numeric shard / natural name order; a `preprocess --no-join` shard directory of "
+                             "several keys (inputs, targets) is merged per key")
     parser.add_argument("--pattern", default="*.idx", help="glob inside input directories, e.g. '*_text_document.idx'")
-    parser.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
+    parser.add_argument("--output-prefix", required=True,
+                        help="writes OUTPUT_PREFIX.bin/.idx, or OUTPUT_PREFIX_{key}_document.bin/.idx per key when "
+                             "the inputs hold shards of several keys")
 
 
 def run(args) -> int:
-    from megaocto.data.indexed import merge_datasets, resolve_dataset_inputs
+    from megaocto.data.indexed import dataset_prefix, merge_datasets, resolve_dataset_groups
 
-    prefixes = resolve_dataset_inputs(args.input, args.pattern)
-    ds = merge_datasets(prefixes, args.output_prefix)
-    print(f"merged {len(prefixes)} datasets into {args.output_prefix}: {ds.num_docs} docs, "
-          f"{len(ds)} sequences, {ds.num_tokens:,} tokens ({ds.dtype.__name__})")
+    groups = resolve_dataset_groups(args.input, args.pattern)
+    for key, prefixes in groups.items():
+        out = args.output_prefix if key is None else dataset_prefix(args.output_prefix, key)
+        ds = merge_datasets(prefixes, out)
+        print(f"merged {len(prefixes)} datasets into {out}: {ds.num_docs} docs, "
+              f"{len(ds)} sequences, {ds.num_tokens:,} tokens ({ds.dtype.__name__})")
     return 0

@@ -17,6 +17,7 @@ This module is the one owner of the on-disk format. Layout of ``P.idx`` (little-
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 from array import array
@@ -369,17 +370,84 @@ def move_dataset(src_prefix: str, dst_prefix: str) -> None:
         shutil.move(f(src_prefix), f(dst_prefix))
 
 
-def resolve_dataset_inputs(inputs: list[str], pattern: str = "*.idx") -> list[str]:
-    """Dataset prefixes from prefixes / ``.idx``/``.bin`` paths / directories (sorted ``pattern`` matches)."""
+_SHARD_NAME = re.compile(r"^(\d+)_(.+)_document$")
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders digit runs numerically ('9_x' before '10_x'; zero-padded names are unaffected)."""
+    return [(0, int(p), p) if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def _directory_groups(directory: str, pattern: str) -> dict[str | None, list[str]]:
+    """A directory's datasets matching ``pattern``, grouped by output key.
+
+    Shard names ``{index}_{key}_document`` (``preprocess --no-join``) group exactly by key, in numeric index
+    order. Other names form one group (key None), in natural order; if one prefix P appears with several keys
+    (``P_inputs_document`` and ``P_targets_document``) that is an error: pass --pattern '*_KEY_document.idx'.
+    """
     import glob
 
-    prefixes = []
+    found = [_strip_prefix(f) for f in glob.glob(os.path.join(directory, pattern))]
+    if not found:
+        raise IndexedDatasetError(f"{directory}: no datasets matching {pattern!r}")
+    groups: dict[str | None, list[tuple]] = {}
+    others = []
+    for prefix in found:
+        m = _SHARD_NAME.match(os.path.basename(prefix))
+        if m:
+            groups.setdefault(m.group(2), []).append((int(m.group(1)), prefix))
+        else:
+            others.append(prefix)
+    if groups and others:
+        raise IndexedDatasetError(
+            f"{directory}: {pattern!r} matches preprocess shards (keys {', '.join(sorted(groups))}) and other "
+            f"datasets ({', '.join(sorted(os.path.basename(o) for o in others)[:5])}); narrow --pattern")
+    if others:
+        by_prefix: dict[str, set] = {}
+        for prefix in others:
+            m = re.match(r"^(.+)_([^_]+)_document$", os.path.basename(prefix))
+            if m:
+                by_prefix.setdefault(m.group(1), set()).add(m.group(2))
+        mixed = {p: k for p, k in by_prefix.items() if len(k) > 1}
+        if mixed:
+            p, k = sorted(mixed.items())[0]
+            raise IndexedDatasetError(
+                f"{directory}: {pattern!r} matches datasets of several keys ({', '.join(sorted(k))} of {p}); "
+                f"merging them into one dataset would mix e.g. inputs and targets. Merge one key at a time with "
+                f"--pattern '*_KEY_document.idx'")
+        return {None: sorted(others, key=lambda p: natural_key(os.path.basename(p)))}
+    return {k: [p for _, p in sorted(v)] for k, v in sorted(groups.items())}
+
+
+def resolve_dataset_groups(inputs: list[str], pattern: str = "*.idx") -> dict[str | None, list[str]]:
+    """Dataset prefixes from prefixes / ``.idx``/``.bin`` paths / directories, grouped by output key.
+
+    Returns {None: prefixes} for a single dataset stream, or {key: prefixes} when directories hold
+    ``preprocess --no-join`` shards of several keys (e.g. ``inputs`` and ``targets``); every directory must then
+    hold the same keys, and no plain prefix may be mixed in. Order: inputs in the given order, each directory's
+    datasets numerically (shards) or naturally sorted.
+    """
+    parts: list[dict[str | None, list[str]]] = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, pattern)))
-            if not found:
-                raise IndexedDatasetError(f"{item}: no datasets matching {pattern!r}")
-            prefixes.extend(_strip_prefix(f) for f in found)
+            parts.append(_directory_groups(item, pattern))
         else:
-            prefixes.append(_strip_prefix(item))
-    return prefixes
+            parts.append({None: [_strip_prefix(item)]})
+    keyed = [set(p) for p in parts if None not in p]
+    if not keyed or (all(len(k) == 1 for k in keyed) and len(set.union(*keyed)) == 1):
+        return {None: [x for p in parts for v in p.values() for x in v]}
+    keys = keyed[0]
+    if len(keyed) != len(parts) or any(k != keys for k in keyed):
+        raise IndexedDatasetError(
+            f"inputs hold datasets of different keys ({'; '.join(', '.join(sorted(map(str, p))) for p in parts)}); "
+            f"every input directory must hold the same keys, or pass --pattern '*_KEY_document.idx'")
+    return {k: [x for p in parts for x in p[k]] for k in sorted(keys)}
+
+
+def resolve_dataset_inputs(inputs: list[str], pattern: str = "*.idx") -> list[str]:
+    """Prefixes of a single dataset stream (see :func:`resolve_dataset_groups`); several keys are an error."""
+    groups = resolve_dataset_groups(inputs, pattern)
+    if len(groups) > 1:
+        raise IndexedDatasetError(f"inputs hold datasets of several keys ({', '.join(sorted(groups))}); "
+                                  f"merge each key separately with --pattern '*_KEY_document.idx'")
+    return next(iter(groups.values()))

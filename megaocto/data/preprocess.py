@@ -97,6 +97,23 @@ class PreprocessResult:
     seconds: float
     text_bytes: int        # UTF-8 bytes of the rendered text tokenized
     input_bytes: int
+    output_prefix: str | None = None
+
+    def merge_command(self) -> str | None:
+        """With join=False: the `megaocto merge-datasets` command that joins the shards into the joined outputs."""
+        if self.output_prefix is None or not self.outputs:
+            return None
+        shard_dir = next(iter(self.outputs.values()))
+        if shard_dir != self.output_prefix + "_shards":
+            return None
+        import shlex
+
+        if len(self.outputs) == 1:  # one key: merge exactly that key's shards into P_{key}_document
+            key = next(iter(self.outputs))
+            return (f"megaocto merge-datasets --input {shlex.quote(shard_dir)} --pattern "
+                    f"{shlex.quote(f'*_{key}_document.idx')} --output-prefix "
+                    f"{shlex.quote(indexed.dataset_prefix(self.output_prefix, key))}")
+        return f"megaocto merge-datasets --input {shlex.quote(shard_dir)} --output-prefix {shlex.quote(self.output_prefix)}"
 
     def summary(self) -> str:
         tok = sum(self.tokens.values())
@@ -105,6 +122,9 @@ class PreprocessResult:
                  f"{self.docs} docs, {tok:,} tokens in {self.seconds:.1f} s: {self.docs / s:.1f} docs/s, "
                  f"{self.input_bytes / s / 1e6:.2f} MB/s input, {tok / s:,.0f} tokens/s"]
         lines += [f"  {k}: {v}" for k, v in self.outputs.items()]
+        cmd = self.merge_command()
+        if cmd:
+            lines.append(f"shards left unjoined (--no-join); join them with:\n  {cmd}")
         return "\n".join(lines)
 
 
@@ -209,13 +229,15 @@ def _rows_failing_early(reader: JsonlReader, on_error: str):
 
 # --- main side ----------------------------------------------------------------------------------------------
 
+SHARD_DIGITS = 6
+
 def _plan(inputs: list[str], chunk_bytes: int, shard_dir: str) -> list[_Task]:
     tasks = []
     for path in inputs:
         size = os.path.getsize(path)
         for start in range(0, size, chunk_bytes):
             i = len(tasks)
-            tasks.append(_Task(i, path, start, min(start + chunk_bytes, size), os.path.join(shard_dir, f"{i:06d}")))
+            tasks.append(_Task(i, path, start, min(start + chunk_bytes, size), os.path.join(shard_dir, f"{i:0{SHARD_DIGITS}d}")))
     return tasks
 
 
@@ -319,4 +341,5 @@ def preprocess(cfg: PreprocessConfig, log=None) -> PreprocessResult:
                 os.environ[k] = v
         _WORKER_STATE.clear()
     outputs = final if cfg.join else {n: shard_dir for n in names}
-    return PreprocessResult(outputs, docs, tokens, stats, time.perf_counter() - t0, text_bytes, total_bytes)
+    return PreprocessResult(outputs, docs, tokens, stats, time.perf_counter() - t0, text_bytes, total_bytes,
+                            cfg.output_prefix)
