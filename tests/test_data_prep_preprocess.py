@@ -122,7 +122,7 @@ def test_cli_preprocess_no_join_then_merge(tmp_path, capsys):
     assert main(ft + ["--output-prefix", str(tmp_path / "fn"), "--no-join"]) == 0
     out = capsys.readouterr().out
     shards = sorted(p.name for p in (tmp_path / "fn_shards").iterdir())
-    assert len(shards) > 4 and shards[0] == "000000_inputs_document.bin"
+    assert len(shards) > 4 and shards[0] == "000000000_inputs_document.bin"
     cmd = shlex.split(out.split("join them with:\n")[1].split("\n")[0])
     assert cmd[:2] == ["megaocto", "merge-datasets"] and "--pattern" not in cmd
     assert main(cmd[1:]) == 0

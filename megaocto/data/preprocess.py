@@ -229,7 +229,7 @@ def _rows_failing_early(reader: JsonlReader, on_error: str):
 
 # --- main side ----------------------------------------------------------------------------------------------
 
-SHARD_DIGITS = 6
+SHARD_DIGITS = 9  # shard names {index:09d}_{key}_document sort as text up to 10^9 shards (merge sorts numerically)
 
 def _plan(inputs: list[str], chunk_bytes: int, shard_dir: str) -> list[_Task]:
     tasks = []
