@@ -111,7 +111,9 @@ def test_cli_reports_per_rule_counts(tmp_path, tok_path, capsys):
     args = ["filter-commits", "--input", str(src), "--output", str(out), "--tokenizer", tok_path,
             "--min-tokens", "10", "--max-tokens", "400"]
     assert main(args) == 1
-    assert f"{src}:{len(rows) + 1}: missing key" in capsys.readouterr().out
+    res = capsys.readouterr()  # --on-error fail: the bad-input summary and the error, on stderr
+    assert f"{src}:{len(rows) + 1}: missing key" in res.err and "missing key" not in res.out
+    assert f"rows read {len(rows) + 1}, written 0, skipped 0" in res.err and not out.exists()
     assert main(args + ["--on-error", "skip"]) == 0
     text = capsys.readouterr().out
     kept = [json.loads(line) for line in out.read_text().splitlines()]

@@ -56,6 +56,8 @@ def test_skip_mode_keeps_every_valid_row_and_counts_each_reason(tmp_path):
     summary = st.summary(written=len(valid))
     assert f"rows read {len(valid) + len(bad)}, written {len(valid)}, skipped {len(bad)}" in summary
     assert f"{path}:2: invalid JSON" in summary
+    msg = str(next(e for e in st.examples if e.category == "invalid JSON"))
+    assert "at at" not in msg and "(column " in msg
 
 
 def test_fail_mode_names_file_and_line(tmp_path):

@@ -84,8 +84,9 @@ def test_pairs_stay_aligned_and_bad_rows(tmp_path):
     _write(tmp_path / "c.jsonl", rows, extra_lines=['{"old_contents": "x", "subject": null}'])
     base = dict(inputs=[str(tmp_path / "c.jsonl")], tokenizer=tok_path, format="commits-finetune",
                 chunk_bytes=300, log_interval=0)
-    with pytest.raises(BadRowError, match=r"c\.jsonl:2: empty targets"):
+    with pytest.raises(BadRowError, match=r"c\.jsonl:2: empty targets") as err:
         preprocess(PreprocessConfig(output_prefix=str(tmp_path / "f" / "o"), workers=2, **base))
+    assert err.value.stats.rows_read == 2 and err.value.stats.rows_skipped == 0
     assert not list((tmp_path / "f").iterdir())  # nothing half-written is left
     res = preprocess(PreprocessConfig(output_prefix=str(tmp_path / "s" / "o"), on_error="skip", **base))
     assert res.docs == 3 and dict(res.stats.skipped) == {"empty targets": 1, "null key": 1}
@@ -138,10 +139,17 @@ def test_cli_preprocess_no_join_then_merge(tmp_path, capsys):
     assert main(cmd[1:]) == 0
     assert ((tmp_path / "n1_content_document.bin").read_bytes()
             == (tmp_path / "j_content_document.bin").read_bytes())
-    (tmp_path / "bad.jsonl").write_text('{"content": "ok"}\n{"content": \n')
-    assert main(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", tok_path, "--json-key",
-                 "content", "--output-prefix", str(tmp_path / "b"), "--log-interval", "0"]) == 1
-    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().out
+    # --on-error fail: the bad-input summary is printed too, with the error, on stderr (also with 2 workers,
+    # where later chunks were already done: only rows up to the bad one are counted)
+    (tmp_path / "bad.jsonl").write_text('{"content": "ok"}\n' * 40 + '{"content": \n' + '{"content": "ok"}\n' * 40)
+    for workers in ("1", "2"):
+        assert main(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", tok_path, "--json-key",
+                     "content", "--output-prefix", str(tmp_path / "b"), "--log-interval", "0", "--chunk-mb",
+                     "0.0002", "--workers", workers]) == 1
+        res = capsys.readouterr()
+        assert "bad.jsonl:41: invalid JSON" in res.err and "invalid JSON" not in res.out
+        assert "rows read 41, written 0, skipped 0" in res.err and "--on-error skip" in res.err
+        assert not list(tmp_path.glob("b_*"))
 
 
 def test_merge_groups_keys_and_sorts_shards_numerically(tmp_path):

@@ -1,6 +1,8 @@
 """`megaocto filter-commits`: CommitPackFT filter rules over CommitPack-schema jsonl, with per-rule counts."""
 from __future__ import annotations
 
+import sys
+
 NAME = "filter-commits"
 HELP = "Apply the CommitPackFT filters (commitpackft_filters1/2) to commit jsonl; prints drops per rule"
 
@@ -21,6 +23,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from megaocto.config.base import ConfigError
     from megaocto.data.filters import RULES, FilterConfig, filter_commits
+    from megaocto.commands.preprocess import print_stopped
     from megaocto.data.jsonl import BadRowError
 
     if args.list_rules:
@@ -28,15 +31,18 @@ def run(args) -> int:
             print(f"{r.name:24s} [{r.source}] {r.doc}")
         return 0
     if not args.input or not args.output:
-        print("error: --input and --output are required (or use --list-rules)")
+        print("error: --input and --output are required (or use --list-rules)", file=sys.stderr)
         return 2
     cfg = FilterConfig(seed=args.seed, tokenizer=args.tokenizer, min_tokens=args.min_tokens,
                        max_tokens=args.max_tokens, rules=args.rules, skip_rules=args.skip_rules,
                        on_error=args.on_error)
     try:
         filt = filter_commits(args.input, args.output, cfg)
-    except (BadRowError, ConfigError) as e:
-        print(f"error: {e}")
+    except BadRowError as e:
+        print_stopped(e)
+        return 1
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(filt.report())
     print(filt.stats.summary(written=filt.kept))

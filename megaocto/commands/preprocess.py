@@ -1,6 +1,8 @@
 """`megaocto preprocess`: jsonl → Megatron .bin/.idx (parallel, streamed, worker-count independent)."""
 from __future__ import annotations
 
+import sys
+
 NAME = "preprocess"
 HELP = "Tokenize jsonl files into Megatron .bin/.idx datasets (formats: text, commits-*, qa, magicoder, ...)"
 
@@ -38,7 +40,7 @@ def run(args) -> int:
     for kv in args.keys:
         role, sep, key = kv.partition("=")
         if not sep:
-            print(f"--keys expects ROLE=KEY, got {kv!r}")
+            print(f"error: --keys expects ROLE=KEY, got {kv!r}", file=sys.stderr)
             return 2
         key_map[role] = key
     cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
@@ -51,7 +53,15 @@ def run(args) -> int:
     try:
         result = preprocess(cfg)
     except BadRowError as e:
-        print(f"error: {e}\n(re-run with --on-error skip to skip and count bad rows)")
+        print_stopped(e)
         return 1
     print(result.summary())
     return 0
+
+
+def print_stopped(err, hint: str = "re-run with --on-error skip to skip and count bad rows") -> None:
+    """The bad-input summary (rows read, written, skipped and why) and the row that stopped the run, on stderr."""
+    if getattr(err, "stats", None) is not None:
+        print(err.stats.summary(written=0), file=sys.stderr)
+    print(f"error: {err}\nstopped at the first bad row (--on-error fail); nothing was written. ({hint})",
+          file=sys.stderr)

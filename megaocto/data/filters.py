@@ -232,7 +232,7 @@ class CommitFilter:
 
 def filter_commits(inputs: list[str], output: str, cfg: FilterConfig, log=None) -> CommitFilter:
     """Stream CommitPack jsonl ``inputs`` through the rules into ``output``; returns the filter (counts, stats)."""
-    from megaocto.data.jsonl import JsonlReader, write_jsonl_row
+    from megaocto.data.jsonl import BadRowError, JsonlReader, write_jsonl_row
 
     log = log if log is not None else (lambda m: print(m, file=sys.stderr))
     filt = CommitFilter(cfg)
@@ -246,9 +246,11 @@ def filter_commits(inputs: list[str], output: str, cfg: FilterConfig, log=None) 
                 kept = filt(row.data, reader.lines_seen - 1)
                 if kept is not None:
                     write_jsonl_row(out, kept)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, BadRowError):
+            e.stats = reader.stats  # rows read up to the bad row, for the summary the command prints
         raise
     os.replace(tmp, output)
     filt.stats = reader.stats

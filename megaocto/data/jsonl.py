@@ -29,6 +29,9 @@ class BadRowError(ValueError):
         self.path, self.line, self.category, self.detail = path, line, category, detail
         super().__init__(f"{path}:{line}: {category}{': ' + detail if detail else ''}")
 
+    # Set by the command that stopped on this row (--on-error fail): the counts up to it, for the summary.
+    stats: "JsonlStats | None" = None
+
     def __reduce__(self):
         return (BadRowError, (self.path, self.line, self.category, self.detail))
 
@@ -56,6 +59,14 @@ class JsonlStats:
         self.skipped[err.category] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(err)
+
+    def unskip(self, err: BadRowError) -> None:
+        """Undo :meth:`skip` of ``err`` (a row that stops the run instead of being skipped)."""
+        if self.skipped[err.category] > 0:
+            self.skipped[err.category] -= 1
+            self.skipped += Counter()  # drop zero counts
+        if err in self.examples:
+            self.examples.remove(err)
 
     @property
     def rows_skipped(self) -> int:
@@ -115,7 +126,7 @@ def parse_line(raw: bytes, path: str, line: int, keys: Iterable[str] = (), file_
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRowError(path, line, "invalid JSON", f"{e.msg} at column {e.colno} (truncated row?)") from None
+        raise BadRowError(path, line, "invalid JSON", f"{e.msg} (column {e.colno}; truncated row?)") from None
     if not isinstance(obj, dict):
         raise BadRowError(path, line, "not an object", f"got a JSON {type(obj).__name__}")
     _check_keys(path, line, obj, keys, text)

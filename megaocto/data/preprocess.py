@@ -207,6 +207,7 @@ def _process_chunk(task: _Task) -> _ChunkResult:
             flush()
         except BadRowError as e:
             result.error = e
+            reader.stats.rows_read = min(reader.stats.rows_read, e.line)  # rows up to and including the bad one
         for n, b in zip(names, builders):
             b.finalize(indexed.index_file_path(indexed.dataset_prefix(task.shard_prefix, n)))
     except BaseException:
@@ -221,10 +222,16 @@ def _rows_failing_early(reader: JsonlReader, on_error: str):
     """Rows of ``reader`` (which skips); in fail mode the first skipped row becomes the error instead."""
     for row in reader:
         if on_error == "fail" and reader.stats.rows_skipped:
-            raise reader.stats.examples[0]
+            raise _stop(reader.stats)
         yield row
     if on_error == "fail" and reader.stats.rows_skipped:
-        raise reader.stats.examples[0]
+        raise _stop(reader.stats)
+
+
+def _stop(stats: JsonlStats) -> BadRowError:
+    err = stats.examples[0]
+    stats.unskip(err)  # it stops the run; it is not a skipped row
+    return err
 
 
 # --- main side ----------------------------------------------------------------------------------------------
@@ -254,7 +261,7 @@ def preprocess(cfg: PreprocessConfig, log=None) -> PreprocessResult:
     """Tokenize ``cfg.inputs`` into ``{output_prefix}_{key}_document.bin/.idx``; see the module docstring.
 
     Raises BadRowError (``file:line: reason``) on the first bad row with ``on_error="fail"``; nothing is left
-    at the output paths then.
+    at the output paths then, and the error's ``stats`` holds the counts up to that row.
     """
     cfg.validate()
     log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -293,7 +300,11 @@ def preprocess(cfg: PreprocessConfig, log=None) -> PreprocessResult:
             base = line_base.get(task.path, 0)
             line_base[task.path] = base + res.lines
             if res.error is not None:
-                raise _relocate(res.error, base)
+                res.stats.examples = [_relocate(e, base) for e in res.stats.examples]
+                stats.merge(res.stats)
+                err = _relocate(res.error, base)
+                err.stats = stats  # rows read up to the bad row, for the summary the command prints
+                raise err
             res.stats.examples = [_relocate(e, base) for e in res.stats.examples]
             stats.merge(res.stats)
             docs += res.docs
