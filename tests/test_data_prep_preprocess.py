@@ -152,6 +152,18 @@ def test_cli_preprocess_no_join_then_merge(tmp_path, capsys):
         assert not list(tmp_path.glob("b_*"))
 
 
+def test_linediff_whitespace_only_change_is_a_named_bad_row(tmp_path):
+    tok_path = train_tiny_tokenizer(tmp_path)
+    ws = _commit(1, new=_commit(1)["old_contents"] + "\n\n")  # valid commit: trailing blank lines added
+    _write(tmp_path / "l.jsonl", [_commit(0), ws, _commit(2)])
+    base = dict(inputs=[str(tmp_path / "l.jsonl")], tokenizer=tok_path, format="commits-linediff", log_interval=0)
+    with pytest.raises(BadRowError, match=r"l\.jsonl:2: empty line diff: only leading/trailing whitespace.*"
+                                          r"--on-error skip"):
+        preprocess(PreprocessConfig(output_prefix=str(tmp_path / "f"), **base))
+    res = preprocess(PreprocessConfig(output_prefix=str(tmp_path / "s"), on_error="skip", **base))
+    assert res.docs == 2 and dict(res.stats.skipped) == {"empty line diff": 1}
+
+
 def test_merge_groups_keys_and_sorts_shards_numerically(tmp_path):
     from megaocto.data.indexed import (IndexedDatasetError, MMapIndexedDatasetBuilder, resolve_dataset_groups,
                                        resolve_dataset_inputs)

@@ -64,8 +64,14 @@ def _commits_finetune(old, subject, new):
 
 
 def _commits_linediff(old, subject, new):
-    return (f"<commit_before>\n{number_lines(old).rstrip()}\n<commit_msg>\n{subject}\n<commit_after>\n",
-            line_diff(old, new))
+    diff = line_diff(old, new)
+    if not diff and old != new:
+        # number_lines strips the file and splits lines (as upstream), so a valid commit that only changes
+        # whitespace at the start/end of the file (or line endings) has no line diff: a bad row, named as such.
+        raise FormatError("empty line diff", "only leading/trailing whitespace (or line endings) changed, which "
+                                             "the numbered line diff strips; re-run with --on-error skip to skip "
+                                             "and count such commits")
+    return (f"<commit_before>\n{number_lines(old).rstrip()}\n<commit_msg>\n{subject}\n<commit_after>\n", diff)
 
 
 def _qa(question, answer):
