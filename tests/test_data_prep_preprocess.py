@@ -230,3 +230,25 @@ def test_text_format_with_several_json_keys(tmp_path):
     for key in ("inputs", "targets"):
         ds = MMapIndexedDataset(str(tmp_path / f"m_{key}_document"))
         assert [ds[i].tolist() for i in range(5)] == [tok.encode(r[key]) + [tok.eod] for r in rows[:5]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["merge-datasets", "--input", "{d}/missing", "--output-prefix", "{d}/m"], "missing.idx: index file not found"),
+    (["merge-datasets", "--input", "{d}", "--output-prefix", "{d}/m"], "no datasets matching"),
+    (["commits", "--repo", "{d}", "--output", "{d}/c.jsonl"], "not a git repository"),
+    (["commits", "--repo", "{d}/nope", "--output", "{d}/c.jsonl"], "is not a directory"),
+    (["tokenizer", "info", "{d}/missing.json"], "tokenizer file not found"),
+    (["preprocess", "--input", "{d}/in.jsonl", "--tokenizer", "{d}/missing.json", "--output-prefix", "{d}/p"],
+     "tokenizer file not found"),
+    (["preprocess", "--input", "{d}/nope.jsonl", "--tokenizer", "x", "--output-prefix", "{d}/p"], "does not exist"),
+    (["filter-commits", "--input", "{d}/nope.jsonl", "--output", "{d}/o.jsonl", "--skip-rules", "token-length"],
+     "input file not found"),
+])
+def test_cli_expected_errors_are_one_line_on_stderr(tmp_path, capsys, argv, message):
+    d = tmp_path / "work"
+    d.mkdir()
+    (d / "in.jsonl").write_text('{"text": "x"}\n')
+    assert main([a.format(d=d) for a in argv]) == 2
+    res = capsys.readouterr()
+    assert message in res.err and "Traceback" not in res.err and res.out == ""
+    assert res.err.startswith(f"megaocto {argv[0]}: error: ") and res.err.count("\n") == 1

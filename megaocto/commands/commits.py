@@ -18,6 +18,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from megaocto.data.cli_errors import run_cleanly
+
+    return run_cleanly(NAME, _run, args)
+
+
+def _run(args) -> int:
     from megaocto.data.git_commits import CommitsConfig, extract_commits
 
     cfg = CommitsConfig(rev=args.rev, max_file_bytes=args.max_file_bytes, renames=args.renames,

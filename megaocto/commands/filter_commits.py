@@ -21,9 +21,15 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from megaocto.data.cli_errors import run_cleanly
+
+    return run_cleanly(NAME, _run, args)
+
+
+def _run(args) -> int:
     from megaocto.config.base import ConfigError
     from megaocto.data.filters import RULES, FilterConfig, filter_commits
-    from megaocto.commands.preprocess import print_stopped
+    from megaocto.data.cli_errors import print_stopped
     from megaocto.data.jsonl import BadRowError
 
     if args.list_rules:
@@ -42,7 +48,7 @@ def run(args) -> int:
         print_stopped(e)
         return 1
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"megaocto {NAME}: error: {e}", file=sys.stderr)
         return 1
     print(filt.report())
     print(filt.stats.summary(written=filt.kept))

@@ -17,6 +17,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from megaocto.data.cli_errors import run_cleanly
+
+    return run_cleanly(NAME, _run, args)
+
+
+def _run(args) -> int:
     from megaocto.data.indexed import dataset_prefix, merge_datasets, resolve_dataset_groups
 
     groups = resolve_dataset_groups(args.input, args.pattern)

@@ -33,6 +33,13 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from megaocto.data.cli_errors import run_cleanly
+
+    return run_cleanly(NAME, _run, args)
+
+
+def _run(args) -> int:
+    from megaocto.data.cli_errors import print_stopped
     from megaocto.data.jsonl import BadRowError
     from megaocto.data.preprocess import PreprocessConfig, preprocess
 
@@ -58,10 +65,3 @@ def run(args) -> int:
     print(result.summary())
     return 0
 
-
-def print_stopped(err, hint: str = "re-run with --on-error skip to skip and count bad rows") -> None:
-    """The bad-input summary (rows read, written, skipped and why) and the row that stopped the run, on stderr."""
-    if getattr(err, "stats", None) is not None:
-        print(err.stats.summary(written=0), file=sys.stderr)
-    print(f"error: {err}\nstopped at the first bad row (--on-error fail); nothing was written. ({hint})",
-          file=sys.stderr)

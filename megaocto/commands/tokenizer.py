@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 NAME = "tokenizer"
 HELP = "Train a byte-level BPE with StarCoder's special tokens (train) or describe a tokenizer (info)"
@@ -21,12 +22,18 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from megaocto.data.cli_errors import run_cleanly
+
+    return run_cleanly(NAME, _run, args)
+
+
+def _run(args) -> int:
     from megaocto.data.tokenizer import STARCODER_SPECIAL_TOKENS, load_tokenizer, train_bpe_tokenizer
 
     if args.action == "train":
         missing = [p for p in args.input if not os.path.isfile(p)]
         if missing:
-            print(f"error: input file(s) not found: {', '.join(missing)}")
+            print(f"megaocto {NAME}: error: input file(s) not found: {', '.join(missing)}", file=sys.stderr)
             return 1
         info = train_bpe_tokenizer(args.input, args.vocab_size, args.output, min_frequency=args.min_frequency,
                                    json_keys=args.json_keys)
