@@ -57,6 +57,12 @@ def test_gpt_blend_splits_and_fim(corpus, tmp_path):
         assert np.all(s["loss_mask"][s["input_ids"] == corpus["eod"]] == 0)
         n_fim += int(fim_prefix in s["input_ids"])
     assert n_fim > 10
+    # FIM draws depend on the split: train and valid of the same path use different salts, so sample i of
+    # each does not share its FIM decisions
+    for tp, vp in zip(train.datasets, valid.datasets):
+        assert tp.fim.salt != vp.fim.salt
+        text = np.arange(100, 140)
+        assert any(not np.array_equal(tp.fim.apply(text, i), vp.fim.apply(text, i)) for i in range(8))
     again = build_datasets(cfg, seq_length=32, num_samples={"train": 120, "valid": 20}, seed=7, may_build=False)
     for i in (0, 5, 119):
         np.testing.assert_array_equal(again["train"][i]["input_ids"], train[i]["input_ids"])

@@ -76,8 +76,9 @@ def _plan(cfg: DataConfig, src: _Sources, split: str, n: int) -> tuple[list, lis
         raise ValueError(f"data.split={cfg.split!r} leaves the {split} split of {', '.join(empty)} without "
                          f"documents while other paths have some; adjust data.split or use larger datasets")
     counts = blended_num_samples(n, weights) if len(ranges) > 1 else [n]
-    separate = bool({"valid": cfg.valid_paths, "test": cfg.test_paths}.get(split))
-    salt = 256 * SPLITS.index(split) if separate else 0  # FIM RNG salt: distinct per dataset
+    # FIM RNG salt: distinct per (split, path), so sample i of train and sample i of valid on the same path
+    # draw differently (the split is part of the salt whether or not valid/test have their own paths).
+    salt = 256 * SPLITS.index(split)
     return [(p, salt + i, ranges[i], counts[i]) for i, p in enumerate(paths)], weights
 
 
