@@ -163,3 +163,98 @@ def _body_dropout(rank, world_size):
 
 def test_dropout_under_tp_consistent_and_recompute_exact():
     run_distributed(_body_dropout, 2)
+
+
+def _attention_masks(attn, pc, p):
+    """Dropout masks ``[b, local_heads, s, s]`` that ``attn._core`` draws (training mode), gathered over TP.
+
+    Probe inputs: q = k = 0 (uniform causal probabilities 1/(i+1)) and one-hot v (v[j] = e_j), so the output is
+    the dropped probability matrix itself and ``out != 0`` is the keep mask. Returns (gathered [tp, b, h, s, s],
+    this rank's mask, the probe inputs).
+    """
+    b, s, d = 2, 16, attn.head_dim
+    assert d >= s
+    q = torch.zeros(b, attn.local_heads, s, d)
+    k = torch.zeros(b, attn.local_groups, s, d)
+    v = torch.eye(s, d).expand(b, attn.local_groups, s, d).contiguous()
+    out = attn._core(q, k, v, None)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    kept = out[..., :s] != 0
+    assert not (kept & ~causal).any()
+    # surviving entries are 1/(i+1)/(1-p): real dropout, not identity
+    scale = (1.0 / torch.arange(1, s + 1, dtype=torch.float32))[:, None].expand(s, s) / (1 - p)
+    torch.testing.assert_close(out[..., :s][kept], scale.expand_as(kept)[kept])
+    assert 0 < kept.sum() < causal.sum() * b * attn.local_heads
+    parts = [torch.empty_like(kept) for _ in range(pc.tp)]
+    dist.all_gather(parts, kept.contiguous(), group=pc.tp_group)
+    return torch.stack(parts), kept, (q, k, v)
+
+
+def _body_dropout_streams(rank, world_size):
+    import megaocto.model.bigcode as bigcode
+    import megaocto.model.glm2 as glm2
+    from megaocto.model.attention import attention
+    from megaocto.model.common import dropout
+    from megaocto.parallel.random import seed_everything
+
+    p = 0.5
+    for name in ("tiny-bigcode", "tiny-glm2"):
+        # 1. attention dropout: probabilities are sharded by head -> per-TP-rank tracker stream
+        cfg = ModelConfig.from_preset(name, attention_dropout=p, hidden_dropout=0.0)
+        pc = ParallelContext.init(tp=2, sequence_parallel=False)
+        torch.manual_seed(1234)
+        model = build_model(cfg, pc).train()
+        attn = model.layers[0].self_attention
+        seed_everything(5, pc)
+        tracker = pc.rng.get_states()
+        default = torch.get_rng_state()
+        masks, mine, (q, k, v) = _attention_masks(attn, pc, p)
+        # rank 0 head 0 (global head 0) and rank 1 head 0 (global head 2) get different masks
+        assert not torch.equal(masks[0, :, 0], masks[1, :, 0]), name
+        assert not torch.equal(masks[0], masks[1]), name
+        # the mask is exactly the one this rank's tracker stream draws, and not the shared default stream's
+        assert torch.equal(torch.get_rng_state(), default), f"{name}: attention dropout consumed the default RNG"
+        pc.rng.set_states(tracker)
+        scale = 1.0 / attn.head_dim ** 0.5
+        with pc.rng.fork():
+            tracked = attention(q, k, v, causal=True, dropout_p=p, scale=scale)[..., :16] != 0
+        assert torch.equal(tracked, mine), name
+        shared = attention(q, k, v, causal=True, dropout_p=p, scale=scale)[..., :16] != 0
+        assert not torch.equal(shared, mine), name
+
+        # 2. residual dropout under sequence parallelism: the [b, s/tp, h] shards differ across TP ranks
+        cfg = ModelConfig.from_preset(name, attention_dropout=0.0, hidden_dropout=p)
+        pc = ParallelContext.init(tp=2, sequence_parallel=True)
+        seed_everything(5, pc)
+        ones = torch.ones(2, 8, cfg.hidden_size)
+        shard = dropout(ones, p, True, pc, sharded=True) != 0
+        parts = [torch.empty_like(shard) for _ in range(pc.tp)]
+        dist.all_gather(parts, shard, group=pc.tp_group)
+        assert not torch.equal(parts[0], parts[1]), name
+        # replicated activations (sharded=False) still agree across ranks
+        same = dropout(ones, p, True, pc, sharded=False) != 0
+        dist.all_gather(parts, same, group=pc.tp_group)
+        assert torch.equal(parts[0], parts[1]), name
+        # and the blocks ask for the sharded stream when sequence parallel is on (replicated when off)
+        for sp in (True, False):
+            pc = ParallelContext.init(tp=2, sequence_parallel=sp)
+            torch.manual_seed(1234)
+            model = build_model(cfg, pc).train()
+            seed_everything(5, pc)
+            module = bigcode if name == "tiny-bigcode" else glm2
+            seen, real = [], module.dropout
+
+            def spy(x, p_, training, pc_, *, sharded):
+                seen.append(sharded)
+                return real(x, p_, training, pc_, sharded=sharded)
+            module.dropout = spy
+            try:
+                ids, seg, labels = _batch(0)
+                model(ids, segment_ids=seg, labels=labels)
+            finally:
+                module.dropout = real
+            assert seen and all(s == sp for s in seen), (name, sp, seen)
+
+
+def test_tp_dropout_streams_attention_heads_and_sequence_shards():
+    run_distributed(_body_dropout_streams, 2)
