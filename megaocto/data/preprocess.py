@@ -113,7 +113,8 @@ class PreprocessResult:
             return (f"megaocto merge-datasets --input {shlex.quote(shard_dir)} --pattern "
                     f"{shlex.quote(f'*_{key}_document.idx')} --output-prefix "
                     f"{shlex.quote(indexed.dataset_prefix(self.output_prefix, key))}")
-        return f"megaocto merge-datasets --input {shlex.quote(shard_dir)} --output-prefix {shlex.quote(self.output_prefix)}"
+        return (f"megaocto merge-datasets --input {shlex.quote(shard_dir)} "
+                f"--output-prefix {shlex.quote(self.output_prefix)}")
 
     def summary(self) -> str:
         tok = sum(self.tokens.values())
@@ -236,7 +237,7 @@ def _stop(stats: JsonlStats) -> BadRowError:
 
 # --- main side ----------------------------------------------------------------------------------------------
 
-SHARD_DIGITS = 9  # shard names {index:09d}_{key}_document sort as text up to 10^9 shards (merge sorts numerically)
+SHARD_DIGITS = 9  # shard names {index:09d}_{key}_document sort as text up to 10^9 shards; merge sorts numerically
 
 def _plan(inputs: list[str], chunk_bytes: int, shard_dir: str) -> list[_Task]:
     tasks = []
@@ -244,7 +245,8 @@ def _plan(inputs: list[str], chunk_bytes: int, shard_dir: str) -> list[_Task]:
         size = os.path.getsize(path)
         for start in range(0, size, chunk_bytes):
             i = len(tasks)
-            tasks.append(_Task(i, path, start, min(start + chunk_bytes, size), os.path.join(shard_dir, f"{i:0{SHARD_DIGITS}d}")))
+            shard = os.path.join(shard_dir, f"{i:0{SHARD_DIGITS}d}")
+            tasks.append(_Task(i, path, start, min(start + chunk_bytes, size), shard))
     return tasks
 
 
