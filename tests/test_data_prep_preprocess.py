@@ -109,10 +109,10 @@ def test_cli_preprocess_no_join_then_merge(tmp_path, capsys):
     assert "rows read 30, written 30, skipped 0" in capsys.readouterr().out
     assert main(common + ["--output-prefix", str(tmp_path / "n"), "--no-join"]) == 0
     assert main(["merge-datasets", "--input", str(tmp_path / "n_shards"), "--pattern", "*_content_document.idx",
-                 "--output-prefix", str(tmp_path / "m")]) == 0
+                 "--output-prefix", str(tmp_path / "new_dir" / "m")]) == 0  # the output directory is created
     assert "30 docs" in capsys.readouterr().out
     for ext in ("bin", "idx"):
-        assert (tmp_path / f"m.{ext}").read_bytes() == (tmp_path / f"j_content_document.{ext}").read_bytes()
+        assert (tmp_path / "new_dir" / f"m.{ext}").read_bytes() == (tmp_path / f"j_content_document.{ext}").read_bytes()
     # a two-sided format: `merge-datasets DIR` with the default pattern merges each key separately, and the
     # command printed at the end of the --no-join run reproduces the joined output byte for byte
     _write(tmp_path / "c.jsonl", [_commit(i) for i in range(12)])

@@ -347,6 +347,7 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> MMapIndexedDatase
     if not prefixes:
         raise IndexedDatasetError("merge_datasets: no input datasets given")
     first = MMapIndexedDataset(prefixes[0])
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     builder = MMapIndexedDatasetBuilder(data_file_path(output_prefix), first.dtype)
     del first
     try:
