@@ -118,6 +118,22 @@ def test_memory_estimate_model_states_and_ordering():
     assert fp32.weights == 4 * fp32.params_per_gpu and fp32.optimizer == 8 * fp32.params_per_gpu
 
 
+@pytest.mark.parametrize("name", ["tiny-bigcode", "tiny-glm2", "starcoder-15b", "codegeex2-6b"])
+def test_memory_params_per_gpu_equal_param_counts(name):
+    """Layer norms are counted once per layer (not again as final norms), on every layout."""
+    cfg = ModelConfig.from_preset(name)
+    assert estimate_memory(cfg).params_per_gpu == num_params(cfg)
+    for tp in (1, 2):
+        if cfg.num_query_groups > 1 and cfg.num_query_groups % tp:
+            continue
+        assert estimate_memory(cfg, tp=tp).params_per_gpu == num_params_per_rank(cfg, tp)
+        # pp=2: the two stages hold everything once, plus the tied embedding's copy on the last stage
+        from megaocto.model.memory import _stage_params
+        stages = _stage_params(cfg, tp, 2)
+        tied = cfg.padded_vocab_size(tp) * cfg.hidden_size // tp if cfg.tie_embeddings else 0
+        assert stages["first"] + stages["last"] == num_params_per_rank(cfg, tp) + tied
+
+
 def test_model_info_cli(capsys):
     assert cli_main(["model-info", "--preset", "starcoder-15b", "--tp", "4", "--pp", "4", "--dp", "8",
                      "--zero1", "--recompute", "selective"]) == 0

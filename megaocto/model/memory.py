@@ -52,13 +52,14 @@ def _stage_params(cfg: ModelConfig, tp: int, pp: int) -> dict[str, int]:
     first = last = 0
     for s in param_table(cfg, tp):
         n = s.numel_per_rank(tp)
-        if s.name.startswith("layers.0."):
-            per_layer += n
+        if s.name.startswith("layers."):
+            if s.name.startswith("layers.0."):  # every layer has the same parameters: count one, scale below
+                per_layer += n
         elif s.kind in ("embedding", "position"):
             first += n
             if s.kind == "embedding" and cfg.tie_embeddings and pp > 1:
                 last += n  # Megatron keeps a copy of the tied embedding on the last stage
-        elif s.kind in ("output", "norm"):  # final norm (layer norms are inside layers.*)
+        elif s.kind in ("output", "norm"):  # output layer and final norm (per-layer norms are handled above)
             last += n
     body = per_layer * layers_per_stage
     if pp == 1:
