@@ -140,7 +140,26 @@ def test_model_info_cli(capsys):
     out = capsys.readouterr().out
     assert "15,517,456,384" in out and "FLOPs per token" in out and "activations" in out and "total" in out
     assert cli_main(["model-info", "--preset", "codegeex2-6b", "--tp", "4"]) == 2
-    assert "num_query_groups=2 is not divisible by tp=4" in capsys.readouterr().out
+    err = capsys.readouterr()
+    assert "num_query_groups=2 is not divisible by tp=4" in err.err and err.out == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pp", "3"], "pp=3 does not divide num_layers=2"),  # tiny-bigcode has 2 layers
+    (["--pp", "4"], "use pp in [1, 2]"),
+    (["--pp", "0"], "--pp must be >= 1"),
+    (["--seq-length", "0"], "--seq-length must be >= 1 (got 0)"),
+    (["--seq-length", "-5"], "--seq-length must be >= 1"),
+    (["--seq-length", "128"], "exceeds max_position_embeddings=64"),
+    (["--micro-batch", "0"], "--micro-batch must be >= 1"),
+])
+def test_model_info_rejects_bad_layouts(capsys, argv, message):
+    assert cli_main(["model-info", "--preset", "tiny-bigcode", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+    if "--pp" in argv and argv[1] != "0":
+        with pytest.raises(ValueError, match="does not divide num_layers"):
+            estimate_memory(ModelConfig.from_preset("tiny-bigcode"), pp=int(argv[1]))
 
 
 def test_tied_embedding_is_output_layer():

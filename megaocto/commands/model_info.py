@@ -24,18 +24,29 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import sys
+
     from megaocto.config.base import ConfigError
     from megaocto.config.model import ModelConfig
     from megaocto.model.info import model_info_report
 
     try:
-        overrides = {"seq_length": args.seq_length} if args.seq_length else {}
+        for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp),
+                            ("--micro-batch", args.micro_batch), ("--recompute-num-layers", args.recompute_num_layers)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1 (got {value})")
+        overrides = {}
+        if args.seq_length is not None:
+            if args.seq_length < 1:
+                raise ValueError(f"--seq-length must be >= 1 (got {args.seq_length}); omit it to use the preset's "
+                                 f"sequence length")
+            overrides["seq_length"] = args.seq_length
         cfg = ModelConfig.from_preset(args.preset, **overrides)
         print(model_info_report(cfg, preset=args.preset, tp=args.tp, pp=args.pp, dp=args.dp,
                                 micro_batch=args.micro_batch, dtype=args.dtype, recompute=args.recompute,
                                 recompute_num_layers=args.recompute_num_layers, zero1=args.zero1,
                                 sequence_parallel=not args.no_sequence_parallel, flash_attention=not args.no_flash))
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

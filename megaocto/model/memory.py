@@ -45,9 +45,17 @@ class MemoryEstimate:
                                          ("total", self.total))}
 
 
+def check_pipeline_split(num_layers: int, pp: int) -> None:
+    """Raise ValueError unless ``pp`` stages hold the same number of layers (Megatron: num_layers % pp == 0)."""
+    if pp < 1 or num_layers % pp:
+        ok = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+        raise ValueError(f"pipeline-parallel size pp={pp} does not divide num_layers={num_layers}: every stage must "
+                         f"hold the same number of layers; use pp in {ok}")
+
+
 def _stage_params(cfg: ModelConfig, tp: int, pp: int) -> dict[str, int]:
     """Parameters per GPU on the first and last pipeline stage (pp == 1: one stage holding everything)."""
-    layers_per_stage = math.ceil(cfg.num_layers / pp)
+    layers_per_stage = cfg.num_layers // pp
     per_layer = 0
     first = last = 0
     for s in param_table(cfg, tp):
@@ -107,14 +115,17 @@ def estimate_memory(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, 
         if v < 1:
             raise ValueError(f"{name} must be >= 1 (got {v})")
     cfg.validate(tp)
+    check_pipeline_split(cfg.num_layers, pp)
     seq_len = seq_len if seq_len is not None else cfg.seq_length
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1 (got {seq_len})")
     sp = (tp > 1) if sequence_parallel is None else (sequence_parallel and tp > 1)
     elem = _DTYPE_BYTES[dtype]
     weight_b, grad_b, opt_b = (4, 4, 8) if dtype == "fp32" else (elem, 4, 12)
     if zero1:
         opt_b = opt_b / dp
 
-    layers_per_stage = math.ceil(cfg.num_layers / pp)
+    layers_per_stage = cfg.num_layers // pp
     in_flight = min(pp, num_microbatches if num_microbatches is not None else pp)
     per_layer = activation_bytes_per_layer(cfg, tp=tp, micro_batch=micro_batch, seq_len=seq_len, elem=elem,
                                            sequence_parallel=sp, flash_attention=flash_attention,
