@@ -192,3 +192,18 @@ def test_accumulation_recompute_and_run_length(tmp_path):
                                                "--data.synthetic_epoch_samples", "16", "--train.global_batch_size",
                                                "4", "--train.dtype", "fp32"]), stream=io.StringIO())
     assert by_epochs.total_iters == 2
+
+
+def test_loader_creation_leaves_default_rng_alone():
+    """Starting the DataLoader after a checkpoint's RNG state was restored must not draw from torch's default RNG
+    (it would shift every dropout mask of a resumed run)."""
+    from megaocto.training.sampler import micro_batch_loader
+
+    data = [{"x": torch.arange(4)} for _ in range(8)]
+    for workers in (0, 1):
+        before = torch.get_rng_state()
+        it = iter(micro_batch_loader(data, PretrainingSampler(8, 0, 2, 0, 1), num_workers=workers,
+                                     pin_memory=False, seed=3))
+        assert torch.equal(torch.get_rng_state(), before), f"num_workers={workers}"
+        assert next(it)["x"].shape == (2, 4)
+        del it

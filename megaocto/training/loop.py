@@ -289,7 +289,7 @@ class Trainer:
         sampler = PretrainingSampler(len(self.datasets["train"]), self.consumed, self.cfg.train.micro_batch_size,
                                      self.pc.dp_rank, self.pc.dp)
         return micro_batch_loader(self.datasets["train"], sampler, num_workers=self.cfg.data.num_workers,
-                                  pin_memory=self.pc.device.type == "cuda")
+                                  pin_memory=self.pc.device.type == "cuda", seed=self.cfg.train.seed)
 
     def _stop_requested(self, preempt: _PreemptFlag, start_time: float) -> str | None:
         t = self.cfg.train

@@ -55,10 +55,15 @@ def _ignore_preempt_signals(_worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-def micro_batch_loader(dataset, sampler: PretrainingSampler, *, num_workers: int, pin_memory: bool):
-    """A DataLoader yielding this rank's micro batches in sampler order, read by `num_workers` processes."""
+def micro_batch_loader(dataset, sampler: PretrainingSampler, *, num_workers: int, pin_memory: bool, seed: int = 0):
+    """A DataLoader yielding this rank's micro batches in sampler order, read by `num_workers` processes.
+
+    The loader has its own generator (seeded with `seed`): creating its iterator draws the workers' base seed
+    from it instead of from torch's default RNG, so starting the loader after a checkpoint's RNG state was
+    restored does not shift the dropout masks (exact resume with dropout on).
+    """
     from torch.utils.data import DataLoader
 
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=num_workers,
                       pin_memory=pin_memory, worker_init_fn=_ignore_preempt_signals if num_workers else None,
-                      prefetch_factor=2 if num_workers else None)
+                      prefetch_factor=2 if num_workers else None, generator=torch.Generator().manual_seed(seed))
