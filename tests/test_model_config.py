@@ -152,6 +152,7 @@ def test_model_info_cli(capsys):
     (["--seq-length", "-5"], "--seq-length must be >= 1"),
     (["--seq-length", "128"], "exceeds max_position_embeddings=64"),
     (["--micro-batch", "0"], "--micro-batch must be >= 1"),
+    (["--tp", "4", "--seq-length", "62"], "sequence length 62 is not divisible by tp=4"),
 ])
 def test_model_info_rejects_bad_layouts(capsys, argv, message):
     assert cli_main(["model-info", "--preset", "tiny-bigcode", *argv]) == 2
@@ -180,3 +181,25 @@ def test_build_model_rejects_bad_recompute_and_pp():
         build_model(cfg, ParallelContext.single(), recompute="layers")
     with pytest.raises(ConfigError, match="pipeline parallelism"):
         build_model(cfg, ParallelContext(pp=2, world_size=2))
+
+
+def test_sequence_parallel_needs_seq_length_divisible_by_tp():
+    cfg = ModelConfig.from_preset("tiny-bigcode", seq_length=63)
+    cfg.validate(2)  # the existing call (RunConfig.validate) keeps working: no sequence parallelism implied
+    cfg.validate(1, sequence_parallel=True)  # sequence parallelism is off at tp=1
+    with pytest.raises(ConfigError, match=r"model.seq_length=63 is not divisible by tp=2.*parallel.sequence_parallel"):
+        cfg.validate(2, sequence_parallel=True)
+    # the model constructors know pc.sequence_parallel and refuse before building anything
+    from megaocto.model.bigcode import BigCodeModel
+    from megaocto.model.glm2 import GLM2Model
+    pc = ParallelContext(tp=2, world_size=2, sequence_parallel=True)
+    glm = ModelConfig.from_preset("tiny-glm2", seq_length=63)
+    for c, cls in ((cfg, BigCodeModel), (glm, GLM2Model)):
+        for build in (lambda: cls(c, pc), lambda: build_model(c, pc)):
+            with pytest.raises(ConfigError, match=r"model.seq_length=63.*parallel.sequence_parallel"):
+                build()
+    # a batch shorter than seq_length that does not split is named at forward time, before any collective
+    from megaocto.model.common import check_input_ids
+    with pytest.raises(ValueError, match=r"input sequence length 7 is not divisible by tp=2.*sequence_parallel"):
+        check_input_ids(torch.zeros(1, 7, dtype=torch.long), ModelConfig.from_preset("tiny-bigcode"), pc)
+    check_input_ids(torch.zeros(1, 8, dtype=torch.long), ModelConfig.from_preset("tiny-bigcode"), pc)

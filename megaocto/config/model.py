@@ -113,8 +113,11 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, tp: int = 1) -> None:
-        """Raise ConfigError when the architecture is inconsistent or cannot be split over ``tp`` ranks."""
+    def validate(self, tp: int = 1, *, sequence_parallel: bool = False) -> None:
+        """Raise ConfigError when the architecture is inconsistent or cannot be split over ``tp`` ranks.
+
+        ``sequence_parallel`` (only meaningful with tp > 1) also requires ``seq_length`` to split evenly over tp.
+        """
         if self.family not in FAMILIES:
             raise ConfigError(f"model.family must be one of {FAMILIES} (got {self.family!r})")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
@@ -151,6 +154,11 @@ class ModelConfig:
                               "(use family bigcode for replicated multi-query K/V)")
         if self.ffn_size % tp:
             raise ConfigError(f"MLP width {self.ffn_size} (model.ffn_hidden_size) is not divisible by tp={tp}")
+        if sequence_parallel and tp > 1 and self.seq_length % tp:
+            raise ConfigError(
+                f"model.seq_length={self.seq_length} is not divisible by tp={tp}, which "
+                f"parallel.sequence_parallel=true requires (each TP rank holds seq_length/tp tokens); use a "
+                f"seq_length that is a multiple of {tp} or set parallel.sequence_parallel=false")
         if self.max_positions < self.seq_length:
             raise ConfigError(
                 f"model.seq_length={self.seq_length} exceeds max_position_embeddings={self.max_positions}; "

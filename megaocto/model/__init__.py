@@ -26,7 +26,7 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
     if getattr(pc, "pp", 1) > 1:
         raise ConfigError(f"build_model builds the whole layer stack on every rank; pipeline parallelism (pp={pc.pp}) "
                           f"is not supported by the model builders: use parallel.pp=1 with tp/dp (and recompute)")
-    cfg.validate(pc.tp)
+    cfg.validate(pc.tp, sequence_parallel=getattr(pc, "sequence_parallel", False))
     if cfg.family == "bigcode":
         from megaocto.model.bigcode import BigCodeModel as cls
     else:

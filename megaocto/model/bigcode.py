@@ -22,8 +22,8 @@ from torch import nn
 
 from megaocto.config.model import ModelConfig
 from megaocto.model.attention import attention
-from megaocto.model.common import (checkpoint, default_position_ids, dropout, lm_head_input, logits_or_loss,
-                                   normal_init, run_layers, scaled_init, tag_sequence_parallel)
+from megaocto.model.common import (check_input_ids, checkpoint, default_position_ids, dropout, lm_head_input,
+                                   logits_or_loss, normal_init, run_layers, scaled_init, tag_sequence_parallel)
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megaocto.parallel.mappings import copy_to_tp, gather_from_sp, scatter_to_sp
 
@@ -150,7 +150,7 @@ class BigCodeModel(nn.Module):
     def __init__(self, cfg: ModelConfig, pc, *, dtype=torch.float32, device=None, recompute: str = "none",
                  recompute_num_layers: int = 1):
         super().__init__()
-        cfg.validate(pc.tp)
+        cfg.validate(pc.tp, sequence_parallel=pc.sequence_parallel)
         self.cfg, self.pc = cfg, pc
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         self.padded_vocab_size = pad_vocab_size(cfg.vocab_size, pc.tp, cfg.make_vocab_size_divisible_by)
@@ -171,6 +171,7 @@ class BigCodeModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         pc = self.pc
+        check_input_ids(input_ids, self.cfg, pc)
         if input_ids.shape[1] > self.cfg.max_positions:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                              f"{self.cfg.max_positions} of this model")

@@ -55,6 +55,18 @@ def dropout(x: torch.Tensor, p: float, training: bool, pc, *, sharded: bool) -> 
     return F.dropout(x, p, True)
 
 
+def check_input_ids(input_ids: torch.Tensor, cfg, pc) -> None:
+    """Reject inputs the model would otherwise mis-handle, with messages naming the config to fix.
+
+    * sequence parallelism splits the sequence over TP ranks, so its length must be a multiple of tp.
+    """
+    s = input_ids.shape[-1]
+    if pc.sequence_parallel and s % pc.tp:
+        raise ValueError(f"input sequence length {s} is not divisible by tp={pc.tp}, which "
+                         f"parallel.sequence_parallel requires; pad batches to a multiple of {pc.tp} "
+                         f"(model.seq_length) or set parallel.sequence_parallel=false")
+
+
 def default_position_ids(input_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
     """0, 1, 2, ... per row, restarting at every segment boundary when ``segment_ids`` is given."""
     b, s = input_ids.shape

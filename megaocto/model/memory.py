@@ -120,6 +120,10 @@ def estimate_memory(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, 
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1 (got {seq_len})")
     sp = (tp > 1) if sequence_parallel is None else (sequence_parallel and tp > 1)
+    if sp and seq_len % tp:
+        raise ValueError(f"sequence length {seq_len} is not divisible by tp={tp}, which sequence parallelism "
+                         f"requires; use a multiple of {tp} or turn sequence parallelism off "
+                         f"(model-info --no-sequence-parallel)")
     elem = _DTYPE_BYTES[dtype]
     weight_b, grad_b, opt_b = (4, 4, 8) if dtype == "fp32" else (elem, 4, 12)
     if zero1:
