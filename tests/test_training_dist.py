@@ -1,6 +1,6 @@
 """The training loop on 2 gloo ranks: tp=2 (with and without sequence parallel) and dp=2.
 
-Proves: exact resume (6 steps == 3 + save/exit + resume 3, bitwise) at tp=2 and at dp=2; that the overlapped
+Proves: exact resume with dropout on (6 steps == 3 + save/exit + resume 3, bitwise) at tp=2 and at dp=2; that the overlapped
 bucketed DP grad all-reduce equals the one after backward (bitwise); and that tp=2, tp=2+SP, dp=2 (tiny-bigcode)
 and tp=2 (tiny-glm2) train the same model as one process (losses match the unsharded run to 1e-5: DP grads
 are averaged, every TP rank reads the same samples). Debug: failures carry the rank's traceback.
@@ -16,6 +16,9 @@ from megaocto.training.loop import Trainer, train
 
 
 GLM = ("--model.preset", "tiny-glm2", "--model.seq_length", "32")
+# The resume checks run with dropout on (the RNG restore, incl. the TP tracker streams, is exercised); the parity
+# checks against one process run with dropout off (dropout masks differ with the layout).
+DROPOUT = ("--model.hidden_dropout", "0.1", "--model.attention_dropout", "0.1")
 
 
 def _cfg(save, *extra, iters=6):
@@ -27,6 +30,7 @@ def _cfg(save, *extra, iters=6):
 
 
 def _resume_matches(root, name, *extra):
+    extra = (*extra, *DROPOUT)
     save = os.path.join(root, name)
     straight = train(_cfg(save + "_straight", *extra), stream=io.StringIO())
     first = train(_cfg(save, *extra, "--train.exit_interval", "3"), stream=io.StringIO())
@@ -37,8 +41,10 @@ def _resume_matches(root, name, *extra):
 
 
 def _body(rank, world_size, root, reference, glm_reference):
-    tp2 = _resume_matches(root, "tp2", "--parallel.tp", "2")
-    dp2 = _resume_matches(root, "dp2", "--parallel.tp", "1")
+    _resume_matches(root, "tp2", "--parallel.tp", "2")
+    _resume_matches(root, "dp2", "--parallel.tp", "1")
+    tp2 = train(_cfg(os.path.join(root, "tp2_nodrop"), "--parallel.tp", "2"), stream=io.StringIO()).losses
+    dp2 = train(_cfg(os.path.join(root, "dp2_nodrop"), "--parallel.tp", "1"), stream=io.StringIO()).losses
     # overlapped bucketed DP all-reduce (default) == all-reduce after backward, bitwise; also with small buckets
     # (many in flight) and 2 micro batches per rank
     def dp_run(name, *args):

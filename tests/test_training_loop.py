@@ -44,11 +44,15 @@ def _weights(save, it):
     return torch.load(ckpt.model_file(save, it, 0), weights_only=True)["model"]
 
 
+# Dropout on in the exact-resume tests, so that restoring the RNG state is exercised (golden losses stay dropout-off).
+DROPOUT = ("--model.hidden_dropout", "0.1", "--model.attention_dropout", "0.1")
+
+
 def test_exact_resume_fp32(tmp_path):
-    straight = _quiet(_cfg(tmp_path, "--checkpoint.save", str(tmp_path / "a")))  # main-process data reading
+    straight = _quiet(_cfg(tmp_path, *DROPOUT, "--checkpoint.save", str(tmp_path / "a")))  # main-process data reading
     assert straight.exit_reason == "finished" and list(straight.losses) == list(range(1, 11))
     save = str(tmp_path / "b")
-    workers = ("--data.num_workers", "2")  # the resumed halves read through 2 DataLoader workers
+    workers = (*DROPOUT, "--data.num_workers", "2")  # the resumed halves read through 2 DataLoader workers
     first = _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--train.exit_interval", "5", *workers))
     assert first.exit_reason == "exit_interval" and first.iteration == 5 and first.consumed_samples == 20
     second = _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--checkpoint.load", save, *workers))

@@ -19,7 +19,8 @@ from megaocto.training import checkpoint as ckpt
 from megaocto.training.loop import EXIT_PREEMPTED, Trainer, train
 
 ARGS = ["--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--train.micro_batch_size", "2",
-        "--train.dtype", "fp32", "--optimizer.lr", "1e-3", "--logging.log_interval", "1"]
+        "--train.dtype", "fp32", "--optimizer.lr", "1e-3", "--logging.log_interval", "1",
+        "--model.hidden_dropout", "0.1", "--model.attention_dropout", "0.1"]  # dropout on: resume restores the RNG
 
 
 def test_sigusr1_subprocess_saves_and_exits_with_requeue_code(tmp_path):
@@ -74,6 +75,12 @@ def test_sigterm_in_process_saves_at_current_step(tmp_path):
     assert (result.exit_code, result.exit_reason, result.iteration) == (EXIT_PREEMPTED, "preempted", 3)
     assert ckpt.read_tracker(str(tmp_path / "ck")) == 3
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    five = ("--train.iters", "10", "--train.exit_interval", "5", "--logging.run_dir", str(tmp_path / "run"))
+    resumed = train(load_run_config(None, [*ARGS, *five, "--checkpoint.save", str(tmp_path / "ck")]),
+                    stream=io.StringIO())
+    straight = train(load_run_config(None, [*ARGS, *five]), stream=io.StringIO())
+    assert list(resumed.losses) == [4, 5] and {**result.losses, **resumed.losses} == straight.losses, \
+        "resume after preemption is not exact"
     timed = train(load_run_config(None, [*ARGS, "--train.iters", "10", "--train.exit_duration_mins", "0",
                                          "--checkpoint.save", str(tmp_path / "ck2"),
                                          "--logging.run_dir", str(tmp_path / "run")]), stream=io.StringIO())
