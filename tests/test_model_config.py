@@ -203,3 +203,17 @@ def test_sequence_parallel_needs_seq_length_divisible_by_tp():
     with pytest.raises(ValueError, match=r"input sequence length 7 is not divisible by tp=2.*sequence_parallel"):
         check_input_ids(torch.zeros(1, 7, dtype=torch.long), ModelConfig.from_preset("tiny-bigcode"), pc)
     check_input_ids(torch.zeros(1, 8, dtype=torch.long), ModelConfig.from_preset("tiny-bigcode"), pc)
+
+
+@pytest.mark.parametrize("name", ["tiny-bigcode", "tiny-glm2"])
+def test_model_rejects_token_ids_outside_vocab(name):
+    cfg = ModelConfig.from_preset(name)  # vocab 1000, embedding padded to 1024 rows
+    torch.manual_seed(0)
+    model = build_model(cfg, ParallelContext.single())
+    assert model.embedding.word_embeddings.num_embeddings == 1024
+    model(torch.tensor([[0, cfg.vocab_size - 1]]))
+    for bad in (cfg.vocab_size, 1023):  # inside the padded embedding: would silently read untrained rows
+        with pytest.raises(ValueError, match=rf"token id {bad} >= model.vocab_size=1000.*tokenizer"):
+            model(torch.tensor([[0, bad]]))
+    with pytest.raises(ValueError, match=r"negative token id \(-100\)"):
+        model(torch.tensor([[0, -100]]))

@@ -268,7 +268,8 @@ class VocabParallelEmbedding(nn.Embedding):
     """Embedding with rows (vocabulary) split over TP; output all-reduced to the full ``[b, s, h]``.
 
     ``num_embeddings`` is the full (padded, see :func:`pad_vocab_size`) vocabulary; this rank holds rows
-    ``[vocab_start, vocab_end)``. Token ids outside the local range contribute zeros before the all-reduce.
+    ``[vocab_start, vocab_end)``. Token ids outside the local range contribute zeros before the all-reduce; ids
+    outside ``[0, num_embeddings)`` raise IndexError on every rank (as ``F.embedding`` does at tp == 1).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, pc: "ParallelContext", *,
@@ -299,8 +300,22 @@ class VocabParallelEmbedding(nn.Embedding):
     def shard_full_tensor(self, name: str, full: torch.Tensor) -> torch.Tensor:
         return shard_for_param(getattr(self, name), full, self.pc)
 
+    def check_ids(self, ids: torch.Tensor) -> None:
+        """Raise IndexError unless every id is in ``[0, num_embeddings)``.
+
+        At tp > 1 an out-of-range id would otherwise fall outside every rank's rows and become a zero vector.
+        Every TP rank holds the same ids, so the ranks agree without communication (one host sync).
+        """
+        if ids.numel() == 0:
+            return
+        lo, hi = (int(t) for t in torch.aminmax(ids))
+        if lo < 0 or hi >= self.num_embeddings:
+            raise IndexError(f"token id {lo if lo < 0 else hi} is out of range for VocabParallelEmbedding with "
+                             f"{self.num_embeddings} rows (ids must be in [0, {self.num_embeddings}))")
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pc = self.pc
+        self.check_ids(ids)
         if pc.tp == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
