@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+from megaocto.config.base import ConfigError
 from megaocto.config.loader import load_run_config
 from megaocto.training import checkpoint as ckpt
 from megaocto.training.loop import Trainer, TrainingDiverged, micro_batch_loss, train
@@ -107,7 +108,7 @@ def test_bf16_masters_and_finetune_switches(tmp_path):
     assert reset.iteration == 0 and reset.consumed == 0
     assert torch.equal(reset.optimizer.masters[0], masters[0])  # optimizer (fp32 masters) restored
     fresh = Trainer(_cfg(tmp_path, "--train.dtype", "bf16", "--checkpoint.load", save, "--checkpoint.no_load_optim",
-                         iters=6), stream=io.StringIO())
+                         "--checkpoint.override_scheduler", iters=6), stream=io.StringIO())
     assert fresh.iteration == 4 and not fresh.optimizer.optimizer.state  # moments start fresh
     assert fresh.run().iteration == 6
     release = tmp_path / "release_ck"  # Megatron's OctoPack trick: iter dir renamed to `release`
@@ -211,3 +212,26 @@ def test_loader_creation_leaves_default_rng_alone():
         assert torch.equal(torch.get_rng_state(), before), f"num_workers={workers}"
         assert next(it)["x"].shape == (2, 4)
         del it
+
+
+def test_resume_refuses_a_different_lr_schedule(tmp_path):
+    save = str(tmp_path / "ck")
+    first = _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--train.exit_interval", "2", iters=4))
+    assert first.iteration == 2
+    for args in ((), ("--checkpoint.load", save)):  # own (auto) resume and an explicit load of another run's save
+        target = () if args else ("--checkpoint.save", save)
+        with pytest.raises(ConfigError, match=r"iter_0000002.*decay_steps=4 \(configured: 6\).*use_checkpoint_sched"):
+            Trainer(_cfg(tmp_path, *args, *target, iters=6), stream=io.StringIO())
+    kept = Trainer(_cfg(tmp_path, "--checkpoint.save", save, "--checkpoint.use_checkpoint_scheduler", iters=6),
+                   stream=io.StringIO())
+    assert kept.schedule.decay_steps == 4 and kept.iteration == 2
+    overridden = Trainer(_cfg(tmp_path, "--checkpoint.save", save, "--checkpoint.override_scheduler", iters=6),
+                         stream=io.StringIO())
+    assert overridden.schedule.decay_steps == 6
+    with pytest.raises(ConfigError, match="optimizer.lr|max_lr"):
+        Trainer(_cfg(tmp_path, "--checkpoint.save", save, "--optimizer.lr", "1e-3", iters=4), stream=io.StringIO())
+    same = Trainer(_cfg(tmp_path, "--checkpoint.save", save, iters=4), stream=io.StringIO())  # unchanged: fine
+    assert same.iteration == 2
+    reset = Trainer(_cfg(tmp_path, "--checkpoint.load", save, "--checkpoint.reset_progress", iters=6),
+                    stream=io.StringIO())  # the schedule restarts at 0: the configured one applies
+    assert reset.iteration == 0 and reset.schedule.decay_steps == 6

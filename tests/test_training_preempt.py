@@ -50,8 +50,9 @@ def test_sigusr1_subprocess_saves_and_exits_with_requeue_code(tmp_path):
     assert it == logged[-1] >= 2 and "preempted" in out, out
     meta = json.load(open(os.path.join(save, ckpt.iter_dir_name(it), ckpt.METADATA)))
     assert meta["reason"] == "preempted" and meta["consumed_samples"] == 2 * it
-    resumed = train(load_run_config(None, [*ARGS, "--train.iters", str(it + 2), "--checkpoint.load", save,
-                                           "--logging.run_dir", str(run_dir)]), stream=io.StringIO())
+    resumed = train(load_run_config(None, [*ARGS, "--train.iters", "100000", "--train.exit_interval", str(it + 2),
+                                           "--checkpoint.load", save, "--logging.run_dir", str(run_dir)]),
+                    stream=io.StringIO())
     assert list(resumed.losses) == [it + 1, it + 2] and resumed.exit_code == 0
 
 

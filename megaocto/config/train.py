@@ -72,11 +72,19 @@ class CheckpointConfig:
     auto_resume: bool = field(True, "When `save` already holds a checkpoint (a requeued job), resume from it with full "
                                     "state and ignore load/finetune/reset_progress/no_load_*.")
     save_optim: bool = field(True, "Save optimizer state (AdamW moments and fp32 masters); needed for exact resume.")
+    override_scheduler: bool = field(False, "On resume, use the configured LR schedule even if it differs from the "
+                                            "checkpoint's (Megatron --override-opt_param-scheduler); by default a "
+                                            "difference is an error.")
+    use_checkpoint_scheduler: bool = field(False, "On resume, take the LR schedule (lr, min_lr, style, warmup, decay "
+                                                  "steps) from the checkpoint instead of the config (Megatron "
+                                                  "--use-checkpoint-opt_param-scheduler).")
 
     def validate(self) -> None:
         if self.save_interval < 0 or self.keep_last < 0:
             raise ConfigError(f"checkpoint.save_interval and keep_last must be >= 0 "
                               f"(got {self.save_interval}, {self.keep_last})")
+        if self.override_scheduler and self.use_checkpoint_scheduler:
+            raise ConfigError("set at most one of checkpoint.override_scheduler and checkpoint.use_checkpoint_scheduler")
 
 
 @dataclass

@@ -142,7 +142,7 @@ def save_checkpoint(save: str, iteration: int, state: dict, metadata: dict, pc, 
     return final
 
 
-def _resolve_dir(load: str, iteration: int | str) -> str:
+def resolve_dir(load: str, iteration: int | str) -> str:
     """The iter directory; a crash while re-saving the same iteration may have left the complete copy at *.old."""
     directory = os.path.join(load, iter_dir_name(iteration))
     if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
@@ -151,7 +151,7 @@ def _resolve_dir(load: str, iteration: int | str) -> str:
 
 
 def read_metadata(load: str, iteration: int | str) -> dict | None:
-    path = os.path.join(_resolve_dir(load, iteration), METADATA)
+    path = os.path.join(resolve_dir(load, iteration), METADATA)
     if not os.path.exists(path):
         return None
     try:
@@ -182,7 +182,7 @@ def load_checkpoint(load: str, pc, *, iteration: int | str | None = None) -> tup
         iteration = read_tracker(load)
         if iteration is None:
             return None
-    directory = _resolve_dir(load, iteration)
+    directory = resolve_dir(load, iteration)
     meta = read_metadata(load, iteration)
     tp, pp = _saved_layout(directory, meta)
     if (tp, pp) != (pc.tp, pc.pp):

@@ -140,8 +140,8 @@ class Trainer:
         self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, pc, bf16=self.bf16,
                                              bucket_mb=cfg.train.grad_bucket_mb,
                                              overlap_grad_reduce=cfg.train.overlap_grad_reduce)
-        self._load_rest(state)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optimizer.lr, self.total_iters)
+        self._load_rest(state)
         self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
 
         need_valid = cfg.eval.interval > 0 and cfg.eval.iters > 0
@@ -174,6 +174,7 @@ class Trainer:
             self.log.info(f"no checkpoint in {source}; starting from scratch")
             return None
         state, _meta, it = loaded
+        self._ckpt_dir = ckpt.resolve_dir(source, it)
         self._release = it == "release"  # Megatron's release checkpoints are weights only (finetune semantics)
         self.model.load_state_dict(state["model"])
         self.log.info(f"{'resuming' if self._own_resume else 'loaded model weights'} from "
@@ -198,6 +199,31 @@ class Trainer:
             self.iteration = int(state["iteration"])
             self.consumed = int(state["data"]["consumed_samples"])
             self.skipped = int(state["data"].get("skipped_steps", 0))
+            self._check_schedule(state.get("opt_param_scheduler"))
+
+    def _check_schedule(self, saved: dict | None) -> None:
+        """A resumed run continues the checkpoint's LR curve: refuse a configured schedule that differs from the
+        saved one (e.g. another train.iters moves the decay end) unless one of the override switches is set."""
+        c = self.cfg.checkpoint
+        if not saved:
+            return
+        current = self.schedule.state_dict()
+        diff = [k for k in current if k in saved and saved[k] != current[k]]
+        if not diff:
+            return
+        described = ", ".join(f"{k}={saved[k]!r} (configured: {current[k]!r})" for k in diff)
+        if c.use_checkpoint_scheduler:
+            self.schedule = LRSchedule(**{k: saved.get(k, v) for k, v in current.items()})
+            self.log.info(f"using the checkpoint's LR schedule: {described}")
+        elif c.override_scheduler:
+            self.log.info(f"warning: checkpoint.override_scheduler: the configured LR schedule replaces the "
+                          f"checkpoint's: {described}")
+        else:
+            raise ConfigError(
+                f"checkpoint {self._ckpt_dir} was saved with a different LR schedule: {described} (the schedule "
+                f"follows optimizer.lr, schedule.* and, without schedule.decay_iters, the run length train.iters/"
+                f"samples/epochs). Resume with the same settings, or set checkpoint.use_checkpoint_scheduler=true "
+                f"to keep the checkpoint's schedule or checkpoint.override_scheduler=true to use the configured one")
 
     # ------------------------------------------------------------------ saving
     def save(self, reason: str) -> str | None:
