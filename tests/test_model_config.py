@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megaocto.cli import main as cli_main
 from megaocto.config.base import ConfigError, field_docs
@@ -217,3 +218,48 @@ def test_model_rejects_token_ids_outside_vocab(name):
             model(torch.tensor([[0, bad]]))
     with pytest.raises(ValueError, match=r"negative token id \(-100\)"):
         model(torch.tensor([[0, -100]]))
+
+
+def test_apex_norms_are_lazy_optional_and_cuda_only(monkeypatch):
+    """apex fused norms: chosen only for CUDA inputs when apex imports; never imported at load or on CPU."""
+    import sys
+    import types
+
+    from megaocto.model import common
+
+    # module load and a CPU forward never try to import apex
+    monkeypatch.setattr(common, "_apex_norm_module", None)
+    torch.manual_seed(0)
+    for name in ("tiny-bigcode", "tiny-glm2"):
+        build_model(ModelConfig.from_preset(name), ParallelContext.single())(torch.tensor([[1, 2, 3, 4]]))
+    assert common._apex_norm_module is None
+
+    calls = []
+    fake = types.ModuleType("apex.normalization.fused_layer_norm")
+    fake.fused_layer_norm_affine = lambda x, w, b, shape, eps: calls.append(("layer", tuple(shape), eps)) or x
+    fake.fused_rms_norm_affine = lambda x, w, shape, eps: calls.append(("rms", tuple(shape), eps)) or x
+    apex = types.ModuleType("apex")
+    apex.normalization = types.ModuleType("apex.normalization")
+    apex.normalization.fused_layer_norm = fake
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.normalization", apex.normalization)
+    monkeypatch.setitem(sys.modules, "apex.normalization.fused_layer_norm", fake)
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    x = torch.randn(2, 3, 8)
+    assert common._apex_norm_fn(x, "layer") is None and common._apex_norm_module is None  # CPU: no import
+    assert common._apex_norm_fn(cuda_like, "layer") is fake.fused_layer_norm_affine
+    assert common._apex_norm_fn(cuda_like, "rms") is fake.fused_rms_norm_affine
+
+    # the norm modules hand the apex function their parameters when it is selected, else run torch
+    ln, rms = common.LayerNorm(8, eps=1e-6), common.RMSNorm(8, eps=1e-4)
+    assert torch.equal(ln(x), F.layer_norm(x, (8,), ln.weight, ln.bias, 1e-6)) and calls == []
+    monkeypatch.setattr(common, "_apex_norm_fn", lambda t, kind: getattr(fake, common._APEX_NORM_FNS[kind]))
+    ln(x)
+    rms(x)
+    assert calls == [("layer", (8,), 1e-6), ("rms", (8,), 1e-4)]
+    monkeypatch.undo()
+
+    # apex missing (or broken): CUDA inputs fall back to torch, the failed import is remembered
+    monkeypatch.setattr(common, "_apex_norm_module", None)
+    monkeypatch.setitem(sys.modules, "apex", None)  # makes `import apex` raise ImportError
+    assert common._apex_norm_fn(cuda_like, "rms") is None and common._apex_norm_module is False

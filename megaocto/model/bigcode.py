@@ -22,8 +22,9 @@ from torch import nn
 
 from megaocto.config.model import ModelConfig
 from megaocto.model.attention import attention
-from megaocto.model.common import (check_input_ids, checkpoint, default_position_ids, dropout, lm_head_input,
-                                   logits_or_loss, normal_init, run_layers, scaled_init, tag_sequence_parallel)
+from megaocto.model.common import (LayerNorm, check_input_ids, checkpoint, default_position_ids, dropout,
+                                   lm_head_input, logits_or_loss, normal_init, run_layers, scaled_init,
+                                   tag_sequence_parallel)
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megaocto.parallel.mappings import copy_to_tp, gather_from_sp, scatter_to_sp
 
@@ -115,9 +116,9 @@ class BigCodeBlock(nn.Module):
         super().__init__()
         self.pc, self.hidden_dropout = pc, cfg.hidden_dropout
         kw = dict(dtype=dtype, device=device)
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
         self.self_attention = BigCodeAttention(cfg, pc, selective_recompute=selective_recompute, **kw)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
         self.mlp = BigCodeMLP(cfg, pc, **kw)
         tag_sequence_parallel(list(self.input_layernorm.parameters()) +
                               list(self.post_attention_layernorm.parameters()), pc)
@@ -159,7 +160,7 @@ class BigCodeModel(nn.Module):
         self.layers = nn.ModuleList(
             BigCodeBlock(cfg, pc, selective_recompute=(recompute == "selective"), **kw)
             for _ in range(cfg.num_layers))
-        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
         tag_sequence_parallel(self.final_layernorm.parameters(), pc)
         if not cfg.tie_embeddings:
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,

@@ -1,6 +1,11 @@
-"""Pieces both model families share: norms, dropout placement, position ids, recompute, the loss head."""
+"""Pieces both model families share: norms, dropout placement, position ids, recompute, the loss head.
+
+Norms use apex's fused kernels (``apex.normalization.fused_layer_norm``) when the input is on CUDA and apex
+imports; apex is imported lazily on the first CUDA norm, never at module load, and CPU runs never try it.
+"""
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Callable
 
@@ -24,8 +29,47 @@ def scaled_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.T
     return normal_init(std / math.sqrt(2.0 * num_layers))
 
 
+_apex_norm_module = None  # None: not tried yet; False: unavailable
+_APEX_NORM_FNS = {"layer": "fused_layer_norm_affine", "rms": "fused_rms_norm_affine"}
+
+
+def _apex_norms():
+    """``apex.normalization.fused_layer_norm`` or None (imported once, lazily)."""
+    global _apex_norm_module
+    if _apex_norm_module is None:
+        try:
+            _apex_norm_module = importlib.import_module("apex.normalization.fused_layer_norm")
+        except Exception:  # not installed, or built for another torch/CUDA
+            _apex_norm_module = False
+    return _apex_norm_module or None
+
+
+def _apex_norm_fn(x: torch.Tensor, kind: str):
+    """apex's fused ``kind`` ("layer" / "rms") norm function for input ``x``, or None to use the torch path.
+
+    Only CUDA inputs ask for apex (the import is not even attempted on CPU). Signatures:
+    ``fused_layer_norm_affine(x, weight, bias, normalized_shape, eps)``,
+    ``fused_rms_norm_affine(x, weight, normalized_shape, eps)``.
+    """
+    if not x.is_cuda:
+        return None
+    mod = _apex_norms()
+    return getattr(mod, _APEX_NORM_FNS[kind], None) if mod is not None else None
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and result) that runs apex's fused kernel on CUDA when apex imports."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = _apex_norm_fn(x, "layer")
+        if fn is not None:
+            return fn(x, self.weight, self.bias, self.normalized_shape, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (ChatGLM2 / CodeGeeX2)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (ChatGLM2 / CodeGeeX2); apex's fused kernel on
+    CUDA when apex imports."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, *, dtype=None, device=None):
         super().__init__()
@@ -33,6 +77,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = _apex_norm_fn(x, "rms")
+        if fn is not None:
+            return fn(x, self.weight, self.weight.shape, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * y).to(x.dtype)
