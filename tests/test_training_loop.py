@@ -235,3 +235,17 @@ def test_resume_refuses_a_different_lr_schedule(tmp_path):
     reset = Trainer(_cfg(tmp_path, "--checkpoint.load", save, "--checkpoint.reset_progress", iters=6),
                     stream=io.StringIO())  # the schedule restarts at 0: the configured one applies
     assert reset.iteration == 0 and reset.schedule.decay_steps == 6
+
+
+def test_resume_without_saved_optimizer_state(tmp_path):
+    save = str(tmp_path / "noopt")
+    args = ("--checkpoint.save", save, "--checkpoint.save_optim", "false")
+    first = _quiet(_cfg(tmp_path, *args, "--train.exit_interval", "1", iters=2))
+    assert first.iteration == 1 and "optimizer" not in torch.load(ckpt.model_file(save, 1, 0), weights_only=True)
+    with pytest.raises(ConfigError, match=r"iter_0000001/mp_rank_00/model_optim_rng.pt has no optimizer.*no_load_optim"):
+        Trainer(_cfg(tmp_path, *args, iters=2), stream=io.StringIO())  # requeued as is: says what to set
+    log = io.StringIO()
+    requeued = Trainer(_cfg(tmp_path, *args, "--checkpoint.no_load_optim", iters=2), stream=log)
+    assert requeued.iteration == 1 and not requeued.optimizer.optimizer.state
+    assert "no optimizer state" in log.getvalue() and "starts fresh" in log.getvalue()
+    assert list(requeued.run().losses) == [2]

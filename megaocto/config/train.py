@@ -66,11 +66,13 @@ class CheckpointConfig:
     save_interval: int = field(0, "Save every N steps (0 = only at the end, on preemption and on divergence).")
     keep_last: int = field(0, "Keep only the newest N iter_* checkpoints in `save` (0 = keep all).")
     finetune: bool = field(False, "Load model weights only; start at iteration 0 with fresh optimizer, RNG and data position.")
-    no_load_optim: bool = field(False, "Do not load optimizer state (fp32 masters come from the loaded model weights).")
+    no_load_optim: bool = field(False, "Do not load optimizer state (fp32 masters come from the loaded model weights); "
+                                       "also lets a run resume a checkpoint saved with save_optim=false.")
     no_load_rng: bool = field(False, "Do not load RNG states; re-seed from train.seed instead.")
     reset_progress: bool = field(False, "Load model+optimizer but reset iteration, consumed samples and the LR schedule to 0.")
     auto_resume: bool = field(True, "When `save` already holds a checkpoint (a requeued job), resume from it with full "
-                                    "state and ignore load/finetune/reset_progress/no_load_*.")
+                                    "state and ignore load/finetune/reset_progress/no_load_rng; no_load_optim only "
+                                    "matters there for a checkpoint saved without optimizer state (save_optim=false).")
     save_optim: bool = field(True, "Save optimizer state (AdamW moments and fp32 masters); needed for exact resume.")
     override_scheduler: bool = field(False, "On resume, use the configured LR schedule even if it differs from the "
                                             "checkpoint's (Megatron --override-opt_param-scheduler); by default a "

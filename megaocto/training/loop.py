@@ -12,6 +12,7 @@ step k (1-based) is schedule.lr_at(k); a skipped (NaN/inf) step still consumes i
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -175,6 +176,8 @@ class Trainer:
             return None
         state, _meta, it = loaded
         self._ckpt_dir = ckpt.resolve_dir(source, it)
+        self._ckpt_file = os.path.join(self._ckpt_dir, ckpt.rank_dir_name(self.pc.tp_rank, self.pc.pp_rank, self.pc.pp),
+                                       ckpt.MODEL_FILE)
         self._release = it == "release"  # Megatron's release checkpoints are weights only (finetune semantics)
         self.model.load_state_dict(state["model"])
         self.log.info(f"{'resuming' if self._own_resume else 'loaded model weights'} from "
@@ -188,10 +191,16 @@ class Trainer:
         own = self._own_resume  # a requeued run resumes its own checkpoint fully, whatever the finetune switches
         if state is None or ((c.finetune or self._release) and not own):
             return
-        if own or not c.no_load_optim:
-            if "optimizer" not in state:
-                raise ConfigError("checkpoint has no optimizer state (saved with save_optim=false); "
-                                  "set checkpoint.no_load_optim=true")
+        # A requeued run (own) restores the optimizer whenever the checkpoint has it (exact resume); a checkpoint
+        # saved with save_optim=false resumes with a fresh optimizer only when no_load_optim says so.
+        if "optimizer" not in state:
+            if not c.no_load_optim:
+                raise ConfigError(f"checkpoint file {self._ckpt_file} has no optimizer state (saved with "
+                                  f"checkpoint.save_optim=false); set checkpoint.no_load_optim=true to resume with a "
+                                  f"fresh optimizer (AdamW moments restart; fp32 masters from the loaded weights)")
+            self.log.info(f"warning: {self._ckpt_file} has no optimizer state (saved with checkpoint.save_optim=false); "
+                          f"the optimizer starts fresh (checkpoint.no_load_optim)")
+        elif own or not c.no_load_optim:
             self.optimizer.load_state_dict(state["optimizer"])
         if own or not c.no_load_rng:
             set_rng_state(state["rng_state"][0], self.pc)
