@@ -82,6 +82,9 @@ def test_nan_steps_skipped_then_diverged_saves_last_good(tmp_path):
         _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--train.debug_nan_iters", "[2, 3]",
                     "--train.max_skipped_steps", "1", iters=6))
     assert ckpt.read_tracker(save) == 3
+    reason = json.load(open(tmp_path / "run" / "exit_reason.json"))
+    assert (reason["reason"], reason["exit_code"], reason["iteration"]) == ("diverged", 1, 3), reason
+    assert reason["checkpoint"] == os.path.join(save, "iter_0000003") and "max_skipped_steps" in reason["message"]
     diverged = _weights(save, 3)
     for k, v in after_one.items():  # steps 2 and 3 were not applied: the saved state is the step-1 state
         assert torch.equal(v, diverged[k]), k
@@ -243,7 +246,9 @@ def test_resume_without_saved_optimizer_state(tmp_path):
     first = _quiet(_cfg(tmp_path, *args, "--train.exit_interval", "1", iters=2))
     assert first.iteration == 1 and "optimizer" not in torch.load(ckpt.model_file(save, 1, 0), weights_only=True)
     with pytest.raises(ConfigError, match=r"iter_0000001/mp_rank_00/model_optim_rng.pt has no optimizer.*no_load_optim"):
-        Trainer(_cfg(tmp_path, *args, iters=2), stream=io.StringIO())  # requeued as is: says what to set
+        _quiet(_cfg(tmp_path, *args, iters=2))  # requeued as is: says what to set
+    reason = json.load(open(tmp_path / "run" / "exit_reason.json"))  # config errors leave a reason file too
+    assert (reason["reason"], reason["exit_code"]) == ("config_error", 2) and "no_load_optim" in reason["message"]
     log = io.StringIO()
     requeued = Trainer(_cfg(tmp_path, *args, "--checkpoint.no_load_optim", iters=2), stream=log)
     assert requeued.iteration == 1 and not requeued.optimizer.optimizer.state

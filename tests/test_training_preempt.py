@@ -48,12 +48,18 @@ def test_sigusr1_subprocess_saves_and_exits_with_requeue_code(tmp_path):
     it = ckpt.read_tracker(save)
     logged = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
     assert it == logged[-1] >= 2 and "preempted" in out, out
+    # for launchers that do not see exit code 42 (torchrun reports 1): rank 0 leaves {run_dir}/exit_reason.json
+    reason = json.load(open(run_dir / "exit_reason.json"))
+    assert (reason["reason"], reason["exit_code"], reason["iteration"]) == ("preempted", EXIT_PREEMPTED, it), reason
+    assert reason["checkpoint"] == os.path.join(save, ckpt.iter_dir_name(it)), reason
     meta = json.load(open(os.path.join(save, ckpt.iter_dir_name(it), ckpt.METADATA)))
     assert meta["reason"] == "preempted" and meta["consumed_samples"] == 2 * it
     resumed = train(load_run_config(None, [*ARGS, "--train.iters", "100000", "--train.exit_interval", str(it + 2),
                                            "--checkpoint.load", save, "--logging.run_dir", str(run_dir)]),
                     stream=io.StringIO())
     assert list(resumed.losses) == [it + 1, it + 2] and resumed.exit_code == 0
+    reason = json.load(open(run_dir / "exit_reason.json"))
+    assert (reason["reason"], reason["exit_code"], reason["iteration"]) == ("exit_interval", 0, it + 2), reason
 
 
 def _signal_at(trainer: Trainer, step: int, only_rank: int | None = None):

@@ -11,6 +11,7 @@ step k (1-based) is schedule.lr_at(k); a skipped (NaN/inf) step still consumes i
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -39,6 +40,27 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class TrainingDiverged(RuntimeError):
     """Too many NaN/inf steps; the last good state was saved before raising."""
+
+
+EXIT_REASON_FILE = "exit_reason.json"
+
+
+def write_exit_reason(run_dir: str, reason: str, exit_code: int | None, *, iteration: int | None = None,
+                      checkpoint: str | None = None, **extra) -> None:
+    """Write {run_dir}/exit_reason.json atomically (rank 0 only: the caller checks). Launchers that cannot see the
+    process's exit code (torchrun turns 42 into 1) read it: reason, exit_code, iteration, checkpoint, time.
+    A run writes reason "running" (exit_code null) when it starts, so a hard kill leaves that behind."""
+    os.makedirs(run_dir, exist_ok=True)
+    record = {"reason": reason, "exit_code": exit_code, "iteration": iteration, "checkpoint": checkpoint,
+              "time": time.time(), **extra}
+    path = os.path.join(run_dir, EXIT_REASON_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 @dataclass
@@ -137,6 +159,7 @@ class Trainer:
                                  recompute_num_layers=cfg.train.recompute_num_layers)
         self.model.train()
         self.iteration, self.consumed, self.skipped = 0, 0, 0
+        self._diverged_checkpoint = None
         state = self._load_model_checkpoint()
         self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, pc, bf16=self.bf16,
                                              bucket_mb=cfg.train.grad_bucket_mb,
@@ -347,14 +370,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        cfg, pc = self.cfg, self.pc
+        pc = self.pc
         result = TrainResult(self.iteration, self.consumed, "finished", EXIT_OK, skipped_steps=self.skipped,
                              rank=pc.rank)
         if self.iteration >= self.total_iters:
             self.log.info(f"checkpoint is at step {self.iteration} >= {self.total_iters} steps; nothing to do")
             result.exit_reason = "already_done"
             self.log.close()
+            self._write_exit_reason(result.exit_reason, result.exit_code)
             return result
+        self._write_exit_reason("running", None)
+        try:
+            result = self._run_loop(result)
+        except TrainingDiverged as e:
+            self._write_exit_reason("diverged", 1, checkpoint=self._diverged_checkpoint, message=str(e))
+            raise
+        except Exception as e:
+            self._write_exit_reason("config_error" if isinstance(e, ConfigError) else "error",
+                                    2 if isinstance(e, ConfigError) else 1, message=f"{type(e).__name__}: {e}")
+            raise
+        self._write_exit_reason(result.exit_reason, result.exit_code, checkpoint=result.checkpoint)
+        return result
+
+    def _write_exit_reason(self, reason: str, exit_code: int | None, *, checkpoint: str | None = None, **extra):
+        if self.pc.rank == 0:
+            write_exit_reason(self.cfg.logging.run_dir, reason, exit_code, iteration=self.iteration,
+                              checkpoint=checkpoint, consumed_samples=self.consumed, skipped_steps=self.skipped,
+                              **extra)
+
+    def _run_loop(self, result: TrainResult) -> TrainResult:
+        cfg = self.cfg
         batches = iter(self.train_loader())
         start = interval_start = time.time()
         interval_steps, interval_loss, interval_n = 0, 0.0, 0
@@ -375,7 +420,7 @@ class Trainer:
                                       f"skipped (no update), {self.skipped} skipped so far "
                                       f"(limit train.max_skipped_steps={cfg.train.max_skipped_steps})")
                         if self.skipped > cfg.train.max_skipped_steps:
-                            path = self.save("diverged")
+                            path = self._diverged_checkpoint = self.save("diverged")
                             raise TrainingDiverged(
                                 f"{self.skipped} steps had non-finite loss or grad norm (limit "
                                 f"train.max_skipped_steps={cfg.train.max_skipped_steps}); stopping at step "
@@ -429,5 +474,12 @@ class Trainer:
 
 
 def train(cfg: RunConfig, pc=None, *, stream=None) -> TrainResult:
-    """Run training as configured; returns a TrainResult (exit_code EXIT_PREEMPTED after a preemption save)."""
-    return Trainer(cfg, pc, stream=stream).run()
+    """Run training as configured; returns a TrainResult (exit_code EXIT_PREEMPTED after a preemption save).
+    Every exit (also a config error found while setting up) leaves {run_dir}/exit_reason.json from rank 0."""
+    try:
+        trainer = Trainer(cfg, pc, stream=stream)
+    except ConfigError as e:
+        if (pc.rank if pc is not None else _env_rank()) == 0:
+            write_exit_reason(cfg.logging.run_dir, "config_error", 2, message=str(e))
+        raise
+    return trainer.run()
