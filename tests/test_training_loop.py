@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -254,3 +255,19 @@ def test_resume_without_saved_optimizer_state(tmp_path):
     assert requeued.iteration == 1 and not requeued.optimizer.optimizer.state
     assert "no optimizer state" in log.getvalue() and "starts fresh" in log.getvalue()
     assert list(requeued.run().losses) == [2]
+
+
+def test_explicit_load_without_a_checkpoint_is_an_error(tmp_path):
+    save = str(tmp_path / "ck")
+    _quiet(_cfg(tmp_path, "--checkpoint.save", save, iters=1))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for load, message in ((str(tmp_path / "typo"), "no such directory"),
+                          (os.path.join(save, "iter_0000001"), f"pass its parent, checkpoint.load={save}"),
+                          (str(empty), f"has no {ckpt.TRACKER}")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Trainer(_cfg(tmp_path, "--checkpoint.load", load, "--checkpoint.save", str(tmp_path / "new"), iters=1),
+                    stream=io.StringIO())
+    own = str(tmp_path / "own")  # load == save with nothing there yet: a fresh start (tiny-bigcode.yaml does this)
+    assert Trainer(_cfg(tmp_path, "--checkpoint.load", own, "--checkpoint.save", own, iters=1),
+                   stream=io.StringIO()).iteration == 0

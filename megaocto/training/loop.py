@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -191,6 +192,8 @@ class Trainer:
         source = c.save if self._own_resume else c.load
         if not source:
             return None
+        if not self._own_resume and not (c.save and os.path.abspath(c.load) == os.path.abspath(c.save)):
+            self._check_explicit_load(c.load)  # load == save with nothing there yet is a fresh start
         loaded = ckpt.load_checkpoint(source, self.pc)
         if loaded is None:
             if c.finetune:
@@ -206,6 +209,23 @@ class Trainer:
         self.log.info(f"{'resuming' if self._own_resume else 'loaded model weights'} from "
                       f"{ckpt.iter_dir_name(it)} in {source}")
         return state
+
+    @staticmethod
+    def _check_explicit_load(load: str) -> None:
+        """An explicit checkpoint.load (not the run's own save dir) must hold a checkpoint: a typo or an iter_* dir
+        must not silently train from scratch."""
+        if not os.path.isdir(load):
+            raise ConfigError(f"checkpoint.load={load}: no such directory")
+        if ckpt.read_tracker(load) is not None:
+            return
+        hint = ""
+        parent = os.path.dirname(os.path.abspath(load))
+        if re.match(r"^(iter_\d+|release)(\.old)?$", os.path.basename(os.path.normpath(load))) or \
+                os.path.exists(os.path.join(parent, ckpt.TRACKER)):
+            hint = f"; it looks like one checkpoint iteration: pass its parent, checkpoint.load={parent}"
+        elif ckpt.list_checkpoints(load):
+            hint = f" but has iter_* dirs {ckpt.list_checkpoints(load)[-3:]} (write the tracker file to pick one)"
+        raise ConfigError(f"checkpoint.load={load} has no {ckpt.TRACKER}{hint}")
 
     def _load_rest(self, state: dict | None) -> None:
         from megaocto.parallel.random import set_rng_state
