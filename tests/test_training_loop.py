@@ -271,3 +271,33 @@ def test_explicit_load_without_a_checkpoint_is_an_error(tmp_path):
     own = str(tmp_path / "own")  # load == save with nothing there yet: a fresh start (tiny-bigcode.yaml does this)
     assert Trainer(_cfg(tmp_path, "--checkpoint.load", own, "--checkpoint.save", own, iters=1),
                    stream=io.StringIO()).iteration == 0
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_no_weight_decay_on_biases_and_norm_weights(bf16):
+    from megaocto.config.model import ModelConfig
+    from megaocto.config.train import OptimizerConfig
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+    from megaocto.training.optimizer import MixedPrecisionAdamW
+
+    pc = ParallelContext.single()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("tiny-bigcode", seq_length=32), pc,
+                        dtype=torch.bfloat16 if bf16 else torch.float32)
+    opt = MixedPrecisionAdamW(model, OptimizerConfig(lr=1e-2, weight_decay=0.5), pc, bf16=bf16)
+    names = {id(m): n for m, (n, _) in zip(opt.masters, model.named_parameters())}
+    wd = {names[id(p)]: g["weight_decay"] for g in opt.optimizer.param_groups for p in g["params"]}
+    assert len(wd) == len(names)
+    no_decay = {n for n, v in wd.items() if v == 0.0}
+    assert no_decay and all(n.endswith("bias") or "norm" in n for n in no_decay), sorted(no_decay)
+    assert any("layernorm.weight" in n for n in no_decay) and any("layernorm.bias" in n for n in no_decay)
+    for n, v in wd.items():  # every bias and norm weight is exempt, every matrix decays
+        assert v == (0.0 if n.endswith("bias") or "norm" in n else 0.5), (n, v)
+    # one step with zero grads: Adam's update is 0, so only the decoupled decay moves a param
+    before = {n: m.detach().clone() for n, m in zip(names.values(), opt.masters)}
+    opt.zero_grad()
+    opt.step(1e-2)
+    for n, m in zip(names.values(), opt.masters):
+        want = before[n] if n in no_decay else before[n] * (1 - 1e-2 * 0.5)
+        assert torch.allclose(m.detach(), want, rtol=1e-6, atol=0), n
