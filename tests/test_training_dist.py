@@ -1,4 +1,4 @@
-"""The training loop on 2 gloo ranks: tp=2 (with and without sequence parallel) and dp=2.
+"""The training loop on 2 gloo ranks: tp=2 (with and without sequence parallel) and dp=2; on 4 ranks tp=2 x dp=2.
 
 Proves: exact resume with dropout on (6 steps == 3 + save/exit + resume 3, bitwise) at tp=2 and at dp=2; that the overlapped
 bucketed DP grad all-reduce equals the one after backward (bitwise); and that tp=2, tp=2+SP, dp=2 (tiny-bigcode)
@@ -69,3 +69,16 @@ def test_tp2_dp2_exact_resume_and_match_single_process(tmp_path):
     reference = train(_cfg(str(tmp_path / "ref")), stream=io.StringIO()).losses
     glm_reference = train(_cfg(str(tmp_path / "glm_ref"), *GLM), stream=io.StringIO()).losses
     run_distributed(_body, 2, str(tmp_path), reference, glm_reference)
+
+
+def _body_tp2_dp2(rank, world_size, root, reference):
+    result = train(_cfg(os.path.join(root, "tp2dp2"), "--parallel.tp", "2", iters=4), stream=io.StringIO())
+    assert result.iteration == 4
+    for step, want in reference.items():
+        assert result.losses[step] == pytest.approx(want, rel=1e-5, abs=1e-5), f"rank {rank} step {step}"
+
+
+def test_tp2_and_dp2_at_once_match_single_process(tmp_path):
+    """4 ranks: tp=2 x dp=2 together (TP groups inside DP groups) train the same model as one process."""
+    reference = train(_cfg(str(tmp_path / "ref"), iters=4), stream=io.StringIO()).losses
+    run_distributed(_body_tp2_dp2, 4, str(tmp_path), reference)
