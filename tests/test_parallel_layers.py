@@ -207,7 +207,7 @@ def _check_embedding(pc):
     assert torch.equal(y, yr)
     # out-of-range ids raise on every rank (they would otherwise be zero vectors); padded rows are valid ids
     for bad in (vocab, vocab + 50, -1):
-        with pytest.raises(IndexError, match=rf"token id {bad} is out of range .* \[0, {vocab}\)"):
+        with pytest.raises(IndexError, match=rf"out of range .* \[0, {vocab}\).*found id {bad}"):
             emb(ids.masked_fill(ids == 71, bad))
     assert emb(torch.tensor([[vocab - 1, 0]])).shape == (1, 2, H)
     y.backward(gy)
@@ -246,7 +246,7 @@ def test_tp1_is_plain_torch():
     emb = VocabParallelEmbedding(131, H, pc)
     ids = torch.randint(0, 131, (B, S))
     assert isinstance(emb, nn.Embedding) and torch.equal(emb(ids), F.embedding(ids, emb.weight))
-    with pytest.raises(IndexError, match=r"token id 131 is out of range"):
+    with pytest.raises(IndexError, match=r"out of range.*found id 131"):
         emb(torch.tensor([[0, 131]]))
     assert torch.equal(row.bias, torch.zeros(40)) and abs(col.weight.std().item() - 0.02) < 0.002
     for fn in (M.copy_to_tp, M.reduce_from_tp, M.scatter_to_tp, M.gather_from_tp, M.scatter_to_sp,

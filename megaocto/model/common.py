@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaocto.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaocto.parallel.layers import check_id_range
 from megaocto.parallel.mappings import copy_to_tp, gather_from_sp
 
 
@@ -108,23 +109,19 @@ def check_input_ids(input_ids: torch.Tensor, cfg, pc) -> None:
     * sequence parallelism splits the sequence over TP ranks, so its length must be a multiple of tp;
     * token ids must lie in ``[0, model.vocab_size)``: the embedding has padded rows up to the TP-padded size, so
       ids in ``[vocab_size, padded)`` would silently read untrained rows (usually a tokenizer/model vocab
-      mismatch). One ``aminmax`` and one host sync per forward; every TP rank sees the same ids, so all agree.
+      mismatch). On CPU one ``aminmax``; on CUDA an async device assert (no host sync); every TP rank sees
+      the same ids, so all agree.
     """
     s = input_ids.shape[-1]
     if pc.sequence_parallel and s % pc.tp:
         raise ValueError(f"input sequence length {s} is not divisible by tp={pc.tp}, which "
                          f"parallel.sequence_parallel requires; pad batches to a multiple of {pc.tp} "
                          f"(model.seq_length) or set parallel.sequence_parallel=false")
-    if input_ids.numel() == 0:
-        return
-    lo, hi = (int(t) for t in torch.aminmax(input_ids))
-    if lo < 0:
-        raise ValueError(f"input_ids contain a negative token id ({lo}); an ignore/padding label (-100?) "
-                         f"reached input_ids")
-    if hi >= cfg.vocab_size:
-        raise ValueError(f"input_ids contain token id {hi} >= model.vocab_size={cfg.vocab_size}: the tokenizer's "
-                         f"vocabulary does not match the model's; set model.vocab_size to the tokenizer vocab size "
-                         f"(or re-tokenize the data with the model's tokenizer)")
+    check_id_range(input_ids, cfg.vocab_size, ValueError,
+                   f"input_ids must lie in [0, model.vocab_size={cfg.vocab_size}): a negative id means an "
+                   f"ignore/padding label (-100?) reached input_ids; an id >= vocab_size means the tokenizer's "
+                   f"vocabulary does not match the model's (set model.vocab_size to the tokenizer vocab size or "
+                   f"re-tokenize the data with the model's tokenizer)")
 
 
 def default_position_ids(input_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:

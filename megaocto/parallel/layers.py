@@ -264,6 +264,22 @@ class RowParallelLinear(nn.Linear):
                 f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}")
 
 
+def check_id_range(ids: torch.Tensor, upper: int, exc: type[Exception], message: str) -> None:
+    """Raise ``exc(message)`` unless all ``ids`` lie in ``[0, upper)``.
+
+    On CUDA this is an asynchronous device-side assert (no host sync on the hot path; a violation surfaces as a
+    CUDA error carrying ``message``); elsewhere one ``aminmax`` and a precise error naming the offending id.
+    """
+    if ids.numel() == 0:
+        return
+    if ids.is_cuda:
+        torch._assert_async(((ids >= 0) & (ids < upper)).all(), message)
+        return
+    lo, hi = (int(t) for t in torch.aminmax(ids))
+    if lo < 0 or hi >= upper:
+        raise exc(f"{message}; found id {lo if lo < 0 else hi}")
+
+
 class VocabParallelEmbedding(nn.Embedding):
     """Embedding with rows (vocabulary) split over TP; output all-reduced to the full ``[b, s, h]``.
 
@@ -304,14 +320,11 @@ class VocabParallelEmbedding(nn.Embedding):
         """Raise IndexError unless every id is in ``[0, num_embeddings)``.
 
         At tp > 1 an out-of-range id would otherwise fall outside every rank's rows and become a zero vector.
-        Every TP rank holds the same ids, so the ranks agree without communication (one host sync).
+        Every TP rank holds the same ids, so the ranks agree without communication.
         """
-        if ids.numel() == 0:
-            return
-        lo, hi = (int(t) for t in torch.aminmax(ids))
-        if lo < 0 or hi >= self.num_embeddings:
-            raise IndexError(f"token id {lo if lo < 0 else hi} is out of range for VocabParallelEmbedding with "
-                             f"{self.num_embeddings} rows (ids must be in [0, {self.num_embeddings}))")
+        check_id_range(ids, self.num_embeddings, IndexError,
+                       f"token id out of range for VocabParallelEmbedding with {self.num_embeddings} rows "
+                       f"(ids must be in [0, {self.num_embeddings}))")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pc = self.pc
