@@ -5,6 +5,7 @@ Failures here point at megaocto/config/loader.py, megaocto/training/{schedule,me
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -215,3 +216,10 @@ def test_checkpoint_survives_hard_kill_mid_save(tmp_path):
     assert any(n.endswith(".tmp") for n in os.listdir(save))  # the half-written checkpoint is only a temp dir
     state, _, it = ckpt.load_checkpoint(save, ParallelContext.single())
     assert it == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+
+
+def test_did_you_mean_suggests_full_dotted_keys():
+    for flag, want in (("--model.presett", "model.preset"), ("--trian.iters", "train.iters"),
+                       ("--optimiser.lr", "optimizer.lr"), ("--checkpoint.overide_scheduler", "checkpoint.override_scheduler")):
+        with pytest.raises(ConfigError, match=rf"unknown key .*did you mean '{re.escape(want)}'"):
+            load_run_config(None, [flag, "1", "--train.iters", "2"])

@@ -205,8 +205,12 @@ def _convert(value: Any, tp: Any, from_cli: bool, where: str) -> Any:
 
 
 def _all_keys(cls, prefix: str = "") -> list[str]:
+    """Every valid dotted key: sections, fields and `preset` of sections built with from_preset (model.preset)."""
     keys = []
     hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if prefix and hasattr(cls, "from_preset") and "preset" not in names:
+        keys.append(prefix + "preset")
     for f in dataclasses.fields(cls):
         keys.append(prefix + f.name)
         if _is_dataclass_type(hints[f.name]):
@@ -216,7 +220,10 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
 
 def _unknown(key: str, root_cls, where: str) -> ConfigError:
     candidates = _all_keys(root_cls)
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    # compare with keys of the same depth first: 'trian.iters' -> 'train.iters', not the section 'train'
+    same_depth = [c for c in candidates if c.count(".") == key.count(".")]
+    close = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.5) or \
+        difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:  # try matching only the last part within the same section
         section, _, leaf = key.rpartition(".")
         same = [c for c in candidates if c.rpartition(".")[0] == section]
@@ -240,8 +247,9 @@ def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> An
     for key, value in data.items():
         dotted = prefix + str(key)
         where = origin.get(dotted) or next((v for k, v in origin.items() if k.startswith(dotted + ".")), "config")
-        if key not in names:
-            raise _unknown(dotted, root_cls, where)
+        if key not in names:  # a CLI flag names only its full key (--trian.iters): report and match that
+            full = dotted if dotted in origin else next((k for k in origin if k.startswith(dotted + ".")), dotted)
+            raise _unknown(full, root_cls, where)
         tp = hints[key]
         if _is_dataclass_type(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, dotted + ".", origin, root_cls)
