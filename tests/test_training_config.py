@@ -223,3 +223,13 @@ def test_did_you_mean_suggests_full_dotted_keys():
                        ("--optimiser.lr", "optimizer.lr"), ("--checkpoint.overide_scheduler", "checkpoint.override_scheduler")):
         with pytest.raises(ConfigError, match=rf"unknown key .*did you mean '{re.escape(want)}'"):
             load_run_config(None, [flag, "1", "--train.iters", "2"])
+
+
+def test_bare_flag_only_for_bool_fields():
+    cfg = load_run_config(None, ["--checkpoint.finetune", "--train.iters", "5", "--checkpoint.no_load_rng"])
+    assert cfg.checkpoint.finetune and cfg.checkpoint.no_load_rng and cfg.train.iters == 5
+    for bare, argv in (("--checkpoint.save", ["--checkpoint.save", "--train.iters", "5"]),
+                       ("--train.exit_interval", ["--train.iters", "5", "--train.exit_interval"]),
+                       ("--model.preset", ["--train.iters", "5", "--model.preset"])):
+        with pytest.raises(ConfigError, match=rf"command line {re.escape(bare)}: {re.escape(bare)} needs a value"):
+            load_run_config(None, argv)

@@ -109,6 +109,23 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Bare:
+    """A bare `--section.flag` on the command line: true for a bool field, an error for any other."""
+
+    def __repr__(self):
+        return "<bare flag>"
+
+
+_BARE = _Bare()
+
+
+def _bare_value(tp, where: str, dotted: str) -> str:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if bool in args:
+        return "true"
+    raise ConfigError(f"{where}: --{dotted} needs a value (only true/false fields can be given bare)")
+
+
 # ----------------------------------------------------------------------------------------- typing
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -243,6 +260,8 @@ def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> An
     preset = None
     if "preset" in data and "preset" not in names and hasattr(cls, "from_preset"):
         preset = data.pop("preset")
+        if preset is _BARE:
+            _bare_value(str, origin.get(prefix + "preset", "command line"), prefix + "preset")
     kwargs = {}
     for key, value in data.items():
         dotted = prefix + str(key)
@@ -251,6 +270,8 @@ def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> An
             full = dotted if dotted in origin else next((k for k in origin if k.startswith(dotted + ".")), dotted)
             raise _unknown(full, root_cls, where)
         tp = hints[key]
+        if value is _BARE:
+            value = _bare_value(tp, where, dotted)
         if _is_dataclass_type(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, dotted + ".", origin, root_cls)
         else:
@@ -275,7 +296,7 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
         tree, lines = read_config_file(path)
         origin = {k: f"{path}:{n}" for k, n in lines.items()}
     for key, raw in parse_overrides(overrides or []):
-        _set_dotted(tree, key, raw)
+        _set_dotted(tree, key, _BARE if raw is None else raw)
         origin[key] = f"command line --{key}"
     cfg = _build(cls, tree, "", origin, cls)
     if validate and hasattr(cfg, "validate"):
