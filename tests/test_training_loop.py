@@ -86,6 +86,13 @@ def test_nan_steps_skipped_then_diverged_saves_last_good(tmp_path):
     reason = json.load(open(tmp_path / "run" / "exit_reason.json"))
     assert (reason["reason"], reason["exit_code"], reason["iteration"]) == ("diverged", 1, 3), reason
     assert reason["checkpoint"] == os.path.join(save, "iter_0000003") and "max_skipped_steps" in reason["message"]
+    def strict(text):  # metrics.jsonl is strict JSON: no NaN/Infinity literals
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in metrics.jsonl"))
+    records = [strict(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert records[-1]["iteration"] == 3 and records[-1]["skipped_steps"] == 2  # the diverging step is logged
+    _quiet(_cfg(tmp_path, "--train.debug_nan_iters", "2", "--logging.log_interval", "1", iters=2))
+    records = [strict(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert records[-1]["iteration"] == 2 and records[-1]["loss"] is None and records[-1]["grad_norm"] is None
     diverged = _weights(save, 3)
     for k, v in after_one.items():  # steps 2 and 3 were not applied: the saved state is the step-1 state
         assert torch.equal(v, diverged[k]), k

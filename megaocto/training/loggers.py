@@ -4,6 +4,7 @@ It also writes the resolved run config to {run_dir}/config.json.
 metrics.jsonl (this module owns the format): one JSON object per line, appended across resumes:
     {"kind": "train", "iteration": 10, "consumed_samples": 80, "loss": 2.31, "lr": ..., "grad_norm": ..., ...}
     {"kind": "valid", "iteration": 10, "val_loss": 2.40, "val_ppl": 11.0}
+Non-finite values (the loss / grad norm of a skipped NaN step) are written as null (strict JSON).
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ class MetricsLogger:
         self._write({"kind": "valid", "iteration": iteration, **metrics, "time": time.time()}, "valid", iteration, metrics)
 
     def _write(self, record: dict, group: str, iteration: int, metrics: dict) -> None:
-        if self._jsonl:
-            self._jsonl.write(json.dumps(record) + "\n")
+        if self._jsonl:  # strict JSON: a NaN/inf value (a skipped step's loss or grad norm) is written as null
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
             self._jsonl.flush()
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb:

@@ -440,6 +440,9 @@ class Trainer:
                                       f"skipped (no update), {self.skipped} skipped so far "
                                       f"(limit train.max_skipped_steps={cfg.train.max_skipped_steps})")
                         if self.skipped > cfg.train.max_skipped_steps:
+                            if self.iteration % cfg.logging.log_interval and self.iteration != self.total_iters:
+                                self._log_interval(loss if interval_n == 0 else interval_loss / interval_n, norm,
+                                                   interval_steps, time.time() - interval_start)  # the last step
                             path = self._diverged_checkpoint = self.save("diverged")
                             raise TrainingDiverged(
                                 f"{self.skipped} steps had non-finite loss or grad norm (limit "
