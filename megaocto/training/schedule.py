@@ -3,6 +3,10 @@
 `lr_at(step)` takes the 1-based number of the update about to be applied, so with warmup W the first
 update uses max_lr/W — never 0 (Megatron calls step(0) in its constructor, so its first update runs at
 lr 0 when warmup > 0; we deliberately do not reproduce that).
+
+At the other end the decay reaches min_lr at step decay_steps (default: the run length), as in Megatron: the last
+step of a run uses min_lr, i.e. lr 0 with the default min_lr=0 (a no-op update). Intended; set min_lr > 0 or a
+longer decay_iters to avoid it.
 """
 from __future__ import annotations
 
