@@ -308,3 +308,12 @@ def test_no_weight_decay_on_biases_and_norm_weights(bf16):
     for n, m in zip(names.values(), opt.masters):
         want = before[n] if n in no_decay else before[n] * (1 - 1e-2 * 0.5)
         assert torch.allclose(m.detach(), want, rtol=1e-6, atol=0), n
+
+
+def test_architecture_mismatch_on_load_is_a_config_error(tmp_path):
+    save = str(tmp_path / "ck")
+    _quiet(_cfg(tmp_path, "--checkpoint.save", save, iters=1))
+    with pytest.raises(ConfigError, match=r"iter_0000001/mp_rank_00/model_optim_rng.pt does not fit.*"
+                                          r"model.num_layers=2 \(configured: 3\)"):
+        Trainer(_cfg(tmp_path, "--checkpoint.load", save, "--checkpoint.finetune", "--model.num_layers", "3", iters=1),
+                stream=io.StringIO())

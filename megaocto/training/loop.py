@@ -205,7 +205,18 @@ class Trainer:
         self._ckpt_file = os.path.join(self._ckpt_dir, ckpt.rank_dir_name(self.pc.tp_rank, self.pc.pp_rank, self.pc.pp),
                                        ckpt.MODEL_FILE)
         self._release = it == "release"  # Megatron's release checkpoints are weights only (finetune semantics)
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # missing/unexpected keys or shape mismatches: another architecture
+            saved = ((_meta or {}).get("config") or {}).get("model") or {}
+            now = config_to_dict(self.cfg)["model"]
+            diff = [f"model.{k}={saved[k]!r} (configured: {now[k]!r})" for k in saved
+                    if k in now and saved[k] != now[k] and "dropout" not in k]
+            first = str(e).strip().splitlines()
+            raise ConfigError(
+                f"checkpoint {self._ckpt_file} does not fit the configured model: "
+                f"{', '.join(diff) if diff else 'its parameters differ'}; configure the checkpoint's architecture "
+                f"({first[1].strip() if len(first) > 1 else first[0] if first else e})") from None
         self.log.info(f"{'resuming' if self._own_resume else 'loaded model weights'} from "
                       f"{ckpt.iter_dir_name(it)} in {source}")
         return state
