@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 from megaocto.config.base import ConfigError, field
@@ -91,6 +92,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         f"{{inputs,targets}}_document.{{bin,idx}}")
 
     run_dir = os.path.join(work, "run")
+    if os.path.isdir(run_dir):  # a demo run always starts from scratch (training resumes are tested elsewhere)
+        shutil.rmtree(run_dir)
     overrides = [
         "--model.preset", "tiny-bigcode", "--model.vocab_size", str(info["vocab_size"]),
         "--model.seq_length", str(cfg.seq_length), "--model.max_position_embeddings", str(cfg.seq_length),
