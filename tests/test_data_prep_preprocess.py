@@ -252,3 +252,21 @@ def test_cli_expected_errors_are_one_line_on_stderr(tmp_path, capsys, argv, mess
     res = capsys.readouterr()
     assert message in res.err and "Traceback" not in res.err and res.out == ""
     assert res.err.startswith(f"megaocto {argv[0]}: error: ") and res.err.count("\n") == 1
+
+
+def test_skip_mode_with_every_row_bad_is_an_error_and_leaves_no_outputs(tmp_path, capsys):
+    tok_path = train_tiny_tokenizer(tmp_path)
+    _write(tmp_path / "c.jsonl", [_commit(i) for i in range(6)])
+    argv = ["preprocess", "--input", str(tmp_path / "c.jsonl"), "--tokenizer", tok_path, "--format", "qa",
+            "--on-error", "skip", "--log-interval", "0", "--output-prefix", str(tmp_path / "o" / "p")]
+    assert main(argv) == 1
+    res = capsys.readouterr()
+    assert "rows read 6, written 0, skipped 6 (missing key: 6)" in res.err
+    assert "megaocto preprocess: error: nothing was written" in res.err and "'prompt'" in res.err
+    assert not list((tmp_path / "o").iterdir())  # no empty .bin/.idx that look like a dataset
+    # Mostly bad (4 of 6): written, with a warning on stderr.
+    _write(tmp_path / "m.jsonl", [{"prompt": "Q", "completion": "A"}] * 2 + [_commit(i) for i in range(4)])
+    argv[2], argv[-1] = str(tmp_path / "m.jsonl"), str(tmp_path / "m" / "p")
+    assert main(argv) == 0
+    res = capsys.readouterr()
+    assert "warning: 4 of 6 rows (67%) were skipped" in res.err and "written 2, skipped 4" in res.out

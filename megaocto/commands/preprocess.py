@@ -41,7 +41,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from megaocto.data.cli_errors import print_stopped
     from megaocto.data.jsonl import BadRowError
-    from megaocto.data.preprocess import PreprocessConfig, preprocess
+    from megaocto.data.preprocess import NothingWrittenError, PreprocessConfig, preprocess
 
     key_map = {}
     for kv in args.keys:
@@ -61,6 +61,10 @@ def _run(args) -> int:
         result = preprocess(cfg)
     except BadRowError as e:
         print_stopped(e)
+        return 1
+    except NothingWrittenError as e:  # a data error (exit 1): every row was bad for this --format
+        print(e.stats.summary(written=0), file=sys.stderr)
+        print(f"megaocto {NAME}: error: {e}", file=sys.stderr)
         return 1
     print(result.summary())
     return 0

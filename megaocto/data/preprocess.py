@@ -24,6 +24,17 @@ from megaocto.data.formats import FormatError, get_format, output_names, render,
 from megaocto.data.jsonl import DEFAULT_MAX_LINE_BYTES, ON_ERROR, BadRowError, JsonlReader, JsonlStats
 
 
+class NothingWrittenError(ValueError):
+    """Every row was skipped (or the input had no rows): no document was written. ``stats`` holds the counts."""
+
+    def __init__(self, message: str, stats: JsonlStats):
+        super().__init__(message)
+        self.stats = stats
+
+
+HIGH_SKIP_RATIO = 0.5  # warn when more than this fraction of the rows read was skipped
+
+
 @dataclass
 class PreprocessConfig:
     inputs: list = field(None, "Input .jsonl files, processed in the given order (documents keep file order).")
@@ -259,11 +270,22 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _nothing_written_message(cfg: PreprocessConfig, fmt, keys, stats: JsonlStats) -> str:
+    if stats.rows_read == 0:
+        return f"nothing was written: the input ({', '.join(cfg.inputs)}) has no rows"
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items()))
+    return (f"nothing was written: all {stats.rows_read} rows were skipped as bad rows ({reasons}); "
+            f"--format {cfg.format} reads the key(s) {', '.join(repr(k) for k in keys)} - "
+            f"is this the right --format (or --keys / --json-key)?")
+
+
 def preprocess(cfg: PreprocessConfig, log=None) -> PreprocessResult:
     """Tokenize ``cfg.inputs`` into ``{output_prefix}_{key}_document.bin/.idx``; see the module docstring.
 
     Raises BadRowError (``file:line: reason``) on the first bad row with ``on_error="fail"``; nothing is left
-    at the output paths then, and the error's ``stats`` holds the counts up to that row.
+    at the output paths then, and the error's ``stats`` holds the counts up to that row. Raises
+    NothingWrittenError (with ``stats``) when no document was written (every row skipped, or no rows); no
+    outputs are left then either. Warns (``log``) when more than half of the rows were skipped.
     """
     cfg.validate()
     log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -331,6 +353,12 @@ def preprocess(cfg: PreprocessConfig, log=None) -> PreprocessResult:
             pool.close()
             pool.join()
             pool = None
+        if docs == 0:  # nothing to train on: leave no empty outputs behind that look like a dataset
+            raise NothingWrittenError(_nothing_written_message(cfg, fmt, keys, stats), stats)
+        if stats.rows_skipped > HIGH_SKIP_RATIO * stats.rows_read:
+            log(f"warning: {stats.rows_skipped} of {stats.rows_read} rows "
+                f"({100 * stats.rows_skipped / stats.rows_read:.0f}%) were skipped as bad rows; "
+                f"check --format {cfg.format} and its keys (see the summary for the reasons)")
         for n in names:
             if cfg.join:
                 builders[n].finalize(indexed.index_file_path(tmp[n]))
