@@ -270,3 +270,16 @@ def test_skip_mode_with_every_row_bad_is_an_error_and_leaves_no_outputs(tmp_path
     assert main(argv) == 0
     res = capsys.readouterr()
     assert "warning: 4 of 6 rows (67%) were skipped" in res.err and "written 2, skipped 4" in res.out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fail_mode_counts_only_up_to_the_failing_row(tmp_path, capsys, workers):
+    tok_path = train_tiny_tokenizer(tmp_path)
+    rows = [{"prompt": "Q", "completion": "A"}] * 3 + [_commit(i) for i in range(20)]
+    _write(tmp_path / "m.jsonl", rows)
+    assert main(["preprocess", "--input", str(tmp_path / "m.jsonl"), "--tokenizer", tok_path, "--format", "qa",
+                 "--workers", str(workers), "--chunk-mb", "0.002", "--log-interval", "0",
+                 "--output-prefix", str(tmp_path / "o" / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "rows read 4, written 0, skipped 0\n" in err and "skipped " + str(tmp_path) not in err
+    assert "error: " + str(tmp_path / "m.jsonl") + ":4: missing key: 'prompt'" in err

@@ -165,7 +165,8 @@ def _process_chunk(task: _Task) -> _ChunkResult:
     names = output_names(fmt, keys)
     dtype = _token_dtype(cfg, tok.vocab_size)
     eod = np.array([tok.eod], dtype=dtype) if cfg.append_eod else None
-    reader = JsonlReader([task.path], keys, "skip", cfg.max_line_bytes, task.start, task.end)
+    # fail mode: the reader raises at the first bad row, so nothing after it is read or counted as skipped.
+    reader = JsonlReader([task.path], keys, cfg.on_error, cfg.max_line_bytes, task.start, task.end)
     builders = [indexed.MMapIndexedDatasetBuilder(indexed.data_file_path(indexed.dataset_prefix(task.shard_prefix, n)),
                                                   dtype) for n in names]
     result = _ChunkResult(task.index, 0, reader.stats, 0, {n: 0 for n in names}, 0)
@@ -200,7 +201,7 @@ def _process_chunk(task: _Task) -> _ChunkResult:
 
     try:
         try:
-            for row in _rows_failing_early(reader, cfg.on_error):
+            for row in reader:
                 try:
                     texts = render(fmt, row.data, keys)
                 except FormatError as e:
@@ -228,22 +229,6 @@ def _process_chunk(task: _Task) -> _ChunkResult:
         raise
     result.lines = reader.lines_seen
     return result
-
-
-def _rows_failing_early(reader: JsonlReader, on_error: str):
-    """Rows of ``reader`` (which skips); in fail mode the first skipped row becomes the error instead."""
-    for row in reader:
-        if on_error == "fail" and reader.stats.rows_skipped:
-            raise _stop(reader.stats)
-        yield row
-    if on_error == "fail" and reader.stats.rows_skipped:
-        raise _stop(reader.stats)
-
-
-def _stop(stats: JsonlStats) -> BadRowError:
-    err = stats.examples[0]
-    stats.unskip(err)  # it stops the run; it is not a skipped row
-    return err
 
 
 # --- main side ----------------------------------------------------------------------------------------------
