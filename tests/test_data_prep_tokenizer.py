@@ -104,3 +104,20 @@ def test_training_input_with_a_missing_file_is_an_error(tmp_path):
     from megaocto.cli import main
     assert main(["tokenizer", "train", "--input", str(tmp_path / "typo.txt"), "--vocab-size", "300",
                  "--output", str(tmp_path / "t.json")]) == 1
+
+
+def test_json_key_found_in_no_row_is_an_error_and_a_tiny_vocab_warns(tmp_path, capsys):
+    from megaocto.cli import main
+
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(json.dumps({"old_contents": t, "subject": "s"}) + "\n" for t in CORPUS))
+    out = tmp_path / "o.json"
+    with pytest.raises(TokenizerError, match=r"'new_contents' not found in any of the \d+ jsonl rows \(the first "
+                                             r"row has keys 'old_contents', 'subject'\)"):
+        train_bpe_tokenizer([str(p)], 300, str(out), json_keys=["old_contents", "new_contents"])
+    assert not out.exists()
+    assert main(["tokenizer", "train", "--input", str(p), "--vocab-size", "300", "--output", str(out)]) == 2
+    assert "megaocto tokenizer: error: json key(s) 'text' not found" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", str(p), "--json-keys", "old_contents", "--vocab-size", "5000",
+                 "--output", str(out)]) == 0
+    assert "megaocto tokenizer: warning: vocab " in capsys.readouterr().err

@@ -6,6 +6,7 @@ import sys
 
 NAME = "tokenizer"
 HELP = "Train a byte-level BPE with StarCoder's special tokens (train) or describe a tokenizer (info)"
+LOW_VOCAB_RATIO = 0.9  # warn when the trained vocab is below this fraction of --vocab-size
 
 
 def add_arguments(parser):
@@ -38,7 +39,12 @@ def _run(args) -> int:
         info = train_bpe_tokenizer(args.input, args.vocab_size, args.output, min_frequency=args.min_frequency,
                                    json_keys=args.json_keys)
         print(f"wrote {info['output']}: vocab {info['vocab_size']} (requested {info['vocab_size_requested']})")
-        if info["vocab_size"] < info["vocab_size_requested"]:
+        got, want = info["vocab_size"], info["vocab_size_requested"]
+        if got < LOW_VOCAB_RATIO * want:
+            print(f"megaocto {NAME}: warning: vocab {got} is only {100 * got / want:.0f}% of the requested {want}: "
+                  f"the corpus ran out of merges (too little text, or --json-keys reads the wrong keys); use more "
+                  f"data or a smaller --vocab-size", file=sys.stderr)
+        elif got < want:
             print("  the corpus ran out of merges before the requested size")
         for reason, n in info["skipped"].items():
             print(f"  skipped {n}: {reason}")

@@ -179,23 +179,32 @@ def load_tokenizer(path: str, *, eod_token: str | None = None, pad_token: str | 
 
 
 def iter_training_texts(paths: Iterable[str], json_keys: Iterable[str] = ("text",),
-                        stats: dict | None = None) -> Iterator[str]:
+                        stats: dict | None = None, keys_seen: dict | None = None) -> Iterator[str]:
     """Texts for tokenizer training: the ``json_keys`` of each ``.jsonl`` row, or each other file whole.
 
-    Bad jsonl rows and non-UTF-8 files are skipped and counted in ``stats``.
+    Bad jsonl rows and non-UTF-8 files are skipped and counted in ``stats``. ``keys_seen`` (if given) gets
+    ``rows`` (jsonl rows read), ``found`` ({key: rows holding it as a string}) and ``first_row_keys``.
     """
     from megaocto.data.jsonl import JsonlReader
 
     stats = {} if stats is None else stats
     keys = tuple(json_keys)
+    seen = keys_seen if keys_seen is not None else {}
+    seen.setdefault("rows", 0)
+    found = seen.setdefault("found", {k: 0 for k in keys})
     for p in paths:
         if p.endswith((".jsonl", ".json")):
             reader = JsonlReader([p], required_keys=(), on_error="skip")
             for row in reader:
+                seen["rows"] += 1
+                if "first_row_keys" not in seen:
+                    seen["first_row_keys"] = list(row.data)
                 for k in keys:
                     v = row.data.get(k)
-                    if isinstance(v, str) and v:
-                        yield v
+                    if isinstance(v, str):
+                        found[k] += 1
+                        if v:
+                            yield v
             for reason, n in reader.stats.skipped.items():
                 stats[f"jsonl: {reason}"] = stats.get(f"jsonl: {reason}", 0) + n
         else:
@@ -206,6 +215,18 @@ def iter_training_texts(paths: Iterable[str], json_keys: Iterable[str] = ("text"
                 stats["non-UTF-8 file"] = stats.get("non-UTF-8 file", 0) + 1
 
 
+def _check_keys_found(keys_seen: dict) -> None:
+    """A requested --json-keys key that no jsonl row holds is an error (it would train on nothing)."""
+    if not keys_seen.get("rows"):
+        return
+    missing = [k for k, n in keys_seen["found"].items() if n == 0]
+    if missing:
+        raise TokenizerError(f"json key(s) {', '.join(map(repr, missing))} not found in any of the "
+                             f"{keys_seen['rows']} jsonl rows (the first row has keys "
+                             f"{', '.join(map(repr, keys_seen.get('first_row_keys', [])))}); pass --json-keys "
+                             f"with the keys that hold the training text")
+
+
 def train_bpe_tokenizer(files_or_iterator, vocab_size: int, output: str, *, min_frequency: int = 2,
                         json_keys: Iterable[str] = ("text",), special_tokens=STARCODER_SPECIAL_TOKENS) -> dict:
     """Train a byte-level BPE (digits split individually, as StarCoder) and save ``output`` (tokenizer.json).
@@ -213,14 +234,16 @@ def train_bpe_tokenizer(files_or_iterator, vocab_size: int, output: str, *, min_
     ``files_or_iterator``: paths (``.jsonl`` read by ``json_keys``; other files whole) or an iterable of
     strings. Ids ``0..len(special_tokens)-1`` are the special tokens in order. Returns a summary dict
     (requested/actual vocab size, skipped inputs); a corpus too small for ``vocab_size`` gives fewer merges.
+    A ``json_keys`` key that no jsonl row holds raises TokenizerError (nothing is written).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     items = list(files_or_iterator) if isinstance(files_or_iterator, (list, tuple)) else None
     stats: dict = {}
     is_file = [isinstance(x, (str, os.PathLike)) and os.path.isfile(x) for x in items or []]
+    keys_seen: dict = {}
     if items and all(is_file):
-        texts = iter_training_texts([os.fspath(x) for x in items], json_keys, stats)
+        texts = iter_training_texts([os.fspath(x) for x in items], json_keys, stats, keys_seen)
     elif any(is_file):
         missing = [x for x, f in zip(items, is_file) if not f]
         raise TokenizerError(f"training input mixes files with non-files; not found: {missing[:5]}")
@@ -238,6 +261,7 @@ def train_bpe_tokenizer(files_or_iterator, vocab_size: int, output: str, *, min_
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=list(special_tokens))
     tok.train_from_iterator(texts, trainer=trainer)
+    _check_keys_found(keys_seen)
     for i, t in enumerate(special_tokens):
         if tok.token_to_id(t) != i:
             raise TokenizerError(f"special token {t!r} got id {tok.token_to_id(t)}, expected {i}")
