@@ -103,7 +103,7 @@ def test_training_input_with_a_missing_file_is_an_error(tmp_path):
         train_bpe_tokenizer([str(p), str(tmp_path / "typo.txt")], 300, str(tmp_path / "t.json"))
     from megaocto.cli import main
     assert main(["tokenizer", "train", "--input", str(tmp_path / "typo.txt"), "--vocab-size", "300",
-                 "--output", str(tmp_path / "t.json")]) == 1
+                 "--output", str(tmp_path / "t.json")]) == 2
 
 
 def test_json_key_found_in_no_row_is_an_error_and_a_tiny_vocab_warns(tmp_path, capsys):

@@ -44,7 +44,7 @@ def run(args) -> int:
         done = prebuild_indices(cfg.data, seq_length=cfg.model.seq_length, num_samples=counts, seed=cfg.train.seed,
                                 rank=args.rank, world_size=args.world_size)
     except (ConfigError, ValueError, OSError) as e:
-        print(f"megaocto build-index: {e}", file=sys.stderr)
+        print(f"megaocto {NAME}: error: {e}", file=sys.stderr)
         return 2
     print(f"megaocto build-index: rank {args.rank}/{args.world_size}, samples {counts}, "
           f"{len(done)} dataset(s) indexed")

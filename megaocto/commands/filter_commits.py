@@ -1,13 +1,13 @@
 """`megaocto filter-commits`: CommitPackFT filter rules over CommitPack-schema jsonl, with per-rule counts."""
 from __future__ import annotations
 
-import sys
 
 NAME = "filter-commits"
 HELP = "Apply the CommitPackFT filters (commitpackft_filters1/2) to commit jsonl; prints drops per rule"
 
 
 def add_arguments(parser):
+    parser.set_defaults(_parser=parser)  # run() reports missing --input/--output as argparse does
     parser.add_argument("--input", nargs="+", help="CommitPack-schema .jsonl files (required)")
     parser.add_argument("--output", help="filtered .jsonl to write (required)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for the token-length rule")
@@ -27,7 +27,6 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from megaocto.config.base import ConfigError
     from megaocto.data.filters import RULES, FilterConfig, filter_commits
     from megaocto.data.cli_errors import print_stopped
     from megaocto.data.jsonl import BadRowError
@@ -36,20 +35,16 @@ def _run(args) -> int:
         for r in RULES:
             print(f"{r.name:24s} [{r.source}] {r.doc}")
         return 0
-    if not args.input or not args.output:
-        print("error: --input and --output are required (or use --list-rules)", file=sys.stderr)
-        return 2
+    missing = [flag for flag, value in (("--input", args.input), ("--output", args.output)) if not value]
+    if missing:  # required unless --list-rules: argparse's message, prefix and exit status 2
+        args._parser.error(f"the following arguments are required: {', '.join(missing)} (or use --list-rules)")
     cfg = FilterConfig(seed=args.seed, tokenizer=args.tokenizer, min_tokens=args.min_tokens,
                        max_tokens=args.max_tokens, rules=args.rules, skip_rules=args.skip_rules,
                        on_error=args.on_error)
     try:
         filt = filter_commits(args.input, args.output, cfg)
     except BadRowError as e:
-        print_stopped(e)
-        return 1
-    except ConfigError as e:
-        print(f"megaocto {NAME}: error: {e}", file=sys.stderr)
-        return 1
+        return print_stopped(NAME, e)
     print(filt.report())
     print(filt.stats.summary(written=filt.kept))
     print(f"wrote {filt.kept} of {filt.seen} rows to {args.output}")

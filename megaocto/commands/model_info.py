@@ -47,6 +47,6 @@ def run(args) -> int:
                                 recompute_num_layers=args.recompute_num_layers, zero1=args.zero1,
                                 sequence_parallel=not args.no_sequence_parallel, flash_attention=not args.no_flash))
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"megaocto {NAME}: error: {e}", file=sys.stderr)
         return 2
     return 0

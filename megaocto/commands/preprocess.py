@@ -47,8 +47,8 @@ def _run(args) -> int:
     for kv in args.keys:
         role, sep, key = kv.partition("=")
         if not sep:
-            print(f"error: --keys expects ROLE=KEY, got {kv!r}", file=sys.stderr)
-            return 2
+            from megaocto.config.base import ConfigError
+            raise ConfigError(f"--keys expects ROLE=KEY, got {kv!r}")
         key_map[role] = key
     cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
                            format=args.format, json_key=args.json_key, key_map=key_map, workers=args.workers,
@@ -60,8 +60,7 @@ def _run(args) -> int:
     try:
         result = preprocess(cfg)
     except BadRowError as e:
-        print_stopped(e)
-        return 1
+        return print_stopped(NAME, e)
     except NothingWrittenError as e:  # a data error (exit 1): every row was bad for this --format
         print(e.stats.summary(written=0), file=sys.stderr)
         print(f"megaocto {NAME}: error: {e}", file=sys.stderr)

@@ -35,7 +35,7 @@ def _run(args) -> int:
         missing = [p for p in args.input if not os.path.isfile(p)]
         if missing:
             print(f"megaocto {NAME}: error: input file(s) not found: {', '.join(missing)}", file=sys.stderr)
-            return 1
+            return 2
         info = train_bpe_tokenizer(args.input, args.vocab_size, args.output, min_frequency=args.min_frequency,
                                    json_keys=args.json_keys)
         print(f"wrote {info['output']}: vocab {info['vocab_size']} (requested {info['vocab_size_requested']})")

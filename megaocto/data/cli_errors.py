@@ -1,5 +1,9 @@
 """Clean command-line errors for the data commands: expected failures (a missing file, a bad dataset, a
-non-repo path, a bad config) print one line on stderr and exit 2 instead of a traceback."""
+non-repo path, a bad config) print one line on stderr and exit 2 instead of a traceback.
+
+Exit status convention of the data commands (and model-info): 0 ok; 1 = a data error (a bad input row with
+``--on-error fail``, or nothing left to write); 2 = a usage / config error (bad or missing arguments, a missing
+input / tokenizer / dataset file, a bad config). Every error line reads ``megaocto COMMAND: error: ...``."""
 from __future__ import annotations
 
 import sys
@@ -29,9 +33,11 @@ def run_cleanly(command: str, fn, args) -> int:
         return report_error(command, e)
 
 
-def print_stopped(err, hint: str = "re-run with --on-error skip to skip and count bad rows") -> None:
-    """The bad-input summary (rows read, written, skipped and why) and the row that stopped the run, on stderr."""
+def print_stopped(command: str, err, hint: str = "re-run with --on-error skip to skip and count bad rows") -> int:
+    """The bad-input summary (rows read, written, skipped and why) and the row that stopped the run, on stderr;
+    returns the data-error exit status 1."""
     if getattr(err, "stats", None) is not None:
         print(err.stats.summary(written=0), file=sys.stderr)
-    print(f"error: {err}\nstopped at the first bad row (--on-error fail); nothing was written. ({hint})",
-          file=sys.stderr)
+    print(f"megaocto {command}: error: {err}\nstopped at the first bad row (--on-error fail); nothing was written. "
+          f"({hint})", file=sys.stderr)
+    return 1

@@ -219,7 +219,7 @@ class CommitExtractor:
     def __init__(self, repo: str, cfg: CommitsConfig | None = None):
         self.repo, self.cfg = repo, cfg or CommitsConfig()
         if not os.path.isdir(repo):
-            raise ConfigError(f"commits: {repo} is not a directory")
+            raise ConfigError(f"{repo} is not a directory")
         top = _git(repo, "rev-parse", "--show-toplevel").decode().strip()
         self.repo = top
         self.languages = load_languages()

@@ -58,25 +58,25 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         if not self.inputs:
-            raise ConfigError("preprocess: no --input files given")
+            raise ConfigError("no --input files given")
         for p in self.inputs:
             if not os.path.isfile(p):
-                raise ConfigError(f"preprocess: input file {p} does not exist")
+                raise ConfigError(f"input file {p} does not exist")
         if not self.output_prefix:
-            raise ConfigError("preprocess: --output-prefix is required")
+            raise ConfigError("--output-prefix is required")
         if self.workers < 1:
-            raise ConfigError(f"preprocess: --workers must be >= 1 (got {self.workers})")
+            raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
         if self.on_error not in ON_ERROR:
-            raise ConfigError(f"preprocess: --on-error must be fail or skip (got {self.on_error!r})")
+            raise ConfigError(f"--on-error must be fail or skip (got {self.on_error!r})")
         if self.dtype not in ("auto", "uint16", "int32"):
-            raise ConfigError(f"preprocess: --dtype must be auto, uint16 or int32 (got {self.dtype!r})")
+            raise ConfigError(f"--dtype must be auto, uint16 or int32 (got {self.dtype!r})")
         if self.chunk_bytes < 1 or self.batch_bytes < 1:
-            raise ConfigError("preprocess: chunk_bytes and batch_bytes must be positive")
+            raise ConfigError("chunk_bytes and batch_bytes must be positive")
         try:
             get_format(self.format)
             resolve_keys(get_format(self.format), self.json_key, self.key_map)
         except ValueError as e:
-            raise ConfigError(f"preprocess: {e}") from None
+            raise ConfigError(f"{e}") from None
 
 
 @dataclass
