@@ -31,7 +31,7 @@ from megaocto.training import checkpoint as ckpt
 from megaocto.training.loggers import MetricsLogger
 from megaocto.training.metrics import FLOPS_FORMULA, format_eta, memory_stats, model_tflops_and_mfu, peak_tflops
 from megaocto.training.optimizer import MixedPrecisionAdamW
-from megaocto.training.sampler import PretrainingSampler, collate, micro_batch_loader, to_device
+from megaocto.training.sampler import PretrainingSampler, collate, micro_batch_loader, shutdown_loader, to_device
 from megaocto.training.schedule import LRSchedule
 
 EXIT_OK = 0
@@ -488,6 +488,7 @@ class Trainer:
                 else:
                     result.checkpoint = self.save("finished")
             finally:
+                shutdown_loader(batches)  # the workers ignore SIGTERM: never leave them to the exit handler
                 self.log.close()
         result.iteration, result.consumed_samples, result.skipped_steps = self.iteration, self.consumed, self.skipped
         return result
