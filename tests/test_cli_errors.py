@@ -57,3 +57,24 @@ def test_bad_data_rows_exit_1_with_the_command_prefix(tmp_path, capsys):
     code, err = _run(["filter-commits", "--input", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                       "--skip-rules", "token-length"], capsys)
     assert code == 1 and f"megaocto filter-commits: error: {tmp_path / 'c.jsonl'}:1: missing key" in err
+
+
+def _numeric_options(parser):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _numeric_options(sub)
+        elif action.type in (int, float) and action.default is not None and action.option_strings:
+            yield action
+
+
+@pytest.mark.parametrize("module", ["preprocess", "merge_datasets", "filter_commits", "commits", "tokenizer",
+                                    "build_index", "model_info"])
+def test_numeric_options_show_their_default_in_help(module):
+    import argparse
+    import importlib
+    parser = argparse.ArgumentParser()
+    importlib.import_module(f"megaocto.commands.{module}").add_arguments(parser)
+    missing = [a.option_strings[0] for a in _numeric_options(parser) if "%(default)s" not in (a.help or "")]
+    assert not missing, f"{module}: help of {missing} does not show %(default)s"

@@ -13,14 +13,16 @@ ACCEPTS_EXTRA = True
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None, help="The run config the training job will use (.yaml/.toml).")
     parser.add_argument("--dp", type=int, default=1, help="Data-parallel size of the training job (sets the "
-                        "global batch, hence the sample counts).")
+                        "global batch, hence the sample counts; default: %(default)s).")
     parser.add_argument("--train-samples", type=int, default=None, help="Override the computed train sample count.")
     parser.add_argument("--valid-samples", type=int, default=None, help="Override the computed valid sample count.")
-    parser.add_argument("--test-samples", type=int, default=0, help="Test samples to index (default 0).")
+    parser.add_argument("--test-samples", type=int, default=0, help="Test samples to index (default: %(default)s).")
     parser.add_argument("--rank", type=int, default=int(os.environ.get("SLURM_PROCID", 0)),
-                        help="This worker's index when several share the work (default $SLURM_PROCID or 0).")
+                        help="This worker's index when several share the work (default: $SLURM_PROCID or 0, "
+                             "here %(default)s).")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("SLURM_NTASKS", 1)),
-                        help="Number of workers sharing the work (default $SLURM_NTASKS or 1).")
+                        help="Number of workers sharing the work (default: $SLURM_NTASKS or 1, here "
+                             "%(default)s).")
 
 
 def run(args) -> int:

@@ -8,8 +8,9 @@ HELP = "Extract single-file commits of a local git repository as CommitPack json
 def add_arguments(parser):
     parser.add_argument("--repo", required=True, help="path of a local git repository")
     parser.add_argument("--output", required=True, help=".jsonl to write")
-    parser.add_argument("--rev", default="HEAD", help="history to walk (git log REV)")
-    parser.add_argument("--max-file-bytes", type=int, default=204_800, help="skip files larger than this")
+    parser.add_argument("--rev", default="HEAD", help="history to walk (git log REV; default: %(default)s)")
+    parser.add_argument("--max-file-bytes", type=int, default=204_800,
+                        help="skip files larger than this many bytes (default: %(default)s)")
     parser.add_argument("--no-renames", dest="renames", action="store_false", help="no rename detection")
     parser.add_argument("--no-additions", dest="additions", action="store_false", help="skip added files")
     parser.add_argument("--license", default=None, help="license id (default: detected from LICENSE/COPYING)")

@@ -11,12 +11,14 @@ def add_arguments(parser):
     parser.add_argument("--input", nargs="+", help="CommitPack-schema .jsonl files (required)")
     parser.add_argument("--output", help="filtered .jsonl to write (required)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for the token-length rule")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the 90%% 'Bump' drop (keyed on seed, row)")
-    parser.add_argument("--min-tokens", type=int, default=50, help="token-length lower bound")
-    parser.add_argument("--max-tokens", type=int, default=768, help="token-length upper bound")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the 90%% 'Bump' drop (keyed on seed, row; default: %(default)s)")
+    parser.add_argument("--min-tokens", type=int, default=50, help="token-length lower bound (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=768, help="token-length upper bound (default: %(default)s)")
     parser.add_argument("--rules", nargs="+", default=None, help="only these rules (canonical order kept)")
     parser.add_argument("--skip-rules", nargs="+", default=None, help="leave these rules out")
-    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="malformed rows")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                        help="malformed rows: fail at the first or skip and count (default: %(default)s)")
     parser.add_argument("--list-rules", action="store_true", help="print the rules and exit")
 
 

@@ -10,7 +10,8 @@ def add_arguments(parser):
                         help="dataset prefixes, or directories whose datasets (matching --pattern) are merged "
                              "in numeric shard / natural name order; a `preprocess --no-join` shard directory of "
                              "several keys (inputs, targets) is merged per key")
-    parser.add_argument("--pattern", default="*.idx", help="glob inside input directories, e.g. '*_text_document.idx'")
+    parser.add_argument("--pattern", default="*.idx", help="glob inside input directories, e.g. '*_text_document.idx' "
+                                                       "(default: %(default)s)")
     parser.add_argument("--output-prefix", required=True,
                         help="writes OUTPUT_PREFIX.bin/.idx, or OUTPUT_PREFIX_{key}_document.bin/.idx per key when "
                              "the inputs hold shards of several keys")

@@ -9,15 +9,18 @@ def add_arguments(parser) -> None:
     from megaocto.config.presets import preset_names
 
     parser.add_argument("--preset", required=True, choices=preset_names(), help="model preset name")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--dp", type=int, default=1, help="data-parallel size (shards optimizer states with --zero1)")
-    parser.add_argument("--micro-batch", type=int, default=1, help="micro-batch size per GPU")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: %(default)s)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default: %(default)s)")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel size (shards optimizer states with --zero1; "
+                        "default: %(default)s)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="micro-batch size per GPU (default: %(default)s)")
     parser.add_argument("--seq-length", type=int, default=None, help="sequence length (default: the preset's)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="training precision")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="training precision (default: %(default)s)")
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
-                        help="activation recompute granularity")
-    parser.add_argument("--recompute-num-layers", type=int, default=1, help="layers per checkpointed chunk (full)")
+                        help="activation recompute granularity (default: %(default)s)")
+    parser.add_argument("--recompute-num-layers", type=int, default=1,
+                        help="layers per checkpointed chunk (full; default: %(default)s)")
     parser.add_argument("--zero1", action="store_true", help="distributed optimizer (shard fp32 states over dp)")
     parser.add_argument("--no-sequence-parallel", action="store_true", help="disable sequence parallelism (tp>1)")
     parser.add_argument("--no-flash", action="store_true", help="count the s^2 attention matrices (no flash-attn)")

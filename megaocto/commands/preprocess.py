@@ -12,24 +12,30 @@ def add_arguments(parser):
 
     fmts = "; ".join(f"{f.name}: {f.template}" for f in FORMATS.values())
     parser.add_argument("--input", nargs="+", required=True, help="input .jsonl files (processed in order)")
-    parser.add_argument("--format", default="text", choices=list(FORMATS), help=f"row format ({fmts})")
+    parser.add_argument("--format", default="text", choices=list(FORMATS),
+                        help=f"row format ({fmts}; default: %(default)s)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a directory")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (one core each)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (one core each; default: %(default)s)")
     parser.add_argument("--json-key", "--json-keys", dest="json_key", nargs="+", default=["text"],
                         help="json key(s) for --format text, one output dataset per key (Megatron --json-keys)")
     parser.add_argument("--keys", nargs="*", default=[], metavar="ROLE=KEY",
                         help="rename a format's input key, e.g. question=prompt answer=completion")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                        help="bad rows: fail at the first (file:line: reason) or skip and count them")
+                        help="bad rows: fail at the first (file:line: reason) or skip and count them "
+                             "(default: %(default)s)")
     parser.add_argument("--no-append-eod", dest="append_eod", action="store_false",
                         help="do not append the EOD token to each document")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"], help="token dtype")
-    parser.add_argument("--chunk-mb", type=float, default=1.0, help="input MB per work unit / shard")
-    parser.add_argument("--max-line-bytes", type=int, default=None, help="longer jsonl lines are bad rows")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
+                        help="token dtype (default: %(default)s: uint16 below 65500 tokens)")
+    parser.add_argument("--chunk-mb", type=float, default=1.0,
+                        help="input MB per work unit / shard (default: %(default)s)")
+    parser.add_argument("--max-line-bytes", type=int, default=None,
+                        help="longer jsonl lines are bad rows (default: 64 MiB)")
     parser.add_argument("--no-join", dest="join", action="store_false",
                         help="leave per-chunk shards in PREFIX_shards/ (join later with merge-datasets)")
-    parser.add_argument("--log-interval", type=float, default=5.0, help="seconds between progress lines")
+    parser.add_argument("--log-interval", type=float, default=5.0,
+                        help="seconds between progress lines, 0 = none (default: %(default)s)")
 
 
 def run(args) -> int:

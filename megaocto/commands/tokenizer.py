@@ -14,9 +14,11 @@ def add_arguments(parser):
     t = sub.add_parser("train", help="train a byte-level BPE (StarCoder special tokens at ids 0..18)")
     t.add_argument("--input", nargs="+", required=True, help=".jsonl files (read by --json-keys) or text files")
     t.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="jsonl keys whose strings are training text (e.g. old_contents new_contents)")
+                   help="jsonl keys whose strings are training text (e.g. old_contents new_contents; "
+                                                        "default: %(default)s)")
     t.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size incl. special tokens")
-    t.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
+    t.add_argument("--min-frequency", type=int, default=2,
+                   help="minimum pair frequency for a merge (default: %(default)s)")
     t.add_argument("--output", required=True, help="path of the tokenizer.json to write")
     i = sub.add_parser("info", help="print vocab size and special token ids")
     i.add_argument("path", help="tokenizer.json, a sentencepiece .model, or a directory holding one")
