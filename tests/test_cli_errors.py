@@ -78,3 +78,13 @@ def test_numeric_options_show_their_default_in_help(module):
     importlib.import_module(f"megaocto.commands.{module}").add_arguments(parser)
     missing = [a.option_strings[0] for a in _numeric_options(parser) if "%(default)s" not in (a.help or "")]
     assert not missing, f"{module}: help of {missing} does not show %(default)s"
+
+
+def test_model_info_per_gpu_parameters_follow_the_requested_layout(capsys):
+    from megaocto.config.model import ModelConfig
+    from megaocto.model.memory import _stage_params
+    stages = _stage_params(ModelConfig.from_preset("tiny-bigcode"), 1, 2)
+    assert main(["model-info", "--preset", "tiny-bigcode", "--pp", "2"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("parameters:"))
+    assert "pp=1" not in line
+    assert f"per GPU (tp=1 pp=2) first stage {stages['first']:,}, last stage {stages['last']:,}" in line

@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 from megaocto.config.model import ModelConfig
-from megaocto.model.flops import flops_per_token, num_matmul_params, num_params, num_params_per_rank
-from megaocto.model.memory import estimate_memory
+from megaocto.model.flops import flops_per_token, num_matmul_params, num_params
+from megaocto.model.memory import _stage_params, estimate_memory
+
+
+def _per_gpu_params(cfg: ModelConfig, tp: int, pp: int) -> str:
+    """Parameters one GPU holds at this tp x pp layout (per pipeline stage when pp > 1)."""
+    stages = _stage_params(cfg, tp, pp)
+    if pp == 1:
+        return f"per GPU (tp={tp} pp=1) {stages['only']:,}"
+    return f"per GPU (tp={tp} pp={pp}) first stage {stages['first']:,}, last stage {stages['last']:,}"
 
 
 def model_info_report(cfg: ModelConfig, *, preset: str = "", tp: int = 1, pp: int = 1, dp: int = 1,
@@ -22,7 +30,7 @@ def model_info_report(cfg: ModelConfig, *, preset: str = "", tp: int = 1, pp: in
         f"{cfg.num_attention_heads} heads x {cfg.head_dim}, {attn}, ffn {cfg.ffn_size} ({cfg.activation}), "
         f"vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size(tp)} at tp={tp}), seq {seq}",
         f"parameters:        {num_params(cfg):,} ({num_params(cfg) / 1e9:.3f} B); "
-        f"matmul (FLOPs N) {num_matmul_params(cfg):,}; per TP rank (pp=1) {num_params_per_rank(cfg, tp):,}",
+        f"matmul (FLOPs N) {num_matmul_params(cfg):,}; {_per_gpu_params(cfg, tp, pp)}",
         f"FLOPs per token:   {flops_per_token(cfg, seq):.4g} (6N + 12*L*H*Q*T, non-causal); "
         f"causal variant {flops_per_token(cfg, seq, causal=True):.4g}",
         f"memory per GPU (tp={tp} pp={pp} dp={dp} micro_batch={micro_batch} {dtype} recompute={recompute} "
