@@ -317,3 +317,38 @@ def test_architecture_mismatch_on_load_is_a_config_error(tmp_path):
                                           r"model.num_layers=2 \(configured: 3\)"):
         Trainer(_cfg(tmp_path, "--checkpoint.load", save, "--checkpoint.finetune", "--model.num_layers", "3", iters=1),
                 stream=io.StringIO())
+
+
+def _word_tokenizer(path, size):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, size)}}
+    Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>")).save(str(path))
+    return str(path)
+
+
+def test_missing_data_or_tokenizer_is_a_one_line_config_error(tmp_path):
+    def error(*extra):
+        with pytest.raises(ConfigError) as e:
+            _quiet(_cfg(tmp_path, *extra))
+        reason = json.load(open(tmp_path / "run" / "exit_reason.json"))
+        assert (reason["reason"], reason["exit_code"]) == ("config_error", 2), reason
+        assert "\n" not in str(e.value), e.value
+        return str(e.value)
+
+    msg = error("--data.kind", "gpt", "--data.paths", str(tmp_path / "nope"), "--data.eod_id", "0")
+    assert msg.startswith(f"data.paths: {tmp_path / 'nope'}:") and "not found" in msg, msg
+    prefix = tmp_path / "ft"
+    msg = error("--data.kind", "packed", "--data.paths", f"{prefix}_inputs_document", "--data.pad_id", "0")
+    assert f"data.paths takes the prefix {prefix} (without _inputs_document" in msg, msg
+    msg = error("--data.kind", "packed", "--data.paths", str(prefix), "--data.tokenizer", str(tmp_path / "no.json"))
+    assert msg.startswith(f"data.tokenizer={tmp_path / 'no.json'}:") and "not found" in msg, msg
+
+
+def test_tokenizer_vocab_larger_than_model_vocab_is_a_config_error(tmp_path):
+    tok = _word_tokenizer(tmp_path / "tok.json", 1500)
+    with pytest.raises(ConfigError, match=r"has 1500 tokens but model.vocab_size=1000.*at least 1500"):
+        Trainer(_cfg(tmp_path, "--data.tokenizer", tok, "--model.vocab_size", "1000"), stream=io.StringIO())
+    small = _word_tokenizer(tmp_path / "small.json", 600)  # smaller than the (padded) model vocab: fine
+    Trainer(_cfg(tmp_path, "--data.tokenizer", small, "--model.vocab_size", "1000"), stream=io.StringIO())

@@ -111,6 +111,52 @@ def resolve_train_iters(cfg: RunConfig, global_batch: int) -> int:
     return max(1, math.ceil(math.ceil(t.epochs * per_epoch) / global_batch))
 
 
+class _DataErrorsAsConfigErrors:
+    """Turn a missing/unreadable data file or tokenizer found while opening the data into a ConfigError (exit 2) of
+    one line naming the config field and the path, with a hint for the common packed-prefix mistake."""
+
+    def __init__(self, data_cfg):
+        self.data = data_cfg
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, tp, exc, tb):
+        from megaocto.data.indexed import IndexedDatasetError
+        from megaocto.data.tokenizer import TokenizerError
+
+        if exc is None or not isinstance(exc, (IndexedDatasetError, TokenizerError, FileNotFoundError)):
+            return False
+        raise ConfigError(self.describe(exc)) from None
+
+    def describe(self, exc: BaseException) -> str:
+        from megaocto.data.tokenizer import TokenizerError
+
+        d = self.data
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, TokenizerError):
+            return f"data.tokenizer={d.tokenizer}: {text}"
+        for key in ("paths", "valid_paths", "test_paths"):
+            for path in getattr(d, key):
+                if path and (path in str(exc) or os.path.abspath(path) in str(exc)):
+                    return f"data.{key}: {path}: {text}{self._hint(path)}"
+        return f"data: {text}"
+
+    def _hint(self, path: str) -> str:
+        base = path
+        for ext in (".bin", ".idx"):
+            if base.endswith(ext):
+                base = base[: -len(ext)]
+        if self.data.kind == "packed":
+            for suffix in ("_inputs_document", "_targets_document"):
+                if base.endswith(suffix):
+                    return (f"; data.paths takes the prefix {base[: -len(suffix)]} (without {suffix}: "
+                            f"P_inputs_document and P_targets_document are found from P)")
+        if base != path:
+            return f"; data.paths takes the prefix without .bin/.idx: {base}"
+        return ""
+
+
 def micro_batch_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of loss x loss_mask, sum of loss_mask) over one micro batch, fp32 scalars."""
     kwargs = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
@@ -146,8 +192,10 @@ class Trainer:
         cfg.model.validate(pc.tp)
         self.num_micro = cfg.train.microbatches(pc.dp)
         self.global_batch = self.num_micro * cfg.train.micro_batch_size * pc.dp
-        self.total_iters = resolve_train_iters(cfg, self.global_batch)
+        with _DataErrorsAsConfigErrors(cfg.data):
+            self.total_iters = resolve_train_iters(cfg, self.global_batch)
         self.seq_length = cfg.model.seq_length
+        self._check_tokenizer_vocab()
         self.bf16 = cfg.train.dtype == "bf16"
         self.log = MetricsLogger(cfg.logging, enabled=pc.rank == 0, run_config=config_to_dict(cfg), stream=stream)
         self.log.info(f"megaocto {megaocto.__version__} | {pc.describe()} | dtype {cfg.train.dtype} | "
@@ -171,10 +219,11 @@ class Trainer:
 
         need_valid = cfg.eval.interval > 0 and cfg.eval.iters > 0
         # One process per node builds missing index caches (atomic files); the others wait for them.
-        self.datasets = build_datasets(
-            cfg.data, seq_length=self.seq_length, seed=cfg.train.seed, may_build=pc.local_rank == 0,
-            num_samples={"train": self.total_iters * self.global_batch,
-                         "valid": cfg.eval.iters * self.global_batch if need_valid else 0, "test": 0})
+        with _DataErrorsAsConfigErrors(cfg.data):
+            self.datasets = build_datasets(
+                cfg.data, seq_length=self.seq_length, seed=cfg.train.seed, may_build=pc.local_rank == 0,
+                num_samples={"train": self.total_iters * self.global_batch,
+                             "valid": cfg.eval.iters * self.global_batch if need_valid else 0, "test": 0})
         if need_valid and self.datasets.get("valid") is None:
             self.log.info("warning: eval.interval is set but the data has no valid split; validation disabled")
 
@@ -183,6 +232,21 @@ class Trainer:
         self.peak = cfg.logging.peak_tflops or peak_tflops(device_name, cfg.train.dtype)
         self.log.info(f"model flops/token {self.flops_per_token:.4g} ({FLOPS_FORMULA}); peak TFLOP/s per device: "
                       f"{self.peak if self.peak else 'n/a (set logging.peak_tflops)'}")
+
+    def _check_tokenizer_vocab(self) -> None:
+        """Up front, before building anything: the tokenizer's ids must fit the model's embedding. A tokenizer vocab
+        larger than model.vocab_size is a config error; smaller is fine (a model vocab may be padded)."""
+        if not self.cfg.data.tokenizer:
+            return
+        from megaocto.data.tokenizer import load_tokenizer
+
+        with _DataErrorsAsConfigErrors(self.cfg.data):
+            vocab = int(load_tokenizer(self.cfg.data.tokenizer).vocab_size)
+        if vocab > self.cfg.model.vocab_size:
+            raise ConfigError(
+                f"data.tokenizer={self.cfg.data.tokenizer} has {vocab} tokens but model.vocab_size="
+                f"{self.cfg.model.vocab_size}: token ids >= {self.cfg.model.vocab_size} would not fit the embedding; "
+                f"set model.vocab_size to at least {vocab} (or use the model's tokenizer)")
 
     # ------------------------------------------------------------------ checkpoint loading
     def _load_model_checkpoint(self) -> dict | None:
@@ -513,8 +577,10 @@ def train(cfg: RunConfig, pc=None, *, stream=None) -> TrainResult:
     Every exit (also a config error found while setting up) leaves {run_dir}/exit_reason.json from rank 0."""
     try:
         trainer = Trainer(cfg, pc, stream=stream)
-    except ConfigError as e:
+    except Exception as e:  # a stale exit_reason.json of an earlier run must not survive a failed start
         if (pc.rank if pc is not None else _env_rank()) == 0:
-            write_exit_reason(cfg.logging.run_dir, "config_error", 2, message=str(e))
+            config = isinstance(e, ConfigError)
+            write_exit_reason(cfg.logging.run_dir, "config_error" if config else "error", 2 if config else 1,
+                              message=str(e) if config else f"{type(e).__name__}: {e}")
         raise
     return trainer.run()
