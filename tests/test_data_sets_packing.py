@@ -229,3 +229,14 @@ def test_truncated_commit_keeps_instruction_and_answer_cue(tmp_path):
     assert prompt.endswith("99 * 2\n\n\nAnswer:\n")  # the answer cue (tail)
     assert tok.decode(tokens[ki:].tolist()).startswith("x0 = 0 * 3\n")  # the target's start
     assert s["loss_mask"][ki - 1] == 1 and s["loss_mask"][:ki - 1].sum() == 0
+
+
+def test_truncation_warning_names_the_dataset_pair(tmp_path, caplog):
+    import logging
+    ins, tgts = make_pairs(tmp_path)
+    ins.docs[3], ins.sizes[3] = np.full(40, 1003), 40
+    with caplog.at_level(logging.WARNING, logger="megaocto.data.packed"):
+        PackedDataset(ins, tgts, name="train", documents=(0, 50), num_samples=8, seq_length=16, seed=1, pad_id=7)
+    msg = caplog.records[-1].getMessage()
+    assert msg.startswith(f"packed dataset {tmp_path / 'sft'} (sft_inputs_document + sft_targets_document), "
+                          f"train split: 1 of 50 examples truncated"), msg

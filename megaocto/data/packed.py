@@ -97,6 +97,19 @@ def packed_cache_paths(data_prefix: str, name: str, documents: tuple[int, int], 
     return {k: os.path.join(directory, f"{stem}_{k}.npy") for k in ("order", "rows")}
 
 
+def pair_name(inputs_prefix: str, targets_prefix: str, data_prefix: str | None = None) -> str:
+    """The (inputs, targets) pair as the user configured it: ``P (P_inputs_document + P_targets_document)``."""
+    if data_prefix is None:
+        ins, tgt = os.path.basename(inputs_prefix), os.path.basename(targets_prefix)
+        common = os.path.commonprefix([inputs_prefix, targets_prefix])
+        stripped = common.rstrip("_")
+        data_prefix = stripped if ins.endswith("inputs_document") and tgt.endswith("targets_document") and stripped \
+            else None
+    if data_prefix is None:
+        return f"{inputs_prefix} + {targets_prefix}"
+    return f"{data_prefix} ({os.path.basename(inputs_prefix)} + {os.path.basename(targets_prefix)})"
+
+
 class PackedDataset:
     """Rows of packed (input, target) examples in the design.md sample format with segment_ids.
 
@@ -131,9 +144,11 @@ class PackedDataset:
                       "skipped_empty_targets": int(empty.sum()), "truncated_examples": int(truncated.sum()),
                       "truncated_tokens": int((len_in[docs] + len_tgt[docs] - self.row_len)[truncated].sum())}
         if self.stats["truncated_examples"] or self.stats["skipped_empty_targets"]:
-            log.warning("%s %s: %d of %d examples truncated to seq_length+1=%d tokens (%d tokens cut), %d skipped "
-                        "with an empty target", inputs.prefix, name, self.stats["truncated_examples"], end - start,
-                        self.row_len, self.stats["truncated_tokens"], self.stats["skipped_empty_targets"])
+            log.warning("packed dataset %s, %s split: %d of %d examples truncated to seq_length+1=%d tokens (%d "
+                        "tokens cut), %d skipped with an empty target", pair_name(inputs.prefix, targets.prefix,
+                                                                              data_prefix), name,
+                        self.stats["truncated_examples"], end - start, self.row_len, self.stats["truncated_tokens"],
+                        self.stats["skipped_empty_targets"])
         lengths = self.keep_in + self.keep_tgt
         paths = packed_cache_paths(data_prefix or inputs.prefix, name, self.documents, len_in, len_tgt,
                                    self.num_samples, self.seq_length, self.seed, cache_dir)
