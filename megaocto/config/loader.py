@@ -249,6 +249,19 @@ def _unknown(key: str, root_cls, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
+def _error_origin(message: str, cls, prefix: str, origin: dict[str, str]) -> str:
+    """Where to point a validation error of section `prefix`: the line (or flag) of the first field the message
+    names (`model.seq_length=...`, then a bare `max_position_embeddings`) that the file or command line set;
+    else the section's line."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    dotted = [m.group(1) for m in re.finditer(r"\b" + re.escape(prefix) + r"(\w+)", message)] if prefix else []
+    bare = sorted((m.start(), n) for n in names for m in [re.search(rf"(?<![\w.]){re.escape(n)}\b", message)] if m)
+    for name in dotted + [n for _, n in bare]:
+        if prefix + name in origin:
+            return origin[prefix + name]
+    return origin.get(prefix.rstrip("."), "config")
+
+
 def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> Any:
     """Instantiate dataclass `cls` from a nested dict; `origin` maps dotted keys to 'file:line' / 'command line'."""
     if not isinstance(data, dict):
@@ -282,7 +295,7 @@ def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> An
             return cls.from_preset(str(preset), **kwargs)
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{origin.get(prefix.rstrip('.'), 'config')}: {e}") from None
+        raise ConfigError(f"{_error_origin(str(e), cls, prefix, origin)}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{origin.get(prefix + 'preset', origin.get(prefix.rstrip('.'), 'config'))}: "
                           f"cannot build {prefix.rstrip('.') or cls.__name__}: {e}") from None

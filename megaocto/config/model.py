@@ -45,7 +45,8 @@ class ModelConfig:
         128, "Embedding rows are padded to a multiple of this times tp (Megatron --make-vocab-size-divisible-by).")
     seq_length: int = field(64, "Training sequence length (tokens per sample).")
     max_position_embeddings: int | None = field(
-        None, "Rows of the learned position table (bigcode) / longest supported position; None means seq_length.")
+        None, "Rows of the learned position table (bigcode; seq_length must not exceed it); informational for glm2 "
+              "(rotary positions have no table). None means seq_length.")
     activation: str = field(
         "gelu_tanh", "MLP activation: gelu_tanh (Megatron's fused bias-GELU, HF gelu_pytorch_tanh), gelu (exact erf) "
                      "or swiglu (glm2: silu(gate) * up).")
@@ -159,7 +160,9 @@ class ModelConfig:
                 f"model.seq_length={self.seq_length} is not divisible by tp={tp}, which "
                 f"parallel.sequence_parallel=true requires (each TP rank holds seq_length/tp tokens); use a "
                 f"seq_length that is a multiple of {tp} or set parallel.sequence_parallel=false")
-        if self.max_positions < self.seq_length:
+        # Only a learned absolute position table (bigcode) bounds the sequence length; glm2's rotary embedding
+        # is computed for any length, so max_position_embeddings is informational there.
+        if self.family == "bigcode" and self.max_positions < self.seq_length:
             raise ConfigError(
                 f"model.seq_length={self.seq_length} exceeds max_position_embeddings={self.max_positions}; "
                 f"raise max_position_embeddings or shorten seq_length")
