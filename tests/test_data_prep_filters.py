@@ -130,3 +130,19 @@ def test_cli_list_rules(capsys):
     assert main(["filter-commits", "--list-rules"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(RULE_NAMES)
+
+
+def test_cli_notes_the_rules_behind_a_tiny_yield(tmp_path, capsys):
+    rows = ([dict(BASE, subject="Changes to the retry loop in handler")] * 150  # good-start
+            + [dict(BASE, subject="fix the retry loop in the handler")] * 49 + [dict(BASE)])  # capitalized; kept
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["filter-commits", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--skip-rules",
+            "token-length"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "note: kept 1 of 200 rows (0.5%); the rules that dropped the most: good-start 150 (75%), capitalized 49 " \
+           "(24%)" in err and "upstream CommitPackFT behaviour" in err and "--skip-rules good-start capitalized" in err
+    rows[-1:] = [dict(BASE)] * 3  # 3 of 202 kept: no note
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(args) == 0 and "note:" not in capsys.readouterr().err

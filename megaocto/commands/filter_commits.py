@@ -1,6 +1,7 @@
 """`megaocto filter-commits`: CommitPackFT filter rules over CommitPack-schema jsonl, with per-rule counts."""
 from __future__ import annotations
 
+import sys
 
 NAME = "filter-commits"
 HELP = "Apply the CommitPackFT filters (commitpackft_filters1/2) to commit jsonl; prints drops per rule"
@@ -50,4 +51,7 @@ def _run(args) -> int:
     print(filt.report())
     print(filt.stats.summary(written=filt.kept))
     print(f"wrote {filt.kept} of {filt.seen} rows to {args.output}")
+    note = filt.low_yield_note()
+    if note:
+        print(f"megaocto {NAME}: {note}", file=sys.stderr)
     return 0

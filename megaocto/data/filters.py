@@ -181,6 +181,7 @@ RULES: tuple[Rule, ...] = (
     Rule("few-words", "filters2", "fewer than 4 words", lambda r, c: len(r["subject"].split()) < 4),
 )
 RULE_NAMES = tuple(r.name for r in RULES)
+LOW_YIELD_RATIO = 0.01  # filter-commits notes which rules dropped the most when it keeps less than this
 
 
 def select_rules(cfg: FilterConfig) -> tuple[Rule, ...]:
@@ -220,6 +221,18 @@ class CommitFilter:
                 return None
         self.kept += 1
         return row
+
+    def low_yield_note(self, ratio: float = LOW_YIELD_RATIO, top: int = 3) -> str | None:
+        """A note when fewer than ``ratio`` of the rows were kept: the rules that dropped the most, and how to
+        relax them. None otherwise."""
+        if not self.seen or self.kept >= ratio * self.seen:
+            return None
+        worst = [(n, c) for n, c in self.counts.most_common() if c][:top]
+        rules = ", ".join(f"{n} {c} ({100 * c / self.seen:.0f}%)" for n, c in worst)
+        return (f"note: kept {self.kept} of {self.seen} rows ({100 * self.kept / self.seen:.1f}%); the rules that "
+                f"dropped the most: {rules}. This is upstream CommitPackFT behaviour (its filters keep a small "
+                f"fraction of CommitPack); relax them with --skip-rules {' '.join(n for n, _ in worst)} "
+                f"(--list-rules describes each)")
 
     def report(self) -> str:
         lines = [f"{'rule':24s} {'dropped':>8s} {'left':>8s}", f"{'(input)':24s} {'':>8s} {self.seen:8d}"]
