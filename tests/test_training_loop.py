@@ -314,9 +314,17 @@ def test_architecture_mismatch_on_load_is_a_config_error(tmp_path):
     save = str(tmp_path / "ck")
     _quiet(_cfg(tmp_path, "--checkpoint.save", save, iters=1))
     with pytest.raises(ConfigError, match=r"iter_0000001/mp_rank_00/model_optim_rng.pt does not fit.*"
-                                          r"model.num_layers=2 \(configured: 3\)"):
-        Trainer(_cfg(tmp_path, "--checkpoint.load", save, "--checkpoint.finetune", "--model.num_layers", "3", iters=1),
-                stream=io.StringIO())
+                                          r"model.num_layers=2 \(configured: 3\)") as e:
+        Trainer(_cfg(tmp_path, "--checkpoint.load", save, "--checkpoint.finetune", "--model.num_layers", "3",
+                     "--model.seq_length", "48", iters=1), stream=io.StringIO())
+    assert "seq_length" not in str(e.value), e.value  # not an architecture field: the position table is unchanged
+    # a longer sequence is fine for the weights as long as the position table keeps its rows
+    Trainer(_cfg(tmp_path, "--checkpoint.load", save, "--checkpoint.finetune", "--model.seq_length", "48", iters=1),
+            stream=io.StringIO())
+    with pytest.raises(ConfigError, match=r"position table rows 64 \(configured: 96; set "
+                                          r"model.max_position_embeddings=64\)"):
+        Trainer(_cfg(tmp_path, "--checkpoint.load", save, "--checkpoint.finetune", "--model.seq_length", "48",
+                     "--model.max_position_embeddings", "96", iters=1), stream=io.StringIO())
 
 
 def _word_tokenizer(path, size):

@@ -28,6 +28,29 @@ def pad_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return ((vocab_size + step - 1) // step) * step
 
 
+# Fields that change the parameters' names or shapes (what a checkpoint must match). seq_length, dropout, epsilon,
+# init and rotary settings do not; positions count through the bigcode position table's rows (max_positions).
+WEIGHT_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                 "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by", "activation", "add_qkv_bias",
+                 "add_bias_linear", "tie_embeddings")
+
+
+def weight_shape_differences(saved: dict, configured: dict) -> list[str]:
+    """`model.<field>=<saved> (configured: <now>)` for each field of two ModelConfig dicts that changes the weights;
+    for bigcode also the rows of the learned position table (max_position_embeddings, or seq_length when unset)."""
+    diff = [f"model.{k}={saved[k]!r} (configured: {configured[k]!r})" for k in WEIGHT_FIELDS
+            if k in saved and k in configured and saved[k] != configured[k]]
+    if saved.get("family") == configured.get("family") == "bigcode":
+        def rows(d):
+            return d.get("max_position_embeddings") or d.get("seq_length")
+
+        if rows(saved) != rows(configured):
+            src = "" if configured.get("max_position_embeddings") else ", from model.seq_length"
+            diff.append(f"position table rows {rows(saved)!r} (configured: {rows(configured)!r}{src}; set "
+                        f"model.max_position_embeddings={rows(saved)!r})")
+    return diff
+
+
 @dataclass
 class ModelConfig:
     family: str = field("bigcode", "Model family: bigcode (GPT/StarCoder, MQA/MHA) or glm2 (ChatGLM2/CodeGeeX2).")

@@ -272,10 +272,10 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:  # missing/unexpected keys or shape mismatches: another architecture
+            from megaocto.config.model import weight_shape_differences
+
             saved = ((_meta or {}).get("config") or {}).get("model") or {}
-            now = config_to_dict(self.cfg)["model"]
-            diff = [f"model.{k}={saved[k]!r} (configured: {now[k]!r})" for k in saved
-                    if k in now and saved[k] != now[k] and "dropout" not in k]
+            diff = weight_shape_differences(saved, config_to_dict(self.cfg)["model"])
             first = str(e).strip().splitlines()
             raise ConfigError(
                 f"checkpoint {self._ckpt_file} does not fit the configured model: "
