@@ -233,9 +233,19 @@ def test_resume_refuses_a_different_lr_schedule(tmp_path):
         target = () if args else ("--checkpoint.save", save)
         with pytest.raises(ConfigError, match=r"iter_0000002.*decay_steps=4 \(configured: 6\).*use_checkpoint_sched"):
             Trainer(_cfg(tmp_path, *args, *target, iters=6), stream=io.StringIO())
+    log = io.StringIO()
     kept = Trainer(_cfg(tmp_path, "--checkpoint.save", save, "--checkpoint.use_checkpoint_scheduler", iters=6),
-                   stream=io.StringIO())
+                   stream=log)
     assert kept.schedule.decay_steps == 4 and kept.iteration == 2
+    assert "WARNING: 3 of the remaining 4 steps (4..6) run at lr 0" in log.getvalue(), log.getvalue()
+    log = io.StringIO()  # a finished run extended with the checkpoint's schedule: nothing left to learn
+    done = str(tmp_path / "done")
+    _quiet(_cfg(tmp_path, "--checkpoint.save", done, iters=4))
+    Trainer(_cfg(tmp_path, "--checkpoint.save", done, "--checkpoint.use_checkpoint_scheduler", iters=6), stream=log)
+    assert "WARNING: every one of the remaining 2 steps (5..6) run at lr 0" in log.getvalue(), log.getvalue()
+    log = io.StringIO()
+    Trainer(_cfg(tmp_path, "--checkpoint.save", save, iters=4), stream=log)  # only the last step at lr 0: quiet
+    assert "WARNING" not in log.getvalue(), log.getvalue()
     overridden = Trainer(_cfg(tmp_path, "--checkpoint.save", save, "--checkpoint.override_scheduler", iters=6),
                          stream=io.StringIO())
     assert overridden.schedule.decay_steps == 6

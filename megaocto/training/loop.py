@@ -215,6 +215,7 @@ class Trainer:
                                              overlap_grad_reduce=cfg.train.overlap_grad_reduce)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optimizer.lr, self.total_iters)
         self._load_rest(state)
+        self._warn_zero_lr_steps()
         self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
 
         need_valid = cfg.eval.interval > 0 and cfg.eval.iters > 0
@@ -327,6 +328,23 @@ class Trainer:
             self.consumed = int(state["data"]["consumed_samples"])
             self.skipped = int(state["data"].get("skipped_steps", 0))
             self._check_schedule(state.get("opt_param_scheduler"))
+
+    def _warn_zero_lr_steps(self) -> None:
+        """Loud warning when more than the final step of what is left runs at lr 0 (no update): e.g. a finished run
+        extended with checkpoint.use_checkpoint_scheduler keeps a decay that already reached min_lr=0."""
+        s, first, last = self.schedule, self.iteration + 1, self.total_iters
+        if first > last or s.min_lr > 0 or s.style not in ("linear", "cosine"):
+            return
+        zero_from = max(first, s.decay_steps, s.warmup_steps + 1)  # lr_at(k) == min_lr == 0 from here on
+        zero = last - zero_from + 1
+        if zero <= 1:  # only the last step: the documented end of a decay (as in Megatron)
+            return
+        which = "every one of the remaining" if zero_from == first else f"{zero} of the remaining"
+        self.log.info(
+            f"WARNING: {which} {last - first + 1} steps ({zero_from}..{last}) run at lr 0 and do not update the "
+            f"model: the LR schedule decays to schedule.min_lr=0 at step {s.decay_steps}"
+            f"{' (the checkpoint schedule: checkpoint.use_checkpoint_scheduler)' if self.cfg.checkpoint.use_checkpoint_scheduler else ''}. "
+            f"Set schedule.decay_iters >= {last} with checkpoint.override_scheduler=true, or schedule.min_lr > 0")
 
     def _check_schedule(self, saved: dict | None) -> None:
         """A resumed run continues the checkpoint's LR curve: refuse a configured schedule that differs from the
