@@ -60,14 +60,6 @@ class JsonlStats:
         if len(self.examples) < self.max_examples:
             self.examples.append(err)
 
-    def unskip(self, err: BadRowError) -> None:
-        """Undo :meth:`skip` of ``err`` (a row that stops the run instead of being skipped)."""
-        if self.skipped[err.category] > 0:
-            self.skipped[err.category] -= 1
-            self.skipped += Counter()  # drop zero counts
-        if err in self.examples:
-            self.examples.remove(err)
-
     @property
     def rows_skipped(self) -> int:
         return sum(self.skipped.values())
