@@ -43,6 +43,25 @@ class DemoConfig:
             raise ConfigError(f"demo: --iters must be >= 1 (got {self.iters})")
 
 
+def training_overrides(cfg: DemoConfig, vocab_size: int, prefix: str, tokenizer: str, run_dir: str) -> list[str]:
+    """The `--section.field VALUE` list of the demo's training run; the user's `cfg.extra` come last and win."""
+    return [
+        "--model.preset", "tiny-bigcode", "--model.vocab_size", str(vocab_size),
+        "--model.seq_length", str(cfg.seq_length), "--model.max_position_embeddings", str(cfg.seq_length),
+        "--data.kind", "packed", "--data.paths", json.dumps([prefix]), "--data.tokenizer", tokenizer,
+        "--data.split", "90,10,0", "--data.num_workers", "0",
+        "--train.iters", str(cfg.iters), "--train.micro_batch_size", str(cfg.micro_batch_size),
+        "--train.global_batch_size", str(cfg.global_batch_size), "--train.seed", str(cfg.seed),
+        "--optimizer.lr", str(cfg.lr), "--schedule.style", "cosine",
+        "--schedule.warmup_iters", str(max(1, cfg.iters // 10)), "--schedule.min_lr", str(cfg.lr / 10),
+        "--checkpoint.save", os.path.join(run_dir, "checkpoints"),
+        "--checkpoint.save_interval", str(cfg.iters),
+        "--logging.run_dir", run_dir, "--logging.log_interval", str(max(1, cfg.iters // 6)),
+        "--eval.interval", str(max(1, cfg.iters // 2)), "--eval.iters", "2",
+        *cfg.extra,
+    ]
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run the pipeline; returns a summary dict (paths, counts, first/last/validation loss)."""
     from megaocto.config.loader import load_run_config
@@ -55,6 +74,15 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     cfg.validate()
     work = os.path.abspath(cfg.workdir)
+    prefix = os.path.join(work, "data", "commits")
+    tokenizer = os.path.join(work, "tokenizer.json")
+    run_dir = os.path.join(work, "run")
+    # Check the run config (and the user's extra --section.field overrides) before spending minutes on the pipeline;
+    # the vocabulary is not known yet, the requested one stands in for it.
+    try:
+        load_run_config(None, training_overrides(cfg, cfg.vocab_size, prefix, tokenizer, run_dir))
+    except ConfigError as e:
+        raise ConfigError(f"training run config: {e}") from None
     os.makedirs(work, exist_ok=True)
     summary: dict = {"workdir": work}
 
@@ -68,7 +96,6 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         + (f" (skipped: {skipped})" if skipped else ""))
     summary["commits"] = ex.counts["rows"]
 
-    tokenizer = os.path.join(work, "tokenizer.json")
     info = train_bpe_tokenizer([commits], cfg.vocab_size, tokenizer,
                                json_keys=("old_contents", "new_contents", "subject"))
     log(f"[3/6] byte-level BPE, vocab {info['vocab_size']} (StarCoder special tokens 0..18) -> {tokenizer}")
@@ -85,30 +112,14 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         raise RuntimeError(f"only {filt.kept} commits survived the filters; the demo needs at least 20 "
                            f"(use --repo with a larger history)")
 
-    prefix = os.path.join(work, "data", "commits")
     pre = preprocess(PreprocessConfig(inputs=[filtered], output_prefix=prefix, tokenizer=tokenizer,
                                       format="commits-finetune", workers=1, log_interval=0), log=lambda m: None)
     log(f"[5/6] tokenized {pre.docs} (input, target) pairs, {sum(pre.tokens.values()):,} tokens -> {prefix}_"
         f"{{inputs,targets}}_document.{{bin,idx}}")
 
-    run_dir = os.path.join(work, "run")
     if os.path.isdir(run_dir):  # a demo run always starts from scratch (training resumes are tested elsewhere)
         shutil.rmtree(run_dir)
-    overrides = [
-        "--model.preset", "tiny-bigcode", "--model.vocab_size", str(info["vocab_size"]),
-        "--model.seq_length", str(cfg.seq_length), "--model.max_position_embeddings", str(cfg.seq_length),
-        "--data.kind", "packed", "--data.paths", json.dumps([prefix]), "--data.tokenizer", tokenizer,
-        "--data.split", "90,10,0", "--data.num_workers", "0",
-        "--train.iters", str(cfg.iters), "--train.micro_batch_size", str(cfg.micro_batch_size),
-        "--train.global_batch_size", str(cfg.global_batch_size), "--train.seed", str(cfg.seed),
-        "--optimizer.lr", str(cfg.lr), "--schedule.style", "cosine",
-        "--schedule.warmup_iters", str(max(1, cfg.iters // 10)), "--schedule.min_lr", str(cfg.lr / 10),
-        "--checkpoint.save", os.path.join(run_dir, "checkpoints"),
-        "--checkpoint.save_interval", str(cfg.iters),
-        "--logging.run_dir", run_dir, "--logging.log_interval", str(max(1, cfg.iters // 6)),
-        "--eval.interval", str(max(1, cfg.iters // 2)), "--eval.iters", "2",
-        *cfg.extra,
-    ]
+    overrides = training_overrides(cfg, info["vocab_size"], prefix, tokenizer, run_dir)
     run_cfg = load_run_config(None, overrides)
     log(f"[6/6] training tiny-bigcode on packed commits (seq {cfg.seq_length}, {cfg.iters} steps) -> {run_dir}")
     result = train(run_cfg)

@@ -21,3 +21,18 @@ def test_demo_pipeline_end_to_end(tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows)
     assert any(line.startswith("[6/6]") for line in lines)
+
+
+def test_demo_checks_training_overrides_before_the_pipeline(tmp_path, capsys):
+    import pytest
+
+    from megaocto.cli import main
+    from megaocto.config.base import ConfigError
+
+    lines = []
+    with pytest.raises(ConfigError, match=r"training run config: command line --train\.itres: unknown key"):
+        run_demo(DemoConfig(workdir=str(tmp_path / "work"), extra=["--train.itres", "5"]), log=lines.append)
+    assert lines == [] and not (tmp_path / "work").exists()  # nothing ran
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--section.field VALUE arguments go to the training run" in capsys.readouterr().out

@@ -233,3 +233,19 @@ def test_bare_flag_only_for_bool_fields():
                        ("--model.preset", ["--train.iters", "5", "--model.preset"])):
         with pytest.raises(ConfigError, match=rf"command line {re.escape(bare)}: {re.escape(bare)} needs a value"):
             load_run_config(None, argv)
+
+
+def test_train_cli_help_and_missing_config(capsys):
+    import pytest
+
+    from megaocto.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--section.field VALUE" in out and "docs/training.md" in out
+    assert main(["train"]) == 2
+    assert "--config FILE is required (or give every required field as --section.field VALUE" in \
+        capsys.readouterr().err
+    assert main(["train", "--model.preset", "tiny-bigcode"]) == 2
+    assert "no --config given" in capsys.readouterr().err

@@ -1,13 +1,26 @@
 """`megaocto demo`: the whole pipeline (git commits → filters → tokenizer → .bin/.idx → training) on a tiny model."""
 from __future__ import annotations
 
+import sys
+
 NAME = "demo"
 HELP = "Run the end-to-end OctoCoder-style pipeline on a local git repo with a tiny model (no network)"
 ACCEPTS_EXTRA = True  # extra --section.field VALUE pairs go to the training run
 
 
+EPILOG = """\
+Any other --section.field VALUE arguments go to the training run (step 6) and override the demo's
+settings, e.g.  megaocto demo --iters 20 --train.dtype fp32 --model.num_layers 4
+They are checked before the pipeline starts. Fields: docs/training.md (megaocto train --help)."""
+
+
 def add_arguments(parser):
+    import argparse
+
     from megaocto.demo import DemoConfig
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
 
     d = DemoConfig()
     parser.add_argument("--workdir", default=d.workdir, help="output directory (default: %(default)s)")
@@ -27,6 +40,6 @@ def run(args) -> int:
     try:
         summary = run_demo(cfg)
     except ConfigError as e:
-        print(f"megaocto demo: {e}")
+        print(f"megaocto demo: config error: {e}", file=sys.stderr)
         return 2
     return summary["exit_code"]

@@ -8,7 +8,21 @@ HELP = "Train a model from a YAML/TOML run config; --section.field VALUE overrid
 ACCEPTS_EXTRA = True
 
 
+EPILOG = """\
+Any config field can be overridden on the command line as --section.field VALUE
+(or --section.field=VALUE), e.g.:
+  megaocto train --config launch/configs/tiny-bigcode.yaml --train.iters 20 --optimizer.lr 3e-4
+Sections: model, parallel, data, train, optimizer, schedule, checkpoint, logging, eval.
+Without --config every required field must come from overrides (at least one of
+--train.iters / --train.samples / --train.epochs). Exit codes: 0 done, 1 error/diverged, 2 config error,
+42 preempted (checkpoint saved; requeue). Every field and default: docs/training.md."""
+
+
 def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--config", default=None, help="Run config file (.yaml/.yml/.toml); see docs/training.md.")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
 
@@ -17,10 +31,16 @@ def run(args) -> int:
     from megaocto.config.base import ConfigError
     from megaocto.config.loader import config_to_dict, load_run_config
 
+    if args.config is None and not args._extra:
+        print("megaocto train: --config FILE is required (or give every required field as --section.field VALUE "
+              "overrides, e.g. --train.iters 100); see megaocto train --help and docs/training.md", file=sys.stderr)
+        return 2
     try:
         cfg = load_run_config(args.config, list(args._extra))
     except ConfigError as e:
-        print(f"megaocto train: config error: {e}", file=sys.stderr)
+        hint = " (no --config given: every required field must come from --section.field VALUE overrides)" \
+            if args.config is None else ""
+        print(f"megaocto train: config error: {e}{hint}", file=sys.stderr)
         return 2
     if args.print_config:
         import yaml
