@@ -370,3 +370,18 @@ def test_tokenizer_vocab_larger_than_model_vocab_is_a_config_error(tmp_path):
         Trainer(_cfg(tmp_path, "--data.tokenizer", tok, "--model.vocab_size", "1000"), stream=io.StringIO())
     small = _word_tokenizer(tmp_path / "small.json", 600)  # smaller than the (padded) model vocab: fine
     Trainer(_cfg(tmp_path, "--data.tokenizer", small, "--model.vocab_size", "1000"), stream=io.StringIO())
+
+
+def test_console_metrics_format_loss_tokens_and_data_summary(tmp_path):
+    out = io.StringIO()
+    train(_cfg(tmp_path, "--logging.log_interval", "1", "--data.eod_mask_loss", "true", "--data.eod_id", "0",
+               iters=2), stream=out)
+    text = out.getvalue()
+    assert re.search(r"^data train: kind=synthetic, split=train, samples=8", text, re.M), text
+    step = next(line for line in text.splitlines() if line.startswith("iter 1/2"))
+    assert re.search(r"max_rss \d+\.\d\d GiB", step) and "_gib" not in step, step  # the unit once
+    assert re.search(r"TFLOP/s/dev \d+\.\d{4} ", step), step  # fixed decimals, not 3 significant digits
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["kind"] == "train"]
+    assert all(0 < r["loss_tokens_per_s"] < r["tokens_per_s"] for r in rows), rows  # EOD positions carry no loss
+    assert "loss tok/s" in step

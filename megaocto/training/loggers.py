@@ -25,7 +25,8 @@ _CONSOLE = (
     ("grad_norm", "grad_norm", lambda v: f"{v:.3f}"),
     ("tokens_per_s", "tok/s", lambda v: f"{v:.0f}"),
     ("tokens_per_s_per_device", "tok/s/dev", lambda v: f"{v:.0f}"),
-    ("tflops_per_device", "TFLOP/s/dev", lambda v: f"{v:.3g}"),
+    ("loss_tokens_per_s", "loss tok/s", lambda v: f"{v:.0f}"),
+    ("tflops_per_device", "TFLOP/s/dev", lambda v: f"{v:.4f}"),
     ("mfu", "MFU", lambda v: f"{100 * v:.2f}%"),
     ("step_time_s", "ms/step", lambda v: f"{1000 * v:.1f}"),
     ("skipped_steps", "skipped", str),
@@ -74,8 +75,8 @@ class MetricsLogger:
             if key in metrics:
                 parts.append(f"{label} {fmt(metrics[key]) if metrics[key] is not None else 'n/a'}")
         for k, v in metrics.items():
-            if k.startswith(("mem_", "max_rss")):
-                parts.append(f"{k} {v:.2f} GiB")
+            if k.startswith(("mem_", "max_rss")):  # mem_alloc_gib 1.5 -> "mem_alloc 1.50 GiB" (the unit once)
+                parts.append(f"{k.removesuffix('_gib')} {v:.2f} GiB")
         self.info(" | ".join(parts))
         self._write(record, "train", iteration, metrics)
 

@@ -157,6 +157,15 @@ class _DataErrorsAsConfigErrors:
         return ""
 
 
+def _summary_line(summary: dict) -> str:
+    """One log line of a dataset's summary() dict; a blend lists its parts briefly."""
+    parts = [f"{k}={v}" for k, v in summary.items() if k != "datasets"]
+    for i, sub in enumerate(summary.get("datasets") or []):
+        parts.append(f"[{i}] " + " ".join(f"{k}={sub[k]}" for k in ("kind", "prefix", "documents", "samples")
+                                          if k in sub))
+    return ", ".join(parts)
+
+
 def micro_batch_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of loss x loss_mask, sum of loss_mask) over one micro batch, fp32 scalars."""
     kwargs = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
@@ -208,6 +217,7 @@ class Trainer:
                                  recompute_num_layers=cfg.train.recompute_num_layers)
         self.model.train()
         self.iteration, self.consumed, self.skipped = 0, 0, 0
+        self._loss_tokens = torch.zeros((), dtype=torch.int64, device=pc.device)  # this DP rank, since the last log
         self._diverged_checkpoint = None
         state = self._load_model_checkpoint()
         self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, pc, bf16=self.bf16,
@@ -225,6 +235,9 @@ class Trainer:
                 cfg.data, seq_length=self.seq_length, seed=cfg.train.seed, may_build=pc.local_rank == 0,
                 num_samples={"train": self.total_iters * self.global_batch,
                              "valid": cfg.eval.iters * self.global_batch if need_valid else 0, "test": 0})
+        for split, ds in self.datasets.items():
+            if ds is not None and hasattr(ds, "summary"):
+                self.log.info(f"data {split}: {_summary_line(ds.summary())}")
         if need_valid and self.datasets.get("valid") is None:
             self.log.info("warning: eval.interval is set but the data has no valid split; validation disabled")
 
@@ -411,6 +424,8 @@ class Trainer:
         if token_mean:  # every loss token of the global batch weighs the same, across micro batches and DP ranks
             tokens = self._sum_dp(torch.stack([b["loss_mask"].float().sum() for b in micro]).sum()).clamp(min=1.0)
         loss_acc = torch.zeros((), dtype=torch.float32, device=self.pc.device)
+        for b in micro:  # tokens that carry loss (packed SFT: targets only), for the loss tok/s metric; no sync
+            self._loss_tokens += (b["loss_mask"] > 0).sum()
         for i, batch in enumerate(micro):
             total, count = micro_batch_loss_sum(self.forward_model, batch)
             if step in self.cfg.train.debug_nan_iters:
@@ -576,6 +591,11 @@ class Trainer:
         return result
 
     def _log_interval(self, loss: float, norm: float, steps: int, elapsed: float) -> None:
+        # tokens/s counts every position of every row (global batch x seq_length, padding of packed rows included:
+        # what the hardware processed, the basis of TFLOP/s and MFU); loss_tokens_per_s counts the tokens with a
+        # non-zero loss mask (packed SFT: the targets) over all DP ranks. Every rank calls this (the all-reduce).
+        loss_tokens = int(self._sum_dp(self._loss_tokens))
+        self._loss_tokens.zero_()
         tokens_per_s = steps * self.global_batch * self.seq_length / max(elapsed, 1e-9)
         per_device = tokens_per_s / self.pc.world_size
         tflops, mfu = model_tflops_and_mfu(self.flops_per_token, per_device, self.peak)
@@ -583,6 +603,7 @@ class Trainer:
         metrics = {"consumed_samples": self.consumed, "loss": loss,
                    "lr": self.schedule.lr_at(self.iteration), "grad_norm": norm,
                    "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+                   "loss_tokens_per_s": loss_tokens / max(elapsed, 1e-9),
                    "tflops_per_device": tflops, "mfu": mfu, "step_time_s": step_time,
                    "skipped_steps": self.skipped,
                    "eta": format_eta(step_time * (self.total_iters - self.iteration)),
