@@ -385,3 +385,19 @@ def test_console_metrics_format_loss_tokens_and_data_summary(tmp_path):
     rows = [r for r in rows if r["kind"] == "train"]
     assert all(0 < r["loss_tokens_per_s"] < r["tokens_per_s"] for r in rows), rows  # EOD positions carry no loss
     assert "loss tok/s" in step
+
+
+def test_resume_logs_training_settings_changed_since_the_checkpoint(tmp_path):
+    save = str(tmp_path / "ck")
+    _quiet(_cfg(tmp_path, "--checkpoint.save", save, "--train.exit_interval", "2", iters=4))
+    log = io.StringIO()
+    Trainer(_cfg(tmp_path, "--checkpoint.save", save, "--train.global_batch_size", "8", "--train.dtype", "bf16",
+                 "--train.seed", "8", "--data.num_workers", "1", iters=4), stream=log)
+    line = next((x for x in log.getvalue().splitlines() if x.startswith("changed since checkpoint")), "")
+    assert line.startswith("changed since checkpoint iter_0000002: "), log.getvalue()
+    for change in ("train.global_batch_size 4 -> 8", "train.dtype 'fp32' -> 'bf16'", "train.seed 7 -> 8"):
+        assert change in line, line
+    assert "num_workers" not in line, line  # not training-relevant
+    log = io.StringIO()
+    Trainer(_cfg(tmp_path, "--checkpoint.save", save, iters=4), stream=log)  # unchanged: no line
+    assert "changed since checkpoint" not in log.getvalue(), log.getvalue()

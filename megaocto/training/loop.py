@@ -279,6 +279,7 @@ class Trainer:
             self.log.info(f"no checkpoint in {source}; starting from scratch")
             return None
         state, _meta, it = loaded
+        self._ckpt_meta = _meta or {}
         self._ckpt_dir = ckpt.resolve_dir(source, it)
         self._ckpt_file = os.path.join(self._ckpt_dir, ckpt.rank_dir_name(self.pc.tp_rank, self.pc.pp_rank, self.pc.pp),
                                        ckpt.MODEL_FILE)
@@ -341,6 +342,7 @@ class Trainer:
             self.consumed = int(state["data"]["consumed_samples"])
             self.skipped = int(state["data"].get("skipped_steps", 0))
             self._check_schedule(state.get("opt_param_scheduler"))
+            self._log_changes_since_checkpoint()
 
     def _warn_zero_lr_steps(self) -> None:
         """Loud warning when more than the final step of what is left runs at lr 0 (no update): e.g. a finished run
@@ -358,6 +360,36 @@ class Trainer:
             f"model: the LR schedule decays to schedule.min_lr=0 at step {s.decay_steps}"
             f"{' (the checkpoint schedule: checkpoint.use_checkpoint_scheduler)' if self.cfg.checkpoint.use_checkpoint_scheduler else ''}. "
             f"Set schedule.decay_iters >= {last} with checkpoint.override_scheduler=true, or schedule.min_lr > 0")
+
+    # Not training-relevant (where/how often to log, save and evaluate; run length; data loading mechanics).
+    _UNTRACKED = {"train.iters", "train.samples", "train.epochs", "train.exit_interval", "train.exit_duration_mins",
+                  "train.debug_nan_iters", "train.compile", "data.num_workers", "data.cache_dir",
+                  "parallel.backend", "parallel.timeout_minutes"}
+
+    def _log_changes_since_checkpoint(self) -> None:
+        """A resumed run that continues with other settings (global batch, dtype, seed, data, optimizer, ...) says
+        so in one line; it is allowed (Megatron allows it too) but must not go unnoticed."""
+        saved = (getattr(self, "_ckpt_meta", None) or {}).get("config")
+        if not saved:
+            return
+        now = config_to_dict(self.cfg)
+        saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # tuples vs lists, as stored
+        saved_dp = int(self._ckpt_meta.get("dp", self.pc.dp))
+        for cfg, dp in ((saved, saved_dp), (now, self.pc.dp)):  # compare the effective global batch
+            t = cfg.get("train", {})
+            if t.get("global_batch_size") is None and "micro_batch_size" in t:
+                t["global_batch_size"] = t["micro_batch_size"] * dp
+        changes = []
+        for section in ("model", "parallel", "data", "train", "optimizer", "schedule"):
+            a, b = saved.get(section) or {}, now.get(section) or {}
+            for key in b:
+                name = f"{section}.{key}"
+                if key in a and a[key] != b[key] and name not in self._UNTRACKED:
+                    changes.append(f"{name} {a[key]!r} -> {b[key]!r}")
+        if saved_dp != self.pc.dp:
+            changes.append(f"dp {saved_dp} -> {self.pc.dp}")
+        if changes:
+            self.log.info(f"changed since checkpoint {ckpt.iter_dir_name(self.iteration)}: {'; '.join(changes)}")
 
     def _check_schedule(self, saved: dict | None) -> None:
         """A resumed run continues the checkpoint's LR curve: refuse a configured schedule that differs from the
