@@ -3,6 +3,7 @@
 The workers ignore SIGTERM/SIGUSR1 (SLURM signals the whole step), so the loop must shut them down itself on every
 exit; they also die with their parent (PR_SET_PDEATHSIG on Linux). Debug: the subprocess output is in the message.
 """
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,8 @@ def test_sigint_exits_and_leaves_no_workers(tmp_path):
     os.kill(proc.pid, signal.SIGINT)  # the main process only: its workers must not be orphaned
     out = _finish(proc)
     assert proc.returncode != 0, out
+    reason = json.loads((tmp_path / "run" / "exit_reason.json").read_text())
+    assert reason["reason"] == "interrupted" and reason["exit_code"] == 130, reason
 
 
 def test_workers_die_with_a_killed_trainer(tmp_path):

@@ -549,6 +549,9 @@ class Trainer:
             self._write_exit_reason("config_error" if isinstance(e, ConfigError) else "error",
                                     2 if isinstance(e, ConfigError) else 1, message=f"{type(e).__name__}: {e}")
             raise
+        except KeyboardInterrupt:  # Ctrl-C: no checkpoint is written (SIGTERM/SIGUSR1 are the save-and-exit path)
+            self._write_exit_reason("interrupted", 130, message="KeyboardInterrupt (SIGINT); nothing saved")
+            raise
         self._write_exit_reason(result.exit_reason, result.exit_code, checkpoint=result.checkpoint)
         return result
 
