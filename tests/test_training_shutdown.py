@@ -49,6 +49,18 @@ def _finish(proc, timeout=30):
     return out
 
 
+def _start_running(tmp_path):
+    """A long run, returned once it has logged a step and its DataLoader workers are up."""
+    proc = _start(tmp_path, "--train.iters", "100000")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    assert len(_children(proc.pid)) >= 2, "expected the DataLoader workers to be running"
+    return proc
+
+
 def test_exception_in_the_loop_exits_and_leaves_no_workers(tmp_path):
     # token ids up to 4999 with a 1000-token model: the embedding lookup raises at step 1
     proc = _start(tmp_path, "--train.iters", "5", "--data.synthetic_vocab_size", "5000", "--model.vocab_size", "1000")
@@ -58,13 +70,7 @@ def test_exception_in_the_loop_exits_and_leaves_no_workers(tmp_path):
 
 
 def test_sigint_exits_and_leaves_no_workers(tmp_path):
-    proc = _start(tmp_path, "--train.iters", "100000")
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]
-    assert len(_children(proc.pid)) >= 2, "expected the DataLoader workers to be running"
+    proc = _start_running(tmp_path)
     os.kill(proc.pid, signal.SIGINT)  # the main process only: its workers must not be orphaned
     out = _finish(proc)
     assert proc.returncode != 0, out
@@ -73,12 +79,6 @@ def test_sigint_exits_and_leaves_no_workers(tmp_path):
 
 
 def test_workers_die_with_a_killed_trainer(tmp_path):
-    proc = _start(tmp_path, "--train.iters", "100000")
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]
-    assert len(_children(proc.pid)) >= 2, "expected the DataLoader workers to be running"
+    proc = _start_running(tmp_path)
     os.kill(proc.pid, signal.SIGKILL)  # like torchrun after its grace period: no cleanup code runs
     _finish(proc)
