@@ -22,7 +22,8 @@ from torch import nn
 
 from megaocto.config.model import ModelConfig
 from megaocto.model.attention import attention
-from megaocto.model.common import (LayerNorm, check_input_ids, checkpoint, default_position_ids, dropout,
+from megaocto.model.common import (LayerNorm, begin_kv_cache_step, check_input_ids, checkpoint,
+                                   default_position_ids, dropout,
                                    lm_head_input, logits_or_loss, normal_init, run_layers, scaled_init,
                                    tag_sequence_parallel)
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
@@ -85,9 +86,11 @@ class BigCodeAttention(nn.Module):
                                  scale=1.0 / math.sqrt(self.head_dim))
         return attention(q, k, v, causal=True, segment_ids=segment_ids, scale=1.0 / math.sqrt(self.head_dim))
 
-    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        if self.selective_recompute and torch.is_grad_enabled():
+        if kv_cache is not None:  # store this step's K/V (one head for MQA) and attend over the cache
+            ctx = kv_cache.attend(q, k, v, scale=1.0 / math.sqrt(self.head_dim))
+        elif self.selective_recompute and torch.is_grad_enabled():
             ctx = checkpoint(lambda q_, k_, v_: self._core(q_, k_, v_, segment_ids), self.pc, q, k, v,
                              replay_rng=self.training and self.cfg.attention_dropout > 0)
         else:
@@ -123,9 +126,9 @@ class BigCodeBlock(nn.Module):
         tag_sequence_parallel(list(self.input_layernorm.parameters()) +
                               list(self.post_attention_layernorm.parameters()), pc)
 
-    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         sp = self.pc.sequence_parallel
-        h = self.self_attention(self.input_layernorm(x), segment_ids)
+        h = self.self_attention(self.input_layernorm(x), segment_ids, kv_cache)
         x = x + dropout(h, self.hidden_dropout, self.training, self.pc, sharded=sp)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + dropout(h, self.hidden_dropout, self.training, self.pc, sharded=sp)
@@ -170,12 +173,18 @@ class BigCodeModel(nn.Module):
         return self.training and (self.cfg.attention_dropout > 0 or self.cfg.hidden_dropout > 0)
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                kv_cache=None) -> torch.Tensor:
+        """``kv_cache``: a :class:`megaocto.generation.kv_cache.KVCache`; this call appends its tokens' K/V and
+        attends over the cache (positions from the cache unless given)."""
         pc = self.pc
         check_input_ids(input_ids, self.cfg, pc)
-        if input_ids.shape[1] > self.cfg.max_positions:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+        used = input_ids.shape[1] + (kv_cache.length if kv_cache is not None else 0)
+        if used > self.cfg.max_positions:
+            raise ValueError(f"sequence length {used} exceeds max_position_embeddings "
                              f"{self.cfg.max_positions} of this model")
+        if kv_cache is not None:
+            position_ids = begin_kv_cache_step(kv_cache, input_ids, position_ids, segment_ids, pc)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, segment_ids)
         x = self.embedding(input_ids, position_ids)  # [b, s, h], full on every TP rank
@@ -183,7 +192,9 @@ class BigCodeModel(nn.Module):
             x = scatter_to_sp(x, pc, dim=1)
         x = dropout(x, self.cfg.hidden_dropout, self.training, pc, sharded=pc.sequence_parallel)
         x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers,
-                       dropout_on=self._dropout_on(), segment_ids=segment_ids)
+                       dropout_on=self._dropout_on(), segment_ids=segment_ids, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.commit()
         x = self.final_layernorm(x)
         if self.cfg.tie_embeddings:
             logits = F.linear(lm_head_input(x, pc), self.embedding.word_embeddings.weight)

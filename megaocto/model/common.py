@@ -124,6 +124,25 @@ def check_input_ids(input_ids: torch.Tensor, cfg, pc) -> None:
                    f"re-tokenize the data with the model's tokenizer)")
 
 
+def begin_kv_cache_step(kv_cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                        segment_ids: torch.Tensor | None, pc) -> torch.Tensor:
+    """Start a cached forward step (see megaocto.generation.kv_cache) and return its position ids.
+
+    Cached decoding runs without sequence parallelism (one new token cannot be split over TP ranks) and without
+    packing; ``megaocto.generation.generate`` switches sequence parallelism off for the duration of a call.
+    """
+    if pc.sequence_parallel:
+        raise ValueError("forward with kv_cache needs parallel.sequence_parallel off (a decode step has one token "
+                         "per row); megaocto.generation.generate switches it off while generating")
+    if segment_ids is not None:
+        raise ValueError("forward with kv_cache does not take segment_ids: left padding is described by the "
+                         "cache's pad_lengths")
+    if kv_cache.batch_size != input_ids.shape[0]:
+        raise ValueError(f"kv_cache holds {kv_cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
+    kv_cache.begin(input_ids.shape[1])
+    return kv_cache.position_ids() if position_ids is None else position_ids
+
+
 def default_position_ids(input_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
     """0, 1, 2, ... per row, restarting at every segment boundary when ``segment_ids`` is given."""
     b, s = input_ids.shape
@@ -186,8 +205,16 @@ def logits_or_loss(logits: torch.Tensor, labels: torch.Tensor | None, pc, vocab_
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk: int, *, dropout_on: bool,
-               **kwargs) -> torch.Tensor:
-    """Apply the blocks; with ``recompute == "full"`` each ``chunk``-layer group is checkpointed as one unit."""
+               kv_cache=None, **kwargs) -> torch.Tensor:
+    """Apply the blocks; with ``recompute == "full"`` each ``chunk``-layer group is checkpointed as one unit.
+
+    ``kv_cache`` (a :class:`megaocto.generation.kv_cache.KVCache` between ``begin`` and ``commit``): block ``i``
+    gets ``kv_cache=kv_cache.layer(i)`` and nothing is recomputed (inference).
+    """
+    if kv_cache is not None:
+        for i, layer in enumerate(layers):
+            x = layer(x, kv_cache=kv_cache.layer(i), **kwargs)
+        return x
     if recompute != "full" or not torch.is_grad_enabled():
         for layer in layers:
             x = layer(x, **kwargs)

@@ -21,7 +21,8 @@ from torch import nn
 
 from megaocto.config.model import ModelConfig
 from megaocto.model.attention import attention
-from megaocto.model.common import (RMSNorm, check_input_ids, checkpoint, default_position_ids, dropout,
+from megaocto.model.common import (RMSNorm, begin_kv_cache_step, check_input_ids, checkpoint, default_position_ids,
+                                   dropout,
                                    logits_or_loss, normal_init, run_layers, scaled_init, tag_sequence_parallel)
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megaocto.parallel.mappings import scatter_to_sp
@@ -66,7 +67,7 @@ class GLM2Attention(nn.Module):
                 return attention(q, k, v, causal=True, segment_ids=segment_ids, dropout_p=p, scale=scale)
         return attention(q, k, v, causal=True, segment_ids=segment_ids, scale=scale)
 
-    def forward(self, x, cos, sin, segment_ids=None):
+    def forward(self, x, cos, sin, segment_ids=None, kv_cache=None):
         d = self.head_dim
         qkv = self.query_key_value(x)  # [b, s, (local_heads + 2 local_groups) d]
         b, s, _ = qkv.shape
@@ -74,7 +75,9 @@ class GLM2Attention(nn.Module):
         q = apply_glm_rotary(q.view(b, s, self.local_heads, d).transpose(1, 2), cos, sin)
         k = apply_glm_rotary(k.view(b, s, self.local_groups, d).transpose(1, 2), cos, sin)
         v = v.view(b, s, self.local_groups, d).transpose(1, 2)
-        if self.selective_recompute and torch.is_grad_enabled():
+        if kv_cache is not None:  # store this step's rotated K and V, attend over the cache
+            ctx = kv_cache.attend(q, k, v, scale=1.0 / math.sqrt(d))
+        elif self.selective_recompute and torch.is_grad_enabled():
             ctx = checkpoint(lambda q_, k_, v_: self._core(q_, k_, v_, segment_ids), self.pc, q, k, v,
                              replay_rng=self.training and self.cfg.attention_dropout > 0)
         else:
@@ -108,9 +111,9 @@ class GLM2Block(nn.Module):
         self.mlp = GLM2MLP(cfg, pc, **kw)
         tag_sequence_parallel([self.input_layernorm.weight, self.post_attention_layernorm.weight], pc)
 
-    def forward(self, x, cos=None, sin=None, segment_ids=None):
+    def forward(self, x, cos=None, sin=None, segment_ids=None, kv_cache=None):
         sp = self.pc.sequence_parallel
-        h = self.self_attention(self.input_layernorm(x), cos, sin, segment_ids)
+        h = self.self_attention(self.input_layernorm(x), cos, sin, segment_ids, kv_cache)
         x = x + dropout(h, self.hidden_dropout, self.training, self.pc, sharded=sp)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + dropout(h, self.hidden_dropout, self.training, self.pc, sharded=sp)
@@ -150,9 +153,14 @@ class GLM2Model(nn.Module):
         return self.training and (self.cfg.attention_dropout > 0 or self.cfg.hidden_dropout > 0)
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                kv_cache=None) -> torch.Tensor:
+        """``kv_cache``: a :class:`megaocto.generation.kv_cache.KVCache`; this call appends its tokens' rotated K
+        and V and attends over the cache (positions from the cache unless given)."""
         pc = self.pc
         check_input_ids(input_ids, self.cfg, pc)
+        if kv_cache is not None:
+            position_ids = begin_kv_cache_step(kv_cache, input_ids, position_ids, segment_ids, pc)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, segment_ids)
         cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_base)
@@ -160,7 +168,10 @@ class GLM2Model(nn.Module):
         if pc.sequence_parallel:
             x = scatter_to_sp(x, pc, dim=1)
         x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers,
-                       dropout_on=self._dropout_on(), cos=cos, sin=sin, segment_ids=segment_ids)
+                       dropout_on=self._dropout_on(), cos=cos, sin=sin, segment_ids=segment_ids,
+                       kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.commit()
         x = self.final_layernorm(x)
         # output_layer is column-parallel over the vocab: it all-gathers the SP shards (or copies to TP) itself.
         return logits_or_loss(self.output_layer(x), labels, pc, self.cfg.vocab_size)
