@@ -1,0 +1,486 @@
+"""Shared machinery of the checkpoint converters: the megaocto checkpoint writer/reader, parameter specs, staging,
+progress lines and logit verification.
+
+Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
+
+``param_specs(cfg) -> dict[name, ParamSpec]``
+    The megaocto parameter-name space: exactly the ``state_dict`` names of ``build_model(cfg,
+    ParallelContext.single())`` (built on the meta device, so free), in that order, with the unsharded shape and
+    how each name is split over TP (``partition_dim`` / ``partition_blocks``, taken from the layer tags of
+    ``megaocto.parallel.layers``). ``layer_of(name)`` groups names into streaming units: ``"pre"`` (embeddings),
+    ``"layers.N"``, ``"post"`` (final norm, output layer).
+
+``write_megaocto_checkpoint(output, cfg, tensors, tp, *, dtype=None, metadata_extra=None, progress=True) -> str``
+    Writes a *release* checkpoint (``{output}/latest_checkpointed_iteration.txt`` = ``release``,
+    ``{output}/release/metadata.json``, ``{output}/release/mp_rank_XX/model_optim_rng.pt`` holding
+    ``{"checkpoint_version": 3.0, "iteration": 0, "model": state_dict}``), the layout of
+    ``megaocto.training.checkpoint``, so ``megaocto train --checkpoint.load OUTPUT --checkpoint.finetune true``,
+    ``generation.load_checkpoint_model`` and ``torch.load(..., weights_only=True)`` read it.
+    ``tensors`` is a dict or an iterable of ``(megaocto_name, UNSHARDED tensor)``; every name of
+    ``param_specs(cfg)`` must arrive exactly once. Vocabulary tensors (``embedding.word_embeddings.weight``,
+    ``output_layer.weight``) may have any number of rows >= ``cfg.vocab_size``: rows are kept when they already
+    equal ``pad_vocab_size(cfg.vocab_size, tp, cfg.make_vocab_size_divisible_by)``, otherwise trimmed to
+    ``vocab_size`` and zero-padded to it. ``dtype`` (torch dtype or "bf16"/"fp16"/"fp32") casts every tensor.
+    ``metadata_extra`` is merged into metadata.json (e.g. ``{"converted_from": {...}}``).
+
+    Streaming / RAM: tensors are consumed one streaming unit (one transformer layer) at a time. When a unit is
+    complete, each TP rank's shards of it are computed one rank at a time and saved to a staging file
+    ``.staging/rank_XX/NNNNN.pt``; then the unit is dropped. At the end each rank file is assembled from its staged
+    units opened with ``torch.load(mmap=True)`` (file-backed pages, not heap) and written with ``torch.save``.
+    Peak heap = one full layer + one rank's shard of it while streaming, and at most one output rank file's pages
+    (reclaimable page cache) while assembling: "one output shard plus one layer", never the model times TP.
+
+    Atomicity: everything is written under ``{parent}/.{basename}.partial-{pid}/`` and renamed to ``output`` when
+    complete; any exception removes the partial directory. ``output`` must not exist (checked before writing).
+
+``read_megaocto_checkpoint(load, *, iteration=None, trim_vocab=False) -> (cfg, iterator)``
+    Reads a megaocto checkpoint saved at any TP (its metadata.json must carry ``config.model``), and yields
+    ``(name, full unsharded tensor)`` in ``param_specs`` order, merging TP shards one tensor at a time from
+    ``mmap``-ed rank files (``merge_shards``). ``trim_vocab=True`` cuts vocabulary rows to ``cfg.vocab_size``.
+    ``checkpoint_info(load, iteration=None)`` returns ``(directory, metadata, iteration)`` without loading tensors.
+
+Verification: ``random_batch(vocab_size, ...)`` (fixed seed), ``megaocto_logits_fn(cfg, tensors)`` (a tp=1 model
+from full tensors), ``max_abs_logit_diff(fn_a, fn_b, vocab_size)`` and ``verify_logits(fn_a, fn_b, vocab_size,
+label=...)`` which prints ``max abs logit difference (<label>): <value>`` and returns the value.
+
+Errors: ``ConversionError`` (a ConfigError: the CLI prints it and exits 2) names the file or field to fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from megaocto.config.base import ConfigError
+from megaocto.config.model import ModelConfig
+from megaocto.training import checkpoint as ckpt
+
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+
+
+class ConversionError(ConfigError):
+    """A conversion cannot proceed; the message names the file or field to fix."""
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+def parse_dtype(dtype: str | torch.dtype | None, where: str = "--dtype") -> torch.dtype | None:
+    """``None`` / a supported torch dtype / one of ``bf16, fp16, fp32`` -> torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise ConversionError(f"{where}: unsupported dtype {dtype}; use one of bf16, fp16, fp32")
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in DTYPES:
+        raise ConversionError(f"{where}: unsupported dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, str(dtype))
+
+
+def check_source_dtype(dtype: torch.dtype, where: str) -> None:
+    """Refuse a source tensor dtype the converters cannot carry losslessly (e.g. int8 / fp8 quantised weights)."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ConversionError(f"{where}: tensor dtype {dtype} is not supported (only float32, bfloat16, float16 "
+                              f"weights; dequantise the checkpoint first)")
+
+
+# ------------------------------------------------------------------------------------------ parameter specs
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Unsharded shape (vocab rows padded for tp=1) and TP split of one megaocto parameter."""
+    name: str
+    shape: tuple[int, ...]
+    partition_dim: int | None  # None: replicated on every TP rank
+    partition_blocks: tuple[int, ...] | None
+    vocab: bool  # rows are the (padded) vocabulary
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Names (in ``state_dict`` order), shapes and TP layout of ``build_model(cfg, ParallelContext.single())``."""
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+
+    cfg.validate(1)
+    model = build_model(cfg, ParallelContext.single(), device="meta")
+    specs = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        tp_split = bool(getattr(t, "tensor_parallel", False))
+        specs[name] = ParamSpec(name, tuple(t.shape), t.partition_dim if tp_split else None,
+                                getattr(t, "partition_blocks", None) if tp_split else None, name in VOCAB_PARAMS)
+    return specs
+
+
+def layer_of(name: str) -> str:
+    """Streaming unit of a megaocto name: ``"pre"``, ``"layers.N"`` or ``"post"``."""
+    m = _LAYER_RE.match(name)
+    if m:
+        return f"layers.{m.group(1)}"
+    return "pre" if name.startswith("embedding.") else "post"
+
+
+def units(cfg: ModelConfig) -> list[str]:
+    """Streaming units in order: pre, layers.0 .. layers.L-1, post."""
+    return ["pre", *(f"layers.{i}" for i in range(cfg.num_layers)), "post"]
+
+
+def padded_vocab(cfg: ModelConfig, tp: int) -> int:
+    from megaocto.parallel.layers import pad_vocab_size
+
+    return pad_vocab_size(cfg.vocab_size, tp, cfg.make_vocab_size_divisible_by)
+
+
+def check_tp(cfg: ModelConfig, tp: int, where: str = "--tp") -> None:
+    """ConversionError naming the field when ``tp`` cannot split the model (heads, groups, ffn)."""
+    if not isinstance(tp, int) or tp < 1:
+        raise ConversionError(f"{where} must be a positive integer (got {tp!r})")
+    try:
+        cfg.validate(tp)
+    except ConfigError as e:
+        raise ConversionError(f"{where}={tp}: {e}") from None
+
+
+def fit_vocab_rows(t: torch.Tensor, vocab_size: int, rows: int, name: str) -> torch.Tensor:
+    """``t`` with exactly ``rows`` rows: kept when it already has them, else trimmed to ``vocab_size`` and
+    zero-padded (padding rows are never used by the loss or by HF exports)."""
+    if t.shape[0] < vocab_size:
+        raise ConversionError(f"{name}: {t.shape[0]} rows but the model's vocab_size is {vocab_size}")
+    if t.shape[0] == rows:
+        return t
+    t = t[:vocab_size]
+    if rows > vocab_size:
+        t = torch.cat([t, t.new_zeros(rows - vocab_size, *t.shape[1:])])
+    return t
+
+
+# ------------------------------------------------------------------------------------------ progress
+class Progress:
+    """One stderr line per finished unit: ``[convert] layers.3 (5/42) 1.2 GB in 3.1 s, 0.39 GB/s, ETA 25 s``."""
+
+    def __init__(self, total: int, label: str = "convert", enabled: bool = True, stream=None):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.start, self.done, self.bytes = time.monotonic(), 0, 0
+
+    def step(self, unit: str, nbytes: int) -> None:
+        self.done += 1
+        self.bytes += nbytes
+        if not self.enabled:
+            return
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.bytes / elapsed / 1e9
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"[{self.label}] {unit} ({self.done}/{self.total}) {self.bytes / 1e9:.2f} GB in {elapsed:.1f} s, "
+              f"{rate:.2f} GB/s, {self.done / elapsed:.2f} units/s, ETA {eta:.0f} s", file=self.stream, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ atomic output dirs
+def check_output_free(output: str, flag: str = "--output") -> None:
+    """Refuse an existing output path before anything is written."""
+    if os.path.lexists(output):
+        raise ConversionError(f"{flag}={output} already exists; remove it or choose a new directory "
+                              f"(converters never overwrite)")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise ConversionError(f"{flag}={output}: parent directory {parent} does not exist")
+
+
+class AtomicDir:
+    """``with AtomicDir(output) as tmp:`` write into ``tmp``; renamed to ``output`` on success, removed on error."""
+
+    def __init__(self, output: str):
+        self.output = os.path.abspath(output)
+        parent, base = os.path.split(self.output)
+        self.tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+
+    def __enter__(self) -> str:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if os.path.lexists(self.output):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise ConversionError(f"{self.output} appeared while converting; the result was discarded")
+        os.replace(self.tmp, self.output)
+        ckpt._fsync_dir(os.path.dirname(self.output))
+
+
+# ------------------------------------------------------------------------------------------ writer
+def _iter_items(tensors: Iterable[tuple[str, torch.Tensor]] | dict) -> Iterator[tuple[str, torch.Tensor]]:
+    return iter(tensors.items()) if isinstance(tensors, dict) else iter(tensors)
+
+
+def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]] | dict,
+                              tp: int, *, dtype: str | torch.dtype | None = None,
+                              metadata_extra: dict | None = None, progress: bool = True) -> str:
+    """Write a release megaocto checkpoint of ``tensors`` sharded for ``tp``; see the module docstring.
+
+    Returns the absolute output path. Raises ConversionError before creating anything when ``output`` exists,
+    ``tp`` does not divide the model or ``dtype`` is unsupported; a bad tensor stream (unknown / missing /
+    duplicate name, wrong shape, unsupported dtype) raises during streaming and leaves no output directory.
+    """
+    from megaocto.parallel.layers import shard_tensor
+
+    cast = parse_dtype(dtype)
+    check_tp(cfg, tp)
+    check_output_free(output)
+    specs = param_specs(cfg)
+    rows = padded_vocab(cfg, tp)
+    order = units(cfg)
+    unit_index = {u: i for i, u in enumerate(order)}
+    bar = Progress(len(order), "convert", progress)
+    seen: set[str] = set()
+    stored_dtype: list[torch.dtype] = []
+
+    def checked(name: str, t: torch.Tensor) -> torch.Tensor:
+        spec = specs.get(name)
+        if spec is None:
+            raise ConversionError(f"tensor {name!r} is not a parameter of this {cfg.family} model "
+                                  f"(expected names like {next(iter(specs))!r})")
+        if name in seen:
+            raise ConversionError(f"tensor {name!r} was given twice")
+        seen.add(name)
+        check_source_dtype(t.dtype, name)
+        if spec.vocab:
+            if t.dim() != 2 or t.shape[1] != spec.shape[1]:
+                raise ConversionError(f"{name}: shape {tuple(t.shape)} does not match [vocab, {spec.shape[1]}]")
+            t = fit_vocab_rows(t, cfg.vocab_size, rows, name)
+        elif tuple(t.shape) != spec.shape:
+            raise ConversionError(f"{name}: shape {tuple(t.shape)} does not match the model's {spec.shape} "
+                                  f"(check the source config against its weights)")
+        if cast is not None:
+            t = t.to(cast)
+        stored_dtype.append(t.dtype)
+        return t
+
+    with AtomicDir(output) as tmp:
+        staging = os.path.join(tmp, ".staging")
+        for r in range(tp):
+            os.makedirs(os.path.join(staging, f"rank_{r:02d}"))
+
+        def flush(unit: str, group: dict[str, torch.Tensor]) -> None:
+            nbytes = 0
+            for r in range(tp):
+                part = {}
+                for name, t in group.items():
+                    spec = specs[name]
+                    part[name] = (t.contiguous() if spec.partition_dim is None or tp == 1 else
+                                  shard_tensor(t, tp, r, spec.partition_dim, spec.partition_blocks))
+                    nbytes += part[name].numel() * part[name].element_size()
+                torch.save(part, os.path.join(staging, f"rank_{r:02d}", f"{unit_index[unit]:05d}.pt"))
+                del part
+            bar.step(unit, nbytes)
+
+        current, group, flushed = None, {}, set()
+        for name, t in _iter_items(tensors):
+            t = checked(name, t.detach())
+            unit = layer_of(name)
+            if unit != current:
+                if current is not None:
+                    flush(current, group)
+                    flushed.add(current)
+                if unit in flushed:  # a unit given in two pieces: merge the staged part back (rare; still bounded)
+                    group = _restage(staging, unit_index[unit], tp, specs)
+                    flushed.discard(unit)
+                else:
+                    group = {}
+                current = unit
+            group[name] = t
+        if current is not None:
+            flush(current, group)
+        group = {}
+        missing = [n for n in specs if n not in seen]
+        if missing:
+            raise ConversionError(f"{len(missing)} parameter(s) missing from the source, e.g. {missing[:4]}; "
+                                  f"the source checkpoint is incomplete or of another architecture")
+
+        final_dtype = stored_dtype[0] if len(set(stored_dtype)) == 1 else None
+        rel = os.path.join(tmp, ckpt.iter_dir_name("release"))
+        for r in range(tp):
+            rank_dir = os.path.join(rel, ckpt.rank_dir_name(r, 0, 1))
+            os.makedirs(rank_dir)
+            src_dir = os.path.join(staging, f"rank_{r:02d}")
+            model: dict[str, torch.Tensor] = {}
+            for fname in sorted(os.listdir(src_dir)):
+                model.update(torch.load(os.path.join(src_dir, fname), mmap=True, weights_only=True))
+            state = {"checkpoint_version": 3.0, "iteration": 0, "model": {n: model[n] for n in specs}}
+            ckpt._write_file_atomic(os.path.join(rank_dir, ckpt.MODEL_FILE), lambda f, s=state: torch.save(s, f))
+            del model, state
+            shutil.rmtree(src_dir)
+        shutil.rmtree(staging)
+        import megaocto
+
+        meta = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "iteration": "release", "tp": tp,
+                "pp": 1, "dp": 1, "world_size": tp, "time": time.time(), "torch_version": torch.__version__,
+                "megaocto_version": megaocto.__version__, "reason": "converted",
+                "dtype": dtype_name(final_dtype) if final_dtype is not None else "mixed",
+                "config": {"model": cfg.to_dict()}, **(metadata_extra or {})}
+        ckpt._write_file_atomic(os.path.join(rel, ckpt.METADATA),
+                                lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        ckpt._write_file_atomic(os.path.join(tmp, ckpt.TRACKER), lambda f: f.write(b"release\n"))
+    return os.path.abspath(output)
+
+
+def _restage(staging: str, index: int, tp: int, specs: dict[str, ParamSpec]) -> dict[str, torch.Tensor]:
+    """Full tensors of an already staged unit (merged back from its per-rank shards)."""
+    from megaocto.parallel.layers import merge_shards
+
+    parts = [torch.load(os.path.join(staging, f"rank_{r:02d}", f"{index:05d}.pt"), weights_only=True)
+             for r in range(tp)]
+    out = {}
+    for name in parts[0]:
+        spec = specs[name]
+        out[name] = parts[0][name] if spec.partition_dim is None else merge_shards(
+            [p[name] for p in parts], spec.partition_dim, spec.partition_blocks)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reader
+def checkpoint_info(load: str, iteration: int | str | None = None) -> tuple[str, dict, int | str]:
+    """``(iteration directory, metadata, iteration)`` of a megaocto checkpoint; ConversionError if unusable."""
+    if not os.path.isdir(load):
+        raise ConversionError(f"--load={load}: no such directory")
+    if iteration is None:
+        iteration = ckpt.read_tracker(load)
+        if iteration is None:
+            its = ckpt.list_checkpoints(load)
+            hint = f" (it has iter_* dirs {its[-3:]}; pass --iteration)" if its else ""
+            raise ConversionError(f"{os.path.join(load, ckpt.TRACKER)}: missing; {load} is not a megaocto "
+                                  f"checkpoint directory{hint}")
+    directory = ckpt.resolve_dir(load, iteration)
+    if not os.path.isdir(directory):
+        raise ConversionError(f"{directory}: missing (named by {os.path.join(load, ckpt.TRACKER)})")
+    meta = ckpt.read_metadata(load, iteration)
+    if meta is None:
+        raise ConversionError(f"{os.path.join(directory, ckpt.METADATA)}: missing; without it the model config is "
+                              f"unknown (a Megatron-LM checkpoint? use `megaocto convert from-megatron`)")
+    if not (meta.get("config") or {}).get("model"):
+        raise ConversionError(f"{os.path.join(directory, ckpt.METADATA)}: no config.model section")
+    if int(meta.get("pp", 1)) != 1:
+        raise ConversionError(f"{directory}: pipeline-parallel checkpoints (pp={meta['pp']}) are not supported")
+    tp = int(meta.get("tp", 1))
+    for r in range(tp):
+        path = os.path.join(directory, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE)
+        if not os.path.exists(path):
+            raise ConversionError(f"{path}: missing (metadata says tp={tp}); the checkpoint is incomplete")
+    return directory, meta, iteration
+
+
+def config_from_metadata(meta: dict, where: str) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in meta["config"]["model"].items() if k in known}
+    try:
+        cfg = ModelConfig(**values)
+        cfg.validate()
+    except (TypeError, ConfigError) as e:
+        raise ConversionError(f"{where}: config.model is not a valid model config: {e}") from None
+    return cfg
+
+
+def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, trim_vocab: bool = False
+                             ) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """``(cfg, iterator of (name, full tensor))`` of a megaocto checkpoint at any TP; see the module docstring.
+
+    The checks (files present, metadata valid) run before this returns; the iterator loads lazily.
+    """
+    directory, meta, _ = checkpoint_info(load, iteration)
+    cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
+    tp = int(meta.get("tp", 1))
+    specs = param_specs(cfg)
+    paths = [os.path.join(directory, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE) for r in range(tp)]
+
+    def gen() -> Iterator[tuple[str, torch.Tensor]]:
+        from megaocto.parallel.layers import merge_shards
+
+        states = []
+        for p in paths:
+            try:
+                states.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True)["model"])
+            except Exception as e:  # noqa: BLE001 - report which file is broken
+                raise ConversionError(f"{p}: cannot read the model state ({type(e).__name__}: {e})") from None
+        for name, spec in specs.items():
+            if name not in states[0]:
+                raise ConversionError(f"{paths[0]}: parameter {name!r} missing (config.model in metadata.json "
+                                      f"does not match the saved weights)")
+            if spec.partition_dim is None or tp == 1:
+                t = states[0][name]
+            else:
+                t = merge_shards([s[name] for s in states], spec.partition_dim, spec.partition_blocks)
+            if spec.vocab and trim_vocab:
+                t = t[:cfg.vocab_size]
+            yield name, t
+
+    return cfg, gen()
+
+
+# ------------------------------------------------------------------------------------------ verification
+def random_batch(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 1234) -> torch.Tensor:
+    """The fixed random batch ``--verify`` runs (int64 ``[batch, seq]`` ids in ``[0, vocab_size)``)."""
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def megaocto_logits_fn(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]] | dict,
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function ids -> fp32 logits ``[b, s, vocab_size]`` of a tp=1 fp32 megaocto model holding ``tensors``."""
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+    from megaocto.parallel.layers import load_full_state_dict
+
+    pc = ParallelContext.single()
+    model = build_model(dataclasses.replace(cfg, attention_dropout=0.0, hidden_dropout=0.0), pc).eval()
+    rows = padded_vocab(cfg, 1)
+    full = {n: (fit_vocab_rows(t, cfg.vocab_size, rows, n) if n in VOCAB_PARAMS else t).float()
+            for n, t in _iter_items(tensors)}
+    load_full_state_dict(model, full, pc)
+    del full
+
+    @torch.no_grad()
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids)[..., :cfg.vocab_size].float()
+
+    return run
+
+
+def max_abs_logit_diff(fn_a: Callable[[torch.Tensor], torch.Tensor], fn_b: Callable[[torch.Tensor], torch.Tensor],
+                       vocab_size: int, *, batch: int = 2, seq: int = 16, seed: int = 1234) -> float:
+    """max |fn_a(ids) - fn_b(ids)| over the first ``vocab_size`` logits of the fixed random batch."""
+    seq = max(1, seq)
+    ids = random_batch(vocab_size, batch, seq, seed)
+    with torch.no_grad():
+        a = fn_a(ids).float()[..., :vocab_size]
+        b = fn_b(ids).float()[..., :vocab_size]
+    if a.shape != b.shape:
+        raise ConversionError(f"verify: logits shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return float((a - b).abs().max())
+
+
+def verify_logits(fn_a: Callable[[torch.Tensor], torch.Tensor], fn_b: Callable[[torch.Tensor], torch.Tensor],
+                  vocab_size: int, *, label: str = "source vs result", seq: int = 16, stream=None) -> float:
+    """Print ``max abs logit difference (<label>): <value>`` (stdout) and return the value."""
+    diff = max_abs_logit_diff(fn_a, fn_b, vocab_size, seq=seq)
+    print(f"max abs logit difference ({label}): {diff:.3e}", file=stream if stream is not None else sys.stdout,
+          flush=True)
+    return diff
+
+
+def json_default(o: Any) -> Any:
+    if isinstance(o, torch.dtype):
+        return dtype_name(o)
+    raise TypeError(type(o).__name__)
