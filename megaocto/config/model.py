@@ -20,6 +20,7 @@ from megaocto.config.base import ConfigError, field
 
 FAMILIES = ("bigcode", "glm2")
 ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")
+KERNEL_IMPLS = ("torch", "triton", "auto")  # megaocto.kernels.registry.IMPLS
 
 
 def pad_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -87,6 +88,10 @@ class ModelConfig:
     rotary_percent: float = field(
         0.5, "glm2: fraction of each head's dims that get rotary position embedding (CodeGeeX2: 0.5).")
     rotary_base: float = field(10000.0, "glm2: rotary frequency base theta.")
+    kernels: str = field(
+        "auto", "Fused-kernel implementation (megaocto.kernels): torch (plain torch, apex norms when installed), "
+                "triton (fused Triton kernels; on CPU only under TRITON_INTERPRET=1) or auto (triton on CUDA when "
+                "triton imports, else torch). Numerics only; the weights do not depend on it.")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -148,6 +153,8 @@ class ModelConfig:
                      "seq_length", "make_vocab_size_divisible_by"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.kernels not in KERNEL_IMPLS:
+            raise ConfigError(f"model.kernels must be one of {KERNEL_IMPLS} (got {self.kernels!r})")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"model.activation must be one of {ACTIVATIONS} (got {self.activation!r})")
         if self.family == "glm2" and self.activation != "swiglu":
