@@ -1,0 +1,110 @@
+"""Load a megaocto checkpoint (or a converted ``release`` one) as a model ready for generation.
+
+``load_checkpoint_model(load, pc)`` reads ``{load}/latest_checkpointed_iteration.txt`` (or ``iteration``), the
+model config from ``metadata.json`` (``config.model``) and this TP rank's ``model_optim_rng.pt``. The checkpoint
+must have been saved at the current ``pc.tp`` (reshard it with ``megaocto convert reshard`` otherwise). The model
+is built on the ``meta`` device (no random init, no RNG consumed), materialised on ``device`` and filled from the
+checkpoint, in ``dtype`` (default: the dtype the weights were saved in).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from megaocto.config.base import ConfigError
+from megaocto.config.model import ModelConfig
+from megaocto.data.tokenizer import load_tokenizer as _load_tokenizer
+from megaocto.model import build_model
+from megaocto.parallel.context import ParallelContext
+from megaocto.training import checkpoint as ckpt
+
+
+def load_tokenizer(path: str):
+    """The tokenizer at ``path`` (``tokenizer.json``, a sentencepiece ``.model``, or a directory holding one)."""
+    return _load_tokenizer(path)
+
+
+def checkpoint_metadata(load: str, iteration: int | str | None = None) -> tuple[dict, int | str]:
+    """``(metadata.json contents, iteration)`` of the checkpoint in ``load``; ConfigError naming the file if absent."""
+    if not os.path.isdir(load):
+        raise ConfigError(f"--load {load}: not a directory (expected a megaocto checkpoint directory holding "
+                          f"{ckpt.TRACKER})")
+    if iteration is None:
+        iteration = ckpt.read_tracker(load)
+        if iteration is None:
+            raise ConfigError(f"{os.path.join(load, ckpt.TRACKER)}: missing; {load} holds no complete megaocto "
+                              f"checkpoint (pass the directory that was checkpoint.save, or --iteration)")
+    meta = ckpt.read_metadata(load, iteration)
+    if meta is None:
+        raise ConfigError(f"{os.path.join(ckpt.resolve_dir(load, iteration), ckpt.METADATA)}: missing; generation "
+                          f"needs the model config recorded there (convert foreign checkpoints with "
+                          f"`megaocto convert`)")
+    return meta, iteration
+
+
+def model_config_from_metadata(meta: dict, where: str) -> ModelConfig:
+    """The ModelConfig recorded in checkpoint metadata (``config.model``); unknown fields are an error."""
+    fields = ((meta.get("config") or {}).get("model"))
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: no config.model section; cannot tell the model architecture")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{where}: config.model has fields this megaocto does not know: {unknown}")
+    cfg = ModelConfig(**fields)
+    cfg.validate()
+    return cfg
+
+
+def _saved_dtype(state: dict) -> torch.dtype:
+    for t in state.values():
+        if torch.is_tensor(t) and t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype: torch.dtype | None = None,
+                          device: torch.device | str | None = None, iteration: int | str | None = None):
+    """``(model, cfg)``: the checkpoint's model for this TP rank, in eval mode, no grads required.
+
+    Args:
+        load: checkpoint directory (``checkpoint.save`` of a run, or a converted checkpoint).
+        pc: the ParallelContext (default single process); ``pc.tp`` must equal the tp the checkpoint was saved at.
+        dtype: parameter dtype (default: as saved).
+        device: default ``pc.device``.
+        iteration: an iteration number or ``"release"`` (default: the tracker's).
+    """
+    pc = ParallelContext.single() if pc is None else pc
+    meta, iteration = checkpoint_metadata(load, iteration)
+    directory = ckpt.resolve_dir(load, iteration)
+    where = os.path.join(directory, ckpt.METADATA)
+    saved_tp, saved_pp = int(meta.get("tp", 1)), int(meta.get("pp", 1))
+    if saved_pp != 1:
+        raise ConfigError(f"{where}: saved with pp={saved_pp}; generation needs a pp=1 checkpoint (merge the "
+                          f"pipeline stages with `megaocto convert reshard`)")
+    if saved_tp != pc.tp:
+        raise ConfigError(f"{where}: checkpoint saved with tp={saved_tp} but generation runs with tp={pc.tp}; run "
+                          f"with tp={saved_tp} (torchrun --nproc_per_node {saved_tp}) or reshard it first: "
+                          f"megaocto convert reshard --load {load} --tp {pc.tp} --save DIR")
+    cfg = model_config_from_metadata(meta, where)
+    loaded = ckpt.load_checkpoint(load, pc, iteration=iteration)
+    if loaded is None:  # the tracker vanished between the two reads
+        raise ConfigError(f"{load}: checkpoint disappeared while loading")
+    state = loaded[0].get("model")
+    if not isinstance(state, dict):
+        raise ConfigError(f"{ckpt.model_file(load, iteration, pc.tp_rank)}: no 'model' state dict")
+    device = pc.device if device is None else torch.device(device)
+    dtype = _saved_dtype(state) if dtype is None else dtype
+    model = build_model(cfg, pc, dtype=dtype, device="meta")
+    model.to_empty(device=device)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{ckpt.model_file(load, iteration, pc.tp_rank)}: weights do not fit the model in "
+                          f"{where}: {first}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model, cfg
