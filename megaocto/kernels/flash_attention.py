@@ -1,0 +1,438 @@
+"""Triton flash attention (FlashAttention-2 style), forward and backward, registered as attention backend "triton".
+
+Contract (same as :func:`megaocto.model.attention.attention`)::
+
+    flash_attention(q [b, hq, s, d], k [b, hkv, s, d], v [b, hkv, s, d], *, causal=True,
+                    segment_ids=None [b, s] int, scale=None) -> o [b, hq, s, d] (q.dtype)
+
+* dtypes: fp16, bf16, fp32 (all three tensors the same). ``tl.dot`` accumulates in fp32; the softmax statistics
+  (running max, running sum, logsumexp) are fp32. fp32 inputs use ``input_precision="ieee"`` (no TF32), so fp32
+  results match torch's fp32 SDPA to ~1e-5; bf16/fp16 round P and dS to the input dtype before their matmuls,
+  as flash-attn does.
+* ``head_dim`` 1..128; a dim that is not a power of two (24, 80, ...) is padded to the next power of two (at least
+  16) inside the kernel by masked loads, never in memory. ``s`` need not be a multiple of any block size.
+  The last dim of q, k, v must have stride 1 (other strides are free: views of a fused QKV projection work
+  without a copy); otherwise a contiguous copy is made.
+* MQA/GQA: query head ``i`` reads K/V head ``i // (hq // hkv)`` through strides; K/V are never expanded. In the
+  backward, dK/dV for one K/V head are accumulated **inside the kernel**: the program that owns a K/V block loops
+  over the ``hq // hkv`` query heads of its group, so no ``[b, hq, s, d]`` dK/dV buffer and no atomics exist.
+* Packing: ``segment_ids`` ``[b, s]`` (1, 2, ... per packed sample, 0 = padding). Token ``i`` attends to token
+  ``j`` iff ``segment_ids[i] == segment_ids[j]`` (and ``j <= i`` when causal) — exactly
+  :func:`megaocto.model.attention.segment_mask`, so padding attends to padding and no row is empty (no NaN).
+  Key blocks that cannot hold a key of any query's segment are skipped: per token the first/last index of its
+  segment id is computed once (on device, no host sync) and each program bounds its loop with them, so a packed
+  row costs about ``sum(len_i^2)`` rather than ``s^2``. ``cu_seqlens`` input is not needed: runs of equal ids are
+  what :func:`~megaocto.model.attention.cu_seqlens_from_segments` would produce, and comparing ids is equivalent.
+* Dropout is not implemented in the kernel: :func:`supports` is False when ``dropout_p > 0``, and the backend
+  function, when forced with ``backend="triton"``, runs the ``sdpa`` backend for such calls (and for any other
+  input :func:`supports` rejects: head_dim > 128, other dtypes, a CPU tensor without ``TRITON_INTERPRET=1``).
+
+Algorithm. Forward: one program per (query block, batch*query head); online softmax over key blocks in the
+base-2 domain (``exp2``, scores pre-multiplied by ``scale*log2(e)``); saves ``lse`` (natural-log logsumexp per
+row, fp32 ``[b, hq, s]``). Backward: (1) ``delta = rowsum(dO * O)`` (fp32), (2) one program per (key block,
+batch*K/V head) recomputes ``P = exp(S - lse)`` and accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` with
+``dS = P * (dP - delta)``, (3) one program per (query block, batch*query head) accumulates ``dQ += dS K``.
+dQ, dK, dV are written once each (no atomics, deterministic).
+
+Block sizes: under ``TRITON_INTERPRET=1`` one fixed config (32x32; the interpreter cannot autotune). On a GPU
+``triton.autotune`` picks among a few configs keyed by (seq_len, head_dim, causal, packed, dtype).
+Registration: backend ``"triton"`` with priority -10, below ``sdpa`` (0) and flash-attn (10), so automatic
+selection never picks it; the model asks for it with ``backend="triton"`` when ``kernels: triton`` and flash-attn
+is not importable (see ``megaocto.kernels.registry``).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from megaocto.model.attention import attention as _attention
+from megaocto.model.attention import register_backend
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_HEAD_DIM = 128
+
+
+def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); one small config under the interpreter."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in pairs]
+
+
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)])
+_TUNE_KEY = ["seq_len", "HEAD_DIM", "CAUSAL", "HAS_SEG"]
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; ``DOT_F32`` upcasts the operands first (interpreter + bf16, where
+    Triton 3.9's numpy ``tl.dot`` returns garbage for bf16; bf16 products are exact in fp32, so same numerics)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, SEG, FIRST, LAST,
+                sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+                seq_len, n_heads, group, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+                DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    mb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    hk = h // group
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seq_len
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    lo = 0
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum((mb + 1) * BLOCK_M, seq_len)
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * seq_len + offs_m, mask=m_ok, other=-1)
+        first = tl.load(FIRST + b * seq_len + offs_m, mask=m_ok, other=seq_len)
+        last = tl.load(LAST + b * seq_len + offs_m, mask=m_ok, other=-1)
+        lo = (tl.min(first, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, tl.max(last, 0) + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_PREC, DOT_F32) * qk_scale
+        ok = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        if HAS_SEG:
+            seg_k = tl.load(SEG + b * seq_len + offs_n, mask=n_ok, other=-2)
+            ok = ok & (seg_q[:, None] == seg_k[None, :])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, DOT_F32)
+        m_i = m_new
+
+    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_fin = tl.where(l_i == 0.0, 1.0, l_i)  # only rows past seq_len can be empty; they are not stored
+    out = acc / l_fin[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    lse = (m_fin + tl.log2(l_fin)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + (b * n_heads + h) * seq_len + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, seq_len, n_heads,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    mb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * n_heads + h) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
+                     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds,
+                     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+                     seq_len, n_heads, n_kv_heads, group, qk_scale, scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+                     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    nb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_kv_heads).to(tl.int64)
+    hk = (bh % n_kv_heads).to(tl.int64)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < seq_len
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    lo = 0
+    hi = seq_len
+    if CAUSAL:
+        lo = ((nb * BLOCK_N) // BLOCK_M) * BLOCK_M
+    if HAS_SEG:
+        seg_k = tl.load(SEG + b * seq_len + offs_n, mask=n_ok, other=-2)
+        last = tl.load(LAST + b * seq_len + offs_n, mask=n_ok, other=-1)
+        hi = tl.max(last, 0) + 1
+        if not CAUSAL:
+            first = tl.load(FIRST + b * seq_len + offs_n, mask=n_ok, other=seq_len)
+            lo = (tl.min(first, 0) // BLOCK_M) * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(group):  # the query heads sharing this K/V head (GQA/MQA): dK/dV summed here
+        h = hk * group + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        row_base = (b * n_heads + h) * seq_len
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < seq_len
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
+            lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+            ok = n_ok[:, None] & m_ok[None, :]  # transposed scores: [keys, queries]
+            if CAUSAL:
+                ok = ok & (offs_m[None, :] >= offs_n[:, None])
+            if HAS_SEG:
+                seg_q = tl.load(SEG + b * seq_len + offs_m, mask=m_ok, other=-1)
+                ok = ok & (seg_k[:, None] == seg_q[None, :])
+            s_t = _dot(k, tl.trans(q), DOT_PREC, DOT_F32) * qk_scale
+            p_t = tl.where(ok, tl.exp2(s_t - lse2[None, :]), 0.0)
+            dv += _dot(p_t.to(do.dtype), do, DOT_PREC, DOT_F32)
+            dp_t = _dot(v, tl.trans(do), DOT_PREC, DOT_F32)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, DOT_PREC, DOT_F32)
+    dk = dk * scale
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, FIRST, LAST,
+                   sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdqb, sdqh, sdqs,
+                   seq_len, n_heads, group, qk_scale, scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+                   DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    mb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    hk = h // group
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seq_len
+    d_ok = offs_d < HEAD_DIM
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
+    row_base = (b * n_heads + h) * seq_len
+    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    lo = 0
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum((mb + 1) * BLOCK_M, seq_len)
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * seq_len + offs_m, mask=m_ok, other=-1)
+        first = tl.load(FIRST + b * seq_len + offs_m, mask=m_ok, other=seq_len)
+        last = tl.load(LAST + b * seq_len + offs_m, mask=m_ok, other=-1)
+        lo = (tl.min(first, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, tl.max(last, 0) + 1)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        ok = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        if HAS_SEG:
+            seg_k = tl.load(SEG + b * seq_len + offs_n, mask=n_ok, other=-2)
+            ok = ok & (seg_q[:, None] == seg_k[None, :])
+        s = _dot(q, tl.trans(k), DOT_PREC, DOT_F32) * qk_scale
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), DOT_PREC, DOT_F32)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PREC, DOT_F32)
+    dq = dq * scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def segment_bounds(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the first and last index (int32 ``[b, s]``) in its row holding the same segment id.
+
+    Any ids work (runs need not be contiguous); computed with a stable sort on device, no host sync. Kernels use
+    them to skip key (query) blocks that share no segment with a query (key) block.
+    """
+    b, s = segment_ids.shape
+    ids, perm = torch.sort(segment_ids, dim=1, stable=True)
+    pos = torch.arange(s, device=segment_ids.device).expand(b, s)
+    new = torch.ones(b, s, dtype=torch.bool, device=segment_ids.device)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    group_start = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    end = torch.ones(b, s, dtype=torch.bool, device=segment_ids.device)
+    end[:, :-1] = new[:, 1:]
+    group_end = torch.where(end, pos, torch.full_like(pos, s)).flip(1).cummin(dim=1).values.flip(1)
+    first_sorted = perm.gather(1, group_start)
+    last_sorted = perm.gather(1, group_end)
+    first = torch.empty_like(perm).scatter_(1, perm, first_sorted)
+    last = torch.empty_like(perm).scatter_(1, perm, last_sorted)
+    return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _seg_args(segment_ids: torch.Tensor | None, like: torch.Tensor):
+    if segment_ids is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=like.device)
+        return dummy, dummy, dummy
+    seg = segment_ids.to(device=like.device, dtype=torch.int32).contiguous()
+    first, last = segment_bounds(seg)
+    return seg, first, last
+
+
+def _forward(q, k, v, causal: bool, scale: float, seg, first, last, has_seg: bool):
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    o = torch.empty(b, hq, s, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(s, meta["BLOCK_M"]), b * hq)
+
+    _fwd_kernel[grid](q, k, v, o, lse, seg, first, last,
+                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                      s, hq, hq // hkv, scale * _LOG2E,
+                      HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_SEG=has_seg,
+                      DOT_PREC=_dot_precision(q.dtype), DOT_F32=_dot_f32(q.dtype))
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal: bool, scale: float, seg, first, last, has_seg: bool):
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    do = _last_dim_contiguous(do)
+    delta = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+    block_m = 32 if _INTERPRET else 64
+    _bwd_delta_kernel[(triton.cdiv(s, block_m), b * hq)](o, do, delta, *o.stride()[:3], *do.stride()[:3], s, hq,
+                                                         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m)
+    dq = torch.empty(b, hq, s, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(b, hkv, s, d, dtype=k.dtype, device=k.device)
+    dv = torch.empty(b, hkv, s, d, dtype=v.dtype, device=v.device)
+    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_SEG=has_seg,
+                  DOT_PREC=_dot_precision(q.dtype), DOT_F32=_dot_f32(q.dtype))
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, seg, first, last,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        s, hq, hkv, hq // hkv, scale * _LOG2E, scale, **common)
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * hq)](
+        q, k, v, do, lse, delta, dq, seg, first, last,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        s, hq, hq // hkv, scale * _LOG2E, scale, **common)
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, o and the fp32 logsumexp; the backward recomputes P from them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, segment_ids):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        seg, first, last = _seg_args(segment_ids, q)
+        has_seg = segment_ids is not None
+        o, lse = _forward(q, k, v, causal, scale, seg, first, last, has_seg)
+        ctx.save_for_backward(q, k, v, o, lse, seg, first, last)
+        ctx.causal, ctx.scale, ctx.has_seg = causal, scale, has_seg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seg, first, last = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, seg, first, last, ctx.has_seg)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                    segment_ids: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Triton flash attention ``[b, hq, s, d]`` (see the module docstring); inputs must pass :func:`supports`."""
+    if not supports(q, k, v, segment_ids=segment_ids):
+        raise ValueError(f"megaocto/kernels/flash_attention.py: unsupported input q {tuple(q.shape)} {q.dtype} on "
+                         f"{q.device} (needs CUDA or TRITON_INTERPRET=1 on CPU, fp16/bf16/fp32, "
+                         f"head_dim <= {MAX_HEAD_DIM}, matching dtypes/devices)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return FlashAttentionFunction.apply(q, k, v, causal, float(scale), segment_ids)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                        segment_ids: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Plain-torch reference: the ``sdpa`` backend of :mod:`megaocto.model.attention`."""
+    return _attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale, backend="sdpa")
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def _device_ok(t: torch.Tensor) -> bool:
+    return t.is_cuda or (t.device.type == "cpu" and _INTERPRET)
+
+
+def supports(q, k, v, *, segment_ids=None, dropout_p: float = 0.0) -> bool:
+    """True when the Triton kernel handles these inputs (no dropout, head_dim <= 128, fp16/bf16/fp32, CUDA or
+    interpreter, one dtype and device for q, k, v)."""
+    return (dropout_p == 0.0 and q.dim() == 4 and q.shape[-1] <= MAX_HEAD_DIM
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and k.dtype == q.dtype and v.dtype == q.dtype
+            and _device_ok(q) and k.device == q.device and v.device == q.device)
+
+
+def _triton_backend(q, k, v, *, causal, segment_ids, dropout_p, scale):
+    """Backend fn: the Triton kernel when :func:`supports` accepts, else the ``sdpa`` backend (e.g. dropout)."""
+    if not supports(q, k, v, segment_ids=segment_ids, dropout_p=dropout_p):
+        return _attention(q, k, v, causal=causal, segment_ids=segment_ids, dropout_p=dropout_p, scale=scale,
+                          backend="sdpa")
+    return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
+
+
+register_backend("triton", _triton_backend, supports, priority=-10)
