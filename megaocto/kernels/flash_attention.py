@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from megaocto.model.attention import attention as _attention
+from megaocto.kernels.registry import register
 from megaocto.model.attention import register_backend
 
 _LOG2E = 1.4426950408889634
@@ -436,3 +437,5 @@ def _triton_backend(q, k, v, *, causal, segment_ids, dropout_p, scale):
 
 
 register_backend("triton", _triton_backend, supports, priority=-10)
+# kernels: triton -> KernelOps.attention_backend == "triton" (the registry sets None when flash-attn is importable).
+register("attention_backend", "triton", "triton")
