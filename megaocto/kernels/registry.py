@@ -190,6 +190,75 @@ def ops_for(impl: str, device: torch.device | str | None = None) -> KernelOps:
     return ops
 
 
+# ------------------------------------------------------------------------------------------- launcher helpers
+# Shared by the Triton launchers of this package; nothing here imports triton.
+def check_launch(op: str, *tensors: torch.Tensor | None) -> torch.device:
+    """The device the Triton ``op`` runs on; raises when its tensors are on different devices or where Triton
+    cannot run (CPU without ``TRITON_INTERPRET=1``)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"Triton {op}: all tensors must be on one device (got {sorted(map(str, devices))})")
+    dev = devices.pop()
+    if dev.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(f"Triton {op} got {dev.type} tensors: Triton kernels run on CUDA, or on CPU only "
+                           f"under TRITON_INTERPRET=1 (set before importing megaocto.kernels); use "
+                           f"model.kernels=torch (or auto) on {dev.type}")
+    return dev
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (>= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def row_tiling(n_rows: int, n_cols: int, device: torch.device, *, max_tile: int = 4096) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` for kernels that keep whole rows of ``n_cols`` in registers.
+
+    BLOCK_N covers a row (power of two); BLOCK_M rows share a program while the tile stays <= ``max_tile``
+    elements on CUDA. The interpreter (CPU) pays per program, not per element, so it takes up to 64K-element tiles.
+    """
+    block_n = next_power_of_2(n_cols)
+    cap = max_tile if device.type == "cuda" else 65536
+    block_m = max(1, min(next_power_of_2(n_rows), cap // block_n, 64))
+    tile = block_m * block_n
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+    return block_m, block_n, num_warps
+
+
+def elementwise_tiling(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` for 2-D elementwise kernels over ``[n_rows, n_cols]``.
+
+    CUDA: tiles of up to 4K elements, at most 1024 columns wide. Interpreter: up to 64K-element tiles (it pays per
+    program, not per element).
+    """
+    big = device.type != "cuda"
+    block_n = min(next_power_of_2(n_cols), 4096 if big else 1024)
+    block_m = max(1, min(next_power_of_2(n_rows), (65536 if big else 4096) // block_n))
+    return block_m, block_n, 4 if block_m * block_n <= 2048 else 8
+
+
+def reduction_programs(n_rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    """``(programs, rows_per_program)`` for a backward kernel that also reduces over rows (dweight, dbias).
+
+    Each program walks ``rows_per_program`` rows (a multiple of ``block_m``) and writes one fp32 partial sum; the
+    partials are summed in torch. About 4 programs per SM on CUDA; 4 programs under the interpreter.
+    """
+    if device.type == "cuda":
+        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        cap = 4
+    tiles = -(-max(n_rows, 1) // block_m)
+    programs = max(1, min(tiles, cap))
+    rows_per_program = -(-tiles // programs) * block_m
+    return -(-max(n_rows, 1) // rows_per_program), rows_per_program
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` viewed as ``[rows, last_dim]`` with a unit last-dim stride (copies only when it must)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 # ------------------------------------------------------------------------------------------- torch ops
 def torch_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                      eps: float) -> torch.Tensor:
