@@ -151,11 +151,15 @@ class ColumnParallelLinear(nn.Linear):
     is split evenly over TP and the local output is the concatenation of the local block shards. With
     ``pc.sequence_parallel`` the input is ``[b, s/tp, in]`` and is all-gathered along dim 1.
     ``gather_output`` returns the full output (blocks back in their unsharded order).
+    ``skip_bias_add=True`` leaves the bias out of the GEMM and returns ``(output, bias)`` (bias None when the layer
+    has none) so a following fused kernel can add it (e.g. bias + GELU); it cannot be combined with
+    ``gather_output``.
     """
 
     def __init__(self, in_features: int, out_features: int | Sequence[int], pc: "ParallelContext", *,
                  bias: bool = True, gather_output: bool = False, init_method: InitMethod | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 skip_bias_add: bool = False):
         nn.Module.__init__(self)
         sizes = [out_features] if isinstance(out_features, int) else [int(s) for s in out_features]
         bad = [s for s in sizes if s <= 0 or s % pc.tp]
@@ -167,7 +171,11 @@ class ColumnParallelLinear(nn.Linear):
         self.out_features = sum(sizes)  # full (unsharded) output size, like Megatron
         self.output_sizes = tuple(sizes)
         self.local_output_sizes = tuple(s // pc.tp for s in sizes)
+        if skip_bias_add and gather_output:
+            raise ConfigError("ColumnParallelLinear: skip_bias_add returns the local (sharded) output and bias; "
+                              "it cannot be combined with gather_output")
         self.gather_output = gather_output
+        self.skip_bias_add = skip_bias_add
         self.init_method = _default_init(init_method)
         kw = {"dtype": dtype, "device": device}
         self.weight = nn.Parameter(torch.empty(sum(self.local_output_sizes), in_features, **kw))
@@ -191,8 +199,12 @@ class ColumnParallelLinear(nn.Linear):
         """This rank's shard of the unsharded ``weight`` / ``bias``."""
         return shard_for_param(getattr(self, name), full, self.pc)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         pc = self.pc
+        if self.skip_bias_add:
+            if pc.tp > 1:
+                x = gather_from_sp(x, pc, dim=1, grad_is_partial=True) if pc.sequence_parallel else copy_to_tp(x, pc)
+            return F.linear(x, self.weight), self.bias
         if pc.tp == 1:
             return F.linear(x, self.weight, self.bias)
         x = gather_from_sp(x, pc, dim=1, grad_is_partial=True) if pc.sequence_parallel else copy_to_tp(x, pc)
