@@ -430,6 +430,21 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
     return cfg, gen()
 
 
+def iter_units(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
+    """Group a megaocto-ordered ``(name, tensor)`` stream into ``(unit, [(name, tensor), ...])``, one unit
+    (embeddings, one layer, final) at a time."""
+    unit, group = None, []
+    for name, t in tensors:
+        u = layer_of(name)
+        if u != unit and group:
+            yield unit, group
+            group = []
+        unit = u
+        group.append((name, t))
+    if group:
+        yield unit, group
+
+
 # ------------------------------------------------------------------------------------------ verification
 def random_batch(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 1234) -> torch.Tensor:
     """The fixed random batch ``--verify`` runs (int64 ``[batch, seq]`` ids in ``[0, vocab_size)``)."""

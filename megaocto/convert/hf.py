@@ -1,0 +1,224 @@
+"""``from_hf`` / ``to_hf``: Hugging Face model directory <-> megaocto checkpoint, any TP, streaming, verified.
+
+``from_hf(hf_dir, output, *, tp=1, dtype=None, verify=False, progress=True) -> float | None``
+    Detects the layout from ``config.json`` — ``gpt_bigcode`` (hf_bigcode.py), native ``glm`` or original
+    ``chatglm`` (hf_glm.py) — checks the config, the TP split, the weights' names, shapes and dtypes, and that
+    ``output`` does not exist, all before writing; then streams the tensors one layer at a time through
+    :func:`megaocto.convert.core.write_megaocto_checkpoint`. With ``verify`` returns (and prints) the max abs
+    logit difference between the HF source (transformers; for ChatGLM2 a native ``GlmForCausalLM`` built from
+    an independent q/k/v split) and the written checkpoint (merged, tp=1) on a fixed random batch.
+
+``to_hf(load, output, *, dtype=None, tokenizer=None, max_shard_size="5GB", iteration=None, verify=False,
+progress=True) -> float | None``
+    Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or ``model-0000i-of-0000N`` shards +
+    ``model.safetensors.index.json`` above ``max_shard_size``) and the tokenizer files, into a temporary directory
+    renamed to ``output`` when complete; ``AutoModelForCausalLM.from_pretrained(output)`` loads it offline.
+    Vocabulary padding is trimmed to ``vocab_size``. RAM: one output shard plus one layer (the reader merges
+    TP shards tensor by tensor from mmap-ed rank files). ``dtype`` defaults to the checkpoint's dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from types import ModuleType
+
+import torch
+
+from megaocto.config.model import ModelConfig
+from megaocto.convert import core, hf_bigcode, hf_glm
+from megaocto.convert.core import ConversionError
+from megaocto.convert.io import HFSource, SafetensorsShardWriter, copy_tokenizer, parse_size, tokenizer_files
+
+FAMILIES: dict[str, ModuleType] = {"bigcode": hf_bigcode, "glm2": hf_glm}
+
+
+@dataclasses.dataclass
+class HFPlan:
+    """What a from-hf conversion will do, decided (and checked) before writing."""
+    layout: str  # gpt_bigcode | glm | chatglm
+    cfg: ModelConfig
+    source: HFSource
+    token_ids: dict
+
+
+def plan_from_hf(hf_dir: str, tp: int) -> HFPlan:
+    """Open and check an HF directory for conversion at ``tp``; raises ConversionError naming the file/field."""
+    src = HFSource(hf_dir)
+    conf, where = src.config, src.config_path
+    if hf_bigcode.detect(conf):
+        layout, cfg = "gpt_bigcode", hf_bigcode.config_from_hf(conf, where)
+        expected = hf_bigcode.expected_hf_names(cfg)
+        ignorable = hf_bigcode.ignorable_hf_names(cfg, src.names())
+    elif hf_glm.detect(conf):
+        layout, cfg = "glm", hf_glm.config_from_hf(conf, where)
+        expected = hf_glm.expected_hf_names(cfg)
+        ignorable = hf_glm.ignorable_hf_names(cfg, src.names())
+    elif hf_glm.detect_chatglm(conf):
+        layout, cfg = "chatglm", hf_glm.config_from_chatglm(conf, where)
+        expected, ignorable = hf_glm.chatglm_names(cfg), hf_glm.CHATGLM_IGNORABLE
+    else:
+        raise ConversionError(
+            f"{where}: unsupported architecture (model_type={conf.get('model_type')!r}, architectures="
+            f"{conf.get('architectures')!r}); supported: gpt_bigcode (GPTBigCodeForCausalLM), glm (GlmForCausalLM), "
+            f"chatglm (ChatGLM2/CodeGeeX2)")
+    core.check_tp(cfg, tp)
+    src.check(expected, ignorable, where=f"{layout} with {cfg.num_layers} layers")
+    _check_shapes(cfg, layout, src)
+    if layout == "chatglm" and "transformer.rotary_pos_emb.inv_freq" in src:
+        hf_glm.check_chatglm_inv_freq(cfg, src.get("transformer.rotary_pos_emb.inv_freq").float(), where)
+    token_ids = {k: conf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in conf}
+    return HFPlan(layout, cfg, src, token_ids)
+
+
+def _check_shapes(cfg: ModelConfig, layout: str, src: HFSource) -> None:
+    """Shapes of a few tensors that fix the architecture, so a config/weights mismatch fails before writing."""
+    h, V = cfg.hidden_size, cfg.vocab_size
+    checks = {"gpt_bigcode": {"transformer.wte.weight": (V, h), "transformer.wpe.weight": (cfg.max_positions, h),
+                              "transformer.h.0.mlp.c_fc.weight": (cfg.ffn_size, h)},
+              "glm": {"model.embed_tokens.weight": (V, h), "lm_head.weight": (V, h),
+                      "model.layers.0.mlp.gate_up_proj.weight": (2 * cfg.ffn_size, h)},
+              "chatglm": {"transformer.embedding.word_embeddings.weight": (V, h),
+                          "transformer.output_layer.weight": (V, h)}}[layout]
+    for name, shape in checks.items():
+        got = src.info(name)[0]
+        if tuple(got) != shape:
+            raise ConversionError(f"{src.weights_file}: {name} has shape {tuple(got)} but {src.config_path} "
+                                  f"implies {shape}")
+
+
+def _source_iter(plan: HFPlan):
+    get = plan.source.get
+    if plan.layout == "gpt_bigcode":
+        return hf_bigcode.iter_from_hf(plan.cfg, get)
+    if plan.layout == "glm":
+        return hf_glm.iter_from_hf(plan.cfg, get)
+    return hf_glm.iter_from_chatglm(plan.cfg, get)
+
+
+def hf_logits_fn(hf_dir: str):
+    """ids -> fp32 logits of ``AutoModelForCausalLM.from_pretrained(hf_dir)`` (offline, fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
+
+    @torch.no_grad()
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids).logits.float()
+
+    return run
+
+
+def _chatglm_reference_fn(plan: HFPlan):
+    """A native GlmForCausalLM built in memory from ChatGLM2-layout tensors (independent q/k/v split)."""
+    from transformers import GlmForCausalLM
+
+    cfg = plan.cfg
+    model = GlmForCausalLM(hf_glm.hf_config(cfg, dtype=torch.float32)).eval()
+    state = {n: t.float() for n, t in hf_glm.chatglm_to_native(cfg, plan.source.get)}
+    model.load_state_dict(state, strict=True)
+    del state
+
+    @torch.no_grad()
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids).logits.float()
+
+    return run
+
+
+def _verify_seq(cfg: ModelConfig) -> int:
+    return min(16, cfg.max_positions)
+
+
+def from_hf(hf_dir: str, output: str, *, tp: int = 1, dtype=None, verify: bool = False,
+            progress: bool = True) -> float | None:
+    """HF directory -> megaocto release checkpoint at ``tp``; see the module docstring."""
+    cast = core.parse_dtype(dtype)
+    plan = plan_from_hf(hf_dir, tp)
+    if verify and plan.layout == "chatglm" and plan.cfg.add_bias_linear:
+        raise ConversionError(f"{plan.source.config_path}: --verify needs add_bias_linear=false (the native Glm "
+                              f"reference has no dense/MLP bias)")
+    core.check_output_free(output)
+    meta = {"converted_from": {"kind": "hf", "layout": plan.layout, "path": os.path.abspath(hf_dir),
+                               "token_ids": plan.token_ids}}
+    core.write_megaocto_checkpoint(output, plan.cfg, _source_iter(plan), tp, dtype=cast, metadata_extra=meta,
+                                   progress=progress)
+    if not verify:
+        return None
+    src_fn = _chatglm_reference_fn(plan) if plan.layout == "chatglm" else hf_logits_fn(hf_dir)
+    cfg, tensors = core.read_megaocto_checkpoint(output)
+    ours = core.megaocto_logits_fn(cfg, tensors)
+    return core.verify_logits(src_fn, ours, cfg.vocab_size, label=f"HF {plan.layout} vs megaocto tp={tp}",
+                              seq=_verify_seq(cfg))
+
+
+def _checkpoint_dtype(meta: dict) -> torch.dtype:
+    return core.DTYPES.get(str(meta.get("dtype")), torch.float32)
+
+
+def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, max_shard_size: str | int = "5GB",
+          iteration=None, verify: bool = False, progress: bool = True) -> float | None:
+    """megaocto checkpoint (any TP) -> HF directory; see the module docstring."""
+    cast = core.parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    directory, meta, _ = core.checkpoint_info(load, iteration)
+    cfg = core.config_from_metadata(meta, os.path.join(directory, "metadata.json"))
+    family = FAMILIES[cfg.family]
+    family.check_exportable(cfg, os.path.join(directory, "metadata.json"))
+    tok_files = tokenizer_files(tokenizer) if tokenizer else []
+    if tokenizer:
+        _check_tokenizer_vocab(tokenizer, cfg)
+    core.check_output_free(output)
+    out_dtype = cast or _checkpoint_dtype(meta)
+    token_ids = ((meta.get("converted_from") or {}).get("token_ids")) or {}
+    hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
+    _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
+    bar = core.Progress(len(core.units(cfg)), "to-hf", progress)
+    with core.AtomicDir(output) as tmp:
+        writer = SafetensorsShardWriter(tmp, shard_bytes)
+        for unit, group in core.iter_units(tensors):
+            nbytes = 0
+            for name, t in family.iter_to_hf(cfg, iter(group)):
+                t = t.to(out_dtype) if t.dtype != out_dtype else t
+                writer.add(name, t)
+                nbytes += t.numel() * t.element_size()
+            del group
+            bar.step(unit, nbytes)
+        writer.finish()
+        hf_conf.save_pretrained(tmp)
+        _write_generation_config(hf_conf, tmp)
+        if tok_files:
+            copy_tokenizer(tok_files, tmp, model_max_length=cfg.max_positions)
+    if not verify:
+        return None
+    _, src = core.read_megaocto_checkpoint(load, iteration=iteration)
+    ours = core.megaocto_logits_fn(cfg, src)
+    return core.verify_logits(ours, hf_logits_fn(output), cfg.vocab_size,
+                              label=f"megaocto vs HF {hf_conf.model_type}", seq=_verify_seq(cfg))
+
+
+def _write_generation_config(hf_conf, directory: str) -> None:
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_model_config(hf_conf)
+    gen.save_pretrained(directory)
+
+
+def _check_tokenizer_vocab(path: str, cfg: ModelConfig) -> None:
+    """A tokenizer.json with more tokens than the model's vocabulary cannot belong to it."""
+    file = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
+    if not file.endswith(".json") or not os.path.isfile(file):
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(file).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # noqa: BLE001 - name the file
+        raise ConversionError(f"--tokenizer: {file}: cannot load ({e})") from None
+    if size > cfg.vocab_size:
+        raise ConversionError(f"--tokenizer: {file} has {size} tokens but the model's vocab_size is "
+                              f"{cfg.vocab_size}; pass the model's own tokenizer")
+
+
+def describe(plan: HFPlan) -> str:
+    return json.dumps({"layout": plan.layout, **plan.cfg.to_dict()})

@@ -1,0 +1,241 @@
+"""Hugging Face checkpoint I/O for the converters: a lazy reader of HF model directories and a streaming, sharded
+safetensors writer.
+
+``HFSource(path)``
+    Opens an HF model directory: ``config.json`` plus the weights as ``model.safetensors``,
+    ``model.safetensors.index.json`` (sharded), ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` (the
+    original ChatGLM2/CodeGeeX2 releases). Everything the conversion needs is checked when it opens — the config
+    parses, every shard named by an index exists — before anything is written. Tensors are read lazily, one at a
+    time (``get``); safetensors headers give names/shapes/dtypes without reading data, ``.bin`` files are opened
+    with ``torch.load(mmap=True, weights_only=True)``.
+
+``SafetensorsShardWriter(directory, max_shard_size)``
+    ``add(name, tensor)`` buffers tensors and writes a shard when the next tensor would push the buffer past
+    ``max_shard_size`` bytes (so at most one shard is held in memory); ``finish()`` names the shards HF's way —
+    ``model.safetensors`` when there is one, else ``model-0000i-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map"}``) — and returns the file list.
+
+``parse_size("5GB")`` -> bytes (HF convention: GB = 10**9, GiB = 2**30).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from megaocto.convert.core import ConversionError, check_source_dtype
+
+CONFIG = "config.json"
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json")
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
+    """``"5GB"`` / ``"500MB"`` / ``"2GiB"`` / a byte count -> bytes."""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = _SIZE_RE.match(str(text))
+        if not m:
+            raise ConversionError(f"{flag}={text!r}: expected a size like 5GB, 500MB, 2GiB or a byte count")
+        unit = (m.group(2) or "B").upper()
+        mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+        size = int(float(m.group(1)) * mult)
+    if size < 1:
+        raise ConversionError(f"{flag}={text!r} must be positive")
+    return size
+
+
+class HFSource:
+    """A Hugging Face model directory read lazily; see the module docstring."""
+
+    def __init__(self, path: str, flag: str = "--hf"):
+        self.path = path
+        if not os.path.isdir(path):
+            raise ConversionError(f"{flag}={path}: no such directory")
+        cfg_path = os.path.join(path, CONFIG)
+        if not os.path.isfile(cfg_path):
+            raise ConversionError(f"{cfg_path}: missing (an HF model directory needs config.json)")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                self.config: dict = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        self.config_path = cfg_path
+        self._file_of: dict[str, str] = {}  # tensor name -> file path
+        self._handles: dict[str, object] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        found = next((n for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))), None)
+        if found is None:
+            raise ConversionError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+        self.weights_file = os.path.join(path, found)
+        if found.endswith(".index.json"):
+            try:
+                with open(self.weights_file, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConversionError(f"{self.weights_file}: not a valid weights index ({e})") from None
+            for name, fname in weight_map.items():
+                self._file_of[name] = os.path.join(path, fname)
+            missing = sorted({f for f in self._file_of.values() if not os.path.isfile(f)})
+            if missing:
+                raise ConversionError(f"{self.weights_file} names shard(s) that are missing: "
+                                      f"{', '.join(os.path.basename(m) for m in missing[:5])}")
+        else:
+            for name in self._open(self.weights_file).keys():  # type: ignore[attr-defined]
+                self._file_of[name] = self.weights_file
+        self.is_safetensors = self.weights_file.endswith((".safetensors", ".safetensors.index.json"))
+
+    # ------------------------------------------------------------------ lazy access
+    def _open(self, file: str):
+        h = self._handles.get(file)
+        if h is None:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                try:
+                    h = safe_open(file, framework="pt", device="cpu")
+                except Exception as e:  # noqa: BLE001 - name the broken file
+                    raise ConversionError(f"{file}: cannot open safetensors file ({e})") from None
+            else:
+                try:
+                    h = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                except Exception as e:  # noqa: BLE001
+                    raise ConversionError(f"{file}: cannot read torch weights ({type(e).__name__}: {e})") from None
+                if not isinstance(h, dict):
+                    raise ConversionError(f"{file}: expected a state dict, got {type(h).__name__}")
+            self._handles[file] = h
+        return h
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) without reading the data (safetensors headers; mmap-ed .bin)."""
+        if name not in self._meta:
+            file = self._require(name)
+            h = self._open(file)
+            if file.endswith(".safetensors"):
+                sl = h.get_slice(name)
+                code = sl.get_dtype()
+                if code not in _ST_DTYPES:
+                    raise ConversionError(f"{file}: tensor {name!r} has dtype {code}, which is not supported "
+                                          f"(only F32, BF16, F16 weights; dequantise the checkpoint first)")
+                self._meta[name] = (tuple(sl.get_shape()), _ST_DTYPES[code])
+            else:
+                t = h[name]
+                self._meta[name] = (tuple(t.shape), t.dtype)
+        return self._meta[name]
+
+    def _require(self, name: str) -> str:
+        if name not in self._file_of:
+            raise ConversionError(f"{self.weights_file}: tensor {name!r} missing (config.json and the weights "
+                                  f"disagree, or this is another architecture)")
+        return self._file_of[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._require(name)
+        h = self._open(file)
+        return h.get_tensor(name) if file.endswith(".safetensors") else h[name]
+
+    def check(self, expected: list[str], ignorable: set[str] | None = None, where: str = "") -> None:
+        """Every expected name present with a supported dtype; no unknown names besides ``ignorable``."""
+        missing = [n for n in expected if n not in self._file_of]
+        if missing:
+            raise ConversionError(f"{self.weights_file}: {len(missing)} tensor(s) missing for {where}, e.g. "
+                                  f"{missing[:4]}")
+        extra = sorted(set(self._file_of) - set(expected) - (ignorable or set()))
+        if extra:
+            raise ConversionError(f"{self.weights_file}: {len(extra)} unexpected tensor(s) for {where}, e.g. "
+                                  f"{extra[:4]} (is config.json the right architecture?)")
+        for n in expected:
+            check_source_dtype(self.info(n)[1], f"{self._file_of[n]}: {n}")
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class SafetensorsShardWriter:
+    """Streaming, size-capped safetensors shards in HF naming; see the module docstring."""
+
+    def __init__(self, directory: str, max_shard_size: int, metadata: dict[str, str] | None = None):
+        self.directory, self.max_shard_size = directory, max_shard_size
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._parts: list[tuple[str, list[str]]] = []  # (temp file, names)
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        self._buffer[name] = tensor.contiguous()
+        self._buffer_bytes += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.directory, f".part-{len(self._parts) + 1:05d}.safetensors")
+        save_file(self._buffer, path, metadata=self.metadata)
+        self._parts.append((path, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        if self._buffer or not self._parts:
+            self._flush()
+        n = len(self._parts)
+        files, weight_map = [], {}
+        for i, (tmp, names) in enumerate(self._parts, 1):
+            fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp, os.path.join(self.directory, fname))
+            files.append(fname)
+            weight_map.update({k: fname for k in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+            files.append("model.safetensors.index.json")
+        return files
+
+
+def tokenizer_files(path: str, flag: str = "--tokenizer") -> list[str]:
+    """The tokenizer files to copy from ``path`` (a directory or a single tokenizer.json / .model file)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise ConversionError(f"{flag}={path}: no such file or directory")
+    files = [os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+    files += [os.path.join(path, n) for n in sorted(os.listdir(path))
+              if n.endswith(".model") and os.path.join(path, n) not in files]
+    if not any(os.path.basename(f) in ("tokenizer.json", "tokenizer.model") or f.endswith(".model") for f in files):
+        raise ConversionError(f"{flag}={path}: no tokenizer.json or *.model in this directory")
+    return files
+
+
+def copy_tokenizer(files: list[str], directory: str, *, model_max_length: int | None = None) -> None:
+    """Copy tokenizer files; a bare tokenizer.json gets a minimal tokenizer_config.json so AutoTokenizer loads it."""
+    for f in files:
+        shutil.copy2(f, os.path.join(directory, os.path.basename(f)))
+    names = {os.path.basename(f) for f in files}
+    if "tokenizer.json" in names and "tokenizer_config.json" not in names:
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if model_max_length:
+            conf["model_max_length"] = model_max_length
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(conf, f, indent=2)
