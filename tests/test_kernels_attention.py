@@ -1,0 +1,175 @@
+"""Triton flash attention and scaled masked softmax (megaocto/kernels/{flash_attention,softmax}.py) under the
+Triton interpreter (TRITON_INTERPRET=1, tests/conftest.py): forward and dQ/dK/dV against the ``sdpa`` backend,
+fp32 and bf16, causal and not, MHA/GQA/MQA, packed segments with padding, odd sequence lengths and head dims."""
+import pytest
+import torch
+
+from megaocto.kernels import flash_attention as fa
+from megaocto.kernels import softmax as sm
+from megaocto.model.attention import attention, segment_mask, select_backend
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
+    """max |actual - expected| <= rel * max(1, max |expected|) (scale-aware for gradients of any size)."""
+    bound = rel * max(1.0, expected.abs().max().item())
+    err = _max_err(actual, expected)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def _segments(b: int, s: int) -> torch.Tensor:
+    """Row 0: three samples then padding; last row: one sample then padding (segment 0 = padding)."""
+    seg = torch.zeros(b, s, dtype=torch.long)
+    seg[0, : s // 3] = 1
+    seg[0, s // 3: s - 6] = 2
+    seg[0, s - 6: s - 2] = 3
+    seg[-1, : s - 9] = 1
+    return seg
+
+
+def _qkv(b, hq, hkv, s, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    return q, k, v
+
+
+def _fwd_bwd(backend, q, k, v, do, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = attention(q, k, v, backend=backend, **kw)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    return o, dq, dk, dv
+
+
+CASES = [  # (b, hq, hkv, s, d, causal, packed, dtype)
+    pytest.param(2, 2, 2, 37, 16, True, False, torch.float32, id="mha-causal-s37-fp32"),
+    pytest.param(1, 2, 2, 70, 32, False, False, torch.float32, id="mha-full-s70-fp32"),
+    pytest.param(1, 4, 2, 70, 24, True, False, torch.float32, id="gqa-causal-d24-fp32"),
+    pytest.param(1, 4, 1, 37, 16, False, False, torch.float32, id="mqa-full-fp32"),
+    pytest.param(2, 4, 2, 70, 24, True, True, torch.float32, id="gqa-packed-causal-fp32"),
+    pytest.param(2, 2, 1, 37, 16, False, True, torch.float32, id="mqa-packed-full-fp32"),
+    pytest.param(1, 1, 1, 37, 80, True, False, torch.float32, id="d80-causal-fp32"),
+    pytest.param(1, 4, 2, 70, 32, True, False, torch.bfloat16, id="gqa-causal-bf16"),
+    pytest.param(2, 2, 2, 37, 16, True, True, torch.bfloat16, id="mha-packed-causal-bf16"),
+    pytest.param(1, 2, 1, 37, 16, False, False, torch.bfloat16, id="mqa-full-bf16"),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,s,d,causal,packed,dtype", CASES)
+def test_flash_attention_matches_sdpa(b, hq, hkv, s, d, causal, packed, dtype):
+    q, k, v = _qkv(b, hq, hkv, s, d, dtype)
+    do = torch.randn(b, hq, s, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    seg = _segments(b, s) if packed else None
+    scale = 0.3 if d == 24 else None  # an explicit scale once per dim family, default 1/sqrt(d) otherwise
+    got = _fwd_bwd("triton", q, k, v, do, causal=causal, segment_ids=seg, scale=scale)
+    # The reference is fp32 SDPA on the same (rounded) inputs; bf16 gets a bf16-sized tolerance.
+    want = _fwd_bwd("sdpa", q.float(), k.float(), v.float(), do.float(), causal=causal, segment_ids=seg,
+                    scale=scale)
+    rel = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == dtype and a.shape == e.shape
+        _assert_close(a, e, rel, f"{name} ({dtype})")
+
+
+def test_flash_attention_strided_views_of_fused_qkv():
+    """q, k, v as views of one fused projection (bigcode/GLM layout) run without copies and match sdpa."""
+    b, s, h, d = 2, 37, 2, 16
+    qkv = torch.randn(b, s, 3 * h * d)
+    q, k, v = (t.view(b, s, h, d).transpose(1, 2) for t in qkv.split(h * d, dim=-1))
+    assert not q.is_contiguous()
+    do = torch.randn(b, h, s, d)
+    got = _fwd_bwd("triton", q, k, v, do, causal=True)
+    want = _fwd_bwd("sdpa", q, k, v, do, causal=True)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        _assert_close(a, e, 1e-4, name)
+
+
+def test_flash_attention_segment_ids_compared_by_id_not_run():
+    """Same semantics as segment_mask: a repeated id (padding in the middle and at the end) is one segment."""
+    seg = torch.tensor([[1] * 10 + [0] * 5 + [2] * 12 + [0] * 5 + [1] * 5])  # s = 37
+    q, k, v = _qkv(1, 2, 1, 37, 16, torch.float32, seed=3)
+    do = torch.randn(1, 2, 37, 16)
+    for causal in (True, False):
+        got = _fwd_bwd("triton", q, k, v, do, causal=causal, segment_ids=seg)
+        want = _fwd_bwd("sdpa", q, k, v, do, causal=causal, segment_ids=seg)
+        for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+            _assert_close(a, e, 1e-4, f"{name} causal={causal}")
+
+
+def test_segment_bounds_match_brute_force():
+    seg = torch.tensor([[1, 1, 2, 2, 2, 0, 0], [3, 3, 3, 3, 0, 0, 0], [0, 1, 1, 0, 2, 2, 1]])
+    first, last = fa.segment_bounds(seg)
+    for r in range(seg.shape[0]):
+        for i in range(seg.shape[1]):
+            same = (seg[r] == seg[r, i]).nonzero().flatten()
+            assert (first[r, i].item(), last[r, i].item()) == (same.min().item(), same.max().item())
+
+
+def test_triton_backend_dispatch_rules():
+    q, k, v = _qkv(1, 2, 2, 37, 16, torch.float32)
+    # Never chosen automatically (priority below sdpa) ...
+    assert select_backend(q, k, v) == "sdpa"
+    assert fa.supports(q, k, v) and sm.supports(q, k, v)
+    # ... dropout is not in the kernel: supports() says no, and a forced "triton" call runs sdpa instead.
+    assert not fa.supports(q, k, v, dropout_p=0.1)
+    torch.manual_seed(7)
+    got = attention(q, k, v, backend="triton", dropout_p=0.5)
+    torch.manual_seed(7)
+    want = attention(q, k, v, backend="sdpa", dropout_p=0.5)
+    assert torch.equal(got, want)
+    assert not fa.supports(*_qkv(1, 1, 1, 8, 160, torch.float32))  # head_dim > 128
+    with pytest.raises(ValueError, match="flash_attention.py"):
+        fa.flash_attention(*_qkv(1, 1, 1, 8, 160, torch.float32))
+
+
+def test_registry_names_triton_attention_backend():
+    from megaocto.kernels.registry import ops_for
+    assert ops_for("triton", "cpu").attention_backend == "triton"
+    assert ops_for("torch", "cpu").attention_backend is None
+
+
+# ---------------------------------------------------------------------------------------------- softmax
+SOFTMAX_CASES = [  # (shape, causal, packed, dtype, block_n)
+    pytest.param((2, 3, 37, 37), True, False, torch.float32, None, id="causal-fp32"),
+    pytest.param((2, 2, 37, 37), False, True, torch.float32, 16, id="packed-streamed-fp32"),
+    pytest.param((2, 2, 70, 70), True, True, torch.bfloat16, 32, id="packed-causal-streamed-bf16"),
+    pytest.param((2, 2, 37, 37), True, True, torch.bfloat16, None, id="packed-causal-bf16"),
+    pytest.param((5, 131), False, False, torch.float32, None, id="plain-rows-131"),
+    pytest.param((3, 37, 37), True, False, torch.float16, None, id="causal-fp16"),
+]
+
+
+@pytest.mark.parametrize("shape,causal,packed,dtype,block_n", SOFTMAX_CASES)
+def test_scaled_masked_softmax_matches_torch(shape, causal, packed, dtype, block_n):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(*shape, generator=g)).to(dtype)
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    seg = _segments(shape[0], shape[-1]) if packed else None
+    xt, xr = x.clone().requires_grad_(), x.float().requires_grad_()
+    y = sm.scaled_masked_softmax(xt, 0.7, causal=causal, segment_ids=seg, block_n=block_n)
+    (dx,) = torch.autograd.grad(y, xt, dy)
+    y_ref = sm.reference_scaled_masked_softmax(xr, 0.7, causal=causal, segment_ids=seg)
+    (dx_ref,) = torch.autograd.grad(y_ref, xr, dy.float())
+    assert y.dtype == dtype and dx.dtype == dtype
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    _assert_close(y, y_ref, rel, "softmax")
+    _assert_close(dx, dx_ref, rel, "softmax grad")
+    if causal or packed:  # masked entries are exactly zero, rows sum to one
+        keep = (segment_mask(seg, causal) if packed else torch.ones(shape[-2:], dtype=torch.bool).tril())
+        assert (y.float().masked_fill(keep, 0) == 0).all()
+    torch.testing.assert_close(y.float().sum(-1), torch.ones(shape[:-1]), atol=1e-2 if dtype != torch.float32
+                               else 1e-5, rtol=0)
+
+
+def test_unfused_triton_softmax_backend_matches_sdpa():
+    b, hq, hkv, s, d = 2, 4, 2, 37, 24
+    q, k, v = _qkv(b, hq, hkv, s, d, torch.float32, seed=5)
+    do = torch.randn(b, hq, s, d)
+    seg = _segments(b, s)
+    got = _fwd_bwd("triton_softmax", q, k, v, do, causal=True, segment_ids=seg)
+    want = _fwd_bwd("sdpa", q, k, v, do, causal=True, segment_ids=seg)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        _assert_close(a, e, 1e-4, name)
