@@ -1,0 +1,302 @@
+"""Sandboxed execution of HumanEvalPack programs in six languages.
+
+Contract: :func:`run_program(lang, program, ...)` writes one complete program (candidate + tests, as built by
+``megaocto.eval.humanevalpack.build_program``) into a fresh temp dir, compiles it when the language needs to, runs
+it and returns an :class:`ExecResult` (``passed`` plus a short ``status``/``detail``). It never raises for a bad
+program; a missing toolchain raises :class:`~megaocto.eval.toolchains.ToolchainError` naming the package.
+:func:`run_programs` runs many in parallel (a thread pool of subprocesses).
+
+Sandbox (every compile and run step):
+- its own temp dir (removed afterwards) and its own process group (``start_new_session``);
+- rlimits set in ``preexec_fn``: RLIMIT_AS (address space; per language, see ``MEMORY``: 4 GiB for Python,
+  C++, Rust; more for Node, Java and Go, whose runtimes reserve large virtual ranges up front; each JVM also
+  gets ``-Xmx``), RLIMIT_CPU (= the timeout), RLIMIT_FSIZE (64 MiB per written file), RLIMIT_NPROC (512) and no
+  core files;
+- when running as root and ``unshare`` works (Linux, CAP_SYS_ADMIN): a new network namespace (no network, only a
+  down loopback) and a new PID namespace (``unshare --net --pid --fork --kill-child``): when the program's
+  first process ends or is killed, the kernel kills every process it left behind, including ones that called
+  setsid — a fork bomb or a background process cannot outlive its timeout;
+- as root, the program itself (not the trusted compilers, which need root-owned caches such as ~/.rustup or
+  GOCACHE) runs as an unprivileged user (``nobody``, via ``setpriv``): it cannot write outside its temp dir and
+  world-writable dirs such as /tmp, and RLIMIT_NPROC (which does not restrict root) applies to it. The limit
+  counts all processes of that user, so it also bounds the parallel workers together;
+- without root (or without ``unshare``/``setpriv``), only the rlimits, the process group and the timeout apply:
+  programs then run as the calling user with network access (documented in docs/eval.md);
+- on timeout the whole process group is killed with SIGKILL; stdout/stderr go to files in the temp dir (capped
+  by RLIMIT_FSIZE, so a flood of output kills the program with SIGXFSZ instead of filling memory or disk) and only
+  the first ``OUTPUT_CAP`` bytes are read back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+from megaocto.eval import toolchains
+from megaocto.eval.toolchains import Toolchain
+
+GiB = 1 << 30
+# Address-space limits per language: runtimes that reserve big virtual ranges (V8's cage, the JVM's heap + code
+# cache + class space, Go's arenas) need more than the resident memory they use.
+MEMORY = {"python": 4 * GiB, "cpp": 4 * GiB, "rust": 4 * GiB, "js": 16 * GiB, "java": 8 * GiB, "go": 8 * GiB}
+COMPILE_MEMORY = 8 * GiB
+JAVA_OPTS = ("-Xmx1g", "-Xss16m", "-XX:+UseSerialGC", "-XX:ReservedCodeCacheSize=64m",
+             "-XX:CompressedClassSpaceSize=128m", "-XX:TieredStopAtLevel=1")
+# Run-step timeouts (seconds): the harness's python 10, js 10, java 10, go 20; C++ and Rust test runs are short
+# once compiled (the harness's 60 s / 300 s include compiling, which gets COMPILE_TIMEOUT here).
+TIMEOUTS = {"python": 10.0, "js": 10.0, "java": 10.0, "cpp": 10.0, "go": 20.0, "rust": 20.0}
+COMPILE_TIMEOUT = {"java": 60.0, "cpp": 60.0, "go": 60.0, "rust": 120.0}
+FILE_SIZE = 64 << 20
+NPROC = 512
+OUTPUT_CAP = 16 << 10
+SANDBOX_UID = 65534  # nobody
+
+
+@dataclass
+class RunResult:
+    """One sandboxed process: exit code (negative = signal), captured output heads, timing."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    seconds: float
+
+
+@dataclass
+class ExecResult:
+    """Outcome of one program: ``passed``; ``status`` is passed | failed | timeout | compile_error | error."""
+
+    passed: bool
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "status": self.status, "detail": self.detail, "seconds": round(self.seconds, 3)}
+
+
+@lru_cache(maxsize=1)
+def sandbox_features() -> dict[str, bool]:
+    """What this machine allows: {'namespaces': unshare --net --pid works, 'drop_user': setpriv to nobody}."""
+    root = os.geteuid() == 0
+    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+
+    def ok(argv: list[str]) -> bool:
+        try:
+            return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    ns = bool(root and unshare and ok([unshare, "--net", "--pid", "--fork", "--kill-child", "--", "true"]))
+    drop = bool(root and setpriv and ok([setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}",
+                                         "--clear-groups", "--", "true"]))
+    return {"namespaces": ns, "drop_user": drop}
+
+
+def _limits(memory: int, cpu_seconds: float) -> Callable[[], None]:
+    cpu = max(1, int(cpu_seconds) + 1)
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE, FILE_SIZE))
+        resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _read_head(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(OUTPUT_CAP).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def sandboxed_run(argv: Sequence[str], cwd: Path, *, timeout: float, memory: int, untrusted: bool = True,
+                  env: dict[str, str] | None = None) -> RunResult:
+    """Run `argv` in `cwd` under the sandbox described in the module docstring.
+
+    `untrusted` programs drop to the sandbox user (when root); compilers (untrusted=False) keep the caller's user
+    but still get the namespaces, rlimits and timeout. Output beyond OUTPUT_CAP bytes is not read."""
+    feats = sandbox_features()
+    prefix: list[str] = []
+    if feats["namespaces"]:
+        prefix += ["unshare", "--net", "--pid", "--fork", "--kill-child", "--"]
+    if untrusted and feats["drop_user"]:
+        prefix += ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--"]
+    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd), "TMPDIR": str(cwd),
+                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    base_env.update(env or {})
+    out_path, err_path = cwd / ".stdout", cwd / ".stderr"
+    start = time.monotonic()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        if untrusted and feats["drop_user"]:
+            os.chown(out_path, SANDBOX_UID, SANDBOX_UID)
+            os.chown(err_path, SANDBOX_UID, SANDBOX_UID)
+        proc = subprocess.Popen([*prefix, *argv], cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=base_env, start_new_session=True, preexec_fn=_limits(memory, timeout))
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # The group may outlive its leader (a program's children); kill it in every case.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+    return RunResult(proc.returncode, _read_head(out_path), _read_head(err_path), timed_out,
+                     time.monotonic() - start)
+
+
+class Executor:
+    """Runs complete HumanEvalPack programs of one language; shared set-up (PCH, crates, GOCACHE) done once."""
+
+    def __init__(self, lang: str, *, timeout: float | None = None, cache_dir: Path | None = None,
+                 workdir: Path | None = None):
+        self.lang = lang
+        self.toolchain: Toolchain = toolchains.prepare(lang, cache_dir)
+        self.timeout = float(timeout) if timeout is not None else TIMEOUTS[lang]
+        self.workdir = Path(workdir) if workdir is not None else None
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, program: str) -> ExecResult:
+        """Compile (if needed) and run one program in a fresh temp dir; never raises for a bad program."""
+        tmp = Path(tempfile.mkdtemp(prefix=f"megaocto-eval-{self.lang}-", dir=self.workdir))
+        try:
+            if sandbox_features()["drop_user"]:
+                os.chown(tmp, SANDBOX_UID, SANDBOX_UID)
+            return getattr(self, f"_run_{self.lang}")(program, tmp)
+        except OSError as e:
+            return ExecResult(False, "error", f"{type(e).__name__}: {e}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _write(self, tmp: Path, name: str, text: str) -> Path:
+        path = tmp / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def _compile(self, argv: list[str], tmp: Path, env: dict | None = None) -> ExecResult | None:
+        res = sandboxed_run(argv, tmp, timeout=COMPILE_TIMEOUT[self.lang], memory=COMPILE_MEMORY, untrusted=False,
+                            env=env)
+        if res.timed_out:
+            return ExecResult(False, "compile_error", f"compile timed out after {COMPILE_TIMEOUT[self.lang]:.0f}s",
+                              res.seconds)
+        if res.returncode != 0:
+            return ExecResult(False, "compile_error", (res.stderr or res.stdout)[-2000:], res.seconds)
+        if sandbox_features()["drop_user"]:
+            for p in tmp.iterdir():
+                os.chown(p, SANDBOX_UID, SANDBOX_UID)
+        return None
+
+    def _finish(self, res: RunResult, *, quiet_required: bool = False, compile_s: float = 0.0) -> ExecResult:
+        seconds = res.seconds + compile_s
+        if res.timed_out:
+            return ExecResult(False, "timeout", f"killed after {self.timeout:.0f}s", seconds)
+        if res.returncode != 0:
+            why = f"signal {-res.returncode}" if res.returncode < 0 else f"exit {res.returncode}"
+            return ExecResult(False, "failed", f"{why}: {(res.stderr or res.stdout)[-1500:]}", seconds)
+        if quiet_required and (res.stdout.strip() or res.stderr.strip()):
+            return ExecResult(False, "failed", f"output (js passes only when silent): "
+                                               f"{(res.stderr or res.stdout)[-1500:]}", seconds)
+        return ExecResult(True, "passed", "", seconds)
+
+    def _exec(self, argv: list[str], tmp: Path, env: dict | None = None) -> RunResult:
+        return sandboxed_run(argv, tmp, timeout=self.timeout, memory=MEMORY[self.lang], env=env)
+
+    # -- languages -------------------------------------------------------------------------------------------
+    def _run_python(self, program: str, tmp: Path) -> ExecResult:
+        self._write(tmp, "main.py", program)
+        return self._finish(self._exec([self.toolchain.tools["python"], "-I", "main.py"], tmp))
+
+    def _run_js(self, program: str, tmp: Path) -> ExecResult:
+        self._write(tmp, "test.js", program)
+        # console.assert prints "Assertion failed" and exits 0: the harness passes only silent programs.
+        return self._finish(self._exec([self.toolchain.tools["node"], "test.js"], tmp), quiet_required=True)
+
+    def _run_java(self, program: str, tmp: Path) -> ExecResult:
+        self._write(tmp, "Main.java", program)
+        t0 = time.monotonic()
+        err = self._compile([self.toolchain.tools["javac"], "-J-Xmx512m", "-J-XX:+UseSerialGC", "-nowarn",
+                             "-encoding", "UTF-8", "Main.java"], tmp)
+        if err is not None:
+            return err
+        res = self._exec([self.toolchain.tools["java"], *JAVA_OPTS, "-cp", ".", "Main"], tmp)
+        return self._finish(res, compile_s=time.monotonic() - t0 - res.seconds)
+
+    def _run_cpp(self, program: str, tmp: Path) -> ExecResult:
+        self._write(tmp, "main.cpp", f'#include "{toolchains.CPP_HEADER}"\n{program}')
+        t0 = time.monotonic()
+        err = self._compile([self.toolchain.tools["g++"], *toolchains.CPP_FLAGS, "-I",
+                             self.toolchain.extra["include_dir"], "main.cpp", "-o", "main.bin",
+                             *toolchains.CPP_LIBS], tmp)
+        if err is not None:
+            return err
+        res = self._exec(["./main.bin"], tmp)
+        return self._finish(res, compile_s=time.monotonic() - t0 - res.seconds)
+
+    def _run_go(self, program: str, tmp: Path) -> ExecResult:
+        self._write(tmp, "main_test.go", program)
+        env = {"GO111MODULE": "off", "GOPATH": self.toolchain.extra["GOPATH"], "GOCACHE": self.toolchain.extra["GOCACHE"],
+               "GOFLAGS": "", "CGO_ENABLED": "0"}
+        t0 = time.monotonic()
+        err = self._compile([self.toolchain.tools["go"], "test", "-c", "-o", "main.test", "main_test.go"], tmp, env)
+        if err is not None:
+            return err
+        res = self._exec(["./main.test", f"-test.timeout={int(self.timeout)}s"], tmp, {"GOMAXPROCS": "2"})
+        return self._finish(res, compile_s=time.monotonic() - t0 - res.seconds)
+
+    def _run_rust(self, program: str, tmp: Path) -> ExecResult:
+        self._write(tmp, "main.rs", program)
+        externs = json.loads(self.toolchain.extra["externs"])
+        argv = [self.toolchain.tools["rustc"], "--edition", "2021", "--test", "main.rs", "-o", "main.test",
+                "--cap-lints", "allow", "-L", f"dependency={self.toolchain.extra['deps_dir']}"]
+        for name, path in sorted(externs.items()):
+            argv += ["--extern", f"{name}={path}"]
+        t0 = time.monotonic()
+        err = self._compile(argv, tmp)
+        if err is not None:
+            return err
+        res = self._exec(["./main.test", "--test-threads=1"], tmp)
+        return self._finish(res, compile_s=time.monotonic() - t0 - res.seconds)
+
+
+def run_programs(lang: str, programs: Sequence[str], *, workers: int = 2, timeout: float | None = None,
+                 cache_dir: Path | None = None, progress: Callable[[int, int], None] | None = None) -> list[ExecResult]:
+    """Run every program (same order as given) with `workers` parallel sandboxed subprocesses."""
+    executor = Executor(lang, timeout=timeout, cache_dir=cache_dir)
+    results: list[ExecResult | None] = [None] * len(programs)
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(executor.run, p): i for i, p in enumerate(programs)}
+        from concurrent.futures import as_completed
+
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            done += 1
+            if progress is not None:
+                progress(done, len(programs))
+    return [r for r in results if r is not None]
+
+
+def run_program(lang: str, program: str, *, timeout: float | None = None, cache_dir: Path | None = None) -> ExecResult:
+    """One program; see :class:`Executor` (build an Executor yourself to run many)."""
+    return Executor(lang, timeout=timeout, cache_dir=cache_dir).run(program)
