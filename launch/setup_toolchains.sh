@@ -61,6 +61,18 @@ offline = true
 EOF
 echo "setup_toolchains: cargo config at $CACHE/rust/.cargo/config.toml"
 
+# js-md5 (HumanEvalPack JavaScript/162 requires it; the paper used js-md5@0.7.3) from the npm registry, once.
+if [ ! -f "$CACHE/node/node_modules/js-md5/package.json" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    mkdir -p "$CACHE/node"
+    npm install --silent --no-audit --no-fund --prefix "$CACHE/node" js-md5@0.7.3 >/dev/null \
+      && echo "setup_toolchains: js-md5 in $CACHE/node/node_modules" \
+      || echo "setup_toolchains: npm install js-md5@0.7.3 failed (only JavaScript/162 needs it)" >&2
+  else
+    echo "setup_toolchains: npm missing; JavaScript/162 (require('js-md5')) will fail" >&2
+  fi
+fi
+
 # Report what is usable now (a missing one is not fatal here; `megaocto eval` names the package when it is needed).
 for cmd in python3 node javac java g++ go cargo; do
   if command -v "$cmd" >/dev/null 2>&1; then echo "  ok      $cmd"; else echo "  MISSING $cmd" >&2; fi

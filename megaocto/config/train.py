@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from megaocto.config.base import ConfigError, field
 from megaocto.config.data import DataConfig
+from megaocto.config.eval import EvalConfig  # noqa: F401  (the `eval` section; importable from here too)
 from megaocto.config.model import ModelConfig
 from megaocto.config.parallel import ParallelConfig
 
@@ -112,16 +113,6 @@ class LoggingConfig:
 
 
 @dataclass
-class EvalConfig:
-    interval: int = field(0, "Compute the validation loss every N steps (0 = never; also at the end when > 0).")
-    iters: int = field(10, "Validation micro-batch groups averaged per evaluation (each = global batch samples).")
-
-    def validate(self) -> None:
-        if self.interval < 0 or self.iters < 0:
-            raise ConfigError(f"eval.interval and eval.iters must be >= 0 (got {self.interval}, {self.iters})")
-
-
-@dataclass
 class TrainConfig:
     micro_batch_size: int = field(1, "Samples per forward/backward on one DP rank (Megatron --micro-batch-size).")
     global_batch_size: int | None = field(None, "Samples per optimizer step over all DP ranks; default micro_batch_size*dp.")
@@ -188,7 +179,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(None, "Learning-rate schedule.", default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(None, "Saving, resuming and finetune-loading.", default_factory=CheckpointConfig)
     logging: LoggingConfig = field(None, "Metrics sinks and intervals.", default_factory=LoggingConfig)
-    eval: EvalConfig = field(None, "In-loop validation loss.", default_factory=EvalConfig)
+    eval: EvalConfig = field(None, "In-loop validation loss and the HumanEvalPack hook.", default_factory=EvalConfig)
     train: TrainConfig = field(None, "Batch sizes, run length, precision, seed.", default_factory=TrainConfig)
 
     def validate(self) -> None:

@@ -229,6 +229,13 @@ class Executor:
 
     def _run_js(self, program: str, tmp: Path) -> ExecResult:
         self._write(tmp, "test.js", program)
+        modules = self.toolchain.extra.get("node_modules")
+        if modules and "require(" in program:
+            # a copy, not a link: the sandbox user may not read the cache (e.g. under /root)
+            shutil.copytree(modules, tmp / "node_modules", symlinks=False)
+            if sandbox_features()["drop_user"]:
+                for p in [tmp / "node_modules", *(tmp / "node_modules").rglob("*")]:
+                    os.chown(p, SANDBOX_UID, SANDBOX_UID, follow_symlinks=False)
         # console.assert prints "Assertion failed" and exits 0: the harness passes only silent programs.
         return self._finish(self._exec([self.toolchain.tools["node"], "test.js"], tmp), quiet_required=True)
 

@@ -182,7 +182,11 @@ def prepare(lang: str, cache_dir: Path | None = None) -> Toolchain:
     tc = check(lang)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    if lang == "cpp":
+    if lang == "js":
+        modules = cache / "node" / "node_modules"
+        if (modules / "js-md5" / "package.json").exists():
+            tc.extra["node_modules"] = str(modules)
+    elif lang == "cpp":
         tc.extra["include_dir"] = str(_prepare_cpp(tc, cache / "cpp"))
     elif lang == "go":
         gocache = cache / "go-build"

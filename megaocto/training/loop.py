@@ -241,6 +241,18 @@ class Trainer:
         if need_valid and self.datasets.get("valid") is None:
             self.log.info("warning: eval.interval is set but the data has no valid split; validation disabled")
 
+        self.humanevalpack = None  # eval.humanevalpack: pass@k from inside training (megaocto/eval/hook.py)
+        if cfg.eval.humanevalpack.enabled:
+            from megaocto.eval.hook import HumanEvalPackHook
+            from megaocto.eval.humanevalpack import DataError
+            from megaocto.eval.toolchains import ToolchainError
+
+            try:
+                self.humanevalpack = HumanEvalPackHook(cfg.eval, tokenizer_path=cfg.data.tokenizer,
+                                                       run_dir=cfg.logging.run_dir, pc=pc, total_iters=self.total_iters)
+            except (DataError, ToolchainError, ValueError) as e:
+                raise ConfigError(f"eval.humanevalpack: {e}") from None
+
         self.flops_per_token = flops_per_token(cfg.model, self.seq_length)
         device_name = torch.cuda.get_device_name(pc.device) if pc.device.type == "cuda" else None
         self.peak = cfg.logging.peak_tflops or peak_tflops(device_name, cfg.train.dtype)
@@ -604,6 +616,8 @@ class Trainer:
                         if val is not None:
                             result.val_losses[self.iteration] = val
                             self.log.log_valid(self.iteration, val)
+                    if self.humanevalpack is not None and self.humanevalpack.due(self.iteration):
+                        self._run_humanevalpack()
                     reason = self._stop_requested(preempt, start)
                     if reason is not None:
                         result.checkpoint = self.save(reason)
@@ -624,6 +638,17 @@ class Trainer:
                 self.log.close()
         result.iteration, result.consumed_samples, result.skipped_steps = self.iteration, self.consumed, self.skipped
         return result
+
+    def _run_humanevalpack(self) -> None:
+        """Generation on every rank (collective over TP), execution on rank 0; logs eval/<task>/<lang>/pass@k."""
+        started = time.time()
+        metrics = self.humanevalpack.run(self.model, self.iteration)
+        if metrics:
+            self.log.info(f"humanevalpack at iter {self.iteration} | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items()) + f" | {time.time() - started:.1f}s")
+            # the same sinks as train/valid (JSONL kind "eval", TensorBoard/W&B group "eval")
+            self.log._write({"kind": "eval", "iteration": self.iteration, **metrics, "time": time.time()},
+                            "eval", self.iteration, metrics)
 
     def _log_interval(self, loss: float, norm: float, steps: int, elapsed: float) -> None:
         # tokens/s counts every position of every row (global batch x seq_length, padding of packed rows included:
