@@ -1,0 +1,283 @@
+"""Converter benchmark: a random ~1B-parameter GPTBigCode (HF safetensors) converted both ways, vs plain I/O.
+
+    .venv/bin/python bench/convert_bench.py                 # --params 1e9, bf16, tp=2 (needs ~12 GB free disk)
+    .venv/bin/python bench/convert_bench.py --small         # a few seconds: checks the harness end to end
+
+Steps, each in its own subprocess (peak RSS = the child's own ``ru_maxrss``; time = the operation
+inside the child, so interpreter/torch start-up is excluded from every row alike):
+
+  gen        write the random HF checkpoint: config.json + safetensors shards of --shard-size (not timed against)
+  io         baseline: for each shard, ``safetensors.torch.load_file`` + ``save_file`` + fsync (the same bytes)
+  from-hf    ``megaocto.convert.hf.from_hf(hf, ckpt, tp=--tp)``  (megaocto release checkpoint, TP-sharded)
+  to-hf      ``megaocto.convert.hf.to_hf(ckpt, hf2, max_shard_size=--shard-size)``
+
+The ratio column is time / io time (issue 5 target: <= 1.5). GPTBigCode tensors are generated directly (no
+transformers model is instantiated). ``--profile`` reruns from-hf and to-hf under cProfile and prints where the
+time goes. Everything lives under --workdir and is deleted at the end unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+# ------------------------------------------------------------------------------------------ model shape
+def shape_for(params: float, small: bool) -> dict:
+    """A GPTBigCode (MQA) config dict of about ``params`` parameters (SantaCoder-like widths)."""
+    if small:
+        h, heads, vocab, n_pos = 256, 8, 4099, 512
+    else:
+        h, heads, vocab, n_pos = 2048, 16, 49152, 2048
+    d = h // heads
+    per_layer = (h * h + h) + (2 * d * h + 2 * d) + (h * h + h) + (8 * h * h + 5 * h) + 4 * h
+    fixed = vocab * h + n_pos * h + 2 * h
+    layers = 4 if small else max(1, round((params - fixed) / per_layer))
+    return {"model_type": "gpt_bigcode", "architectures": ["GPTBigCodeForCausalLM"], "n_embd": h, "n_head": heads,
+            "n_layer": layers, "n_inner": 4 * h, "n_positions": n_pos, "vocab_size": vocab, "multi_query": True,
+            "activation_function": "gelu_pytorch_tanh", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+            "scale_attn_weights": True, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+            "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0}
+
+
+def hf_tensor_shapes(conf: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, d, ffn = conf["n_embd"], conf["n_embd"] // conf["n_head"], conf["n_inner"]
+    out = [("transformer.wte.weight", (conf["vocab_size"], h)), ("transformer.wpe.weight", (conf["n_positions"], h))]
+    for i in range(conf["n_layer"]):
+        p = f"transformer.h.{i}."
+        out += [(p + "ln_1.weight", (h,)), (p + "ln_1.bias", (h,)),
+                (p + "attn.c_attn.weight", (h + 2 * d, h)), (p + "attn.c_attn.bias", (h + 2 * d,)),
+                (p + "attn.c_proj.weight", (h, h)), (p + "attn.c_proj.bias", (h,)),
+                (p + "ln_2.weight", (h,)), (p + "ln_2.bias", (h,)),
+                (p + "mlp.c_fc.weight", (ffn, h)), (p + "mlp.c_fc.bias", (ffn,)),
+                (p + "mlp.c_proj.weight", (h, ffn)), (p + "mlp.c_proj.bias", (h,))]
+    return out + [("transformer.ln_f.weight", (h,)), ("transformer.ln_f.bias", (h,))]
+
+
+# ------------------------------------------------------------------------------------------ children
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def child_gen(hf_dir: str, params: float, small: bool, dtype: str, shard_size: int) -> dict:
+    """Write config.json and random safetensors shards (HF names, sharded with an index past one shard)."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    conf = shape_for(params, small)
+    conf["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    os.makedirs(hf_dir)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    g = torch.Generator().manual_seed(0)
+    shards: list[dict] = [{}]
+    size, total, numel = 0, 0, 0
+    names: list[list[str]] = [[]]
+
+    def flush() -> None:
+        if shards[-1]:
+            save_file(shards[-1], os.path.join(hf_dir, f"shard-{len(shards):05d}.safetensors"),
+                      metadata={"format": "pt"})
+            shards[-1] = {}
+
+    for name, shape in hf_tensor_shapes(conf):
+        t = torch.empty(shape, dtype=torch_dtype)
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02, generator=g)
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > shard_size:
+            flush()
+            shards.append({})
+            names.append([])
+            size = 0
+        shards[-1][name] = t
+        names[-1].append(name)
+        size += nbytes
+        total += nbytes
+        numel += t.numel()
+    flush()
+    n = len(names)
+    final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, fname in enumerate(final):
+        os.replace(os.path.join(hf_dir, f"shard-{i + 1:05d}.safetensors"), os.path.join(hf_dir, fname))
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: final[i] for i, ks in enumerate(names) for k in ks}}
+        with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    _fsync_tree(hf_dir)
+    return {"bytes": total, "params": numel, "shards": n, "layers": conf["n_layer"], "hidden": conf["n_embd"]}
+
+
+def child_io(hf_dir: str, out_dir: str) -> dict:
+    """The baseline: read every safetensors shard into memory and write it back out (fsynced)."""
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out_dir)
+    nbytes = 0
+    for fname in sorted(os.listdir(hf_dir)):
+        if fname.endswith(".safetensors"):
+            tensors = load_file(os.path.join(hf_dir, fname))
+            nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            path = os.path.join(out_dir, fname)
+            save_file(tensors, path, metadata={"format": "pt"})
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            del tensors
+    return {"bytes": nbytes}
+
+
+def child_from_hf(hf_dir: str, ckpt: str, tp: int) -> dict:
+    from megaocto.convert.hf import from_hf
+
+    from_hf(hf_dir, ckpt, tp=tp, progress=False)
+    return {}
+
+
+def child_to_hf(ckpt: str, out_dir: str, shard_size: int) -> dict:
+    from megaocto.convert.hf import to_hf
+
+    to_hf(ckpt, out_dir, max_shard_size=shard_size, progress=False)
+    return {}
+
+
+CHILDREN = {"gen": child_gen, "io": child_io, "from-hf": child_from_hf, "to-hf": child_to_hf}
+# Imported before the clock starts (fixed start-up cost, reported separately as import_s).
+PRELOAD = {"gen": ("torch", "safetensors.torch"), "io": ("torch", "safetensors.torch"),
+           "from-hf": ("megaocto.convert.hf", "transformers"), "to-hf": ("megaocto.convert.hf", "transformers")}
+
+
+def _child_main(name: str, args_json: str, profile: bool) -> None:
+    import importlib
+
+    kwargs = json.loads(args_json)
+    t0 = time.perf_counter()
+    for mod in PRELOAD[name]:
+        importlib.import_module(mod)
+    if name in ("from-hf", "to-hf"):
+        from transformers import GPTBigCodeConfig  # noqa: F401  (lazy attribute of transformers)
+    import_s = time.perf_counter() - t0
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        info = CHILDREN[name](**kwargs)
+        prof.disable()
+        info["seconds"] = time.perf_counter() - t0
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(15)
+    else:
+        t0 = time.perf_counter()
+        info = CHILDREN[name](**kwargs)
+        info["seconds"] = time.perf_counter() - t0
+    import resource
+
+    info["import_s"] = import_s
+    info["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    print("RESULT " + json.dumps(info), flush=True)
+
+
+def run_child(name: str, profile: bool = False, **kwargs) -> dict:
+    """Run one step in a fresh interpreter; returns its result (seconds, peak_rss_gib, ...)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--child-args", json.dumps(kwargs)]
+    if profile:
+        cmd.append("--profile")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if profile else subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"step {name} failed (exit {proc.returncode}):\n{proc.stderr or ''}{proc.stdout}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=float, default=1e9, help="target parameter count (default 1e9)")
+    ap.add_argument("--small", action="store_true", help="tiny model (h=256, 4 layers): a quick harness check")
+    ap.add_argument("--dtype", choices=sorted(BYTES), default="bf16", help="checkpoint dtype (default bf16)")
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the from-hf output (default 2)")
+    ap.add_argument("--shard-size", default="1GB", help="HF safetensors shard size, source and to-hf (default 1GB)")
+    ap.add_argument("--workdir", default="/tmp/megaocto_convert_bench", help="scratch directory (emptied first)")
+    ap.add_argument("--repeats", type=int, default=1, help="run each timed step N times, report the fastest")
+    ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    ap.add_argument("--profile", action="store_true", help="also profile from-hf and to-hf (cProfile, to stderr)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-args", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child_main(args.child, args.child_args, args.profile)
+        return
+
+    from megaocto.convert.io import parse_size
+
+    shard = parse_size(args.shard_size)
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    hf, io_out, ckpt, hf2 = (os.path.join(work, n) for n in ("hf", "io_copy", "ckpt_tp", "hf_back"))
+    try:
+        gen = run_child("gen", hf_dir=hf, params=args.params, small=args.small, dtype=args.dtype, shard_size=shard)
+        gib = gen["bytes"] / 2**30
+        print(f"model: {gen['params'] / 1e9:.3f} B params, {gen['layers']} layers, h={gen['hidden']}, MQA, "
+              f"{args.dtype}, {gib:.2f} GiB in {gen['shards']} safetensors shard(s); generated in "
+              f"{gen['seconds']:.1f} s", flush=True)
+        best: dict[str, dict] = {}
+
+        def keep_best(label: str, info: dict) -> None:
+            if label not in best or info["seconds"] < best[label]["seconds"]:
+                best[label] = info
+
+        labels = ("io (safetensors load+save)", f"from-hf tp={args.tp}", "to-hf")
+        for rep in range(args.repeats):  # interleaved, so load changes on a shared machine hit every step alike
+            keep_best(labels[0], run_child("io", hf_dir=hf, out_dir=io_out))
+            shutil.rmtree(io_out)
+            keep_best(labels[1], run_child("from-hf", hf_dir=hf, ckpt=ckpt, tp=args.tp))
+            keep_best(labels[2], run_child("to-hf", ckpt=ckpt, out_dir=hf2, shard_size=shard))
+            if rep + 1 < args.repeats:
+                shutil.rmtree(ckpt)
+                shutil.rmtree(hf2)
+        rows = [(label, best[label]) for label in labels]
+        base = rows[0][1]["seconds"]
+        print(f"\n| step | seconds | GiB/s (model bytes) | x io time | peak RSS GiB | imports s (not timed) |")
+        print("|---|---|---|---|---|---|")
+        for label, info in rows:
+            print(f"| {label} | {info['seconds']:.2f} | {gib / info['seconds']:.2f} | "
+                  f"{info['seconds'] / base:.2f} | {info['peak_rss_gib']:.2f} | {info['import_s']:.1f} |")
+        print("\npeak RSS: the step's own ru_maxrss (includes the interpreter + torch, ~0.3 GiB, and file pages "
+              "mapped by mmap-ed reads)")
+        worst = max(info["seconds"] / base for _, info in rows[1:])
+        verdict = "met" if worst <= 1.5 else f"missed by {worst / 1.5:.2f}x"
+        print(f"target (each conversion <= 1.5x the io time): {verdict}; machine: {platform.node()}, "
+              f"{os.cpu_count()} cpu, python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+        if args.profile:
+            shutil.rmtree(ckpt)
+            shutil.rmtree(hf2)
+            print("\n--- profile from-hf ---", flush=True)
+            run_child("from-hf", profile=True, hf_dir=hf, ckpt=ckpt, tp=args.tp)
+            print("\n--- profile to-hf ---", flush=True)
+            run_child("to-hf", profile=True, ckpt=ckpt, out_dir=hf2, shard_size=shard)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
