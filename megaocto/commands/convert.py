@@ -1,0 +1,108 @@
+"""`megaocto convert`: checkpoint conversion — from-hf, to-hf, reshard, from-megatron (see docs/convert.md)."""
+from __future__ import annotations
+
+NAME = "convert"
+HELP = "Convert checkpoints: HF GPTBigCode/GLM <-> megaocto, reshard TP, import bigcode Megatron-LM."
+
+_VERIFY_HELP = ("run source and result on a fixed random batch and print the max absolute logit difference "
+                "(loads both models in fp32)")
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
+def _iteration(text: str):
+    return text if text == "release" else int(text)
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="convert_command", metavar="{from-hf,to-hf,reshard,from-megatron}")
+    sub.required = True
+    dtypes = ["bf16", "fp16", "fp32"]
+
+    p = sub.add_parser("from-hf", help="HF model directory (GPTBigCode, Glm, ChatGLM2/CodeGeeX2) -> megaocto checkpoint",
+                       description="Convert a Hugging Face model directory to a megaocto release checkpoint.")
+    p.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors or pytorch_model*.bin)")
+    p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size to shard for (default: %(default)s)")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep the source's)")
+    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+
+    p = sub.add_parser("to-hf", help="megaocto checkpoint (any TP) -> HF model directory",
+                       description="Export a megaocto checkpoint as a Hugging Face model directory "
+                                   "(GPTBigCodeForCausalLM or GlmForCausalLM).")
+    p.add_argument("--load", required=True, help="megaocto checkpoint directory (with latest_checkpointed_iteration.txt)")
+    p.add_argument("--output", required=True, help="new HF model directory (must not exist)")
+    p.add_argument("--iteration", type=_iteration, default=None, help="iteration to export (default: the tracker's)")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or tokenizer.json to copy alongside")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="split model.safetensors above this size, with an index (default: %(default)s)")
+    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+
+    p = sub.add_parser("reshard", help="megaocto checkpoint -> the same weights at another TP size",
+                       description="Reshard a megaocto checkpoint to another tensor-parallel size (weights only).")
+    p.add_argument("--load", required=True, help="megaocto checkpoint directory")
+    p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")
+    p.add_argument("--tp", type=_positive_int, required=True, help="target tensor-parallel size")
+    p.add_argument("--iteration", type=_iteration, default=None, help="iteration to reshard (default: the tracker's)")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep)")
+    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+
+    p = sub.add_parser("from-megatron", help="bigcode Megatron-LM checkpoint -> megaocto checkpoint",
+                       description="Import a bigcode Megatron-LM GPT checkpoint (iter_*/mp_rank_XX/model_optim_rng.pt).")
+    p.add_argument("--load", required=True, help="Megatron-LM checkpoint directory")
+    p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")
+    p.add_argument("--tp", type=_positive_int, default=None, help="output tensor-parallel size (default: the source's)")
+    p.add_argument("--iteration", type=_iteration, default=None, help="iteration (default: the tracker's)")
+    p.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="the tokenizer's vocabulary size, to drop Megatron's padding rows (default: keep them)")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep)")
+    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+
+
+def run(args) -> int:
+    import sys
+
+    from megaocto.config.base import ConfigError
+
+    cmd = args.convert_command
+    try:
+        if cmd == "from-hf":
+            from megaocto.convert.hf import from_hf
+
+            from_hf(args.hf, args.output, tp=args.tp, dtype=args.dtype, verify=args.verify, progress=not args.quiet)
+        elif cmd == "to-hf":
+            from megaocto.convert.hf import to_hf
+
+            to_hf(args.load, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
+                  max_shard_size=args.max_shard_size, iteration=args.iteration, verify=args.verify,
+                  progress=not args.quiet)
+        elif cmd == "reshard":
+            from megaocto.convert.reshard import reshard
+
+            reshard(args.load, args.output, tp=args.tp, iteration=args.iteration, dtype=args.dtype,
+                    verify=args.verify, progress=not args.quiet)
+        else:
+            from megaocto.convert.megatron import convert_megatron
+
+            convert_megatron(args.load, args.output, tp=args.tp, iteration=args.iteration, verify=args.verify,
+                             vocab_size=args.vocab_size, dtype=args.dtype, progress=not args.quiet)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"megaocto {NAME} {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0

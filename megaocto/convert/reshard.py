@@ -1,0 +1,40 @@
+"""Reshard a megaocto checkpoint to another tensor-parallel size, streaming.
+
+``reshard(load, output, *, tp, iteration=None, dtype=None, verify=False, progress=True) -> float | None``
+    Reads the checkpoint (any saved TP; ``iteration`` default = the tracker's) one tensor at a time with
+    :func:`megaocto.convert.core.read_megaocto_checkpoint` (TP shards merged from mmap-ed rank files) and writes a
+    release checkpoint at ``tp`` with :func:`megaocto.convert.core.write_megaocto_checkpoint`. Peak RAM: one layer
+    plus one output rank file — never the model times TP (the Megatron ``checkpoint_util`` OOM, reference §4.2).
+
+    Only model weights are carried (the result is a weights-only *release* checkpoint, read with finetune
+    semantics): optimizer moments and RNG states are TP-layout specific. Vocabulary padding rows are kept when the
+    padded size does not change, otherwise trimmed to ``vocab_size`` and zero-padded, so tp=2 -> 1 -> 2 of a
+    converted checkpoint is bit-exact. ``verify`` prints the max abs logit difference between source and result
+    (both merged to tp=1).
+"""
+from __future__ import annotations
+
+import os
+
+from megaocto.convert import core
+
+
+def reshard(load: str, output: str, *, tp: int, iteration=None, dtype=None, verify: bool = False,
+            progress: bool = True) -> float | None:
+    cast = core.parse_dtype(dtype)
+    directory, meta, it = core.checkpoint_info(load, iteration)
+    cfg = core.config_from_metadata(meta, os.path.join(directory, "metadata.json"))
+    core.check_tp(cfg, tp)
+    core.check_output_free(output)
+    _, tensors = core.read_megaocto_checkpoint(load, iteration=it)
+    extra = {"converted_from": {"kind": "reshard", "path": os.path.abspath(load), "iteration": it,
+                                "tp": int(meta.get("tp", 1)),
+                                **{k: v for k, v in (meta.get("converted_from") or {}).items()
+                                   if k in ("token_ids", "layout")}}}
+    core.write_megaocto_checkpoint(output, cfg, tensors, tp, dtype=cast, metadata_extra=extra, progress=progress)
+    if not verify:
+        return None
+    src = core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(load, iteration=it)[1])
+    dst = core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(output)[1])
+    return core.verify_logits(src, dst, cfg.vocab_size, label=f"tp={meta.get('tp', 1)} vs tp={tp}",
+                              seq=min(16, cfg.max_positions))
