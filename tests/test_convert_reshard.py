@@ -1,0 +1,101 @@
+"""megaocto checkpoint resharding and the core writer/reader: tp=2 -> 1 -> 2 bit-exact, training checkpoints,
+streaming order, verify, and errors before writing."""
+import json
+import os
+
+import pytest
+import torch
+
+from megaocto.config.model import ModelConfig
+from megaocto.convert.core import (ConversionError, param_specs, read_megaocto_checkpoint,
+                                   write_megaocto_checkpoint)
+from megaocto.convert.reshard import reshard
+from megaocto.model import build_model
+from megaocto.parallel.context import ParallelContext
+from megaocto.parallel.layers import shard_tensor
+from megaocto.training import checkpoint as ckpt
+
+V = 131
+
+
+def _state(name, seed=0, **kw):
+    cfg = ModelConfig.from_preset(name, vocab_size=V, **kw)
+    torch.manual_seed(seed)
+    return cfg, build_model(cfg, ParallelContext.single()).state_dict()
+
+
+def _rank_states(path, tp, iteration="release"):
+    return [torch.load(ckpt.model_file(path, iteration, r), weights_only=True)["model"] for r in range(tp)]
+
+
+@pytest.mark.parametrize("name", ["tiny-bigcode", "tiny-glm2"])
+def test_tp2_to_tp1_to_tp2_is_bit_exact(tmp_path, capsys, name):
+    cfg, full = _state(name)
+    a, b, c = (str(tmp_path / x) for x in ("tp2", "tp1", "tp2_again"))
+    write_megaocto_checkpoint(a, cfg, full, 2, progress=False)
+    # each rank file holds exactly the layers.py shard of every parameter (the 256 padded vocab rows are kept:
+    # the padded size is 256 at tp=1 and tp=2)
+    specs = param_specs(cfg)
+    for r, st in enumerate(_rank_states(a, 2)):
+        assert list(st) == list(specs)
+        for k, spec in specs.items():
+            t = full[k]
+            want = t if spec.partition_dim is None else shard_tensor(t, 2, r, spec.partition_dim, spec.partition_blocks)
+            assert torch.equal(st[k], want), (r, k)
+    assert reshard(a, b, tp=1, progress=False, verify=True) == 0.0
+    assert "max abs logit difference (tp=2 vs tp=1)" in capsys.readouterr().out
+    reshard(b, c, tp=2, progress=False)
+    for x, y in zip(_rank_states(a, 2), _rank_states(c, 2)):
+        assert list(x) == list(y) and all(torch.equal(x[k], y[k]) for k in x)
+    merged = dict(read_megaocto_checkpoint(b, trim_vocab=True)[1])
+    for k, v in full.items():
+        assert torch.equal(merged[k], v[:V] if specs[k].vocab else v), k
+    meta = json.load(open(os.path.join(c, "release", "metadata.json")))
+    assert meta["tp"] == 2 and meta["converted_from"]["kind"] == "reshard" and meta["converted_from"]["tp"] == 1
+
+
+def test_reshard_a_training_checkpoint_and_stream_order(tmp_path):
+    """A checkpoint written by the training loop (iter_*, optimizer state) reshards to its weights; the writer
+    accepts tensors in any order (a unit given in pieces is merged back from its staged shards)."""
+    cfg, full = _state("tiny-bigcode", seed=3)
+    save = str(tmp_path / "train")
+    pc = ParallelContext.single()
+    state = {"checkpoint_version": 3.0, "iteration": 7, "model": full, "optimizer": {"x": torch.zeros(2)}}
+    ckpt.save_checkpoint(save, 7, state, {"config": {"model": cfg.to_dict()}}, pc)
+    out = str(tmp_path / "tp2")
+    reshard(save, out, tp=2, progress=False)
+    shuffled = dict(sorted(full.items(), key=lambda kv: kv[0][::-1]))  # units interleaved (by name suffix)
+    other = str(tmp_path / "tp2_shuffled")
+    write_megaocto_checkpoint(other, cfg, shuffled, 2, progress=False)
+    for x, y in zip(_rank_states(out, 2), _rank_states(other, 2)):
+        assert list(x) == list(y) and all(torch.equal(x[k], y[k]) for k in x)
+    assert "optimizer" not in torch.load(ckpt.model_file(out, "release", 0), weights_only=True)
+    # bf16 cast on the way
+    bf = str(tmp_path / "bf16")
+    reshard(out, bf, tp=1, dtype="bf16", progress=False)
+    st = _rank_states(bf, 1)[0]
+    assert all(t.dtype == torch.bfloat16 for t in st.values())
+    assert json.load(open(os.path.join(bf, "release", "metadata.json")))["dtype"] == "bfloat16"
+
+
+def test_reshard_errors_before_writing(tmp_path):
+    cfg, full = _state("tiny-glm2")
+    src = str(tmp_path / "src")
+    write_megaocto_checkpoint(src, cfg, full, 2, progress=False)
+    before = set(os.listdir(tmp_path))
+    out = str(tmp_path / "out")
+    with pytest.raises(ConversionError, match="--tp=4: model.num_query_groups=2 is not divisible by tp=4"):
+        reshard(src, out, tp=4, progress=False)
+    with pytest.raises(ConversionError, match="unsupported dtype 'fp8'"):
+        reshard(src, out, tp=1, dtype="fp8", progress=False)
+    with pytest.raises(ConversionError, match="no such directory"):
+        reshard(str(tmp_path / "nope"), out, tp=1, progress=False)
+    with pytest.raises(ConversionError, match="already exists"):
+        reshard(src, src, tp=1, progress=False)
+    os.remove(ckpt.model_file(src, "release", 1))
+    with pytest.raises(ConversionError, match=r"mp_rank_01/model_optim_rng.pt: missing \(metadata says tp=2\)"):
+        reshard(src, out, tp=1, progress=False)
+    os.remove(os.path.join(src, "release", "metadata.json"))
+    with pytest.raises(ConversionError, match="metadata.json: missing.*from-megatron"):
+        reshard(src, out, tp=1, progress=False)
+    assert set(os.listdir(tmp_path)) == before
