@@ -1,0 +1,125 @@
+"""launch/finetune.sh without SLURM: a local torchrun of the tiny preset at tp=2 on 2 CPU processes, and the
+script's preemption path (a signal to the launcher shell -> checkpoint, exit 42 -> the same command resumes).
+
+`build_tiny_datasets` is shared with tests/test_launch_slurm.py."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = ROOT / "launch" / "finetune.sh"
+WAIT_S = 300  # generous: the machine is shared; nothing below asserts on time
+
+
+def launch_env(run_dir: Path, **extra: str) -> dict:
+    """Environment for a tiny launcher run whose run dir, checkpoints and python are all explicit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(MEGAOCTO_ROOT=str(ROOT), PYTHON=sys.executable, PRESET="tiny", TP="2", RUN_DIR=str(run_dir),
+               SAVE=str(run_dir / "checkpoints"), LOAD=str(run_dir / "checkpoints"), OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+def latest_checkpoint(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip())
+
+
+def wait_for_iteration(run_dir: Path, at_least: int, proc_alive=lambda: True) -> int:
+    """Block until metrics.jsonl logs an iteration >= at_least (the trainer's signal handlers are installed)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        its = [r["iteration"] for r in train_rows(run_dir)]
+        if its and max(its) >= at_least:
+            return max(its)
+        assert proc_alive(), "the launcher exited before the run reached the iteration to interrupt at"
+        time.sleep(0.2)
+    raise AssertionError(f"no iteration >= {at_least} logged in {run_dir}/metrics.jsonl within {WAIT_S} s")
+
+
+def build_tiny_datasets(out: Path) -> dict:
+    """A BPE tokenizer and .bin/.idx datasets from a small replayed git history (megaocto/parallel's sources):
+    {'tokenizer', 'vocab_size', 'gpt_prefix' (commits-pretrain text), 'packed_prefix' (commits-finetune)}."""
+    import megaocto.parallel
+    from megaocto.data.git_commits import extract_commits
+    from megaocto.data.preprocess import PreprocessConfig, preprocess
+    from megaocto.data.tokenizer import train_bpe_tokenizer
+    from megaocto.demo_repo import make_demo_repo
+
+    out.mkdir(parents=True, exist_ok=True)
+    repo = make_demo_repo(out / "repo", os.path.dirname(megaocto.parallel.__file__))
+    commits = str(out / "commits.jsonl")
+    extract_commits(str(repo), commits)
+    tok = str(out / "tokenizer.json")
+    info = train_bpe_tokenizer([commits], 600, tok, json_keys=("old_contents", "new_contents", "subject"))
+    preprocess(PreprocessConfig(inputs=[commits], output_prefix=str(out / "pre"), tokenizer=tok,
+                                format="commits-pretrain", workers=1, log_interval=0), log=lambda m: None)
+    preprocess(PreprocessConfig(inputs=[commits], output_prefix=str(out / "ft"), tokenizer=tok,
+                                format="commits-finetune", workers=1, log_interval=0), log=lambda m: None)
+    return {"tokenizer": tok, "vocab_size": info["vocab_size"], "gpt_prefix": str(out / "pre_text_document"),
+            "packed_prefix": str(out / "ft")}
+
+
+def test_finetune_sh_runs_tiny_tp2_locally_and_resumes_after_a_signal(tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["--logging.log_interval", "2", "--logging.tensorboard", "false", "--eval.interval", "0",
+              "--checkpoint.save_interval", "0"]
+
+    # 1. A straight run: loss goes down, the final checkpoint is written, exit 0.
+    done = subprocess.run(["bash", str(FINETUNE), *common], env=launch_env(run_dir, ITERS="24"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "local torchrun: 2 processes" in done.stdout
+    rows = train_rows(run_dir)
+    assert rows[-1]["iteration"] == 24 and rows[-1]["loss"] < rows[0]["loss"] - 0.2, rows
+    assert latest_checkpoint(run_dir) == 24
+    assert json.loads((run_dir / "exit_reason.json").read_text())["reason"] == "finished"
+
+    # 2. SIGUSR1 to the launcher shell (SLURM's pre-timeout signal) mid-run: forwarded to torchrun's workers,
+    #    which save and exit 42; the launcher reports 42 (torchrun itself would say 1).
+    run2 = tmp_path / "run2"
+    env = launch_env(run2, ITERS="2000")
+    proc = subprocess.Popen(["bash", str(FINETUNE), *common], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_iteration(run2, 4, lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 42, out[-3000:]
+    reason = json.loads((run2 / "exit_reason.json").read_text())
+    stopped = reason["iteration"]
+    assert reason["reason"] == "preempted" and reason["exit_code"] == 42
+    assert reason["consumed_samples"] == stopped * 8  # global batch 8
+    assert latest_checkpoint(run2) == stopped and stopped < 2000
+    assert "forwarding to torchrun" in out
+
+    # 3. The same command resumes at the saved step and data position (exit_interval stops it 2 steps later).
+    again = subprocess.run(["bash", str(FINETUNE), *common, "--train.exit_interval", str(stopped + 2)], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming from iter_{stopped:07d}" in again.stdout
+    after = [r for r in train_rows(run2) if r["iteration"] > stopped]
+    assert after and after[0]["iteration"] <= stopped + 2
+    assert all(r["consumed_samples"] == r["iteration"] * 8 for r in after)
+    assert latest_checkpoint(run2) == stopped + 2
