@@ -158,7 +158,8 @@ def child_to_hf(ckpt: str, out_dir: str, shard_size: int) -> dict:
 
 
 CHILDREN = {"gen": child_gen, "io": child_io, "from-hf": child_from_hf, "to-hf": child_to_hf}
-# Imported before the clock starts (fixed start-up cost, reported separately as import_s).
+# Imported before the clock starts (fixed start-up cost, reported separately as import_s; for the converters
+# this includes the first meta-device model build, which imports megaocto's model and kernel code).
 PRELOAD = {"gen": ("torch", "safetensors.torch"), "io": ("torch", "safetensors.torch"),
            "from-hf": ("megaocto.convert.hf", "transformers"), "to-hf": ("megaocto.convert.hf", "transformers")}
 
@@ -172,6 +173,11 @@ def _child_main(name: str, args_json: str, profile: bool) -> None:
         importlib.import_module(mod)
     if name in ("from-hf", "to-hf"):
         from transformers import GPTBigCodeConfig  # noqa: F401  (lazy attribute of transformers)
+
+        from megaocto.config.model import ModelConfig
+        from megaocto.convert.core import param_specs
+
+        param_specs(ModelConfig())  # builds a meta model once: imports the model code (triton, sympy, ...)
     import_s = time.perf_counter() - t0
     if profile:
         import cProfile
