@@ -173,3 +173,39 @@ def test_unfused_triton_softmax_backend_matches_sdpa():
     want = _fwd_bwd("sdpa", q, k, v, do, causal=True, segment_ids=seg)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
         _assert_close(a, e, 1e-4, name)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark script
+def _bench_module():
+    import importlib.util
+    import pathlib
+    import sys
+    if "kernels_bench" in sys.modules:
+        return sys.modules["kernels_bench"]
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "kernels_bench.py"
+    spec = importlib.util.spec_from_file_location("kernels_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kernels_bench"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernels_bench_refuses_without_gpu_and_smoke_runs(monkeypatch, capsys):
+    bench = _bench_module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--all"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    # One kernel case of the per-kernel table, end to end on CPU (the full --cpu-smoke run takes ~1.5 min).
+    assert bench.main(["--kernels", "--only", "softmax_causal", "--no-compile", "--cpu-smoke"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("softmax_causal")]
+    assert {(line.split()[1], line.split()[2]) for line in lines} == {
+        (m, i) for m in ("fwd", "fwd+bwd") for i in ("triton", "torch")}
+    assert "FAILED" not in out
+
+
+def test_attention_flops_convention():
+    bench = _bench_module()
+    fwd = 4 * 2 * 16 * 8192 ** 2 * 128
+    assert bench.attention_flops(2, 16, 128, 8192 ** 2, False, "fwd") == fwd
+    assert bench.attention_flops(2, 16, 128, 8192 ** 2, True, "fwd+bwd") == 3.5 * fwd / 2
