@@ -154,14 +154,50 @@ def sandboxed_run(argv: Sequence[str], cwd: Path, *, timeout: float, memory: int
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            # The group may outlive its leader (a program's children); kill it in every case.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+            _kill_tree(proc, namespaced=bool(feats["namespaces"]))
     return RunResult(proc.returncode, _read_head(out_path), _read_head(err_path), timed_out,
                      time.monotonic() - start)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """PIDs in process group `pgid` (from /proc; only needed on timeouts)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ...
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_tree(proc: subprocess.Popen, *, namespaced: bool) -> None:
+    """Kill everything the run started and return only when it is gone.
+
+    With a PID namespace, `unshare` (the group leader) is left alive while everything else in its group (the
+    namespace's first process included) gets SIGKILL: the kernel then kills every process of the namespace (also
+    ones that left the group with setsid) and `unshare` exits only after its child was reaped, i.e. after the
+    namespace is empty. Without namespaces the process group is killed (a program that called setsid escapes)."""
+    if proc.poll() is None and namespaced:
+        for pid in _group_members(proc.pid):
+            if pid != proc.pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group may outlive its leader (a program's children)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 class Executor:
