@@ -121,6 +121,8 @@ def test_triton_backend_dispatch_rules():
     want = attention(q, k, v, backend="sdpa", dropout_p=0.5)
     assert torch.equal(got, want)
     assert not fa.supports(*_qkv(1, 1, 1, 8, 160, torch.float32))  # head_dim > 128
+    q1 = q[:, :, :1]  # one query over 37 keys (a decode step): sdpa's job
+    assert not fa.supports(q1, k, v) and not sm.supports(q1, k, v)
     with pytest.raises(ValueError, match="flash_attention.py"):
         fa.flash_attention(*_qkv(1, 1, 1, 8, 160, torch.float32))
 

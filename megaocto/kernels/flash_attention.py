@@ -76,8 +76,10 @@ def _dot(a, b, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
     """``a @ b`` with fp32 accumulation; ``DOT_F32`` upcasts the operands first (interpreter + bf16, where
     Triton 3.9's numpy ``tl.dot`` returns garbage for bf16; bf16 products are exact in fp32, so same numerics)."""
     if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PREC)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=DOT_PREC)
+    return out
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
@@ -402,7 +404,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if not supports(q, k, v, segment_ids=segment_ids):
         raise ValueError(f"megaocto/kernels/flash_attention.py: unsupported input q {tuple(q.shape)} {q.dtype} on "
                          f"{q.device} (needs CUDA or TRITON_INTERPRET=1 on CPU, fp16/bf16/fp32, "
-                         f"head_dim <= {MAX_HEAD_DIM}, matching dtypes/devices)")
+                         f"head_dim <= {MAX_HEAD_DIM}, matching dtypes/devices, k/v as long as q)")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return FlashAttentionFunction.apply(q, k, v, causal, float(scale), segment_ids)
@@ -421,8 +423,8 @@ def _device_ok(t: torch.Tensor) -> bool:
 
 def supports(q, k, v, *, segment_ids=None, dropout_p: float = 0.0) -> bool:
     """True when the Triton kernel handles these inputs (no dropout, head_dim <= 128, fp16/bf16/fp32, CUDA or
-    interpreter, one dtype and device for q, k, v)."""
-    return (dropout_p == 0.0 and q.dim() == 4 and q.shape[-1] <= MAX_HEAD_DIM
+    interpreter, one dtype and device for q, k, v, as many keys as queries)."""
+    return (dropout_p == 0.0 and q.dim() == 4 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] == k.shape[2]
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and k.dtype == q.dtype and v.dtype == q.dtype
             and _device_ok(q) and k.device == q.device and v.device == q.device)

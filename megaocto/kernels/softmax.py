@@ -247,8 +247,9 @@ def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
 
 
 def supports(q, k, v, *, segment_ids=None, dropout_p: float = 0.0) -> bool:
-    """True for CUDA tensors (or CPU under ``TRITON_INTERPRET=1``) of one float dtype; any head dim, dropout ok."""
-    return (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype
+    """True for CUDA tensors (or CPU under ``TRITON_INTERPRET=1``) of one float dtype with as many keys as
+    queries; any head dim, dropout ok."""
+    return (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[2] == k.shape[2]
             and (q.is_cuda or (q.device.type == "cpu" and _INTERPRET)))
 
 
