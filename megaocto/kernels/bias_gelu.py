@@ -33,8 +33,11 @@ _COEF = 0.044715
 
 @triton.jit
 def _tanh(u):
-    # tanh(u) = 2·sigmoid(2u) − 1: exact in fp32 to a few ulp, no overflow (sigmoid saturates), interpreter-safe.
-    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    # tanh(u) = sign(u)·(1 − e)/(1 + e) with e = exp(−2|u|) ∈ (0, 1]: no overflow for any u (Triton has no
+    # portable tanh; libdevice's is CUDA-only and absent from the interpreter).
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u >= 0, t, -t)
 
 
 @triton.jit

@@ -24,8 +24,8 @@ from megaocto.config.model import ModelConfig
 from megaocto.model.attention import attention
 from megaocto.model.common import (LayerNorm, begin_kv_cache_step, check_input_ids, checkpoint,
                                    default_position_ids, dropout,
-                                   lm_head_input, logits_or_loss, normal_init, run_layers, scaled_init,
-                                   tag_sequence_parallel)
+                                   kernel_ops, lm_head_input, linear_loss, normal_init, run_layers,
+                                   scaled_init, tag_sequence_parallel)
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megaocto.parallel.mappings import copy_to_tp, gather_from_sp, scatter_to_sp
 
@@ -34,6 +34,7 @@ class BigCodeAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, pc, *, dtype, device, selective_recompute: bool):
         super().__init__()
         self.pc, self.cfg = pc, cfg
+        self.ops = kernel_ops(cfg, pc, device)
         self.selective_recompute = selective_recompute
         d, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
         self.head_dim = d
@@ -83,8 +84,9 @@ class BigCodeAttention(nn.Module):
         if p > 0.0:
             with self.pc.rng.fork():  # attention probabilities are sharded by head: per-TP-rank stream
                 return attention(q, k, v, causal=True, segment_ids=segment_ids, dropout_p=p,
-                                 scale=1.0 / math.sqrt(self.head_dim))
-        return attention(q, k, v, causal=True, segment_ids=segment_ids, scale=1.0 / math.sqrt(self.head_dim))
+                                 scale=1.0 / math.sqrt(self.head_dim), backend=self.ops.attention_backend)
+        return attention(q, k, v, causal=True, segment_ids=segment_ids, scale=1.0 / math.sqrt(self.head_dim),
+                         backend=self.ops.attention_backend)
 
     def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         q, k, v = self._qkv(x)
@@ -105,13 +107,20 @@ class BigCodeMLP(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.ops = kernel_ops(cfg, pc, device)
+        # tanh-GELU runs ops.bias_gelu; when that kernel fuses the bias add, the GEMM leaves the bias to it.
+        self.fuse_bias = self.approximate == "tanh" and self.ops.fuse_bias
         self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, pc, bias=cfg.add_bias_linear,
-                                                  init_method=normal_init(cfg.init_method_std), **kw)
+                                                  init_method=normal_init(cfg.init_method_std),
+                                                  skip_bias_add=self.fuse_bias, **kw)
         self.dense_4h_to_h = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, pc, bias=cfg.add_bias_linear,
                                                init_method=scaled_init(cfg.init_method_std, cfg.num_layers), **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
+        h, bias = self.dense_h_to_4h(x) if self.fuse_bias else (self.dense_h_to_4h(x), None)
+        if self.approximate == "tanh":
+            return self.dense_4h_to_h(self.ops.bias_gelu(h, bias))
+        return self.dense_4h_to_h(F.gelu(h))  # exact (erf) GELU: plain torch
 
 
 class BigCodeBlock(nn.Module):
@@ -119,9 +128,10 @@ class BigCodeBlock(nn.Module):
         super().__init__()
         self.pc, self.hidden_dropout = pc, cfg.hidden_dropout
         kw = dict(dtype=dtype, device=device)
-        self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        ops = kernel_ops(cfg, pc, device)
+        self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, ops=ops, **kw)
         self.self_attention = BigCodeAttention(cfg, pc, selective_recompute=selective_recompute, **kw)
-        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, ops=ops, **kw)
         self.mlp = BigCodeMLP(cfg, pc, **kw)
         tag_sequence_parallel(list(self.input_layernorm.parameters()) +
                               list(self.post_attention_layernorm.parameters()), pc)
@@ -163,7 +173,8 @@ class BigCodeModel(nn.Module):
         self.layers = nn.ModuleList(
             BigCodeBlock(cfg, pc, selective_recompute=(recompute == "selective"), **kw)
             for _ in range(cfg.num_layers))
-        self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, **kw)
+        self.ops = kernel_ops(cfg, pc, device)
+        self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, ops=self.ops, **kw)
         tag_sequence_parallel(self.final_layernorm.parameters(), pc)
         if not cfg.tie_embeddings:
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,
@@ -196,8 +207,9 @@ class BigCodeModel(nn.Module):
         if kv_cache is not None:
             kv_cache.commit()
         x = self.final_layernorm(x)
+        out_weight = self.embedding.word_embeddings.weight if self.cfg.tie_embeddings else self.output_layer.weight
+        if labels is not None:  # fused output GEMM + vocab-parallel cross-entropy (ops.linear_cross_entropy)
+            return linear_loss(x, out_weight, labels, pc, self.ops, self.cfg.vocab_size)
         if self.cfg.tie_embeddings:
-            logits = F.linear(lm_head_input(x, pc), self.embedding.word_embeddings.weight)
-        else:
-            logits = self.output_layer(x)
-        return logits_or_loss(logits, labels, pc, self.cfg.vocab_size)
+            return F.linear(lm_head_input(x, pc), out_weight)
+        return self.output_layer(x)

@@ -1,7 +1,9 @@
 """Pieces both model families share: norms, dropout placement, position ids, recompute, the loss head.
 
-Norms use apex's fused kernels (``apex.normalization.fused_layer_norm``) when the input is on CUDA and apex
-imports; apex is imported lazily on the first CUDA norm, never at module load, and CPU runs never try it.
+Norms and the loss head run the ops of :func:`kernel_ops` (``model.kernels``: torch | triton | auto, dispatched
+by megaocto.kernels.registry). With the torch ops, norms use apex's fused kernels
+(``apex.normalization.fused_layer_norm``) when the input is on CUDA and apex imports; apex is imported lazily on the
+first CUDA norm, never at module load, and CPU runs never try it. The Triton norms replace apex.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megaocto.kernels.registry import KernelOps, ops_for
 from megaocto.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaocto.parallel.layers import check_id_range
 from megaocto.parallel.mappings import copy_to_tp, gather_from_sp
@@ -58,32 +61,49 @@ def _apex_norm_fn(x: torch.Tensor, kind: str):
     return getattr(mod, _APEX_NORM_FNS[kind], None) if mod is not None else None
 
 
+def kernel_ops(cfg, pc, device=None) -> KernelOps:
+    """The fused-kernel ops for ``cfg.kernels`` on ``device`` (default ``pc.device``); cached by the registry.
+
+    Resolved once at construction: a model built on CPU with ``kernels: auto`` keeps the torch ops if moved to CUDA
+    later (build it on its device, as ``megaocto train`` does).
+    """
+    return ops_for(getattr(cfg, "kernels", "auto"), device if device is not None else getattr(pc, "device", None))
+
+
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters and result) that runs apex's fused kernel on CUDA when apex imports."""
+    """``nn.LayerNorm`` (same parameters) over the last dim through ``ops.layer_norm`` (default: the torch ops,
+    i.e. ``F.layer_norm``); with the torch ops it runs apex's fused kernel on CUDA when apex imports."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, *, ops: KernelOps | None = None, **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"megaocto LayerNorm normalises the last dim only (got {self.normalized_shape})")
+        self.ops = ops if ops is not None else ops_for("torch")
+        self._apex_ok = self.ops.impls.get("layer_norm", "torch") == "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = _apex_norm_fn(x, "layer")
+        fn = _apex_norm_fn(x, "layer") if self._apex_ok else None
         if fn is not None:
             return fn(x, self.weight, self.bias, self.normalized_shape, self.eps)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (ChatGLM2 / CodeGeeX2); apex's fused kernel on
-    CUDA when apex imports."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (ChatGLM2 / CodeGeeX2) through ``ops.rms_norm``;
+    with the torch ops, apex's fused kernel on CUDA when apex imports."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, *, dtype=None, device=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, *, dtype=None, device=None, ops: KernelOps | None = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.ops = ops if ops is not None else ops_for("torch")
+        self._apex_ok = self.ops.impls.get("rms_norm", "torch") == "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = _apex_norm_fn(x, "rms")
+        fn = _apex_norm_fn(x, "rms") if self._apex_ok else None
         if fn is not None:
             return fn(x, self.weight, self.weight.shape, self.eps)
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * y).to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def tag_sequence_parallel(params, pc) -> None:
@@ -190,6 +210,15 @@ def lm_head_input(x: torch.Tensor, pc) -> torch.Tensor:
     if pc.sequence_parallel:
         return gather_from_sp(x, pc, dim=1, grad_is_partial=True)
     return copy_to_tp(x, pc)
+
+
+def linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pc, ops: KernelOps,
+                vocab_size: int) -> torch.Tensor:
+    """fp32 per-token loss ``[b, s]`` of the vocab-parallel output GEMM ``x -> F.linear(x, weight)`` (weight
+    ``[V/tp, h]``) through ``ops.linear_cross_entropy``: ``x`` is the final hidden state (sequence shard under
+    sequence parallelism), gathered by :func:`lm_head_input`. The Triton op never holds the full fp32 logits.
+    """
+    return ops.linear_cross_entropy(lm_head_input(x, pc), weight, labels, pc, vocab_size=vocab_size)
 
 
 def logits_or_loss(logits: torch.Tensor, labels: torch.Tensor | None, pc, vocab_size: int) -> torch.Tensor:

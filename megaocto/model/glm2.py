@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megaocto.config.model import ModelConfig
 from megaocto.model.attention import attention
 from megaocto.model.common import (RMSNorm, begin_kv_cache_step, check_input_ids, checkpoint, default_position_ids,
                                    dropout,
-                                   logits_or_loss, normal_init, run_layers, scaled_init, tag_sequence_parallel)
+                                   kernel_ops, linear_loss, normal_init, run_layers, scaled_init,
+                                   tag_sequence_parallel)
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megaocto.parallel.mappings import scatter_to_sp
 
@@ -49,6 +49,7 @@ class GLM2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, pc, *, dtype, device, selective_recompute: bool):
         super().__init__()
         self.pc, self.cfg = pc, cfg
+        self.ops = kernel_ops(cfg, pc, device)
         self.selective_recompute = selective_recompute
         d, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
         self.head_dim, self.local_heads, self.local_groups = d, heads // pc.tp, max(groups // pc.tp, 1)
@@ -64,16 +65,18 @@ class GLM2Attention(nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         if p > 0.0:
             with self.pc.rng.fork():
-                return attention(q, k, v, causal=True, segment_ids=segment_ids, dropout_p=p, scale=scale)
-        return attention(q, k, v, causal=True, segment_ids=segment_ids, scale=scale)
+                return attention(q, k, v, causal=True, segment_ids=segment_ids, dropout_p=p, scale=scale,
+                                 backend=self.ops.attention_backend)
+        return attention(q, k, v, causal=True, segment_ids=segment_ids, scale=scale,
+                         backend=self.ops.attention_backend)
 
     def forward(self, x, cos, sin, segment_ids=None, kv_cache=None):
         d = self.head_dim
         qkv = self.query_key_value(x)  # [b, s, (local_heads + 2 local_groups) d]
         b, s, _ = qkv.shape
         q, k, v = qkv.split([self.local_heads * d, self.local_groups * d, self.local_groups * d], dim=-1)
-        q = apply_glm_rotary(q.view(b, s, self.local_heads, d).transpose(1, 2), cos, sin)
-        k = apply_glm_rotary(k.view(b, s, self.local_groups, d).transpose(1, 2), cos, sin)
+        q = self.ops.rotary(q.view(b, s, self.local_heads, d).transpose(1, 2), cos, sin, interleaved=True)
+        k = self.ops.rotary(k.view(b, s, self.local_groups, d).transpose(1, 2), cos, sin, interleaved=True)
         v = v.view(b, s, self.local_groups, d).transpose(1, 2)
         if kv_cache is not None:  # store this step's rotated K and V, attend over the cache
             ctx = kv_cache.attend(q, k, v, scale=1.0 / math.sqrt(d))
@@ -89,6 +92,7 @@ class GLM2MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, pc, *, dtype, device):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
+        self.ops = kernel_ops(cfg, pc, device)
         f = cfg.ffn_size
         self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, [f, f], pc, bias=cfg.add_bias_linear,
                                                   init_method=normal_init(cfg.init_method_std), **kw)
@@ -96,8 +100,8 @@ class GLM2MLP(nn.Module):
                                                init_method=scaled_init(cfg.init_method_std, cfg.num_layers), **kw)
 
     def forward(self, x):
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # local [gate shard | up shard]
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        # local [gate shard | up shard] -> silu(gate) * up
+        return self.dense_4h_to_h(self.ops.swiglu(self.dense_h_to_4h(x)))
 
 
 class GLM2Block(nn.Module):
@@ -105,9 +109,10 @@ class GLM2Block(nn.Module):
         super().__init__()
         self.pc, self.hidden_dropout = pc, cfg.hidden_dropout
         kw = dict(dtype=dtype, device=device)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, **kw)
+        ops = kernel_ops(cfg, pc, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, ops=ops, **kw)
         self.self_attention = GLM2Attention(cfg, pc, selective_recompute=selective_recompute, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, ops=ops, **kw)
         self.mlp = GLM2MLP(cfg, pc, **kw)
         tag_sequence_parallel([self.input_layernorm.weight, self.post_attention_layernorm.weight], pc)
 
@@ -144,7 +149,8 @@ class GLM2Model(nn.Module):
         self.embedding = GLM2Embedding(cfg, pc, self.padded_vocab_size, **kw)
         self.layers = nn.ModuleList(GLM2Block(cfg, pc, selective_recompute=(recompute == "selective"), **kw)
                                     for _ in range(cfg.num_layers))
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, **kw)
+        self.ops = kernel_ops(cfg, pc, device)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, ops=self.ops, **kw)
         tag_sequence_parallel([self.final_layernorm.weight], pc)
         self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,
                                                  init_method=normal_init(cfg.init_method_std), **kw)
@@ -173,5 +179,7 @@ class GLM2Model(nn.Module):
         if kv_cache is not None:
             kv_cache.commit()
         x = self.final_layernorm(x)
+        if labels is not None:  # fused output GEMM + vocab-parallel cross-entropy (ops.linear_cross_entropy)
+            return linear_loss(x, self.output_layer.weight, labels, pc, self.ops, self.cfg.vocab_size)
         # output_layer is column-parallel over the vocab: it all-gathers the SP shards (or copies to TP) itself.
-        return logits_or_loss(self.output_layer(x), labels, pc, self.cfg.vocab_size)
+        return self.output_layer(x)
