@@ -337,3 +337,23 @@ def test_errors_are_clear_and_nothing_is_written(tmp_path, kind, message):
     assert message in str(e.value)
     assert not os.path.exists(out)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".out")] == []
+
+
+def test_cli_from_megatron_bf16_with_vocab_size(tmp_path, capsys):
+    from megaocto.cli import main
+
+    cfg, model = _reference("multiquery", seed=4)
+    build_megatron_checkpoint(str(tmp_path / "meg"), cfg, model, tp=1, head_type="multiquery", iteration=30)
+    out = str(tmp_path / "out")
+    rc = main(["convert", "from-megatron", "--load", str(tmp_path / "meg"), "--output", out, "--tp", "2",
+               "--vocab-size", str(VOCAB), "--dtype", "bf16", "--iteration", "30", "--verify", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    diff = float(captured.out.split("max abs logit difference (Megatron reference vs megaocto):")[1].split()[0])
+    assert 0 < diff < 0.5  # bf16 rounding of the weights, nothing structural
+    got_cfg, tensors = read_megaocto_checkpoint(out, trim_vocab=True)
+    assert got_cfg.vocab_size == VOCAB
+    for k, v in tensors:
+        assert v.dtype == torch.bfloat16 and torch.equal(v, _expected(model, VOCAB)[k].to(torch.bfloat16)), k
+    rc = main(["convert", "from-megatron", "--load", str(tmp_path / "meg"), "--output", out])
+    assert rc == 2 and "already exists" in capsys.readouterr().err

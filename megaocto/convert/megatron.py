@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from megaocto.config.model import ModelConfig
-from megaocto.convert.core import ConversionError, write_megaocto_checkpoint
+from megaocto.convert.core import (ConversionError, check_output_free, check_source_dtype, parse_dtype,
+                                   write_megaocto_checkpoint)
 
 MEGATRON_FILE = "model_optim_rng.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -495,6 +496,7 @@ def _check_stage(src: MegatronSource, cfg: ModelConfig, p: int, flats: list[dict
                               f"(args.attention_head_type={src.head_type}); missing {missing[:6]}, unexpected "
                               f"{unknown[:6]}")
         for k, shape in expected.items():
+            check_source_dtype(flat[k].dtype, f"{path}: {k}")
             got = tuple(flat[k].shape)
             if got != shape:
                 raise ConversionError(f"{path}: {k} has shape {got}, expected {shape} from args (hidden_size="
@@ -656,6 +658,8 @@ def convert_megatron(load: str, output: str, *, tp: int | None = None, iteration
     through an independent reference forward and the written checkpoint through megaocto's model on
     :func:`verify_batch` and reports the max absolute logit difference (tp=1, fp32; holds the whole model).
     """
+    parse_dtype(dtype)
+    check_output_free(output)
     src = open_source(load, iteration)
     cfg = model_config_from_args(src, vocab_size=vocab_size)
     out_tp = src.tp if tp is None else int(tp)
