@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster on this machine, for the launcher tests and for trying `sbatch launch/*.sh`.
 #
+#   sudo bash launch/local_slurm.sh install  # only install the Debian packages (what `make test` does)
 #   sudo bash launch/local_slurm.sh up       # install (Debian: slurmctld slurmd slurm-client munge), configure, start
 #   bash launch/local_slurm.sh status        # the daemons this script started, and sinfo
 #   sudo bash launch/local_slurm.sh down     # stop ONLY the daemons `up` started, by the PIDs it recorded
@@ -196,8 +197,9 @@ cmd_status() {
 }
 
 case "${1:-}" in
+  install) [ "$(id -u)" = 0 ] || die "must run as root (apt-get)"; install_packages ;;
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) echo "usage: bash launch/local_slurm.sh up|down|status" >&2; exit 2 ;;
+  *) echo "usage: bash launch/local_slurm.sh install|up|down|status" >&2; exit 2 ;;
 esac
