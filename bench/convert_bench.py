@@ -117,7 +117,8 @@ def child_gen(hf_dir: str, params: float, small: bool, dtype: str, shard_size: i
     for i, fname in enumerate(final):
         os.replace(os.path.join(hf_dir, f"shard-{i + 1:05d}.safetensors"), os.path.join(hf_dir, fname))
     if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {k: final[i] for i, ks in enumerate(names) for k in ks}}
+        weight_map = {k: final[i] for i, ks in enumerate(names) for k in ks}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
     _fsync_tree(hf_dir)

@@ -177,7 +177,8 @@ def build_megatron_checkpoint(root: str, cfg: ModelConfig, model: torch.nn.Modul
                     model_dict["word_embeddings_for_head"] = {"weight": wte.chunk(tp)[t].clone()}
             lm["encoder"] = enc
             lm.update(extra_lm or {})
-            state = {"args": args, "checkpoint_version": version, "iteration": 0 if iteration == "release" else iteration,
+            state = {"args": args, "checkpoint_version": version,
+                     "iteration": 0 if iteration == "release" else iteration,
                      "model": model_dict,
                      "optimizer": {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}},
                      "opt_param_scheduler": {"max_lr": 1e-4, "num_steps": 10},

@@ -168,7 +168,7 @@ def locate_iteration(load: str, iteration: int | str | None = None) -> tuple[str
     """
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load}: no such directory (expected a Megatron save directory with "
-                          f"{TRACKER} and iter_*/ or release/)")
+                              f"{TRACKER} and iter_*/ or release/)")
     names = os.listdir(load)
     if iteration is None and any(_RANK_RE.match(n) for n in names):
         base = os.path.basename(os.path.normpath(load))
@@ -192,7 +192,7 @@ def locate_iteration(load: str, iteration: int | str | None = None) -> tuple[str
                 iteration = "release"
             else:
                 raise ConversionError(f"--load {load}: no Megatron checkpoint there (no {TRACKER}, no iter_*/ and no "
-                                  f"release/ directory)")
+                                      f"release/ directory)")
     if isinstance(iteration, str) and iteration != "release":
         if not iteration.isdigit():
             raise ConversionError(f"--iteration must be a number or 'release' (got {iteration!r})")
@@ -200,7 +200,8 @@ def locate_iteration(load: str, iteration: int | str | None = None) -> tuple[str
     directory = os.path.join(load, "release" if iteration == "release" else f"iter_{int(iteration):07d}")
     if not os.path.isdir(directory):
         have = sorted(n for n in names if _ITER_RE.match(n) or n == "release")
-        raise ConversionError(f"{directory}: missing (iteration {iteration!r}); {load} has: {', '.join(have) or 'none'}")
+        raise ConversionError(f"{directory}: missing (iteration {iteration!r}); {load} has: "
+                              f"{', '.join(have) or 'none'}")
     return directory, iteration
 
 
@@ -212,7 +213,7 @@ def _scan_ranks(directory: str) -> dict[tuple[int, int], str]:
             found[(int(m.group(1)), int(m.group(2) or 0))] = os.path.join(directory, n, MEGATRON_FILE)
     if not found:
         raise ConversionError(f"{directory}: no mp_rank_XX/ (or mp_rank_XX_YYY/) directories, so no Megatron model "
-                          f"files to import")
+                              f"files to import")
     return found
 
 
@@ -225,21 +226,22 @@ def _language_model(state: dict, path: str) -> dict:
     if "model" not in state:
         if "model0" in state:
             raise ConversionError(f"{path}: virtual pipeline stages (model0, model1, ...) are not supported; merge the "
-                              f"checkpoint to a plain layout with Megatron's tools/checkpoint_util.py first")
+                                  f"checkpoint to a plain layout with Megatron's tools/checkpoint_util.py first")
         raise ConversionError(f"{path}: no 'model' entry (keys: {sorted(state)[:8]}); not a Megatron checkpoint")
     model = state["model"]
     if not isinstance(model, dict) or "language_model" not in model:
         hint = ""
         if isinstance(model, dict) and any(k.startswith(("layers.", "embedding.")) for k in model):
             hint = " (this looks like a megaocto checkpoint, which needs no conversion)"
-        raise ConversionError(f"{path}: model has no 'language_model' (keys: {sorted(model)[:8] if isinstance(model, dict) else type(model).__name__}); "
-                          f"not a Megatron GPT checkpoint{hint}")
+        keys = sorted(model)[:8] if isinstance(model, dict) else type(model).__name__
+        raise ConversionError(f"{path}: model has no 'language_model' (keys: {keys}); "
+                              f"not a Megatron GPT checkpoint{hint}")
     foreign = sorted(set(model) & {"lm_head", "binary_head", "pooler"})
     lm = model["language_model"]
     foreign += sorted(set(lm) & {"pooler", "decoder"})
     if foreign:
         raise ConversionError(f"{path}: has {foreign}, which GPT models do not have (a BERT/T5 checkpoint?); "
-                          f"only Megatron GPT models can be imported")
+                              f"only Megatron GPT models can be imported")
     return lm
 
 
@@ -257,12 +259,12 @@ def _flat_language_model(lm: dict, path: str) -> dict[str, torch.Tensor]:
             for k, v in sub.items():
                 if isinstance(v, dict):  # Megatron saves embedding = {word_embeddings: {weight}, ...}
                     for kk, vv in v.items():
-                        flat[f"embedding.{k}.{kk}"] = vv
+                        flat[f"{section}.{k}.{kk}"] = vv
                 else:
                     flat[f"{section}.{k}"] = v
         else:
             raise ConversionError(f"{path}: unknown language_model section {section!r}; only GPT layouts with "
-                              f"embedding/encoder/output_layer are supported")
+                                  f"embedding/encoder/output_layer are supported")
     return flat
 
 
@@ -286,29 +288,29 @@ def open_source(load: str, iteration: int | str | None = None) -> MegatronSource
     args = state.get("args")
     if not isinstance(args, argparse.Namespace):
         raise ConversionError(f"{first}: no 'args' namespace in the checkpoint; the converter needs Megatron's saved "
-                          f"arguments (num_layers, hidden_size, ...) to import it")
+                              f"arguments (num_layers, hidden_size, ...) to import it")
     tp = int(_get(args, "tensor_model_parallel_size", 1) or 1)
     pp = int(_get(args, "pipeline_model_parallel_size", 1) or 1)
     if _get(args, "virtual_pipeline_model_parallel_size"):
         raise ConversionError(f"{first}: saved with a virtual pipeline (interleaved schedule), which is not supported; "
-                          f"merge it to pp=1 with Megatron's tools/checkpoint_util.py first")
+                              f"merge it to pp=1 with Megatron's tools/checkpoint_util.py first")
     expected = {(t, p) for t in range(tp) for p in range(pp)}
     names = {key: os.path.basename(os.path.dirname(f)) for key, f in found.items()}
     if pp == 1 and any(p > 0 or "_" in names[(t, p)][len("mp_rank_00"):] for t, p in found):
         raise ConversionError(f"{directory}: args say pipeline_model_parallel_size=1 but the directory has "
-                          f"pipeline-stage rank directories ({sorted(names.values())[:4]})")
+                              f"pipeline-stage rank directories ({sorted(names.values())[:4]})")
     missing = sorted(expected - set(found))
     extra = sorted(set(found) - expected)
     if extra:
         raise ConversionError(f"{directory}: rank directories {[names[k] for k in extra]} do not fit the saved layout "
-                          f"tp={tp}, pp={pp} (args.tensor/pipeline_model_parallel_size)")
+                              f"tp={tp}, pp={pp} (args.tensor/pipeline_model_parallel_size)")
     absent = [found[k] for k in sorted(found) if not os.path.exists(found[k])]
     if missing or absent:
         def rank_name(t: int, p: int) -> str:
             return f"mp_rank_{t:02d}" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}"
         listed = [rank_name(*k) for k in missing] + [os.path.relpath(a, directory) for a in absent]
         raise ConversionError(f"{directory}: missing rank files for tp={tp}, pp={pp}: {', '.join(listed)} "
-                          f"(incomplete copy of the checkpoint?)")
+                              f"(incomplete copy of the checkpoint?)")
     version = float(state.get("checkpoint_version", 0) or 0)
     lm_flat = _flat_language_model(_language_model(state, first), first)
     notes: list[str] = []
@@ -348,8 +350,8 @@ def model_config_from_args(src: MegatronSource, *, vocab_size: int | None = None
         unsupported.append(("position_embedding_type", f"non-learned positions ({pos!r})"))
     if unsupported:
         raise ConversionError(f"{where}: {', '.join(f'{why} (args.{f})' for f, why in unsupported)} not supported by "
-                          f"megaocto's bigcode model; only GPT with learned absolute positions and a GELU MLP "
-                          f"imports")
+                              f"megaocto's bigcode model; only GPT with learned absolute positions and a GELU MLP "
+                              f"imports")
     h, heads = a.hidden_size, a.num_attention_heads
     kv = _get(a, "kv_channels") or h // heads
     padded = _get(a, "padded_vocab_size")
@@ -490,18 +492,19 @@ def _check_stage(src: MegatronSource, cfg: ModelConfig, p: int, flats: list[dict
         unknown = sorted(set(flat) - set(expected) - optional)
         if "embedding.position_embeddings.weight" in missing and first:
             raise ConversionError(f"{path}: no embedding.position_embeddings (rotary/alibi positions?); only learned "
-                              f"absolute positions are supported")
+                                  f"absolute positions are supported")
         if missing or unknown:
             raise ConversionError(f"{path}: tensors do not match a Megatron GPT {src.head_type} layer layout "
-                              f"(args.attention_head_type={src.head_type}); missing {missing[:6]}, unexpected "
-                              f"{unknown[:6]}")
+                                  f"(args.attention_head_type={src.head_type}); missing {missing[:6]}, unexpected "
+                                  f"{unknown[:6]}")
         for k, shape in expected.items():
             check_source_dtype(flat[k].dtype, f"{path}: {k}")
             got = tuple(flat[k].shape)
             if got != shape:
                 raise ConversionError(f"{path}: {k} has shape {got}, expected {shape} from args (hidden_size="
-                                  f"{cfg.hidden_size}, heads={cfg.num_attention_heads}, kv_channels={cfg.head_dim}, "
-                                  f"ffn={cfg.ffn_size}, padded_vocab={padded}, tp={src.tp})")
+                                      f"{cfg.hidden_size}, heads={cfg.num_attention_heads}, "
+                                      f"kv_channels={cfg.head_dim}, ffn={cfg.ffn_size}, padded_vocab={padded}, "
+                                      f"tp={src.tp})")
     return len(layer_ids)
 
 
@@ -509,14 +512,16 @@ def validate_source(src: MegatronSource, cfg: ModelConfig) -> None:
     """Read every rank file (lazily) and check keys, shapes and the layer count before anything is written."""
     padded = int(src.args.padded_vocab_size)
     if padded % src.tp:
-        raise ConversionError(f"args.padded_vocab_size={padded} is not divisible by tensor_model_parallel_size={src.tp}")
+        raise ConversionError(f"args.padded_vocab_size={padded} is not divisible by "
+                              f"tensor_model_parallel_size={src.tp}")
     total = 0
     for p in range(src.pp):
         flats = [_stage_state(f)[1] for f in src.stage_files(p)]
         total += _check_stage(src, cfg, p, flats, padded)
         del flats
     if total != cfg.num_layers:
-        raise ConversionError(f"{src.directory}: the rank files hold {total} layers but args.num_layers={cfg.num_layers}")
+        raise ConversionError(f"{src.directory}: the rank files hold {total} layers but "
+                              f"args.num_layers={cfg.num_layers}")
 
 
 def iter_megatron_full(src: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -557,7 +562,8 @@ def to_megaocto(name: str, full: torch.Tensor, cfg: ModelConfig, *, layernorm_1p
 
 
 def iter_megaocto_tensors(src: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(megaocto name, full tensor) for :func:`write_megaocto_checkpoint`, streaming (see :func:`iter_megatron_full`)."""
+    """(megaocto name, full tensor) for :func:`write_megaocto_checkpoint`, streaming (as
+    :func:`iter_megatron_full`)."""
     one_p = bool(_get(src.args, "apply_layernorm_1p", False))
     for name, full in iter_megatron_full(src, cfg):
         yield to_megaocto(name, full, cfg, layernorm_1p=one_p)
