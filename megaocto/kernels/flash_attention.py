@@ -82,6 +82,37 @@ def _dot(a, b, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
     return out
 
 
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, seg_q, SEG, seg_row, offs_m, offs_d, d_ok, m_ok,
+               lo, hi, seq_len, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+               DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update over key blocks ``[lo, hi)``. ``MASK=False`` only for blocks every row fully sees
+    (all keys valid, below the causal diagonal, no segments): no mask arithmetic at all."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_PREC, DOT_F32) * qk_scale
+        if MASK:
+            ok = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_SEG:
+                seg_k = tl.load(SEG + seg_row + offs_n, mask=n_ok, other=-2)
+                ok = ok & (seg_q[:, None] == seg_k[None, :])
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, DOT_F32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, SEG, FIRST, LAST,
@@ -102,42 +133,35 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG, FIRST, LAST,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-
-    lo = 0
-    hi = seq_len
-    if CAUSAL:
-        hi = tl.minimum((mb + 1) * BLOCK_M, seq_len)
-    if HAS_SEG:
-        seg_q = tl.load(SEG + b * seq_len + offs_m, mask=m_ok, other=-1)
-        first = tl.load(FIRST + b * seq_len + offs_m, mask=m_ok, other=seq_len)
-        last = tl.load(LAST + b * seq_len + offs_m, mask=m_ok, other=-1)
-        lo = (tl.min(first, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(hi, tl.max(last, 0) + 1)
+    seg_row = b * seq_len
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq_len
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PREC, DOT_F32) * qk_scale
-        ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_SEG:  # one masked pass over the key blocks that can share a segment with this query block
+        seg_q = tl.load(SEG + seg_row + offs_m, mask=m_ok, other=-1)
+        first = tl.load(FIRST + seg_row + offs_m, mask=m_ok, other=seq_len)
+        last = tl.load(LAST + seg_row + offs_m, mask=m_ok, other=-1)
+        lo = (tl.min(first, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.max(last, 0) + 1
         if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        if HAS_SEG:
-            seg_k = tl.load(SEG + b * seq_len + offs_n, mask=n_ok, other=-2)
-            ok = ok & (seg_q[:, None] == seg_k[None, :])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at 0
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, DOT_F32)
-        m_i = m_new
+            hi = tl.minimum(hi, (mb + 1) * BLOCK_M)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, seg_q, SEG, seg_row, offs_m, offs_d,
+                                   d_ok, m_ok, lo, hi, seq_len, qk_scale, True, CAUSAL, True, DOT_PREC, DOT_F32,
+                                   BLOCK_N)
+    else:  # unmasked full blocks, then the masked diagonal (causal) or ragged tail
+        if CAUSAL:
+            split = (tl.minimum(mb * BLOCK_M + 1, seq_len) // BLOCK_N) * BLOCK_N
+            hi = tl.minimum((mb + 1) * BLOCK_M, seq_len)
+        else:
+            split = (seq_len // BLOCK_N) * BLOCK_N
+            hi = seq_len
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, m_ok, SEG, seg_row, offs_m, offs_d,
+                                   d_ok, m_ok, 0, split, seq_len, qk_scale, False, CAUSAL, False, DOT_PREC,
+                                   DOT_F32, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, m_ok, SEG, seg_row, offs_m, offs_d,
+                                   d_ok, m_ok, split, hi, seq_len, qk_scale, True, CAUSAL, False, DOT_PREC,
+                                   DOT_F32, BLOCK_N)
 
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_fin = tl.where(l_i == 0.0, 1.0, l_i)  # only rows past seq_len can be empty; they are not stored
@@ -164,6 +188,37 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, seq_len, n_hea
     tl.store(DELTA + (b * n_heads + h) * seq_len + offs_m, delta, mask=offs_m < seq_len)
 
 
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, sqs, sds, LSE, DELTA, row_base, seg_k, SEG, seg_row, offs_n, offs_d,
+                d_ok, n_ok, lo, hi, seq_len, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_SEG: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK/dV of one key block from query blocks ``[lo, hi)`` of one query head (scores kept transposed,
+    ``[keys, queries]``). ``MASK=False`` only for query blocks that are all valid and see every key."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seq_len
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        s_t = _dot(k, tl.trans(q), DOT_PREC, DOT_F32) * qk_scale
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if MASK:
+            ok = n_ok[:, None] & m_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_m[None, :] >= offs_n[:, None])
+            if HAS_SEG:
+                seg_q = tl.load(SEG + seg_row + offs_m, mask=m_ok, other=-1)
+                ok = ok & (seg_k[:, None] == seg_q[None, :])
+            p_t = tl.where(ok, p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, DOT_PREC, DOT_F32)
+        dp_t = _dot(v, tl.trans(do), DOT_PREC, DOT_F32)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, DOT_PREC, DOT_F32)
+    return dk, dv
+
+
 @triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
@@ -183,18 +238,32 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    seg_row = b * seq_len
 
+    # Query-block ranges: [lo, a) masked (causal diagonal), [a, c) unmasked, [c, hi) masked (ragged tail);
+    # with segments a single masked range over the query blocks that can share a segment with these keys.
     lo = 0
     hi = seq_len
-    if CAUSAL:
-        lo = ((nb * BLOCK_N) // BLOCK_M) * BLOCK_M
     if HAS_SEG:
-        seg_k = tl.load(SEG + b * seq_len + offs_n, mask=n_ok, other=-2)
-        last = tl.load(LAST + b * seq_len + offs_n, mask=n_ok, other=-1)
+        seg_k = tl.load(SEG + seg_row + offs_n, mask=n_ok, other=-2)
+        last = tl.load(LAST + seg_row + offs_n, mask=n_ok, other=-1)
         hi = tl.max(last, 0) + 1
-        if not CAUSAL:
-            first = tl.load(FIRST + b * seq_len + offs_n, mask=n_ok, other=seq_len)
+        if CAUSAL:
+            lo = ((nb * BLOCK_N) // BLOCK_M) * BLOCK_M
+        else:
+            first = tl.load(FIRST + seg_row + offs_n, mask=n_ok, other=seq_len)
             lo = (tl.min(first, 0) // BLOCK_M) * BLOCK_M
+        a = hi
+        c = hi
+    else:
+        seg_k = n_ok
+        c = (seq_len // BLOCK_M) * BLOCK_M
+        if CAUSAL:
+            lo = ((nb * BLOCK_N) // BLOCK_M) * BLOCK_M
+            a = tl.minimum(tl.cdiv((nb + 1) * BLOCK_N - 1, BLOCK_M) * BLOCK_M, c)
+        else:
+            a = 0
+        c = tl.maximum(c, a)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -203,31 +272,48 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         row_base = (b * n_heads + h) * seq_len
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < seq_len
-            q_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
-            lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-            ok = n_ok[:, None] & m_ok[None, :]  # transposed scores: [keys, queries]
-            if CAUSAL:
-                ok = ok & (offs_m[None, :] >= offs_n[:, None])
-            if HAS_SEG:
-                seg_q = tl.load(SEG + b * seq_len + offs_m, mask=m_ok, other=-1)
-                ok = ok & (seg_k[:, None] == seg_q[None, :])
-            s_t = _dot(k, tl.trans(q), DOT_PREC, DOT_F32) * qk_scale
-            p_t = tl.where(ok, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv += _dot(p_t.to(do.dtype), do, DOT_PREC, DOT_F32)
-            dp_t = _dot(v, tl.trans(do), DOT_PREC, DOT_F32)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q.dtype), q, DOT_PREC, DOT_F32)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, sqs, sds, LSE, DELTA, row_base, seg_k, SEG, seg_row,
+                             offs_n, offs_d, d_ok, n_ok, lo, a, seq_len, qk_scale, True, CAUSAL, HAS_SEG, DOT_PREC,
+                             DOT_F32, BLOCK_M)
+        if not HAS_SEG:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, sqs, sds, LSE, DELTA, row_base, seg_k, SEG,
+                                 seg_row, offs_n, offs_d, d_ok, n_ok, a, c, seq_len, qk_scale, False, CAUSAL, False,
+                                 DOT_PREC, DOT_F32, BLOCK_M)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, sqs, sds, LSE, DELTA, row_base, seg_k, SEG,
+                                 seg_row, offs_n, offs_d, d_ok, n_ok, c, hi, seq_len, qk_scale, True, CAUSAL, False,
+                                 DOT_PREC, DOT_F32, BLOCK_M)
     dk = dk * scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kv_mask)
     tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, seg_q, SEG, seg_row, offs_m, offs_d, d_ok, m_ok,
+              lo, hi, seq_len, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+              DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query block from key blocks ``[lo, hi)``; ``MASK`` as in :func:`_fwd_inner`."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_PREC, DOT_F32) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASK:
+            ok = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_SEG:
+                seg_k = tl.load(SEG + seg_row + offs_n, mask=n_ok, other=-2)
+                ok = ok & (seg_q[:, None] == seg_k[None, :])
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), DOT_PREC, DOT_F32)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PREC, DOT_F32)
+    return dq
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
@@ -254,36 +340,30 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, FIRST, LAST,
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-
-    lo = 0
-    hi = seq_len
-    if CAUSAL:
-        hi = tl.minimum((mb + 1) * BLOCK_M, seq_len)
-    if HAS_SEG:
-        seg_q = tl.load(SEG + b * seq_len + offs_m, mask=m_ok, other=-1)
-        first = tl.load(FIRST + b * seq_len + offs_m, mask=m_ok, other=seq_len)
-        last = tl.load(LAST + b * seq_len + offs_m, mask=m_ok, other=-1)
-        lo = (tl.min(first, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(hi, tl.max(last, 0) + 1)
+    seg_row = b * seq_len
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq_len
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_SEG:
+        seg_q = tl.load(SEG + seg_row + offs_m, mask=m_ok, other=-1)
+        first = tl.load(FIRST + seg_row + offs_m, mask=m_ok, other=seq_len)
+        last = tl.load(LAST + seg_row + offs_m, mask=m_ok, other=-1)
+        lo = (tl.min(first, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.max(last, 0) + 1
         if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        if HAS_SEG:
-            seg_k = tl.load(SEG + b * seq_len + offs_n, mask=n_ok, other=-2)
-            ok = ok & (seg_q[:, None] == seg_k[None, :])
-        s = _dot(q, tl.trans(k), DOT_PREC, DOT_F32) * qk_scale
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), DOT_PREC, DOT_F32)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_PREC, DOT_F32)
+            hi = tl.minimum(hi, (mb + 1) * BLOCK_M)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, seg_q, SEG, seg_row, offs_m, offs_d, d_ok,
+                       m_ok, lo, hi, seq_len, qk_scale, True, CAUSAL, True, DOT_PREC, DOT_F32, BLOCK_N)
+    else:
+        if CAUSAL:
+            split = (tl.minimum(mb * BLOCK_M + 1, seq_len) // BLOCK_N) * BLOCK_N
+            hi = tl.minimum((mb + 1) * BLOCK_M, seq_len)
+        else:
+            split = (seq_len // BLOCK_N) * BLOCK_N
+            hi = seq_len
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, m_ok, SEG, seg_row, offs_m, offs_d, d_ok,
+                       m_ok, 0, split, seq_len, qk_scale, False, CAUSAL, False, DOT_PREC, DOT_F32, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, m_ok, SEG, seg_row, offs_m, offs_d, d_ok,
+                       m_ok, split, hi, seq_len, qk_scale, True, CAUSAL, False, DOT_PREC, DOT_F32, BLOCK_N)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=q_mask)
