@@ -38,11 +38,11 @@ TOL = dict(atol=1e-5, rtol=0.0)
 
 
 # ------------------------------------------------------------------------------------------ reference model
-def _reference(head_type: str, seed: int = 0) -> tuple[ModelConfig, torch.nn.Module]:
+def _reference(head_type: str, seed: int = 0, *, tied: bool = True) -> tuple[ModelConfig, torch.nn.Module]:
     cfg = ModelConfig(family="bigcode", num_layers=4, hidden_size=32, num_attention_heads=4,
                       num_query_groups=1 if head_type == "multiquery" else 4, kv_channels=16, ffn_hidden_size=48,
                       vocab_size=VOCAB, make_vocab_size_divisible_by=DIV, seq_length=16,
-                      max_position_embeddings=24, attention_dropout=0.0, hidden_dropout=0.0)
+                      max_position_embeddings=24, attention_dropout=0.0, hidden_dropout=0.0, tie_embeddings=tied)
     torch.manual_seed(seed)
     model = build_model(cfg, ParallelContext.single()).eval()
     with torch.no_grad():  # every tensor random (biases and LayerNorms too), so bit-exactness means something
@@ -150,12 +150,17 @@ def build_megatron_checkpoint(root: str, cfg: ModelConfig, model: torch.nn.Modul
                               **arg_overrides) -> str:
     """Write ``model`` as a bigcode Megatron-LM GPT checkpoint under ``root``; returns the iteration directory."""
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    args = _megatron_args(cfg, tp=tp, pp=pp, head_type=head_type, apply_layernorm_1p=layernorm_1p, **arg_overrides)
+    args = _megatron_args(cfg, tp=tp, pp=pp, head_type=head_type, apply_layernorm_1p=layernorm_1p,
+                          untie_embeddings_and_output_weights=not cfg.tie_embeddings, **arg_overrides)
     padded = pad_vocab(cfg.vocab_size, tp, DIV)
     wte = sd["embedding.word_embeddings.weight"]
     if wte.shape[0] < padded:
         wte = torch.cat([wte, torch.randn(padded - wte.shape[0], wte.shape[1])])
     wte = wte[:padded]
+    out_w = None
+    if not cfg.tie_embeddings:
+        out_w = sd["output_layer.weight"]
+        out_w = torch.cat([out_w, torch.randn(max(0, padded - out_w.shape[0]), out_w.shape[1])])[:padded]
     it_dir = os.path.join(root, "release" if iteration == "release" else f"iter_{int(iteration):07d}")
     per_stage = cfg.num_layers // pp
     layers = [_megatron_layer(sd, i, cfg, tp, head_type, version, layernorm_1p) for i in range(cfg.num_layers)]
@@ -173,7 +178,9 @@ def build_megatron_checkpoint(root: str, cfg: ModelConfig, model: torch.nn.Modul
             if p == pp - 1:
                 enc["final_layernorm.weight"] = sd["final_layernorm.weight"] - (1.0 if layernorm_1p else 0.0)
                 enc["final_layernorm.bias"] = sd["final_layernorm.bias"]
-                if pp > 1:
+                if out_w is not None:
+                    lm["output_layer"] = {"weight": out_w.chunk(tp)[t].clone()}
+                elif pp > 1:
                     model_dict["word_embeddings_for_head"] = {"weight": wte.chunk(tp)[t].clone()}
             lm["encoder"] = enc
             lm.update(extra_lm or {})
@@ -194,27 +201,29 @@ def build_megatron_checkpoint(root: str, cfg: ModelConfig, model: torch.nn.Modul
 
 def _expected(model: torch.nn.Module, vocab: int) -> dict[str, torch.Tensor]:
     sd = dict(model.state_dict())
-    sd["embedding.word_embeddings.weight"] = sd["embedding.word_embeddings.weight"][:vocab]
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in sd:
+            sd[name] = sd[name][:vocab]
     return sd
 
 
 # ------------------------------------------------------------------------------------------ mapping (no writer)
-@pytest.mark.parametrize("head_type,tp,pp,version,one_p", [
-    ("multiquery", 1, 1, 3.0, False),
-    ("multihead", 2, 1, 3.0, False),
-    ("multihead", 2, 1, 0, False),
-    ("multihead", 1, 2, 1.0, True),
-    ("multiquery", 2, 2, 3.0, True),
+@pytest.mark.parametrize("head_type,tp,pp,version,one_p,tied", [
+    ("multiquery", 1, 1, 3.0, False, True),
+    ("multihead", 2, 1, 3.0, False, False),
+    ("multihead", 2, 1, 0, False, True),
+    ("multihead", 1, 2, 1.0, True, True),
+    ("multiquery", 2, 2, 3.0, True, False),
 ])
-def test_mapping_is_bit_exact_and_reference_forward_matches(tmp_path, head_type, tp, pp, version, one_p):
-    cfg, model = _reference(head_type)
+def test_mapping_is_bit_exact_and_reference_forward_matches(tmp_path, head_type, tp, pp, version, one_p, tied):
+    cfg, model = _reference(head_type, tied=tied)
     build_megatron_checkpoint(str(tmp_path), cfg, model, tp=tp, pp=pp, head_type=head_type, version=version,
                               layernorm_1p=one_p)
     src = open_source(str(tmp_path))
     assert (src.tp, src.pp, src.iteration, src.head_type) == (tp, pp, 7, head_type)
     got_cfg = model_config_from_args(src, vocab_size=VOCAB)
     for f in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim", "ffn_size",
-              "vocab_size", "max_positions", "activation", "make_vocab_size_divisible_by"):
+              "vocab_size", "max_positions", "activation", "make_vocab_size_divisible_by", "tie_embeddings"):
         assert getattr(got_cfg, f) == getattr(cfg, f), f
     validate_source(src, got_cfg)
     got = dict(iter_megaocto_tensors(src, got_cfg))
