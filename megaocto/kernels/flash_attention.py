@@ -32,7 +32,10 @@ base-2 domain (``exp2``, scores pre-multiplied by ``scale*log2(e)``); saves ``ls
 row, fp32 ``[b, hq, s]``). Backward: (1) ``delta = rowsum(dO * O)`` (fp32), (2) one program per (key block,
 batch*K/V head) recomputes ``P = exp(S - lse)`` and accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` with
 ``dS = P * (dP - delta)``, (3) one program per (query block, batch*query head) accumulates ``dQ += dS K``.
-dQ, dK, dV are written once each (no atomics, deterministic).
+dQ, dK, dV are written once each (no atomics, deterministic). Without segments every loop is split into blocks
+that need no mask (fully visible: below the causal diagonal, inside the sequence) and the few masked ones (the
+diagonal, the ragged tail), so the mask arithmetic is paid only there; with segments one masked loop runs over
+the blocks that can share a segment.
 
 Block sizes: under ``TRITON_INTERPRET=1`` one fixed config (32x32; the interpreter cannot autotune). On a GPU
 ``triton.autotune`` picks among a few configs keyed by (seq_len, head_dim, causal, packed, dtype).
