@@ -49,6 +49,8 @@ PYTHON_PREAMBLE = ("import math\nimport re\nimport sys\nimport copy\nimport date
                    "import collections\nimport heapq\nimport statistics\nimport functools\nimport hashlib\n"
                    "try:\n    import numpy\n    import numpy as np\nexcept ImportError:\n    pass\n"
                    "import string\nfrom typing import *\nfrom collections import *\n")
+PYTHON_PREAMBLE_NO_NUMPY = PYTHON_PREAMBLE.replace("try:\n    import numpy\n    import numpy as np\nexcept ImportError:\n"
+                                                   "    pass\n", "")
 GO_PACKAGES = ("math", "strings", "fmt", "strconv", "time", "bytes", "regexp", "sort", "math/rand", "crypto/md5")
 
 
@@ -277,8 +279,10 @@ def _go_program(code: str, problem: dict) -> str:
         if pkg and any(re.search(rf"(?<![\w.]){re.escape(name)}\.", ln) for ln in code_lines) and pkg not in used:
             used.append(pkg)
     # "math/rand" and "crypto/md5" are named rand/md5; a bare "math." use still needs "math"
-    imports = "import (\n" + "".join(f'    "{p}"\n' for p in used) + ")\n" if used else ""
     setup = problem.get("test_setup") or 'package main\n\nimport (\n    "testing"\n    "github.com/stretchr/testify/assert"\n)\n'
+    already = set(re.findall(r'"([^"]+)"', setup))  # test_setup's own imports (some carry "math" etc.)
+    used = [p for p in used if p not in already]
+    imports = "import (\n" + "".join(f'    "{p}"\n' for p in used) + ")\n" if used else ""
     return setup + "\n" + imports + "\n" + body + "\n" + problem["test"]
 
 
@@ -309,7 +313,10 @@ def _rust_program(code: str, problem: dict) -> str:
 def build_program(lang: str, code: str, problem: dict) -> str:
     """The program the sandbox runs: candidate `code` (a post-processed sample) + "\\n" + the problem's test."""
     if lang == "python":
-        return PYTHON_PREAMBLE + code + "\n" + problem["test"]
+        program = code + "\n" + problem["test"]
+        # numpy is the one slow import of the harness preamble: only programs that name it get it
+        preamble = PYTHON_PREAMBLE if re.search(r"\b(np|numpy)\b", program) else PYTHON_PREAMBLE_NO_NUMPY
+        return preamble + program
     if lang == "js":
         return code + "\n" + problem["test"]
     if lang == "java":
