@@ -99,6 +99,28 @@ def test_flash_attention_segment_ids_compared_by_id_not_run():
             _assert_close(a, e, 1e-4, f"{name} causal={causal}")
 
 
+def test_flash_attention_varlen_cu_seqlens_matches_per_sequence_sdpa():
+    """flash-attn's varlen layout: sequences of 20, 9 and 12 tokens end to end; MQA (hq=2, hkv=1)."""
+    lens = [20, 9, 12]
+    cu = torch.tensor([0, 20, 29, 41], dtype=torch.int32)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(41, h, 16, generator=g).requires_grad_() for h in (2, 1, 1))
+    out = fa.flash_attention_varlen(q, k, v, cu, causal=True)
+    do = torch.randn(41, 2, 16, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    outs, ref_grads = [], [torch.zeros_like(t) for t in (q, k, v)]
+    for start, n in zip(cu[:-1].tolist(), lens):
+        sl = [t[start:start + n].detach().transpose(0, 1).unsqueeze(0).requires_grad_() for t in (q, k, v)]
+        o = attention(*sl, causal=True, backend="sdpa")
+        gs = torch.autograd.grad(o, sl, do[start:start + n].transpose(0, 1).unsqueeze(0))
+        outs.append(o.squeeze(0).transpose(0, 1))
+        for acc, gr in zip(ref_grads, gs):
+            acc[start:start + n] = gr.squeeze(0).transpose(0, 1)
+    _assert_close(out, torch.cat(outs), 1e-4, "varlen out")
+    for name, a, e in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(a, e, 1e-4, f"varlen {name}")
+
+
 def test_segment_bounds_match_brute_force():
     seg = torch.tensor([[1, 1, 2, 2, 2, 0, 0], [3, 3, 3, 3, 0, 0, 0], [0, 1, 1, 0, 2, 2, 1]])
     first, last = fa.segment_bounds(seg)

@@ -21,8 +21,8 @@ Contract (same as :func:`megaocto.model.attention.attention`)::
   :func:`megaocto.model.attention.segment_mask`, so padding attends to padding and no row is empty (no NaN).
   Key blocks that cannot hold a key of any query's segment are skipped: per token the first/last index of its
   segment id is computed once (on device, no host sync) and each program bounds its loop with them, so a packed
-  row costs about ``sum(len_i^2)`` rather than ``s^2``. ``cu_seqlens`` input is not needed: runs of equal ids are
-  what :func:`~megaocto.model.attention.cu_seqlens_from_segments` would produce, and comparing ids is equivalent.
+  row costs about ``sum(len_i^2)`` rather than ``s^2``. flash-attn's ``cu_seqlens`` layout (q ``[total, h, d]``)
+  is served by :func:`flash_attention_varlen`, which turns the offsets into segment ids on one row.
 * Dropout is not implemented in the kernel: :func:`supports` is False when ``dropout_p > 0``, and the backend
   function, when forced with ``backend="triton"``, runs the ``sdpa`` backend for such calls (and for any other
   input :func:`supports` rejects: head_dim > 128, other dtypes, a CPU tensor without ``TRITON_INTERPRET=1``).
@@ -491,6 +491,32 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return FlashAttentionFunction.apply(q, k, v, causal, float(scale), segment_ids)
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 ``[total]`` ids 1, 2, ... of the sequences delimited by ``cu_seqlens`` (``[n + 1]``, starts at 0, ends
+    at ``total``); computed on device without a host sync."""
+    bumps = torch.zeros(total, dtype=torch.int32, device=cu_seqlens.device)
+    inner = cu_seqlens[1:-1].long()
+    bumps.index_add_(0, inner[inner < total], torch.ones_like(inner[inner < total], dtype=torch.int32))
+    return bumps.cumsum(0, dtype=torch.int32) + 1
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                           causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """flash-attn's varlen layout: q ``[total, hq, d]``, k/v ``[total, hkv, d]``, sequences laid end to end at
+    offsets ``cu_seqlens`` (int ``[n + 1]``). Returns ``[total, hq, d]``.
+
+    Runs :func:`flash_attention` on one row with segment ids derived from ``cu_seqlens`` (strided views, no copy
+    of q/k/v); each token attends only within its own sequence.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0]:
+        raise ValueError(f"flash_attention_varlen expects q [total, hq, d] and k, v [total, hkv, d]; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}")
+    seg = segment_ids_from_cu_seqlens(cu_seqlens.to(q.device), q.shape[0]).unsqueeze(0)
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = flash_attention(q4, k4, v4, causal=causal, segment_ids=seg, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
