@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megaocto.config.model import ModelConfig
-from megaocto.convert.core import (ConversionError, param_specs, read_megaocto_checkpoint,
+from megaocto.convert.core import (ConversionError, TorchStreamWriter, param_specs, read_megaocto_checkpoint,
                                    write_megaocto_checkpoint)
 from megaocto.convert.reshard import reshard
 from megaocto.model import build_model
@@ -99,3 +99,20 @@ def test_reshard_errors_before_writing(tmp_path):
     with pytest.raises(ConversionError, match="metadata.json: missing.*from-megatron"):
         reshard(src, out, tp=1, progress=False)
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_stream_writer_files_load_like_torch_save(tmp_path):
+    base = torch.arange(250_000, dtype=torch.float32).view(500, 500)  # 1 MB
+    tensors = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "view": base[1:3, 2:5], "t": base[:3, :4].t(),
+               "half": torch.randn(7).half(), "scalar": torch.tensor(2.5)}
+    path = str(tmp_path / "streamed.pt")
+    w = TorchStreamWriter(path)
+    refs = {k: w.add(v) for k, v in tensors.items()}
+    w.close({"checkpoint_version": 3.0, "iteration": 0, "model": refs, "nested": [refs["half"], {"x": 1}]})
+    for mmap in (False, True):
+        got = torch.load(path, weights_only=True, mmap=mmap)
+        assert got["checkpoint_version"] == 3.0 and got["nested"][1] == {"x": 1}
+        for k, v in tensors.items():
+            assert got["model"][k].dtype == v.dtype and torch.equal(got["model"][k], v), k
+        assert torch.equal(got["nested"][0], tensors["half"])
+    assert os.path.getsize(path) < 20_000  # a view stores only its own bytes, not its base storage

@@ -1,5 +1,5 @@
-"""Shared machinery of the checkpoint converters: the megaocto checkpoint writer/reader, parameter specs, staging,
-progress lines and logit verification.
+"""Shared machinery of the checkpoint converters: the megaocto checkpoint writer/reader, parameter specs, the streaming
+torch.save writer, progress lines and logit verification.
 
 Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
 
@@ -23,12 +23,13 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
     ``vocab_size`` and zero-padded to it. ``dtype`` (torch dtype or "bf16"/"fp16"/"fp32") casts every tensor.
     ``metadata_extra`` is merged into metadata.json (e.g. ``{"converted_from": {...}}``).
 
-    Streaming / RAM: tensors are consumed one streaming unit (one transformer layer) at a time. When a unit is
-    complete, each TP rank's shards of it are computed one rank at a time and saved to a staging file
-    ``.staging/rank_XX/NNNNN.pt``; then the unit is dropped. At the end each rank file is assembled from its staged
-    units opened with ``torch.load(mmap=True)`` (file-backed pages, not heap) and written with ``torch.save``.
-    Peak heap = one full layer + one rank's shard of it while streaming, and at most one output rank file's pages
-    (reclaimable page cache) while assembling: "one output shard plus one layer", never the model times TP.
+    Streaming / RAM: all TP rank files are open at once as :class:`TorchStreamWriter` archives (torch.save's zip
+    format, written record by record). Each incoming tensor is checked, cut into its TP shards one rank at a time
+    (``shard_tensor``), each shard's bytes appended to its rank's file and dropped; only small references are
+    kept until the end, when each file gets its pickled ``{"checkpoint_version", "iteration", "model"}`` record.
+    Peak heap = the tensor being converted plus one shard of it (the caller's iterator decides how much it holds,
+    typically one layer); each byte is written once. Tensors may arrive in any order; a per-layer progress line
+    (``[convert] layers.3 (5/42) ... GB/s, ETA``) is printed on stderr when the layer changes.
 
     Atomicity: everything is written under ``{parent}/.{basename}.partial-{pid}/`` and renamed to ``output`` when
     complete; any exception removes the partial directory. ``output`` must not exist (checked before writing).
@@ -47,6 +48,7 @@ Errors: ``ConversionError`` (a ConfigError: the CLI prints it and exits 2) names
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -174,10 +176,15 @@ class Progress:
         self.total, self.label, self.enabled = total, label, enabled
         self.stream = stream if stream is not None else sys.stderr
         self.start, self.done, self.bytes = time.monotonic(), 0, 0
+        self._units: set[str] = set()
 
     def step(self, unit: str, nbytes: int) -> None:
-        self.done += 1
+        """Count ``nbytes`` for ``unit``; a line when the unit is new (units revisited out of order only add bytes)."""
         self.bytes += nbytes
+        if unit in self._units:
+            return
+        self._units.add(unit)
+        self.done += 1
         if not self.enabled:
             return
         elapsed = max(time.monotonic() - self.start, 1e-9)
@@ -243,9 +250,7 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
     check_output_free(output)
     specs = param_specs(cfg)
     rows = padded_vocab(cfg, tp)
-    order = units(cfg)
-    unit_index = {u: i for i, u in enumerate(order)}
-    bar = Progress(len(order), "convert", progress)
+    bar = Progress(len(units(cfg)), "convert", progress)
     seen: set[str] = set()
     stored_dtype: list[torch.dtype] = []
 
@@ -271,60 +276,45 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
         return t
 
     with AtomicDir(output) as tmp:
-        staging = os.path.join(tmp, ".staging")
-        for r in range(tp):
-            os.makedirs(os.path.join(staging, f"rank_{r:02d}"))
-
-        def flush(unit: str, group: dict[str, torch.Tensor]) -> None:
-            nbytes = 0
-            for r in range(tp):
-                part = {}
-                for name, t in group.items():
-                    spec = specs[name]
-                    part[name] = (t.contiguous() if spec.partition_dim is None or tp == 1 else
-                                  shard_tensor(t, tp, r, spec.partition_dim, spec.partition_blocks))
-                    nbytes += part[name].numel() * part[name].element_size()
-                torch.save(part, os.path.join(staging, f"rank_{r:02d}", f"{unit_index[unit]:05d}.pt"))
-                del part
-            bar.step(unit, nbytes)
-
-        current, group, flushed = None, {}, set()
-        for name, t in _iter_items(tensors):
-            t = checked(name, t.detach())
-            unit = layer_of(name)
-            if unit != current:
-                if current is not None:
-                    flush(current, group)
-                    flushed.add(current)
-                if unit in flushed:  # a unit given in two pieces: merge the staged part back (rare; still bounded)
-                    group = _restage(staging, unit_index[unit], tp, specs)
-                    flushed.discard(unit)
-                else:
-                    group = {}
-                current = unit
-            group[name] = t
-        if current is not None:
-            flush(current, group)
-        group = {}
-        missing = [n for n in specs if n not in seen]
-        if missing:
-            raise ConversionError(f"{len(missing)} parameter(s) missing from the source, e.g. {missing[:4]}; "
-                                  f"the source checkpoint is incomplete or of another architecture")
-
-        final_dtype = stored_dtype[0] if len(set(stored_dtype)) == 1 else None
         rel = os.path.join(tmp, ckpt.iter_dir_name("release"))
+        paths = []
         for r in range(tp):
-            rank_dir = os.path.join(rel, ckpt.rank_dir_name(r, 0, 1))
-            os.makedirs(rank_dir)
-            src_dir = os.path.join(staging, f"rank_{r:02d}")
-            model: dict[str, torch.Tensor] = {}
-            for fname in sorted(os.listdir(src_dir)):
-                model.update(torch.load(os.path.join(src_dir, fname), mmap=True, weights_only=True))
-            state = {"checkpoint_version": 3.0, "iteration": 0, "model": {n: model[n] for n in specs}}
-            ckpt._write_file_atomic(os.path.join(rank_dir, ckpt.MODEL_FILE), lambda f, s=state: torch.save(s, f))
-            del model, state
-            shutil.rmtree(src_dir)
-        shutil.rmtree(staging)
+            os.makedirs(os.path.join(rel, ckpt.rank_dir_name(r, 0, 1)))
+            paths.append(os.path.join(rel, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE))
+        writers = [TorchStreamWriter(p + ".part") for p in paths]
+        refs: list[dict[str, TensorRef]] = [{} for _ in range(tp)]
+        current, nbytes = None, 0
+        try:
+            for name, t in _iter_items(tensors):
+                t = checked(name, t.detach())
+                unit = layer_of(name)
+                if unit != current:
+                    if current is not None:
+                        bar.step(current, nbytes)
+                    current, nbytes = unit, 0
+                spec = specs[name]
+                for r in range(tp):  # one rank's shard at a time: written, then dropped
+                    shard = (t if spec.partition_dim is None or tp == 1 else
+                             shard_tensor(t, tp, r, spec.partition_dim, spec.partition_blocks))
+                    refs[r][name] = writers[r].add(shard)
+                    nbytes += shard.numel() * shard.element_size()
+                    del shard
+                del t
+            if current is not None:
+                bar.step(current, nbytes)
+            missing = [n for n in specs if n not in seen]
+            if missing:
+                raise ConversionError(f"{len(missing)} parameter(s) missing from the source, e.g. {missing[:4]}; "
+                                      f"the source checkpoint is incomplete or of another architecture")
+            for r in range(tp):
+                writers[r].close({"checkpoint_version": 3.0, "iteration": 0,
+                                  "model": {n: refs[r][n] for n in specs}})
+                _fsync_file(paths[r] + ".part")
+                os.replace(paths[r] + ".part", paths[r])
+        finally:
+            for w in writers:
+                w.abort()
+        final_dtype = stored_dtype[0] if len(set(stored_dtype)) == 1 else None
         import megaocto
 
         meta = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "iteration": "release", "tp": tp,
@@ -338,18 +328,97 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
     return os.path.abspath(output)
 
 
-def _restage(staging: str, index: int, tp: int, specs: dict[str, ParamSpec]) -> dict[str, torch.Tensor]:
-    """Full tensors of an already staged unit (merged back from its per-rank shards)."""
-    from megaocto.parallel.layers import merge_shards
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    parts = [torch.load(os.path.join(staging, f"rank_{r:02d}", f"{index:05d}.pt"), weights_only=True)
-             for r in range(tp)]
-    out = {}
-    for name in parts[0]:
-        spec = specs[name]
-        out[name] = parts[0][name] if spec.partition_dim is None else merge_shards(
-            [p[name] for p in parts], spec.partition_dim, spec.partition_blocks)
-    return out
+
+# ------------------------------------------------------------------------------------------ streaming torch.save
+_STORAGE_TYPES = {torch.float32: "FloatStorage", torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage",
+                  torch.float64: "DoubleStorage", torch.int64: "LongStorage", torch.int32: "IntStorage",
+                  torch.uint8: "ByteStorage", torch.bool: "BoolStorage"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    type_name: str
+    numel: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor whose bytes are already in a :class:`TorchStreamWriter` archive; pickles as that tensor."""
+    storage: _StorageRef
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def __reduce_ex__(self, protocol):
+        # what torch.Tensor pickles as for a plain CPU tensor (torch._utils._rebuild_tensor_v2)
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, torch.Size(self.shape), self.stride, False, collections.OrderedDict()))
+
+
+class TorchStreamWriter:
+    """Write a file that ``torch.load`` (also ``weights_only=True`` and ``mmap=True``) reads exactly like a
+    ``torch.save``-d object, but streaming: ``add(tensor)`` appends the tensor's bytes to the archive at once and
+    returns a small :class:`TensorRef`; ``close(obj)`` pickles ``obj`` (a structure holding those refs) as
+    ``data.pkl``. The archive is torch.save's own zip writer (``torch._C.PyTorchFileWriter``, aligned records,
+    CRC32 as configured in ``torch.serialization``) with torch.save's records (``data/<key>``, ``data.pkl``,
+    ``.format_version``, ``.storage_alignment``, ``byteorder``); only their order differs (data first), which
+    ``torch.load`` does not depend on (it reads records by name). Heap: one tensor at a time.
+    """
+
+    def __init__(self, path: str):
+        import torch.serialization as ts
+
+        self.path = path
+        self._alignment = str(ts._get_storage_alignment())
+        self._zip = torch._C.PyTorchFileWriter(path, ts.get_crc32_options(), int(self._alignment))
+        self._count = 0
+        self._closed = False
+
+    def add(self, t: torch.Tensor) -> TensorRef:
+        if t.dtype not in _STORAGE_TYPES:
+            raise ConversionError(f"cannot store dtype {t.dtype}")
+        t = t.detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != nbytes:
+            t = t.clone()  # a view into a larger storage: store only its own bytes
+        key = str(self._count)
+        self._count += 1
+        self._zip.write_record(f"data/{key}", t.untyped_storage(), nbytes)
+        return TensorRef(_StorageRef(key, _STORAGE_TYPES[t.dtype], t.numel()), tuple(t.shape), tuple(t.stride()))
+
+    def close(self, obj: Any) -> None:
+        import io
+        import pickle
+
+        class _Pickler(pickle.Pickler):
+            def persistent_id(self, o):
+                if isinstance(o, _StorageRef):
+                    return ("storage", getattr(torch, o.type_name), o.key, "cpu", o.numel)
+                return None
+
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(obj)
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        self._zip.write_record(".storage_alignment", self._alignment, len(self._alignment))
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._zip.write_end_of_file()
+        self._closed = True
+        self._zip = None
+
+    def abort(self) -> None:
+        """Drop an unfinished archive's writer (the caller removes the file)."""
+        if not self._closed:
+            self._zip = None
+            self._closed = True
 
 
 # ------------------------------------------------------------------------------------------ reader
