@@ -79,6 +79,17 @@ def test_flat_input_default_chunk_and_frozen_weight():
     torch.testing.assert_close(first, xr.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_custom_ignore_index():
+    pc = ParallelContext.single()
+    x, w, labels, up = _inputs((2, 11), torch.float32, seed=6)
+    labels[labels == -100] = 5  # 5 is the ignored id here; no -100 left
+    labels[0, :4] = 5
+    want = _run(lce.reference_linear_cross_entropy, x, w, labels, up, pc, ignore_index=5)
+    got = _run(lce.triton_linear_cross_entropy, x, w, labels, up, pc, ignore_index=5, chunk_size=8)
+    _close(got, want, torch.float32)
+    assert torch.all(got[0][labels == 5] == 0) and torch.all(got[1][0, :4] == 0)
+
+
 def test_label_in_padded_column_is_infinite_like_reference():
     pc = ParallelContext.single()
     x, w, labels, _ = _inputs((9,), torch.float32, seed=4)
