@@ -113,7 +113,7 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
     rows, n = x2.shape
     dx = torch.empty((rows, n), dtype=x.dtype, device=dev)
     block_m, block_n, warps = elementwise_tiling(rows, n, dev)
-    programs, per_program = reduction_programs(rows, block_m, dev)
+    programs, per_program = reduction_programs(rows, block_m, dev, triton.cdiv(n, block_n))
     db = torch.zeros((programs, n), dtype=torch.float32, device=dev) if bias is not None else None
     if rows and n:
         _bias_gelu_bwd_kernel[(programs, triton.cdiv(n, block_n))](

@@ -237,14 +237,15 @@ def elementwise_tiling(n_rows: int, n_cols: int, device: torch.device) -> tuple[
     return block_m, block_n, 4 if block_m * block_n <= 2048 else 8
 
 
-def reduction_programs(n_rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
+def reduction_programs(n_rows: int, block_m: int, device: torch.device, col_blocks: int = 1) -> tuple[int, int]:
     """``(programs, rows_per_program)`` for a backward kernel that also reduces over rows (dweight, dbias).
 
     Each program walks ``rows_per_program`` rows (a multiple of ``block_m``) and writes one fp32 partial sum; the
-    partials are summed in torch. About 4 programs per SM on CUDA; 4 programs under the interpreter.
+    partials (``[programs, n_cols]`` fp32) are summed in torch. About 4 programs per SM on CUDA in total over the
+    ``col_blocks`` column blocks of the grid; 4 row programs under the interpreter.
     """
     if device.type == "cuda":
-        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        cap = max(1, 4 * torch.cuda.get_device_properties(device).multi_processor_count // max(col_blocks, 1))
     else:
         cap = 4
     tiles = -(-max(n_rows, 1) // block_m)
