@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 
 NAME = "demo"
-HELP = "Run the end-to-end OctoCoder-style pipeline on a local git repo with a tiny model (no network)"
+HELP = ("Run the end-to-end OctoCoder-style pipeline on a local git repo with a tiny model (no network); "
+        "`make demo` adds --launcher launch/finetune.sh --tp 2 --hf --eval-limit 2")
 ACCEPTS_EXTRA = True  # extra --section.field VALUE pairs go to the training run
 
 
@@ -29,6 +30,16 @@ def add_arguments(parser):
     parser.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary (default: %(default)s)")
     parser.add_argument("--seq-length", type=int, default=d.seq_length, help="sequence length (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=d.iters, help="training steps (default: %(default)s)")
+    parser.add_argument("--launcher", default=d.launcher, help="train through this launch script, e.g. "
+                        "launch/finetune.sh (a local torchrun; default: in this process)")
+    parser.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel processes of a --launcher run "
+                                                               "(default: %(default)s)")
+    parser.add_argument("--hf", action="store_true", help="export to Hugging Face format, load with transformers "
+                                                          "and generate")
+    parser.add_argument("--eval-limit", type=int, default=d.eval_limit, help="run the HumanEvalPack hook on this "
+                        "many problems (default: %(default)s = skip)")
+    parser.add_argument("--humanevalpack", default=d.humanevalpack, help="HumanEvalPack data directory "
+                        "(default: $MEGAOCTO_HUMANEVALPACK, else ../shared/data/humanevalpack when present)")
 
 
 def run(args) -> int:
@@ -36,7 +47,9 @@ def run(args) -> int:
     from megaocto.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(workdir=args.workdir, repo=args.repo, vocab_size=args.vocab_size,
-                     seq_length=args.seq_length, iters=args.iters, extra=list(args._extra))
+                     seq_length=args.seq_length, iters=args.iters, extra=list(args._extra),
+                     launcher=args.launcher, tp=args.tp, hf=args.hf, eval_limit=args.eval_limit,
+                     humanevalpack=args.humanevalpack)
     try:
         summary = run_demo(cfg)
     except ConfigError as e:
