@@ -74,6 +74,20 @@ def test_flash_attention_matches_sdpa(b, hq, hkv, s, d, causal, packed, dtype):
         _assert_close(a, e, rel, f"{name} ({dtype})")
 
 
+@pytest.mark.parametrize("hkv,splits,packed", [(1, 4, False), (2, 2, True)], ids=["mqa-split4", "gqa-split2-packed"])
+def test_flash_attention_dkdv_group_split(monkeypatch, hkv, splits, packed):
+    """The dK/dV kernel's group split (used on GPUs when MQA/GQA leaves too few programs) sums to the same grads."""
+    monkeypatch.setattr(fa, "_choose_kv_splits", lambda programs, group, device: splits)
+    b, hq, s, d = 2, 4, 37, 16
+    q, k, v = _qkv(b, hq, hkv, s, d, torch.float32, seed=6)
+    do = torch.randn(b, hq, s, d)
+    seg = _segments(b, s) if packed else None
+    got = _fwd_bwd("triton", q, k, v, do, causal=True, segment_ids=seg)
+    want = _fwd_bwd("sdpa", q, k, v, do, causal=True, segment_ids=seg)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        _assert_close(a, e, 1e-4, f"{name} splits={splits}")
+
+
 def test_flash_attention_strided_views_of_fused_qkv():
     """q, k, v as views of one fused projection (bigcode/GLM layout) run without copies and match sdpa."""
     b, s, h, d = 2, 37, 2, 16

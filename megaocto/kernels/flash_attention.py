@@ -16,6 +16,9 @@ Contract (same as :func:`megaocto.model.attention.attention`)::
 * MQA/GQA: query head ``i`` reads K/V head ``i // (hq // hkv)`` through strides; K/V are never expanded. In the
   backward, dK/dV for one K/V head are accumulated **inside the kernel**: the program that owns a K/V block loops
   over the ``hq // hkv`` query heads of its group, so no ``[b, hq, s, d]`` dK/dV buffer and no atomics exist.
+  Exception, on GPUs only: when that leaves too few programs to fill the device (MQA with a small batch), the
+  group is cut into ``splits`` slices handled by separate programs that write fp32 partial sums to a
+  ``[splits, b, hkv, s, d]`` buffer, reduced by one torch sum (:func:`_choose_kv_splits`).
 * Packing: ``segment_ids`` ``[b, s]`` (1, 2, ... per packed sample, 0 = padding). Token ``i`` attends to token
   ``j`` iff ``segment_ids[i] == segment_ids[j]`` (and ``j <= i`` when causal) — exactly
   :func:`megaocto.model.attention.segment_mask`, so padding attends to padding and no row is empty (no NaN).
@@ -226,12 +229,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, sqs, sds, LSE, DELTA, row_base, s
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
                      sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds,
-                     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-                     seq_len, n_heads, n_kv_heads, group, qk_scale, scale,
+                     sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sdk_split, sdv_split,
+                     seq_len, n_heads, n_kv_heads, group, splits, heads_per_split, qk_scale, scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                      DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     nb = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid1 = tl.program_id(1)
+    sp = (pid1 % splits).to(tl.int64)  # which slice of the group's query heads this program sums
+    bh = pid1 // splits
     b = (bh // n_kv_heads).to(tl.int64)
     hk = (bh % n_kv_heads).to(tl.int64)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -270,8 +275,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(group):  # the query heads sharing this K/V head (GQA/MQA): dK/dV summed here
-        h = hk * group + g
+    for g in range(heads_per_split):  # query heads sharing this K/V head (GQA/MQA): dK/dV summed here
+        h = hk * group + sp * heads_per_split + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         row_base = (b * n_heads + h) * seq_len
@@ -286,10 +291,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
                                  seg_row, offs_n, offs_d, d_ok, n_ok, c, hi, seq_len, qk_scale, True, CAUSAL, False,
                                  DOT_PREC, DOT_F32, BLOCK_M)
     dk = dk * scale
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+    tl.store(DK + sp * sdk_split + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + sp * sdv_split + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -407,6 +412,21 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
+def _choose_kv_splits(programs: int, group: int, device: torch.device) -> int:
+    """How many programs share one K/V block's query heads in the dK/dV kernel (a divisor of ``group``).
+
+    1 (the whole group summed in registers, written once) unless there are too few programs to fill the GPU —
+    MQA with a small batch, e.g. b=1, 1 K/V head, s=2048 gives 32 programs on 132 SMs; then the group is cut
+    into slices summed into an fp32 ``[splits, b, hkv, s, d]`` buffer and reduced with one torch sum.
+    ``programs`` is the count at split 1 (for a 64-key block).
+    """
+    if device.type != "cuda" or group == 1:
+        return 1
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, -(-target // max(programs, 1)))
+    return max(s for s in range(1, group + 1) if group % s == 0 and s <= want)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -446,14 +466,24 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: float, seg, first, last,
     _bwd_delta_kernel[(triton.cdiv(s, block_m), b * hq)](o, do, delta, *o.stride()[:3], *do.stride()[:3], s, hq,
                                                          HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m)
     dq = torch.empty(b, hq, s, d, dtype=q.dtype, device=q.device)
-    dk = torch.empty(b, hkv, s, d, dtype=k.dtype, device=k.device)
-    dv = torch.empty(b, hkv, s, d, dtype=v.dtype, device=v.device)
+    group = hq // hkv
+    splits = _choose_kv_splits(b * hkv * triton.cdiv(s, 64), group, q.device)
+    if splits == 1:  # each program sums its whole group: write dK/dV directly
+        dk = torch.empty(b, hkv, s, d, dtype=k.dtype, device=k.device)
+        dv = torch.empty(b, hkv, s, d, dtype=v.dtype, device=v.device)
+        dk_buf, dv_buf = dk.unsqueeze(0), dv.unsqueeze(0)
+    else:  # `splits` programs per K/V block, each summing group/splits heads into an fp32 slice; summed below
+        dk_buf = torch.empty(splits, b, hkv, s, d, dtype=torch.float32, device=k.device)
+        dv_buf = torch.empty(splits, b, hkv, s, d, dtype=torch.float32, device=v.device)
     common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_SEG=has_seg,
                   DOT_PREC=_dot_precision(q.dtype), DOT_F32=_dot_f32(q.dtype))
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, seg, first, last,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        s, hq, hkv, hq // hkv, scale * _LOG2E, scale, **common)
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * hkv * splits)](
+        q, k, v, do, lse, delta, dk_buf, dv_buf, seg, first, last,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk_buf.stride()[1:4],
+        *dv_buf.stride()[1:4], dk_buf.stride(0), dv_buf.stride(0),
+        s, hq, hkv, group, splits, group // splits, scale * _LOG2E, scale, **common)
+    if splits > 1:
+        dk, dv = dk_buf.sum(0).to(k.dtype), dv_buf.sum(0).to(v.dtype)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * hq)](
         q, k, v, do, lse, delta, dq, seg, first, last,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
