@@ -360,8 +360,9 @@ def bench_train(timer: Timer, device: torch.device, smoke: bool, micro_batch: in
                       peak_mib=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
                       extra={"tokens_per_s": tok_s, "mfu": (tflops / peak if peak else None),
                              "flops_per_token": fpt, "impls": ops_for(kernels, device).impls})
+            attn = ops_for(kernels, device).attention_backend or "auto (flash-attn/sdpa)"
             row.note = (f"{tok_s:,.0f} tok/s, MFU {100 * tflops / peak:.1f}% of {peak:.0f}" if peak
-                        else f"{tok_s:,.0f} tok/s, MFU n/a (unknown peak)")
+                        else f"{tok_s:,.0f} tok/s, MFU n/a (unknown peak)") + f", attention {attn}"
             rows.append(row)
             del trainer, batches
         except Exception as e:
