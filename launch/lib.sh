@@ -10,8 +10,10 @@
 #     the checkpoint in `checkpoint.save` (checkpoint.auto_resume).
 #   * otherwise: a local `torchrun --standalone --nproc_per_node NPROC_PER_NODE` (gloo on CPU, NCCL on GPU). torchrun
 #     turns a worker's 42 into 1, so the trainer's {run_dir}/exit_reason.json decides "preempted" in both modes.
-# Signals: SIGTERM / SIGUSR1 / SIGINT reaching this shell are forwarded to srun (which passes them to every task) or
-# to torchrun (as SIGTERM: torchrun forwards SIGTERM to its workers). The trainer finishes its step, saves, exits 42.
+# Signals: under SLURM the tasks get SIGTERM / SIGUSR1 from SLURM itself; this shell traps SIGTERM (to live on and
+# requeue) and forwards a SIGUSR1 sent only to it (--signal=B:USR1@...) to srun, which passes it to every task.
+# Locally SIGTERM / SIGUSR1 go to torchrun as SIGTERM (torchrun forwards SIGTERM to its workers). The trainer
+# finishes its step, saves and exits 42. On 42 a still-RUNNING job is requeued (a scancel'ed one is not).
 #
 # Environment read here (all optional; a set variable overrides the config file):
 #   PYTHON          python with megaocto installed (default: $ROOT/.venv/bin/python, else python3)
