@@ -124,3 +124,33 @@ def test_hook_config_errors_are_config_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="needs a tokenizer"):
         train(cfg, stream=io.StringIO())
+
+
+def test_cli_load_explain_describe_then_synthesize(tmp_path, tokenizer_path):
+    """--load: descriptions from a checkpoint, then explain-synthesize reads them (2 problems, 4 new tokens)."""
+    from megaocto.config.loader import load_run_config
+    from megaocto.training.loop import train
+
+    data = _data_dir()
+    save = str(tmp_path / "ckpt")
+    train(load_run_config(None, [
+        "--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--data.kind", "synthetic",
+        "--data.tokenizer", tokenizer_path, "--train.iters", "1", "--train.micro_batch_size", "2",
+        "--train.global_batch_size", "2", "--train.dtype", "fp32", "--logging.run_dir", str(tmp_path / "run"),
+        "--logging.jsonl", "false", "--data.num_workers", "0", "--checkpoint.save", save]), stream=io.StringIO())
+    common = ["--lang", "python", "--load", save, "--data-dir", str(data), "--limit", "2", "--max-new-tokens", "4"]
+    proc = _megaocto("eval", "humanevalpack", "--task", "explain-describe", *common, "--output", str(tmp_path / "d"))
+    assert proc.returncode == 0, proc.stderr
+    descs = json.loads((tmp_path / "d" / "explain-describe-python.generations.json").read_text())
+    assert len(descs) == 2 and all(len(d) == 1 and isinstance(d[0], str) for d in descs)
+    proc = _megaocto("eval", "humanevalpack", "--task", "explain-synthesize", *common, "--n", "2", "--k", "1,2,10",
+                     "--descriptions",
+                     str(tmp_path / "d" / "explain-describe-python.generations.json"), "--output", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["samples"] == 4 and 0.0 <= summary["pass@1"] <= summary["pass@2"] <= 1.0 and "pass@10" not in summary
+    rows = [json.loads(line) for line in (tmp_path / "s" / "explain-synthesize-python.jsonl").read_text().splitlines()]
+    assert all(r["n"] == 2 and len(r["completions"]) == 2 for r in rows)
+    # every sample is the declaration plus what the model wrote
+    assert all(s["code"].startswith(p["declaration"].rstrip()) for r, p in
+               zip(rows, hep.load_problems("python", data)) for s in r["samples"])

@@ -18,7 +18,9 @@ from megaocto.eval.toolchains import ToolchainError, check, prepare
 SAMPLE = 20
 FULL = ("python", "js")
 # problem -> why it cannot pass here (see docs/eval.md); excluded from the canonical check only
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "Rust/32": "its test calls rand 0.4's gen_range(low, high); Debian ships only rand 0.8 and crates.io is offline",
+}
 
 
 def _data_dir() -> Path:
@@ -54,7 +56,7 @@ def test_canonical_pass_and_buggy_fail(lang):
     assert not bad, f"{len(bad)} canonical solutions failed:\n" + "\n".join(bad)
     # buggy programs only need to fail: a short timeout keeps the ones that loop forever cheap
     buggy = hep.canonical_generations("synthesize", lang, problems, buggy=True)
-    res = hep.evaluate("synthesize", lang, buggy, problems=problems, workers=2, timeout=4)
+    res = hep.evaluate("synthesize", lang, buggy, problems=problems, workers=2, timeout=3)
     passing = [p["task_id"] for p in res.problems if p["samples"][0]["passed"]]
     assert not passing, f"buggy solutions passed the tests: {passing}"
 

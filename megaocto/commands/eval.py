@@ -57,7 +57,7 @@ def add_arguments(parser) -> None:
     hp.add_argument("--iteration", default=None, help="checkpoint iteration or 'release' (default: latest)")
     hp.add_argument("--workers", type=int, default=2, help="programs executed in parallel (default: %(default)s)")
     hp.add_argument("--timeout", type=float, default=None, help="per-program run timeout in seconds (default: per "
-                    "language: python/js/java 10, go 20, cpp/rust 10 after compiling)")
+                    "language: python/js 10, java 30 incl. compiling, go 20, cpp/rust 10 after compiling)")
     hp.add_argument("--k", default="1,10,100", help="pass@k values, reported when k <= n (default: %(default)s)")
     hp.add_argument("--output", default=None, help="directory for results (default: print the summary only)")
     st = sub.add_parser("setup-toolchains", help="apt-get install go, boost, testify and rust crates; write the "

@@ -38,7 +38,8 @@ class HumanEvalPackConfig:
     n_samples: int = field(1, "Samples per problem (pass@k is reported for every k in `ks` with k <= n_samples).")
     temperature: float = field(0.2, "Sampling temperature (OctoPack: 0.2; 0 = greedy).")
     top_p: float = field(0.95, "Nucleus sampling p (OctoPack: 0.95).")
-    max_new_tokens: int = field(256, "New tokens per sample (the prompt plus this must fit model.seq_length).")
+    max_new_tokens: int = field(256, "New tokens per sample; with a learned position table, a prompt longer than "
+                                     "max_position_embeddings - max_new_tokens keeps its last tokens.")
     template: str = field("octocoder", "Prompt template: octocoder, octogeex, instruct or continue (synthesize only; "
                                        "for base models).")
     ks: list[int] = field(None, "pass@k values to report.", default_factory=lambda: [1, 10, 100])
@@ -49,7 +50,7 @@ class HumanEvalPackConfig:
                                        "$MEGAOCTO_HUMANEVALPACK or the hub dataset bigcode/humanevalpack.")
     workers: int = field(2, "Programs executed in parallel on rank 0.")
     timeout: float | None = field(None, "Per-program run timeout in seconds; unset = the per-language default "
-                                        "(python/js/java 10, go 20, cpp/rust 10 after compiling).")
+                                        "(python/js 10, java 30 incl. compiling, go 20, cpp/rust 10 after compiling).")
     output_dir: str | None = field(None, "Where per-step results go (<dir>/iter_<N>/<task>-<lang>.jsonl); unset = "
                                          "<logging.run_dir>/humanevalpack.")
 
