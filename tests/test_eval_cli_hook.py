@@ -154,3 +154,43 @@ def test_cli_load_explain_describe_then_synthesize(tmp_path, tokenizer_path):
     # every sample is the declaration plus what the model wrote
     assert all(s["code"].startswith(p["declaration"].rstrip()) for r, p in
                zip(rows, hep.load_problems("python", data)) for s in r["samples"])
+
+
+def _tp2_hook_body(rank, world_size, tok_path, data_dir, out_dir):
+    import torch
+    import torch.distributed as dist
+
+    from megaocto.config.eval import EvalConfig, HumanEvalPackConfig
+    from megaocto.config.model import ModelConfig
+    from megaocto.eval.hook import HumanEvalPackHook
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+
+    pc = ParallelContext.init(tp=2)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("tiny-bigcode", init_method_std=0.2), pc)
+    cfg = EvalConfig(humanevalpack=HumanEvalPackConfig(enabled=True, limit=2, max_new_tokens=6, n_samples=2,
+                                                       data_dir=data_dir, output_dir=out_dir, temperature=0.8))
+    hook = HumanEvalPackHook(cfg, tokenizer_path=tok_path, run_dir=out_dir, pc=pc, total_iters=1)
+    assert hook.due(1)
+    metrics = hook.run(model, 1)
+    if rank == 0:
+        assert set(metrics) == {"synthesize/python/pass@1"}
+    else:
+        assert metrics == {}  # execution and logging happen on rank 0 only
+    # both TP ranks generated the same samples
+    from megaocto.eval.hook import generate_samples
+
+    samples, raw = generate_samples(model, hook.tokenizer, "synthesize", "python", hook.problems["python"],
+                                    hook.settings, pc)
+    both = [None, None]
+    dist.all_gather_object(both, raw, group=pc.tp_group)
+    assert both[0] == both[1] and len(raw) == 2 and all(len(r) == 2 for r in raw)
+
+
+def test_hook_at_tp2_generates_on_both_ranks_and_scores_on_rank0(tmp_path, tokenizer_path):
+    from dist_utils import run_distributed
+
+    run_distributed(_tp2_hook_body, 2, tokenizer_path, str(_data_dir()), str(tmp_path / "hep"))
+    rows = (tmp_path / "hep" / "iter_0000001" / "synthesize-python.jsonl").read_text().splitlines()
+    assert len(rows) == 2
