@@ -3,8 +3,9 @@
 Contract:
 - :func:`generate_samples(model, tokenizer, task, lang, problems, settings, pc)` — collective over the model's TP
   group (every TP rank calls it and gets identical completions, via ``megaocto.generation.generate``); returns the
-  post-processed samples, ``n_samples`` per problem. A prompt longer than the model's position table minus
-  ``max_new_tokens`` keeps its last tokens (the post-processing still uses the full prompt string).
+  post-processed samples, ``n_samples`` per problem. With a learned position table, a prompt longer than
+  ``max(positions - max_new_tokens, positions // 2)`` keeps its last tokens (generation then stops at the table's
+  end; the post-processing still uses the full prompt string).
 - :class:`HumanEvalPackHook` — built once by the training loop; ``hook.due(iteration, last)`` says whether to run;
   ``hook.run(model, iteration)`` is collective (generation on every rank), executes on global rank 0 only and
   returns ``{"<task>/<lang>/pass@<k>": value}`` there (``{}`` on other ranks); per-problem results go to
@@ -56,7 +57,7 @@ def generate_samples(model, tokenizer, task: str, lang: str, problems: Sequence[
     for text in prompts:
         ids = tokenizer.encode(text) or [tokenizer.eod]
         if limit is not None:
-            keep = max(1, limit - settings.max_new_tokens)
+            keep = max(limit - settings.max_new_tokens, limit // 2)  # at least half the positions for the prompt
             ids = ids[-keep:]
         encoded.append(ids)
     gen = GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
