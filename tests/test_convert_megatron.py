@@ -13,6 +13,7 @@ logits within 1e-5.
 from __future__ import annotations
 
 import argparse
+import collections
 import enum
 import os
 import random
@@ -38,11 +39,13 @@ TOL = dict(atol=1e-5, rtol=0.0)
 
 
 # ------------------------------------------------------------------------------------------ reference model
-def _reference(head_type: str, seed: int = 0, *, tied: bool = True) -> tuple[ModelConfig, torch.nn.Module]:
+def _reference(head_type: str, seed: int = 0, *, tied: bool = True, bias: bool = True
+               ) -> tuple[ModelConfig, torch.nn.Module]:
     cfg = ModelConfig(family="bigcode", num_layers=4, hidden_size=32, num_attention_heads=4,
                       num_query_groups=1 if head_type == "multiquery" else 4, kv_channels=16, ffn_hidden_size=48,
                       vocab_size=VOCAB, make_vocab_size_divisible_by=DIV, seq_length=16,
-                      max_position_embeddings=24, attention_dropout=0.0, hidden_dropout=0.0, tie_embeddings=tied)
+                      max_position_embeddings=24, attention_dropout=0.0, hidden_dropout=0.0, tie_embeddings=tied,
+                      add_qkv_bias=bias, add_bias_linear=bias)
     torch.manual_seed(seed)
     model = build_model(cfg, ParallelContext.single()).eval()
     with torch.no_grad():  # every tensor random (biases and LayerNorms too), so bit-exactness means something
@@ -113,13 +116,16 @@ def _megatron_layer(sd: dict, i: int, cfg: ModelConfig, tp: int, head_type: str,
     heads, d = cfg.num_attention_heads, cfg.head_dim
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
 
-    def rep(key: str, t: torch.Tensor) -> None:
+    def rep(key: str, t: torch.Tensor | None) -> None:
         for r in ranks:
-            r[key] = t.clone()
+            if t is not None:  # None: the model has no such bias
+                r[key] = t.clone()
 
-    def split(key: str, t: torch.Tensor, dim: int) -> None:
-        for r, part in zip(ranks, t.chunk(tp, dim=dim)):
+    def split(key: str, t: torch.Tensor | None, dim: int) -> None:
+        for r, part in zip(ranks, t.chunk(tp, dim=dim) if t is not None else []):
             r[key] = part.clone()
+
+    sd = collections.defaultdict(lambda: None, sd)
 
     for ln in ("input_layernorm", "post_attention_layernorm"):
         rep(f"{ln}.weight", sd[pre + f"{ln}.weight"] - (1.0 if layernorm_1p else 0.0))
@@ -131,6 +137,8 @@ def _megatron_layer(sd: dict, i: int, cfg: ModelConfig, tp: int, head_type: str,
     else:
         for p in ("weight", "bias"):
             ours = sd[pre + f"self_attention.query_key_value.{p}"]  # [q; k; v], each [np*hn]
+            if ours is None:
+                continue
             rest = ours.shape[1:]
             per_head = ours.view(3, heads, d, *rest).transpose(0, 1).reshape(ours.shape)  # [np, 3, hn]
             for r, part in zip(ranks, per_head.chunk(tp, dim=0)):
@@ -208,22 +216,23 @@ def _expected(model: torch.nn.Module, vocab: int) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ mapping (no writer)
-@pytest.mark.parametrize("head_type,tp,pp,version,one_p,tied", [
-    ("multiquery", 1, 1, 3.0, False, True),
-    ("multihead", 2, 1, 3.0, False, False),
-    ("multihead", 2, 1, 0, False, True),
-    ("multihead", 1, 2, 1.0, True, True),
-    ("multiquery", 2, 2, 3.0, True, False),
+@pytest.mark.parametrize("head_type,tp,pp,version,one_p,variant", [
+    ("multiquery", 1, 1, 3.0, False, "tied"),
+    ("multihead", 2, 1, 3.0, False, "untied"),
+    ("multihead", 2, 1, 0, False, "tied"),
+    ("multihead", 1, 2, 1.0, True, "no_bias"),
+    ("multiquery", 2, 2, 3.0, True, "untied"),
 ])
-def test_mapping_is_bit_exact_and_reference_forward_matches(tmp_path, head_type, tp, pp, version, one_p, tied):
-    cfg, model = _reference(head_type, tied=tied)
+def test_mapping_is_bit_exact_and_reference_forward_matches(tmp_path, head_type, tp, pp, version, one_p, variant):
+    cfg, model = _reference(head_type, tied=variant != "untied", bias=variant != "no_bias")
     build_megatron_checkpoint(str(tmp_path), cfg, model, tp=tp, pp=pp, head_type=head_type, version=version,
-                              layernorm_1p=one_p)
+                              layernorm_1p=one_p, disable_bias_linear=variant == "no_bias")
     src = open_source(str(tmp_path))
     assert (src.tp, src.pp, src.iteration, src.head_type) == (tp, pp, 7, head_type)
     got_cfg = model_config_from_args(src, vocab_size=VOCAB)
     for f in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim", "ffn_size",
-              "vocab_size", "max_positions", "activation", "make_vocab_size_divisible_by", "tie_embeddings"):
+              "vocab_size", "max_positions", "activation", "make_vocab_size_divisible_by", "tie_embeddings",
+              "add_qkv_bias", "add_bias_linear"):
         assert getattr(got_cfg, f) == getattr(cfg, f), f
     validate_source(src, got_cfg)
     got = dict(iter_megaocto_tensors(src, got_cfg))

@@ -154,6 +154,7 @@ class MegatronSource:
     args: argparse.Namespace
     checkpoint_version: float
     head_type: str  # multihead | multiquery
+    first_keys: frozenset[str] = frozenset()  # flattened tensor names of the first rank file
     notes: list[str] = field(default_factory=list)
 
     def stage_files(self, pp_rank: int) -> list[str]:
@@ -324,7 +325,8 @@ def open_source(load: str, iteration: int | str | None = None) -> MegatronSource
     if version < 2.0:
         notes.append(f"checkpoint_version {version}: query_key_value rows re-ordered as Megatron does for old files")
     return MegatronSource(directory=directory, iteration=iteration, tp=tp, pp=pp, files=dict(sorted(found.items())),
-                          args=args, checkpoint_version=version, head_type=head_type, notes=notes)
+                          args=args, checkpoint_version=version, head_type=head_type,
+                          first_keys=frozenset(lm_flat), notes=notes)
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -363,6 +365,15 @@ def model_config_from_args(src: MegatronSource, *, vocab_size: int | None = None
     if not isinstance(max_pos, int):
         raise ConversionError(f"{where}.max_position_embeddings is missing")
     seq = _get(a, "seq_length") or max_pos
+    # Biases: read off the weights when the first file has layers (Megatron versions differ in whether the fused
+    # MHA projection follows --disable-bias-linear; MQA query/key_value always have one), else from args.
+    keys = src.first_keys
+    linear_bias = not _get(a, "disable_bias_linear", False) and _get(a, "add_bias_linear", True) is not False
+    qkv_bias = linear_bias or src.head_type == "multiquery"
+    if any(k.startswith("layers.") for k in keys):
+        linear_bias = any(k.endswith(".self_attention.dense.bias") for k in keys)
+        qkv_bias = any(k.endswith((".self_attention.query.bias", ".self_attention.query_key_value.bias"))
+                       for k in keys)
     if _get(a, "openai_gelu") or _get(a, "bias_gelu_fusion", True):
         activation = "gelu_tanh"  # fused bias-GELU and openai_gelu are both the tanh approximation
     else:
@@ -379,11 +390,8 @@ def model_config_from_args(src: MegatronSource, *, vocab_size: int | None = None
         init_method_std=float(_get(a, "init_method_std", 0.02) or 0.02),
         attention_dropout=float(_get(a, "attention_dropout", 0.1) or 0.0),
         hidden_dropout=float(_get(a, "hidden_dropout", 0.1) or 0.0),
-        add_qkv_bias=True, add_bias_linear=not _get(a, "disable_bias_linear", False) and
-        _get(a, "add_bias_linear", True) is not False,
+        add_qkv_bias=qkv_bias, add_bias_linear=linear_bias,
         tie_embeddings=not _get(a, "untie_embeddings_and_output_weights", False))
-    if src.head_type == "multihead" and not cfg.add_bias_linear:
-        cfg.add_qkv_bias = False  # Megatron's fused MHA projection follows --disable-bias-linear
     cfg.validate(1)
     return cfg
 
@@ -414,8 +422,9 @@ def expected_layer_shapes(cfg: ModelConfig, tp: int, head_type: str) -> dict[str
     s: dict[str, tuple[int, ...]] = {f"{ln}.{p}": (h,) for ln in ("input_layernorm", "post_attention_layernorm")
                                      for p in ("weight", "bias")}
     if head_type == "multiquery":
-        s.update({"self_attention.query.weight": (heads * d // tp, h), "self_attention.query.bias": (heads * d // tp,),
-                  "self_attention.key_value.weight": (2 * d, h), "self_attention.key_value.bias": (2 * d,)})
+        s.update({"self_attention.query.weight": (heads * d // tp, h), "self_attention.key_value.weight": (2 * d, h)})
+        if cfg.add_qkv_bias:
+            s.update({"self_attention.query.bias": (heads * d // tp,), "self_attention.key_value.bias": (2 * d,)})
     else:
         s["self_attention.query_key_value.weight"] = (3 * heads * d // tp, h)
         if cfg.add_qkv_bias:
