@@ -204,7 +204,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"[4/{steps}] CommitPackFT filters kept {filt.kept} of {filt.seen} commits -> {filtered}")
     for line in filt.report().splitlines():
         log("      " + line)
-    if filt.seen < 1000:
+    if filt.seen < 100_000:
         log(f"      note: {filt.seen} commits are too few for the CommitPackFT filters to be representative "
             f"(they were made for millions of CommitPack rows); the rules ran unchanged, only the token window "
             f"is sized to --seq-length")

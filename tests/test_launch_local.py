@@ -123,3 +123,15 @@ def test_finetune_sh_runs_tiny_tp2_locally_and_resumes_after_a_signal(tmp_path):
     assert after and after[0]["iteration"] <= stopped + 2
     assert all(r["consumed_samples"] == r["iteration"] * 8 for r in after)
     assert latest_checkpoint(run2) == stopped + 2
+
+
+def test_demo_launcher_options_are_checked_before_anything_runs(tmp_path):
+    from megaocto.config.base import ConfigError
+    from megaocto.demo import DemoConfig, run_demo
+
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match="--tp > 1 needs --launcher"):
+        run_demo(DemoConfig(workdir=str(tmp_path / "w"), tp=2), log=lines.append)
+    with pytest.raises(ConfigError, match="--launcher nope.sh: no such file"):
+        run_demo(DemoConfig(workdir=str(tmp_path / "w"), launcher="nope.sh"), log=lines.append)
+    assert lines == [] and not (tmp_path / "w").exists()
