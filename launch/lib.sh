@@ -34,8 +34,7 @@ EXIT_PREEMPTED=42
 
 megaocto_log() { echo "[megaocto launch $(date +%H:%M:%S)] $*"; }
 
-# megaocto_root SCRIPT_PATH: the repository root. sbatch runs a copy of the script from its spool directory, so
-# there the root is MEGAOCTO_ROOT or the submit directory (submit from the repository root).
+# The python to run megaocto with (needs ROOT, set by the calling script).
 megaocto_find_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"
   elif [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"
@@ -82,11 +81,13 @@ print(cfg.logging.run_dir)
 EOF
 }
 
-# exit_code recorded in RUN_DIR/exit_reason.json by rank 0 (empty when absent or null).
+# exit_code recorded in RUN_DIR/exit_reason.json by rank 0 at or after epoch second $2 (empty when absent, null,
+# or older: a run that died before writing must not inherit an earlier run's 42).
 megaocto_recorded_exit_code() {
-  "$PY" - "$1/exit_reason.json" <<'EOF' 2>/dev/null || true
+  "$PY" - "$1/exit_reason.json" "$2" <<'EOF' 2>/dev/null || true
 import json, sys
-code = json.load(open(sys.argv[1])).get("exit_code")
+record = json.load(open(sys.argv[1]))
+code = record.get("exit_code") if float(record.get("time") or 0) >= float(sys.argv[2]) else None
 print("" if code is None else code)
 EOF
 }
@@ -134,6 +135,8 @@ megaocto_train() {
   fi
   megaocto_log "${cmd[*]}"
 
+  local started
+  started=$(date +%s)
   "${cmd[@]}" &
   local child=$! rc got_signal=0
   # Forward the preemption signals; torchrun only handles SIGTERM (it passes that to its workers).
@@ -159,7 +162,7 @@ megaocto_train() {
   trap - TERM USR1 INT
 
   local recorded
-  recorded=$(megaocto_recorded_exit_code "$run_dir")
+  recorded=$(megaocto_recorded_exit_code "$run_dir" "$started")
   if [ "$rc" != 0 ] && { [ "$rc" = "$EXIT_PREEMPTED" ] || [ "$recorded" = "$EXIT_PREEMPTED" ]; }; then
     if [ "$mode" = slurm ] && [ "${MEGAOCTO_NO_REQUEUE:-0}" != 1 ]; then
       # Requeue only a job that is still RUNNING: after `scancel` it is CANCELLED (the user meant it), and a
