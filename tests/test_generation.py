@@ -1,6 +1,6 @@
 """Generation: KV-cached decoding equals full recomputation (logits ≤ 1e-5 at every step, same tokens) for bigcode
 MQA, bigcode MHA and glm2 GQA; left-padded batches equal per-prompt runs; tp=2 (with sequence parallelism on the
-context) gives tp=1's tokens on both ranks; seeded sampling, top-k/top-p edge cases, stop strings/eos; greedy
+context) gives tp=1's tokens on both ranks, also from a tp=2 release checkpoint; seeded sampling, top-k/top-p edge cases, stop strings/eos; greedy
 tokens equal transformers' GPTBigCode generate; `megaocto generate` on a checkpoint written by `megaocto train`.
 
 Models use init std 0.2 so that untrained greedy decoding does not collapse to one repeated token (asserted).
@@ -156,7 +156,7 @@ def test_stop_strings_and_eos_cut_the_output():
 
 
 # ------------------------------------------------------------------------------------------ tensor parallel
-def _tp_body(rank, world_size):
+def _tp_body(rank, world_size, release_dir):
     pc = ParallelContext.init(tp=2, sequence_parallel=True)
     single = ParallelContext.single()
     configs = [GenerationConfig(max_new_tokens=8), GenerationConfig(max_new_tokens=8, temperature=0.9, top_p=0.9,
@@ -172,10 +172,18 @@ def _tp_body(rank, world_size):
                 assert both[0] == both[1], (kind, gen, use_cache, "ranks disagree")
                 assert got == generate(ref, PROMPTS, gen, single, use_cache=use_cache), (kind, gen, use_cache)
         assert _diverse(generate(ref, PROMPTS, configs[0], single))
+    # a release checkpoint written at tp=2 (megaocto convert's writer) loads on both ranks and decodes the same
+    loaded, cfg = load_checkpoint_model(release_dir, pc)
+    assert cfg.family == "glm2" and pc.sequence_parallel
+    assert generate(loaded, PROMPTS, configs[1], pc) == generate(_model("glm2-gqa", single), PROMPTS, configs[1])
 
 
-def test_tp2_tokens_equal_tp1_on_both_ranks():
-    run_distributed(_tp_body, 2)
+def test_tp2_tokens_equal_tp1_on_both_ranks(tmp_path):
+    from megaocto.convert.core import write_megaocto_checkpoint
+
+    model = _model("glm2-gqa")
+    release = write_megaocto_checkpoint(str(tmp_path / "release"), model.cfg, model.state_dict(), 2, progress=False)
+    run_distributed(_tp_body, 2, release)
 
 
 # ------------------------------------------------------------------------------------------ vs transformers

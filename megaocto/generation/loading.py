@@ -3,8 +3,8 @@
 ``load_checkpoint_model(load, pc)`` reads ``{load}/latest_checkpointed_iteration.txt`` (or ``iteration``), the
 model config from ``metadata.json`` (``config.model``) and this TP rank's ``model_optim_rng.pt``. The checkpoint
 must have been saved at the current ``pc.tp`` (reshard it with ``megaocto convert reshard`` otherwise). The model
-is built on the ``meta`` device (no random init, no RNG consumed), materialised on ``device`` and filled from the
-checkpoint, in ``dtype`` (default: the dtype the weights were saved in).
+is built on ``device`` (so ``model.kernels: auto`` resolves for that device) and filled from the checkpoint, in
+``dtype`` (default: the dtype the weights were saved in); the caller's RNG state is left as it was.
 """
 from __future__ import annotations
 
@@ -45,16 +45,17 @@ def checkpoint_metadata(load: str, iteration: int | str | None = None) -> tuple[
 
 
 def model_config_from_metadata(meta: dict, where: str) -> ModelConfig:
-    """The ModelConfig recorded in checkpoint metadata (``config.model``); unknown fields are an error."""
+    """The ModelConfig recorded in checkpoint metadata (``config.model``); fields this version does not know (e.g.
+    from a newer megaocto) are ignored, as ``megaocto convert`` does; missing ones take their defaults."""
     fields = ((meta.get("config") or {}).get("model"))
     if not isinstance(fields, dict):
         raise ConfigError(f"{where}: no config.model section; cannot tell the model architecture")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"{where}: config.model has fields this megaocto does not know: {unknown}")
-    cfg = ModelConfig(**fields)
-    cfg.validate()
+    try:
+        cfg = ModelConfig(**{k: v for k, v in fields.items() if k in known})
+        cfg.validate()
+    except (TypeError, ConfigError) as e:
+        raise ConfigError(f"{where}: config.model is not a valid model config: {e}") from None
     return cfg
 
 
@@ -97,8 +98,11 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
         raise ConfigError(f"{ckpt.model_file(load, iteration, pc.tp_rank)}: no 'model' state dict")
     device = pc.device if device is None else torch.device(device)
     dtype = _saved_dtype(state) if dtype is None else dtype
-    model = build_model(cfg, pc, dtype=dtype, device="meta")
-    model.to_empty(device=device)
+    # Built on its device (the kernel ops are resolved from it at construction); the throwaway random init runs
+    # on a forked RNG so the caller's RNG state is untouched.
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        model = build_model(cfg, pc, dtype=dtype, device=device)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
