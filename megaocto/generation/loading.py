@@ -83,12 +83,12 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
     where = os.path.join(directory, ckpt.METADATA)
     saved_tp, saved_pp = int(meta.get("tp", 1)), int(meta.get("pp", 1))
     if saved_pp != 1:
-        raise ConfigError(f"{where}: saved with pp={saved_pp}; generation needs a pp=1 checkpoint (merge the "
-                          f"pipeline stages with `megaocto convert reshard`)")
+        raise ConfigError(f"{where}: saved with pp={saved_pp}; generation builds the whole layer stack on every "
+                          f"rank and needs a pp=1 checkpoint")
     if saved_tp != pc.tp:
         raise ConfigError(f"{where}: checkpoint saved with tp={saved_tp} but generation runs with tp={pc.tp}; run "
                           f"with tp={saved_tp} (torchrun --nproc_per_node {saved_tp}) or reshard it first: "
-                          f"megaocto convert reshard --load {load} --tp {pc.tp} --save DIR")
+                          f"megaocto convert reshard --load {load} --tp {pc.tp} --output DIR")
     cfg = model_config_from_metadata(meta, where)
     loaded = ckpt.load_checkpoint(load, pc, iteration=iteration)
     if loaded is None:  # the tracker vanished between the two reads
