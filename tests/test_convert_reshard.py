@@ -104,6 +104,7 @@ def test_reshard_errors_before_writing(tmp_path):
 def test_stream_writer_files_load_like_torch_save(tmp_path):
     base = torch.arange(250_000, dtype=torch.float32).view(500, 500)  # 1 MB
     tensors = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "view": base[1:3, 2:5], "t": base[:3, :4].t(),
+               "rows": base[2:4],  # a contiguous view at an offset: written in place
                "half": torch.randn(7).half(), "scalar": torch.tensor(2.5)}
     path = str(tmp_path / "streamed.pt")
     w = TorchStreamWriter(path)

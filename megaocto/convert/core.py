@@ -294,8 +294,12 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
                     current, nbytes = unit, 0
                 spec = specs[name]
                 for r in range(tp):  # one rank's shard at a time: written, then dropped
-                    shard = (t if spec.partition_dim is None or tp == 1 else
-                             shard_tensor(t, tp, r, spec.partition_dim, spec.partition_blocks))
+                    if spec.partition_dim is None or tp == 1:
+                        shard = t
+                    elif spec.partition_dim == 0 and spec.partition_blocks is None:
+                        shard = t.chunk(tp, 0)[r]  # = shard_tensor(t, tp, r, 0), as a zero-copy row view
+                    else:
+                        shard = shard_tensor(t, tp, r, spec.partition_dim, spec.partition_blocks)
                     refs[r][name] = writers[r].add(shard)
                     nbytes += shard.numel() * shard.element_size()
                     del shard
@@ -366,10 +370,10 @@ class TorchStreamWriter:
     """Write a file that ``torch.load`` (also ``weights_only=True`` and ``mmap=True``) reads exactly like a
     ``torch.save``-d object, but streaming: ``add(tensor)`` appends the tensor's bytes to the archive at once and
     returns a small :class:`TensorRef`; ``close(obj)`` pickles ``obj`` (a structure holding those refs) as
-    ``data.pkl``. The archive is torch.save's own zip writer (``torch._C.PyTorchFileWriter``, aligned records,
-    CRC32 as configured in ``torch.serialization``) with torch.save's records (``data/<key>``, ``data.pkl``,
-    ``.format_version``, ``.storage_alignment``, ``byteorder``); only their order differs (data first), which
-    ``torch.load`` does not depend on (it reads records by name). Heap: one tensor at a time.
+    ``data.pkl``. The archive is torch.save's own zip writer (``torch._C.PyTorchFileWriter``, aligned records, no
+    CRC32 as with ``torch.serialization.set_crc32_options(False)``) holding torch.save's records (``data/<key>``,
+    ``data.pkl``, ``.format_version``, ``.storage_alignment``, ``byteorder``); only their order differs (data
+    first), which ``torch.load`` does not depend on (it reads records by name). Heap: one tensor at a time.
     """
 
     def __init__(self, path: str):
@@ -377,20 +381,21 @@ class TorchStreamWriter:
 
         self.path = path
         self._alignment = str(ts._get_storage_alignment())
-        self._zip = torch._C.PyTorchFileWriter(path, ts.get_crc32_options(), int(self._alignment))
+        # No CRC32 (torch.serialization.set_crc32_options(False) semantics): computing it costs more than the
+        # write itself here, and torch.load does not need it; --verify is the end-to-end check.
+        self._zip = torch._C.PyTorchFileWriter(path, False, int(self._alignment))
         self._count = 0
         self._closed = False
 
     def add(self, t: torch.Tensor) -> TensorRef:
         if t.dtype not in _STORAGE_TYPES:
             raise ConversionError(f"cannot store dtype {t.dtype}")
-        t = t.detach().contiguous()
+        t = t.detach().contiguous()  # a contiguous view (e.g. a row chunk) is written in place, without a copy
         nbytes = t.numel() * t.element_size()
-        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != nbytes:
-            t = t.clone()  # a view into a larger storage: store only its own bytes
         key = str(self._count)
         self._count += 1
-        self._zip.write_record(f"data/{key}", t.untyped_storage(), nbytes)
+        offset = t.storage_offset() * t.element_size()
+        self._zip.write_record(f"data/{key}", t.untyped_storage()[offset:offset + nbytes], nbytes)  # own bytes only
         return TensorRef(_StorageRef(key, _STORAGE_TYPES[t.dtype], t.numel()), tuple(t.shape), tuple(t.stride()))
 
     def close(self, obj: Any) -> None:

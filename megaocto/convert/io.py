@@ -193,6 +193,11 @@ class SafetensorsShardWriter:
 
         path = os.path.join(self.directory, f".part-{len(self._parts) + 1:05d}.safetensors")
         save_file(self._buffer, path, metadata=self.metadata)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # durable before the directory is renamed into place
+        finally:
+            os.close(fd)
         self._parts.append((path, list(self._buffer)))
         self._buffer, self._buffer_bytes = {}, 0
 
