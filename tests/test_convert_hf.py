@@ -85,7 +85,8 @@ def _safetensors(path):
     from safetensors.torch import load_file
 
     index = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
+             else ["model.safetensors"])
     out = {}
     for f in files:
         out.update(load_file(os.path.join(path, f)))
@@ -119,7 +120,8 @@ def test_hf_to_megaocto_tp1_logits_and_back_bit_exact(hf_dirs, tmp_path, capsys,
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     for fname in ("config.json", "generation_config.json"):
         assert os.path.exists(os.path.join(back, fname))
-    src_conf, out_conf = json.load(open(os.path.join(src, "config.json"))), json.load(open(os.path.join(back, "config.json")))
+    src_conf = json.load(open(os.path.join(src, "config.json")))
+    out_conf = json.load(open(os.path.join(back, "config.json")))
     for key in ("model_type", "vocab_size", "architectures", "eos_token_id"):
         assert src_conf.get(key) == out_conf.get(key), key
 
@@ -293,7 +295,8 @@ def test_errors_are_raised_before_writing(hf_dirs, tmp_path):
     state = load_file(quant / "model.safetensors")
     state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].to(torch.int8)
     save_file(state, quant / "model.safetensors", metadata={"format": "pt"})
-    _expect_error(tmp_path, "transformer.h.0.mlp.c_fc.weight: tensor dtype torch.int8 is not supported", from_hf, str(quant))
+    _expect_error(tmp_path, "transformer.h.0.mlp.c_fc.weight: tensor dtype torch.int8 is not supported", from_hf,
+                  str(quant))
     _expect_error(tmp_path, "unsupported dtype 'int4'", from_hf, src, dtype="int4")
 
     ck = tmp_path / "ck"

@@ -29,11 +29,13 @@ def add_arguments(parser) -> None:
     sub.required = True
     dtypes = ["bf16", "fp16", "fp32"]
 
-    p = sub.add_parser("from-hf", help="HF model directory (GPTBigCode, Glm, ChatGLM2/CodeGeeX2) -> megaocto checkpoint",
+    p = sub.add_parser("from-hf",
+                       help="HF model directory (GPTBigCode, Glm, ChatGLM2/CodeGeeX2) -> megaocto checkpoint",
                        description="Convert a Hugging Face model directory to a megaocto release checkpoint.")
     p.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors or pytorch_model*.bin)")
     p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")
-    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size to shard for (default: %(default)s)")
+    p.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor-parallel size to shard for (default: %(default)s)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep the source's)")
     p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
     p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
@@ -41,7 +43,8 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("to-hf", help="megaocto checkpoint (any TP) -> HF model directory",
                        description="Export a megaocto checkpoint as a Hugging Face model directory "
                                    "(GPTBigCodeForCausalLM or GlmForCausalLM).")
-    p.add_argument("--load", required=True, help="megaocto checkpoint directory (with latest_checkpointed_iteration.txt)")
+    p.add_argument("--load", required=True,
+                   help="megaocto checkpoint directory (with latest_checkpointed_iteration.txt)")
     p.add_argument("--output", required=True, help="new HF model directory (must not exist)")
     p.add_argument("--iteration", type=_iteration, default=None, help="iteration to export (default: the tracker's)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="weights dtype (default: the checkpoint's)")
@@ -62,7 +65,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
 
     p = sub.add_parser("from-megatron", help="bigcode Megatron-LM checkpoint -> megaocto checkpoint",
-                       description="Import a bigcode Megatron-LM GPT checkpoint (iter_*/mp_rank_XX/model_optim_rng.pt).")
+                       description="Import a bigcode Megatron-LM GPT checkpoint "
+                                   "(iter_*/mp_rank_XX[_YYY]/model_optim_rng.pt).")
     p.add_argument("--load", required=True, help="Megatron-LM checkpoint directory")
     p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")
     p.add_argument("--tp", type=_positive_int, default=None, help="output tensor-parallel size (default: the source's)")

@@ -567,9 +567,3 @@ def verify_logits(fn_a: Callable[[torch.Tensor], torch.Tensor], fn_b: Callable[[
     print(f"max abs logit difference ({label}): {diff:.3e}", file=stream if stream is not None else sys.stdout,
           flush=True)
     return diff
-
-
-def json_default(o: Any) -> Any:
-    if isinstance(o, torch.dtype):
-        return dtype_name(o)
-    raise TypeError(type(o).__name__)

@@ -19,7 +19,6 @@ progress=True) -> float | None``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from types import ModuleType
 
@@ -218,7 +217,3 @@ def _check_tokenizer_vocab(path: str, cfg: ModelConfig) -> None:
     if size > cfg.vocab_size:
         raise ConversionError(f"--tokenizer: {file} has {size} tokens but the model's vocab_size is "
                               f"{cfg.vocab_size}; pass the model's own tokenizer")
-
-
-def describe(plan: HFPlan) -> str:
-    return json.dumps({"layout": plan.layout, **plan.cfg.to_dict()})

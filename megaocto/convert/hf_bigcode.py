@@ -204,8 +204,3 @@ def iter_to_hf(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) ->
                         "post_attention_layernorm": "ln_2", "mlp.dense_h_to_4h": "mlp.c_fc",
                         "mlp.dense_4h_to_h": "mlp.c_proj"}[rest.rsplit(".", 1)[0]]
                 yield q + f"{part}.{kind}", t
-
-
-def hf_state_to_ours(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole-dict convenience over :func:`iter_from_hf` (tests, small models)."""
-    return dict(iter_from_hf(cfg, hf_state.__getitem__))

@@ -188,7 +188,8 @@ def iter_from_hf(cfg: ModelConfig, get) -> Iterator[tuple[str, torch.Tensor]]:
 def iter_to_hf(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """(native Glm name, tensor) from megaocto (name, full tensor) pairs; vocab padding dropped."""
     n, g, d, V = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cfg.vocab_size
-    simple = {"input_layernorm.weight": "input_layernorm.weight", "self_attention.dense.weight": "self_attn.o_proj.weight",
+    simple = {"input_layernorm.weight": "input_layernorm.weight",
+              "self_attention.dense.weight": "self_attn.o_proj.weight",
               "post_attention_layernorm.weight": "post_attention_layernorm.weight",
               "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight", "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight"}
     for name, t in tensors:
@@ -227,7 +228,8 @@ def config_from_chatglm(hf: dict, where: str) -> ModelConfig:
         ffn_hidden_size=int(_need(hf, "ffn_hidden_size", where)),
         vocab_size=int(hf.get("padded_vocab_size") or _need(hf, "vocab_size", where)),
         seq_length=min(seq, 2048), max_position_embeddings=seq, activation="swiglu",
-        norm_epsilon=float(hf.get("layernorm_epsilon", 1e-5)), attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        norm_epsilon=float(hf.get("layernorm_epsilon", 1e-5)),
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
         hidden_dropout=float(hf.get("hidden_dropout", 0.0)), add_qkv_bias=bool(hf.get("add_qkv_bias", True)),
         add_bias_linear=bool(hf.get("add_bias_linear", False)), tie_embeddings=False, rotary_percent=0.5,
         rotary_base=10000.0 * float(hf.get("rope_ratio", 1.0)))
@@ -303,7 +305,3 @@ def chatglm_to_native(cfg: ModelConfig, get) -> Iterator[tuple[str, torch.Tensor
         yield dst + "mlp.down_proj.weight", get(src + "mlp.dense_4h_to_h.weight")
     yield "model.norm.weight", get("transformer.encoder.final_layernorm.weight")
     yield "lm_head.weight", get("transformer.output_layer.weight")
-
-
-def hf_state_to_ours(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return dict(iter_from_hf(cfg, hf_state.__getitem__))
