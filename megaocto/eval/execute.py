@@ -51,8 +51,7 @@ GiB = 1 << 30
 # cache + class space, Go's arenas) need more than the resident memory they use.
 MEMORY = {"python": 4 * GiB, "cpp": 4 * GiB, "rust": 4 * GiB, "js": 16 * GiB, "java": 8 * GiB, "go": 8 * GiB}
 COMPILE_MEMORY = 8 * GiB
-JAVA_OPTS = ("-Xmx1g", "-Xss16m", "-XX:+UseSerialGC", "-XX:ReservedCodeCacheSize=64m", "-XX:-UsePerfData",
-             "-XX:CompressedClassSpaceSize=128m", "-XX:TieredStopAtLevel=1")
+JAVA_OPTS = toolchains.JAVA_OPTS
 # Run-step timeouts (seconds): the harness's python 10, js 10, go 20; Java 30 because compiling happens in the same
 # JVM here (the harness gives javac 5 x 5 s, then 10 s to run); C++ and Rust test runs are short once compiled
 # (the harness's 60 s / 300 s include compiling, which gets COMPILE_TIMEOUT here).
@@ -288,7 +287,9 @@ class Executor:
         if main is not None:
             rest = rest[main.start():] + "\n" + rest[:main.start()]
         self._write(tmp, "Main.java", "\n".join(imports) + "\n" + rest)
-        res = self._exec([self.toolchain.tools["java"], *JAVA_OPTS, "Main.java"], tmp)
+        cds = self.toolchain.extra.get("cds_archive")
+        opts = [*JAVA_OPTS, f"-XX:SharedArchiveFile={cds}", "-Xlog:cds=off", "-Xlog:cds+dynamic=off"] if cds else JAVA_OPTS
+        res = self._exec([self.toolchain.tools["java"], *opts, "Main.java"], tmp)
         if res.returncode != 0 and "error: compilation failed" in res.stderr:
             return ExecResult(False, "compile_error", res.stderr[-2000:], res.seconds)
         return self._finish(res)
