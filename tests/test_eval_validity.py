@@ -23,6 +23,12 @@ KNOWN: dict[str, str] = {
 }
 
 
+# buggy solutions the dataset's own tests cannot catch
+KNOWN_BUGGY: dict[str, str] = {
+    "CPP/23": "the test calls strlen on string literals, which resolves to C's strlen, not the candidate's",
+}
+
+
 def _data_dir() -> Path:
     for cand in (os.environ.get("MEGAOCTO_HUMANEVALPACK"), Path(__file__).resolve().parents[2] / "shared/data/humanevalpack",
                  Path(__file__).resolve().parents[1] / "shared/data/humanevalpack"):
@@ -57,7 +63,7 @@ def test_canonical_pass_and_buggy_fail(lang):
     # buggy programs only need to fail: a short timeout keeps the ones that loop forever cheap
     buggy = hep.canonical_generations("synthesize", lang, problems, buggy=True)
     res = hep.evaluate("synthesize", lang, buggy, problems=problems, workers=2, timeout=3)
-    passing = [p["task_id"] for p in res.problems if p["samples"][0]["passed"]]
+    passing = [p["task_id"] for p in res.problems if p["samples"][0]["passed"] and p["task_id"] not in KNOWN_BUGGY]
     assert not passing, f"buggy solutions passed the tests: {passing}"
 
 
