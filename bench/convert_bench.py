@@ -10,6 +10,8 @@ inside the child, so interpreter/torch start-up is excluded from every row alike
   io         baseline: for each shard, ``safetensors.torch.load_file`` + ``save_file`` + fsync (the same bytes)
   from-hf    ``megaocto.convert.hf.from_hf(hf, ckpt, tp=--tp)``  (megaocto release checkpoint, TP-sharded)
   to-hf      ``megaocto.convert.hf.to_hf(ckpt, hf2, max_shard_size=--shard-size)``
+  from-megatron  ``megaocto.convert.megatron.convert_megatron(meg, ckpt2)`` of a tp=--tp bigcode Megatron-LM copy
+             of the same weights (written untimed by gen-megatron; skip with --no-megatron)
 
 The ratio column is time / io time (issue 5 target: <= 1.5). GPTBigCode tensors are generated directly (no
 transformers model is instantiated). ``--profile`` reruns from-hf and to-hf under cProfile and prints where the
@@ -158,10 +160,87 @@ def child_to_hf(ckpt: str, out_dir: str, shard_size: int) -> dict:
     return {}
 
 
-CHILDREN = {"gen": child_gen, "io": child_io, "from-hf": child_from_hf, "to-hf": child_to_hf}
+def child_gen_megatron(hf_dir: str, meg_dir: str, tp: int) -> dict:
+    """The same random weights as a bigcode Megatron-LM MQA checkpoint at ``tp`` (iter_0000001/mp_rank_XX/), one
+    rank file at a time (layout: megaocto/convert/megatron.py; not timed against)."""
+    import argparse as ap
+    import json as js
+
+    import torch
+    from safetensors import safe_open
+
+    conf = js.load(open(os.path.join(hf_dir, "config.json")))
+    h, heads, layers = conf["n_embd"], conf["n_head"], conf["n_layer"]
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    handles = [safe_open(os.path.join(hf_dir, f), "pt") for f in files]
+    where = {k: hd for hd in handles for k in hd.keys()}
+
+    def get(name: str) -> torch.Tensor:
+        return where[name].get_tensor(name)
+
+    step = 128 * tp
+    padded = -(-conf["vocab_size"] // step) * step  # Megatron pads the vocab to a multiple of 128 * tp
+    args = ap.Namespace(num_layers=layers, hidden_size=h, num_attention_heads=heads, kv_channels=h // heads,
+                        ffn_hidden_size=conf["n_inner"], padded_vocab_size=padded,
+                        make_vocab_size_divisible_by=128, max_position_embeddings=conf["n_positions"],
+                        seq_length=conf["n_positions"], attention_head_type="multiquery",
+                        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, bias_gelu_fusion=True)
+    it = os.path.join(meg_dir, "iter_0000001")
+    for r in range(tp):
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.chunk(tp, dim=0)[r].clone()
+
+        def cols(t: torch.Tensor) -> torch.Tensor:
+            return t.chunk(tp, dim=1)[r].clone()
+
+        enc: dict[str, torch.Tensor] = {}
+        for i in range(layers):
+            hf, m = f"transformer.h.{i}.", f"layers.{i}."
+            qkv_w, qkv_b = get(hf + "attn.c_attn.weight"), get(hf + "attn.c_attn.bias")
+            enc.update({
+                m + "input_layernorm.weight": get(hf + "ln_1.weight"),
+                m + "input_layernorm.bias": get(hf + "ln_1.bias"),
+                m + "self_attention.query.weight": rows(qkv_w[:h]), m + "self_attention.query.bias": rows(qkv_b[:h]),
+                m + "self_attention.key_value.weight": qkv_w[h:].clone(),
+                m + "self_attention.key_value.bias": qkv_b[h:].clone(),
+                m + "self_attention.dense.weight": cols(get(hf + "attn.c_proj.weight")),
+                m + "self_attention.dense.bias": get(hf + "attn.c_proj.bias"),
+                m + "post_attention_layernorm.weight": get(hf + "ln_2.weight"),
+                m + "post_attention_layernorm.bias": get(hf + "ln_2.bias"),
+                m + "mlp.dense_h_to_4h.weight": rows(get(hf + "mlp.c_fc.weight")),
+                m + "mlp.dense_h_to_4h.bias": rows(get(hf + "mlp.c_fc.bias")),
+                m + "mlp.dense_4h_to_h.weight": cols(get(hf + "mlp.c_proj.weight")),
+                m + "mlp.dense_4h_to_h.bias": get(hf + "mlp.c_proj.bias")})
+        enc["final_layernorm.weight"], enc["final_layernorm.bias"] = get("transformer.ln_f.weight"), get(
+            "transformer.ln_f.bias")
+        wte = get("transformer.wte.weight")
+        wte = torch.cat([wte, wte.new_zeros(padded - wte.shape[0], h)]) if padded > wte.shape[0] else wte
+        lm = {"embedding": {"word_embeddings": {"weight": rows(wte)},
+                            "position_embeddings": {"weight": get("transformer.wpe.weight")}}, "encoder": enc}
+        os.makedirs(os.path.join(it, f"mp_rank_{r:02d}"))
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 1, "model": {"language_model": lm}},
+                   os.path.join(it, f"mp_rank_{r:02d}", "model_optim_rng.pt"))
+        del enc, lm
+    with open(os.path.join(meg_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("1\n")
+    _fsync_tree(meg_dir)
+    return {}
+
+
+def child_from_megatron(meg_dir: str, ckpt: str) -> dict:
+    from megaocto.convert.megatron import convert_megatron
+
+    convert_megatron(meg_dir, ckpt, progress=False)
+    return {}
+
+
+CHILDREN = {"gen": child_gen, "io": child_io, "from-hf": child_from_hf, "to-hf": child_to_hf,
+            "gen-megatron": child_gen_megatron, "from-megatron": child_from_megatron}
 # Imported before the clock starts (fixed start-up cost, reported separately as import_s; for the converters
 # this includes the first meta-device model build, which imports megaocto's model and kernel code).
 PRELOAD = {"gen": ("torch", "safetensors.torch"), "io": ("torch", "safetensors.torch"),
+           "gen-megatron": ("torch", "safetensors.torch"),
+           "from-megatron": ("megaocto.convert.megatron", "transformers"),
            "from-hf": ("megaocto.convert.hf", "transformers"), "to-hf": ("megaocto.convert.hf", "transformers")}
 
 
@@ -210,7 +289,7 @@ def _child_main(name: str, args_json: str, profile: bool) -> None:
     t0 = time.perf_counter()
     for mod in PRELOAD[name]:
         importlib.import_module(mod)
-    if name in ("from-hf", "to-hf"):
+    if name in ("from-hf", "to-hf", "from-megatron"):
         from transformers import GPTBigCodeConfig  # noqa: F401  (lazy attribute of transformers)
 
         from megaocto.config.model import ModelConfig
@@ -269,6 +348,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/megaocto_convert_bench", help="scratch directory (emptied first)")
     ap.add_argument("--repeats", type=int, default=1, help="run each timed step N times, report the fastest")
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    ap.add_argument("--no-megatron", action="store_true",
+                    help="skip the from-megatron step (a tp=2 bigcode Megatron-LM copy of the same weights)")
     ap.add_argument("--profile", action="store_true", help="also profile from-hf and to-hf (cProfile, to stderr)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-args", help=argparse.SUPPRESS)
@@ -283,7 +364,8 @@ def main() -> None:
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    hf, io_out, ckpt, hf2 = (os.path.join(work, n) for n in ("hf", "io_copy", "ckpt_tp", "hf_back"))
+    hf, io_out, ckpt, hf2, meg, ckpt_meg = (os.path.join(work, n) for n in (
+        "hf", "io_copy", "ckpt_tp", "hf_back", "megatron", "ckpt_from_megatron"))
     try:
         gen = run_child("gen", hf_dir=hf, params=args.params, small=args.small, dtype=args.dtype, shard_size=shard)
         gib = gen["bytes"] / 2**30
@@ -296,15 +378,21 @@ def main() -> None:
             if label not in best or info["seconds"] < best[label]["seconds"]:
                 best[label] = info
 
-        labels = ("io (safetensors load+save)", f"from-hf tp={args.tp}", "to-hf")
+        labels = ("io (safetensors load+save)", f"from-hf tp={args.tp}", "to-hf", f"from-megatron tp={args.tp}")
+        if not args.no_megatron:
+            run_child("gen-megatron", hf_dir=hf, meg_dir=meg, tp=args.tp)
+        else:
+            labels = labels[:3]
         for rep in range(args.repeats):  # interleaved, so load changes on a shared machine hit every step alike
             keep_best(labels[0], run_child("io", hf_dir=hf, out_dir=io_out))
             shutil.rmtree(io_out)
             keep_best(labels[1], run_child("from-hf", hf_dir=hf, ckpt=ckpt, tp=args.tp))
             keep_best(labels[2], run_child("to-hf", ckpt=ckpt, out_dir=hf2, shard_size=shard))
+            if not args.no_megatron:
+                keep_best(labels[3], run_child("from-megatron", meg_dir=meg, ckpt=ckpt_meg))
             if rep + 1 < args.repeats:
-                shutil.rmtree(ckpt)
-                shutil.rmtree(hf2)
+                for d in (ckpt, hf2, ckpt_meg):
+                    shutil.rmtree(d, ignore_errors=True)
         rows = [(label, best[label]) for label in labels]
         base = rows[0][1]["seconds"]
         cpu_base = rows[0][1]["cpu_s"]
