@@ -66,6 +66,18 @@ def test_fork_bomb_is_contained(py):
     assert py.run("print()\n").passed  # the machine still starts processes
 
 
+def test_fork_bomb_does_not_starve_a_program_beside_it():
+    if not sandbox_features()["drop_user"]:
+        pytest.skip("not root (or no setpriv): all programs share the caller's uid and process limit")
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    # starts 50 threads (each counts against RLIMIT_NPROC) while the bomb holds its own uid's limit
+    busy = ("import threading, time\ntime.sleep(1.0)\nts = [threading.Thread(target=time.sleep, args=(0.2,)) "
+            "for _ in range(50)]\n[t.start() for t in ts]\n[t.join() for t in ts]\n")
+    bomb_res, busy_res = execute.run_programs("python", [bomb, busy], workers=2, timeout=4)
+    assert not bomb_res.passed
+    assert busy_res.passed, busy_res.detail
+
+
 def test_ten_gigabyte_allocation_fails(py):
     res = py.run("x = bytearray(10 * 1024 ** 3)\nx[-1] = 1\n")
     assert not res.passed and res.status == "failed"

@@ -10,16 +10,17 @@ Sandbox (every compile and run step):
 - its own temp dir (removed afterwards) and its own process group (``start_new_session``);
 - rlimits set in ``preexec_fn``: RLIMIT_AS (address space; per language, see ``MEMORY``: 4 GiB for Python,
   C++, Rust; more for Node, Java and Go, whose runtimes reserve large virtual ranges up front; each JVM also
-  gets ``-Xmx``), RLIMIT_CPU (= the timeout), RLIMIT_FSIZE (64 MiB per written file), RLIMIT_NPROC (512) and no
+  gets ``-Xmx``), RLIMIT_CPU (= the timeout), RLIMIT_FSIZE (64 MiB per written file), RLIMIT_NPROC (256) and no
   core files;
 - when running as root and ``unshare`` works (Linux, CAP_SYS_ADMIN): a new network namespace (no network, only a
   down loopback) and a new PID namespace (``unshare --net --pid --fork --kill-child``): when the program's
   first process ends or is killed, the kernel kills every process it left behind, including ones that called
   setsid — a fork bomb or a background process cannot outlive its timeout;
 - as root, the program itself (not the trusted compilers, which need root-owned caches such as ~/.rustup or
-  GOCACHE) runs as an unprivileged user (``nobody``, via ``setpriv``): it cannot write outside its temp dir and
-  world-writable dirs such as /tmp, and RLIMIT_NPROC (which does not restrict root) applies to it. The limit
-  counts all processes of that user, so it also bounds the parallel workers together;
+  GOCACHE) runs as an unprivileged uid of its own (``setpriv --reuid``; see :func:`sandbox_uid`, a uid no account
+  uses, one per running program): it cannot write outside its temp dir and world-writable dirs such as /tmp, and
+  RLIMIT_NPROC (which does not restrict root, and counts every process of a uid) bounds that program alone — a
+  fork bomb cannot starve the programs running beside it;
 - without root (or without ``unshare``/``setpriv``), only the rlimits, the process group and the timeout apply:
   programs then run as the calling user with network access (documented in docs/eval.md);
 - on timeout the whole process group is killed with SIGKILL; stdout/stderr go to files in the temp dir (capped
@@ -28,6 +29,7 @@ Sandbox (every compile and run step):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,9 +61,9 @@ JAVA_OPTS = toolchains.JAVA_OPTS
 TIMEOUTS = {"python": 10.0, "js": 10.0, "java": 30.0, "cpp": 10.0, "go": 20.0, "rust": 20.0}
 COMPILE_TIMEOUT = {"cpp": 60.0, "go": 60.0, "rust": 120.0}
 FILE_SIZE = 64 << 20
-NPROC = 512
+NPROC = 256  # per program: each program has its own uid
 OUTPUT_CAP = 16 << 10
-SANDBOX_UID = 65534  # nobody
+UID_BASE = 1_500_000_000  # far above any account's uid; + (pid % 4096) * 64 + slot
 
 
 @dataclass
@@ -89,7 +92,7 @@ class ExecResult:
 
 @lru_cache(maxsize=1)
 def sandbox_features() -> dict[str, bool]:
-    """What this machine allows: {'namespaces': unshare --net --pid works, 'drop_user': setpriv to nobody}."""
+    """What this machine allows: {'namespaces': unshare --net --pid works, 'drop_user': setpriv to another uid}."""
     root = os.geteuid() == 0
     unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
 
@@ -100,9 +103,37 @@ def sandbox_features() -> dict[str, bool]:
             return False
 
     ns = bool(root and unshare and ok([unshare, "--net", "--pid", "--fork", "--kill-child", "--", "true"]))
-    drop = bool(root and setpriv and ok([setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}",
+    drop = bool(root and setpriv and ok([setpriv, f"--reuid={UID_BASE}", f"--regid={UID_BASE}",
                                          "--clear-groups", "--", "true"]))
     return {"namespaces": ns, "drop_user": drop}
+
+
+class _UidPool:
+    """Unprivileged uids for concurrently running programs of this process (thread-safe)."""
+
+    def __init__(self, size: int = 64):
+        self._free = list(range(size))
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self):
+        with self._lock:
+            if not self._free:
+                raise RuntimeError("more than 64 programs at once in one process; lower --workers")
+            slot = self._free.pop()
+        try:
+            yield UID_BASE + (os.getpid() % 4096) * 64 + slot
+        finally:
+            with self._lock:
+                self._free.append(slot)
+
+
+_UIDS = _UidPool()
+
+
+def sandbox_uid():
+    """Context manager yielding a uid for one program: no account uses it, no other running program has it."""
+    return _UIDS.take()
 
 
 def _limits(memory: int, cpu_seconds: float) -> Callable[[], None]:
@@ -126,27 +157,28 @@ def _read_head(path: Path) -> str:
         return ""
 
 
-def sandboxed_run(argv: Sequence[str], cwd: Path, *, timeout: float, memory: int, untrusted: bool = True,
+def sandboxed_run(argv: Sequence[str], cwd: Path, *, timeout: float, memory: int, uid: int | None = None,
                   env: dict[str, str] | None = None) -> RunResult:
     """Run `argv` in `cwd` under the sandbox described in the module docstring.
 
-    `untrusted` programs drop to the sandbox user (when root); compilers (untrusted=False) keep the caller's user
-    but still get the namespaces, rlimits and timeout. Output beyond OUTPUT_CAP bytes is not read."""
+    With `uid` (untrusted programs, when root) the program runs as that uid; compilers (uid None) keep the
+    caller's user but still get the namespaces, rlimits and timeout. Output beyond OUTPUT_CAP bytes is not read."""
     feats = sandbox_features()
+    untrusted = uid is not None and feats["drop_user"]
     prefix: list[str] = []
     if feats["namespaces"]:
         prefix += ["unshare", "--net", "--pid", "--fork", "--kill-child", "--"]
-    if untrusted and feats["drop_user"]:
-        prefix += ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--"]
+    if untrusted:
+        prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
     base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd), "TMPDIR": str(cwd),
                 "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
     base_env.update(env or {})
     out_path, err_path = cwd / ".stdout", cwd / ".stderr"
     start = time.monotonic()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        if untrusted and feats["drop_user"]:
-            os.chown(out_path, SANDBOX_UID, SANDBOX_UID)
-            os.chown(err_path, SANDBOX_UID, SANDBOX_UID)
+        if untrusted:
+            os.chown(out_path, uid, uid)
+            os.chown(err_path, uid, uid)
         proc = subprocess.Popen([*prefix, *argv], cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 env=base_env, start_new_session=True, preexec_fn=_limits(memory, timeout))
         timed_out = False
@@ -209,6 +241,7 @@ class Executor:
         self.lang = lang
         self.toolchain: Toolchain = toolchains.prepare(lang, cache_dir)
         self.timeout = float(timeout) if timeout is not None else TIMEOUTS[lang]
+        self._local = threading.local()  # the uid of the program this thread is running
         self.workdir = Path(workdir) if workdir is not None else None
         if self.workdir is not None:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -217,13 +250,19 @@ class Executor:
         """Compile (if needed) and run one program in a fresh temp dir; never raises for a bad program."""
         tmp = Path(tempfile.mkdtemp(prefix=f"megaocto-eval-{self.lang}-", dir=self.workdir))
         try:
-            if sandbox_features()["drop_user"]:
-                os.chown(tmp, SANDBOX_UID, SANDBOX_UID)
-            return getattr(self, f"_run_{self.lang}")(program, tmp)
+            with sandbox_uid() as uid:
+                self._local.uid = uid if sandbox_features()["drop_user"] else None
+                if self._local.uid is not None:
+                    os.chown(tmp, uid, uid)
+                return getattr(self, f"_run_{self.lang}")(program, tmp)
         except OSError as e:
             return ExecResult(False, "error", f"{type(e).__name__}: {e}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _chown(self, path: Path) -> None:
+        if self._local.uid is not None:
+            os.chown(path, self._local.uid, self._local.uid, follow_symlinks=False)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _write(self, tmp: Path, name: str, text: str) -> Path:
@@ -232,16 +271,14 @@ class Executor:
         return path
 
     def _compile(self, argv: list[str], tmp: Path, env: dict | None = None) -> ExecResult | None:
-        res = sandboxed_run(argv, tmp, timeout=COMPILE_TIMEOUT[self.lang], memory=COMPILE_MEMORY, untrusted=False,
-                            env=env)
+        res = sandboxed_run(argv, tmp, timeout=COMPILE_TIMEOUT[self.lang], memory=COMPILE_MEMORY, env=env)
         if res.timed_out:
             return ExecResult(False, "compile_error", f"compile timed out after {COMPILE_TIMEOUT[self.lang]:.0f}s",
                               res.seconds)
         if res.returncode != 0:
             return ExecResult(False, "compile_error", (res.stderr or res.stdout)[-2000:], res.seconds)
-        if sandbox_features()["drop_user"]:
-            for p in tmp.iterdir():
-                os.chown(p, SANDBOX_UID, SANDBOX_UID)
+        for p in tmp.iterdir():
+            self._chown(p)
         return None
 
     def _finish(self, res: RunResult, *, quiet_required: bool = False, compile_s: float = 0.0) -> ExecResult:
@@ -257,7 +294,7 @@ class Executor:
         return ExecResult(True, "passed", "", seconds)
 
     def _exec(self, argv: list[str], tmp: Path, env: dict | None = None) -> RunResult:
-        return sandboxed_run(argv, tmp, timeout=self.timeout, memory=MEMORY[self.lang], env=env)
+        return sandboxed_run(argv, tmp, timeout=self.timeout, memory=MEMORY[self.lang], uid=self._local.uid, env=env)
 
     # -- languages -------------------------------------------------------------------------------------------
     def _run_python(self, program: str, tmp: Path) -> ExecResult:
@@ -270,9 +307,8 @@ class Executor:
         if modules and "require(" in program:
             # a copy, not a link: the sandbox user may not read the cache (e.g. under /root)
             shutil.copytree(modules, tmp / "node_modules", symlinks=False)
-            if sandbox_features()["drop_user"]:
-                for p in [tmp / "node_modules", *(tmp / "node_modules").rglob("*")]:
-                    os.chown(p, SANDBOX_UID, SANDBOX_UID, follow_symlinks=False)
+            for p in [tmp / "node_modules", *(tmp / "node_modules").rglob("*")]:
+                self._chown(p)
         # console.assert prints "Assertion failed" and exits 0: the harness passes only silent programs.
         return self._finish(self._exec([self.toolchain.tools["node"], "test.js"], tmp), quiet_required=True)
 
