@@ -53,11 +53,20 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{kind}_s"] = round(seconds, 1)
             row[f"{kind}_passed"] = passed
             want = kind == "canonical"
-            for p in res.problems:
+            wrong = [i for i, p in enumerate(res.problems) if p["samples"][0]["passed"] != want]
+            uncut_passes: set[str] = set()
+            if want and wrong:  # does the program pass without the harness's post-processing?
+                sub = [problems[i] for i in wrong]
+                raw = hep.evaluate(args.task, lang, hep.canonical_generations(args.task, lang, sub, post=False),
+                                   problems=sub, workers=args.workers)
+                uncut_passes = {p["task_id"] for p in raw.problems if p["samples"][0]["passed"]}
+            for i in wrong:
+                p = res.problems[i]
                 s = p["samples"][0]
-                if s["passed"] != want:
-                    why = s["detail"].strip().replace("\n", " ")[:240] or "(no output)"
-                    bad.append(f"{p['task_id']} {kind} {s['status']}: {why}")
+                why = s["detail"].strip().replace("\n", " ")[:240] or "(no output)"
+                if p["task_id"] in uncut_passes:
+                    why = "post-processing cuts the solution (the uncut program passes): " + why
+                bad.append(f"{p['task_id']} {kind} {s['status']}: {why}")
             if kind == "canonical":
                 total_canonical += seconds
         row["misbehaving"] = bad

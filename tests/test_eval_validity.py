@@ -19,10 +19,15 @@ SAMPLE = 20
 FULL = ("python", "js")
 # problem -> why it cannot pass here (see docs/eval.md); excluded from the canonical check only
 KNOWN: dict[str, str] = {
-    "Rust/32": "its test calls rand 0.4's gen_range(low, high); Debian ships only rand 0.8 and crates.io is offline",
+    "Rust/32": "calls rand 0.4's gen_range(low, high); Debian ships only rand 0.8 and crates.io is offline",
+    "Rust/50": "the same rand 0.4 gen_range(low, high) call",
 }
 
 
+# the harness's post-processing cuts these reference solutions (a model writing the same code is cut the same way):
+# Go's stop words "\nfunc" (a helper after the function) and "struct" (map[int]struct{}); Rust's remove_last_block
+# stops at the function's closing brace (a helper or type defined after it)
+CUT_BY_POSTPROCESSING = ("Go/72", "Go/90", "Go/158", "Rust/137", "Rust/145")
 # buggy solutions the dataset's own tests cannot catch
 KNOWN_BUGGY: dict[str, str] = {
     "CPP/23": "the test calls strlen on string literals, which resolves to C's strlen, not the candidate's",
@@ -57,9 +62,18 @@ def test_canonical_pass_and_buggy_fail(lang):
     problems = _problems(lang)
     canonical = hep.canonical_generations("synthesize", lang, problems)
     res = hep.evaluate("synthesize", lang, canonical, problems=problems, workers=2)
-    bad = [f"{p['task_id']}: {p['samples'][0]['status']} {p['samples'][0]['detail'][:300]}"
-           for p in res.problems if not p["samples"][0]["passed"] and p["task_id"] not in KNOWN]
-    assert not bad, f"{len(bad)} canonical solutions failed:\n" + "\n".join(bad)
+    failed = [i for i, p in enumerate(res.problems) if not p["samples"][0]["passed"] and p["task_id"] not in KNOWN]
+    # a failure is allowed only where the harness's post-processing cuts the reference solution (documented in
+    # CUT_BY_POSTPROCESSING) and the uncut program passes
+    if failed:
+        sub = [problems[i] for i in failed]
+        raw = hep.evaluate("synthesize", lang, hep.canonical_generations("synthesize", lang, sub, post=False),
+                           problems=sub, workers=2)
+        bad = [f"{p['task_id']}: {p['samples'][0]['status']} {p['samples'][0]['detail'][:300]}"
+               for p in raw.problems if not p["samples"][0]["passed"]]
+        assert not bad, f"{len(bad)} canonical solutions failed:\n" + "\n".join(bad)
+        cut = sorted(set(p["task_id"] for p in sub) - set(CUT_BY_POSTPROCESSING))
+        assert not cut, f"post-processing breaks these canonical solutions (undocumented): {cut}"
     # buggy programs only need to fail: a short timeout keeps the ones that loop forever cheap
     buggy = hep.canonical_generations("synthesize", lang, problems, buggy=True)
     res = hep.evaluate("synthesize", lang, buggy, problems=problems, workers=2, timeout=3)

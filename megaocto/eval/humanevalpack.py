@@ -485,15 +485,19 @@ def evaluate(task: str, lang: str, generations: Sequence[Sequence[str]], *, prob
 
 
 def canonical_generations(task: str, lang: str, problems: Sequence[dict], *, buggy: bool = False,
-                          template: str = "octocoder") -> list[list[str]]:
-    """One post-processed sample per problem built from the reference (or buggy) solution through the same
-    prompt → post-processing path a model's output takes: the generation is the prompt, the whitespace the
-    final ``.strip()`` removed, then the solution (validity tests and ``bench/eval_bench.py``)."""
+                          template: str = "octocoder", post: bool = True) -> list[list[str]]:
+    """One sample per problem built from the reference (or buggy) solution through the same prompt →
+    post-processing path a model's output takes: the generation is the prompt, the whitespace the final
+    ``.strip()`` removed, then the solution (validity tests and ``bench/eval_bench.py``). ``post=False`` skips the
+    post-processing (answer start + solution as is: what the harness's own validity check runs)."""
     out = []
     for p in problems:
         prompt = build_prompt(task, p, template, lang=lang, description="(canonical)")
         base = prompt_base(task, p, lang)
         ws = base[len(base.rstrip()):]
         body = p["buggy_solution"] if buggy else p["canonical_solution"]
-        out.append([postprocess(task, lang, p, prompt + ws + body, template=template, description="(canonical)")])
+        if post:
+            out.append([postprocess(task, lang, p, prompt + ws + body, template=template, description="(canonical)")])
+        else:
+            out.append([base.rstrip() + ws + body])
     return out
