@@ -6,7 +6,8 @@
 //
 // Forward, per row r of x [batch, heads, sq, sk] (contiguous; q = r mod sq, b = r / (heads·sq)):
 //   masked(j) = mask[b, 0, q, j] != 0 (mask: uint8/bool [mask_batch, 1, sq, sk], mask_batch 1 broadcasts; nullptr
-//               = no mask), or j > q + (sk − sq) when causal (bottom-right aligned, as for a KV cache)
+//               = no mask), or j > q when causal (top-left aligned: key j <= query q, as SDPA's is_causal,
+//               megaocto.model.attention.segment_mask and the Triton softmax; for sq == sk the usual causal mask)
 //   y[j] = exp(scale·x[j] − m) / Σ_k exp(scale·x[k] − m) over unmasked j, m = max over unmasked; masked j -> 0.
 //   A row with every column masked gives all zeros (no NaN).
 // Backward (y from forward): dx[j] = scale · y[j] · (dy[j] − Σ_k dy[k]·y[k]).
@@ -59,7 +60,7 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, const uint8_t* __res
   const T* xr = x + row * sk;
   T* yr = y + row * sk;
   const uint8_t* mr = mask != nullptr ? mask + b * mask_batch_stride + q * sk : nullptr;
-  const int64_t last = causal ? q + (sk - sq) : sk - 1;  // last unmasked column by causality
+  const int64_t last = causal ? q : sk - 1;  // last unmasked column by causality (top-left: key <= query)
 
   auto visible = [&](int64_t j) { return j <= last && (mr == nullptr || mr[j] == 0); };
 

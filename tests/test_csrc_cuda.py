@@ -162,7 +162,7 @@ def test_scaled_masked_softmax_matches_torch_on_gpu(dtype, causal):
     x.grad = None
     full = mask.expand(b, h, sq, sk).clone()
     if causal:
-        full |= torch.ones(sq, sk, dtype=torch.bool, device="cuda").triu(sk - sq + 1)
+        full |= torch.ones(sq, sk, dtype=torch.bool, device="cuda").triu(1)  # top-left: key j <= query i
     s = (x.float() * scale).masked_fill(full, float("-inf"))
     s = s.masked_fill(full.all(-1, keepdim=True), 0.0)  # fully masked rows: finite here, zeroed below
     want = torch.softmax(s, -1).masked_fill(full, 0.0)
@@ -170,3 +170,14 @@ def test_scaled_masked_softmax_matches_torch_on_gpu(dtype, causal):
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
     torch.testing.assert_close(gx.float(), x.grad.float(), atol=tol, rtol=tol)
     assert torch.all(got[0, :, 4] == 0)
+
+
+@gpu_and_built
+def test_scaled_masked_softmax_causal_is_top_left_like_triton():
+    """sq != sk: the CUDA kernel's causal mask equals the Triton softmax's (key j <= query i, top-left)."""
+    from megaocto.kernels.softmax import scaled_masked_softmax
+
+    x = torch.randn(2, 3, 17, 45, device="cuda")
+    got = cuda_kernels.scaled_masked_softmax(x, None, 0.5, True)
+    torch.testing.assert_close(got, scaled_masked_softmax(x, 0.5, causal=True), atol=1e-6, rtol=1e-6)
+    assert torch.all(got[..., 0, 1:] == 0) and torch.all(got[..., 0, 0] == 1)

@@ -74,6 +74,33 @@ def test_flash_attention_matches_sdpa(b, hq, hkv, s, d, causal, packed, dtype):
         _assert_close(a, e, rel, f"{name} ({dtype})")
 
 
+@pytest.mark.parametrize("block_m,block_n", [(64, 32), (32, 64), (16, 64)], ids=["64x32", "32x64", "16x64"])
+def test_flash_attention_gpu_block_shapes(monkeypatch, block_m, block_n):
+    """GPU autotune configs have BLOCK_M != BLOCK_N (the interpreter's single config is 32x32): force such
+    configs on the forward and both backward kernels; causal, packed causal and packed full, GQA and MQA, a
+    sequence (75) that is a multiple of neither block."""
+    import triton
+
+    cfg = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
+    for kern in (fa._fwd_kernel, fa._bwd_dkdv_kernel, fa._bwd_dq_kernel):
+        monkeypatch.setattr(kern, "configs", cfg)
+        monkeypatch.setattr(kern, "cache", {})
+    s, d = 75, 16
+    seg = torch.zeros(2, s, dtype=torch.long)
+    seg[0, :20], seg[0, 20:21], seg[0, 21:70], seg[1, :50] = 1, 2, 3, 1
+    for b, hq, hkv, causal, packed in ((1, 4, 2, True, False), (2, 4, 2, True, True), (2, 2, 1, False, True)):
+        q, k, v = _qkv(b, hq, hkv, s, d, torch.float32, seed=b + hkv)
+        do = torch.randn(b, hq, s, d, generator=torch.Generator().manual_seed(2))
+        kw = dict(causal=causal, segment_ids=seg[:b] if packed else None)
+        got = _fwd_bwd("triton", q, k, v, do, **kw)
+        want = _fwd_bwd("sdpa", q, k, v, do, **kw)
+        for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+            _assert_close(a, e, 1e-4, f"{name} {block_m}x{block_n} hq={hq} hkv={hkv} causal={causal} "
+                                      f"packed={packed}")
+    for kern in (fa._fwd_kernel, fa._bwd_dkdv_kernel, fa._bwd_dq_kernel):  # the forced config did run
+        assert kern.best_config.kwargs == {"BLOCK_M": block_m, "BLOCK_N": block_n}
+
+
 @pytest.mark.parametrize("hkv,splits,packed", [(1, 4, False), (2, 2, True)], ids=["mqa-split4", "gqa-split2-packed"])
 def test_flash_attention_dkdv_group_split(monkeypatch, hkv, splits, packed):
     """The dK/dV kernel's group split (used on GPUs when MQA/GQA leaves too few programs) sums to the same grads."""
@@ -149,18 +176,67 @@ def test_triton_backend_dispatch_rules():
     # Never chosen automatically (priority below sdpa) ...
     assert select_backend(q, k, v) == "sdpa"
     assert fa.supports(q, k, v) and sm.supports(q, k, v)
-    # ... dropout is not in the kernel: supports() says no, and a forced "triton" call runs sdpa instead.
+    # ... dropout is not in the kernel: supports() says no, and a "triton" call with dropout runs the unfused
+    # triton_softmax backend (Triton softmax + torch dropout on the probabilities), the same dropout mask.
     assert not fa.supports(q, k, v, dropout_p=0.1)
+    assert fa.fallback_backend(q, k, v) is None
+    assert fa.fallback_backend(q, k, v, dropout_p=0.1) == "triton_softmax"
     torch.manual_seed(7)
     got = attention(q, k, v, backend="triton", dropout_p=0.5)
     torch.manual_seed(7)
-    want = attention(q, k, v, backend="sdpa", dropout_p=0.5)
+    want = attention(q, k, v, backend="triton_softmax", dropout_p=0.5)
     assert torch.equal(got, want)
-    assert not fa.supports(*_qkv(1, 1, 1, 8, 160, torch.float32))  # head_dim > 128
+    torch.manual_seed(7)
+    assert not torch.equal(got, attention(q, k, v, backend="triton"))  # dropout did happen
+    big = _qkv(1, 1, 1, 8, 160, torch.float32)
+    assert not fa.supports(*big) and fa.fallback_backend(*big) == "sdpa"  # head_dim > 128
+    assert fa.fallback_backend(*big, dropout_p=0.1) == "triton_softmax"  # the softmax takes any head dim
     q1 = q[:, :, :1]  # one query over 37 keys (a decode step): sdpa's job
     assert not fa.supports(q1, k, v) and not sm.supports(q1, k, v)
     with pytest.raises(ValueError, match="flash_attention.py"):
         fa.flash_attention(*_qkv(1, 1, 1, 8, 160, torch.float32))
+
+
+def test_interpreter_switch_is_read_one_way(monkeypatch):
+    """TRITON_INTERPRET means the same to the registry, both attention kernels' supports()/launch checks and
+    Triton itself (its getenv_bool: 1/true/on/yes/y, any case); "0", "" or anything else is off."""
+    from triton._C.libtriton import getenv_bool
+
+    from megaocto.kernels import registry
+
+    q, k, v = _qkv(1, 1, 1, 8, 16, torch.float32)
+    for value in ("1", "true", "ON", "yes", "y", "0", "", "2", "false", "off"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        on = getenv_bool("TRITON_INTERPRET", False)
+        assert registry.interpreter_enabled() == on, value
+        assert fa.supports(q, k, v) == on and sm.supports(q, k, v) == on, value
+        if not on:
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+                sm.scaled_masked_softmax(q)
+
+
+def test_flash_attention_addresses_rows_past_int32():
+    """Row offsets (row · row stride) past 2**31 elements: q and k rows 2**30 elements apart in one sparse 4 GiB
+    fp16 buffer (only the touched pages become memory) give sdpa's output and grads (int32 offsets wrapped)."""
+    s, d, stride = 3, 16, 2 ** 30
+    try:
+        buf = torch.zeros((s - 1) * stride + 2 * d, dtype=torch.float16)
+    except RuntimeError as e:  # no address space for the sparse buffer
+        pytest.skip(f"cannot allocate a 4 GiB sparse buffer: {e}")
+    rows = torch.randn(3, s, d, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    for r in range(s):  # q row r at r·2**30, k row r right after it
+        buf[r * stride: r * stride + d] = rows[0, r]
+        buf[r * stride + d: r * stride + 2 * d] = rows[1, r]
+    q = torch.as_strided(buf, (1, 1, s, d), (0, 0, stride, 1), 0).requires_grad_()
+    k = torch.as_strided(buf, (1, 1, s, d), (0, 0, stride, 1), d).requires_grad_()
+    v = rows[2].view(1, 1, s, d).clone().requires_grad_()
+    do = torch.randn(1, 1, s, d, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    got = fa.flash_attention(q, k, v, causal=True)
+    got_grads = torch.autograd.grad(got, (q, k, v), do)
+    want = _fwd_bwd("sdpa", rows[0].float().view(1, 1, s, d), rows[1].float().view(1, 1, s, d),
+                    rows[2].float().view(1, 1, s, d), do.float(), causal=True)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), (got, *got_grads), want):
+        _assert_close(a, e, 2e-2, f"{name} (rows 2**30 elements apart)")
 
 
 def test_registry_names_triton_attention_backend():

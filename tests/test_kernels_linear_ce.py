@@ -90,16 +90,29 @@ def test_custom_ignore_index():
     assert torch.all(got[0][labels == 5] == 0) and torch.all(got[1][0, :4] == 0)
 
 
-def test_label_in_padded_column_is_infinite_like_reference():
+@pytest.mark.parametrize("bad", [-1, VOCAB, V_PAD - 1, V_PAD + 5], ids=["minus1", "vocab", "padded", "beyond"])
+def test_out_of_range_label_raises_on_every_path(bad):
+    """A label that is neither ignore_index nor a real id (-1 with the default -100, a padded column, past the
+    padded vocabulary) is a ValueError naming the rule on every implementation, not a different meaningless
+    loss per path."""
     pc = ParallelContext.single()
     x, w, labels, _ = _inputs((9,), torch.float32, seed=4)
-    labels[3] = VOCAB + 2  # a padded column: excluded from the softmax -> +inf loss in the reference too
-    ref = lce.reference_linear_cross_entropy(x, w, labels, pc, vocab_size=VOCAB)
-    for fn in IMPLS.values():
-        got = fn(x, w, labels, pc, vocab_size=VOCAB, chunk_size=4)
-        assert torch.isinf(got[3]) and torch.isinf(ref[3])
-        keep = torch.arange(9) != 3
-        torch.testing.assert_close(got[keep], ref[keep], atol=1e-5, rtol=1e-5)
+    labels[3] = bad
+    paths = dict(IMPLS, reference=lce.reference_linear_cross_entropy, registry_torch=registry.torch_linear_cross_entropy,
+                 ops_triton=registry.ops_for("triton", "cpu").linear_cross_entropy)
+    for name, fn in paths.items():
+        with pytest.raises(ValueError, match=rf"labels must be token ids in \[0, vocab_size={VOCAB}\) or "
+                                             rf"ignore_index=-100; found id {bad}"):
+            fn(x, w, labels, pc, vocab_size=VOCAB)
+    # a custom ignore_index is the one allowed exception, and the default -100 is then out of range
+    labels[3] = -1
+    labels[labels == -100] = -1
+    for name, fn in paths.items():
+        got = fn(x, w, labels, pc, vocab_size=VOCAB, ignore_index=-1)
+        assert got[3] == 0, name
+    labels[0] = -100
+    with pytest.raises(ValueError, match=r"ignore_index=-1; found id -100"):
+        lce.triton_linear_cross_entropy(x, w, labels, pc, vocab_size=VOCAB, ignore_index=-1)
 
 
 def test_bad_arguments_name_the_field():

@@ -106,6 +106,46 @@ def test_torch_kernels_keep_the_unfused_computation_bit_for_bit():
         assert torch.equal(loss, vocab_parallel_cross_entropy(logits, labels, pc, vocab_size=V))
 
 
+def test_triton_attention_dropout_runs_the_triton_softmax(monkeypatch):
+    """kernels=triton with attention_dropout > 0 (the bigcode presets' default): eval (no dropout) runs the flash
+    kernel and equals kernels=torch; training sends attention to the triton_softmax backend
+    (flash_attention.fallback_backend) with the same dropout masks as the all-torch reference of that path."""
+    from megaocto.kernels import softmax as sm
+
+    orig, calls = sm.unfused_attention, []
+
+    def use_softmax(softmax):
+        def spy(*args, **kw):
+            calls.append(kw["dropout_p"])
+            return orig(*args, softmax=softmax, **kw)
+        monkeypatch.setattr(sm, "unfused_attention", spy)
+
+    use_softmax(sm.scaled_masked_softmax)
+    pc = ParallelContext.single()
+    ref = _build("tiny-bigcode", "torch", pc, attention_dropout=0.5, num_layers=1).eval()
+    fused = _build("tiny-bigcode", "triton", pc, attention_dropout=0.5, num_layers=1).eval()
+    assert fused.ops.attention_backend == "triton"
+    ids, seg, labels = _batch()
+    with torch.no_grad():
+        loss_eval = fused(ids, segment_ids=seg, labels=labels)
+        torch.testing.assert_close(loss_eval, ref(ids, segment_ids=seg, labels=labels), atol=2e-5, rtol=1e-5)
+    assert calls == []  # eval: no dropout, the flash kernel ran
+
+    def train_step(softmax):
+        use_softmax(softmax)
+        model = _build("tiny-bigcode", "triton", ParallelContext.single(), attention_dropout=0.5, num_layers=1)
+        return _loss_and_grads(model.train())  # a fresh ParallelContext: the same dropout RNG stream
+
+    loss_t, grads_t = train_step(sm.scaled_masked_softmax)
+    assert calls == [0.5]
+    loss_r, grads_r = train_step(sm.reference_scaled_masked_softmax)
+    assert not torch.allclose(loss_t, loss_eval)  # dropout did change the loss
+    torch.testing.assert_close(loss_t, loss_r, atol=2e-5, rtol=1e-5)
+    for k in grads_r:
+        assert torch.isfinite(grads_t[k]).all(), k
+        torch.testing.assert_close(grads_t[k], grads_r[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
 def test_triton_bias_gelu_takes_the_projection_bias():
     model = _build("tiny-bigcode", "triton", ParallelContext.single())
     mlp = model.layers[0].mlp

@@ -152,11 +152,12 @@ def test_glm2_matches_transformers_glm():
 
 
 def test_glm2_rotary_is_interleaved_and_partial():
-    from megaocto.model.glm2 import apply_glm_rotary, rotary_cos_sin
+    from megaocto.kernels.registry import torch_rotary
+    from megaocto.model.glm2 import rotary_cos_sin
 
     x = torch.randn(1, 1, 3, 8)
     cos, sin = rotary_cos_sin(torch.arange(3)[None], rot_dim=4, base=10000.0)
-    y = apply_glm_rotary(x, cos, sin)
+    y = torch_rotary(x, cos, sin, interleaved=True)
     torch.testing.assert_close(y[..., 4:], x[..., 4:])  # the second half passes through
     torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0 is not rotated
     # position 1, pair (0, 1) rotates by angle 1 * base^0 = 1 rad; pair (2, 3) by base^(-2/4) = 0.01

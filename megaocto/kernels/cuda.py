@@ -8,8 +8,8 @@ stream); each raises RuntimeError when the extension is not built:
 
 - ``bias_gelu(x [..., n], bias [n] | None)`` -> tanh-GELU of ``x + bias`` (autograd: dx and dbias);
 - ``scaled_masked_softmax(x [b, h, sq, sk], mask [b | 1, 1, sq, sk] bool | None, scale, causal=False)`` ->
-  ``softmax(scale·x)`` over the unmasked columns (mask True = masked out; causal masks ``j > i + sk − sq``);
-  fully masked rows give zeros (autograd: dx).
+  ``softmax(scale·x)`` over the unmasked columns (mask True = masked out; causal masks ``j > i``, top-left
+  aligned like SDPA's ``is_causal`` and the Triton softmax); fully masked rows give zeros (autograd: dx).
 """
 from __future__ import annotations
 

@@ -26,9 +26,12 @@ Contract (same as :func:`megaocto.model.attention.attention`)::
   segment id is computed once (on device, no host sync) and each program bounds its loop with them, so a packed
   row costs about ``sum(len_i^2)`` rather than ``s^2``. flash-attn's ``cu_seqlens`` layout (q ``[total, h, d]``)
   is served by :func:`flash_attention_varlen`, which turns the offsets into segment ids on one row.
-* Dropout is not implemented in the kernel: :func:`supports` is False when ``dropout_p > 0``, and the backend
-  function, when forced with ``backend="triton"``, runs the ``sdpa`` backend for such calls (and for any other
-  input :func:`supports` rejects: head_dim > 128, other dtypes, a CPU tensor without ``TRITON_INTERPRET=1``).
+* Dropout is not implemented in the kernel: :func:`supports` is False when ``dropout_p > 0``. The backend
+  function (``backend="triton"``, what ``model.kernels: triton`` asks for) runs such calls on the
+  ``triton_softmax`` backend (Triton softmax + torch dropout), and any other input :func:`supports` rejects
+  (head_dim > 128, other dtypes, a CPU tensor without the interpreter) on ``sdpa``: :func:`fallback_backend`.
+* Offsets: row offsets (``offs * row_stride``) are int64 in every kernel, so tensors past 2**31 elements (long
+  sequences of a fused QKV view) address correctly.
 
 Algorithm. Forward: one program per (query block, batch*query head); online softmax over key blocks in the
 base-2 domain (``exp2``, scores pre-multiplied by ``scale*log2(e)``); saves ``lse`` (natural-log logsumexp per
@@ -49,18 +52,19 @@ is not importable (see ``megaocto.kernels.registry``).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from megaocto.kernels import softmax as _softmax  # registers the "triton_softmax" backend used for dropout
 from megaocto.model.attention import attention as _attention
-from megaocto.kernels.registry import register
+from megaocto.kernels.registry import interpreter_enabled, register
 from megaocto.model.attention import register_backend
 
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton reads TRITON_INTERPRET when the kernels are decorated (import time); the configs below follow it.
+_INTERPRET = interpreter_enabled()
 MAX_HEAD_DIM = 128
 
 
@@ -98,8 +102,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, seg_q, SEG, seg_row, 
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_len
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC, DOT_F32) * qk_scale
         if MASK:
             ok = m_ok[:, None] & n_ok[None, :]
@@ -135,7 +139,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG, FIRST, LAST,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_len
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -172,7 +176,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG, FIRST, LAST,
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_fin = tl.where(l_i == 0.0, 1.0, l_i)  # only rows past seq_len can be empty; they are not stored
     out = acc / l_fin[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
     lse = (m_fin + tl.log2(l_fin)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + (b * n_heads + h) * seq_len + offs_m, lse, mask=m_ok)
@@ -188,8 +192,8 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, seq_len, n_hea
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + (b * n_heads + h) * seq_len + offs_m, delta, mask=offs_m < seq_len)
 
@@ -204,8 +208,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, sqs, sds, LSE, DELTA, row_base, s
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seq_len
         q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
         lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         s_t = _dot(k, tl.trans(q), DOT_PREC, DOT_F32) * qk_scale
@@ -244,8 +248,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
     n_ok = offs_n < seq_len
     d_ok = offs_d < HEAD_DIM
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
     seg_row = b * seq_len
 
     # Query-block ranges: [lo, a) masked (causal diagonal), [a, c) unmasked, [c, hi) masked (ragged tail);
@@ -291,9 +295,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, FIRST, LAST,
                                  seg_row, offs_n, offs_d, d_ok, n_ok, c, hi, seq_len, qk_scale, True, CAUSAL, False,
                                  DOT_PREC, DOT_F32, BLOCK_M)
     dk = dk * scale
-    tl.store(DK + sp * sdk_split + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
+    tl.store(DK + sp * sdk_split + b * sdkb + hk * sdkh + offs_n.to(tl.int64)[:, None] * sdks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + sp * sdv_split + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
+    tl.store(DV + sp * sdv_split + b * sdvb + hk * sdvh + offs_n.to(tl.int64)[:, None] * sdvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -306,8 +310,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, seg_q, SEG, seg_
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_len
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC, DOT_F32) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASK:
@@ -341,8 +345,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, FIRST, LAST,
     m_ok = offs_m < seq_len
     d_ok = offs_d < HEAD_DIM
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
     row_base = (b * n_heads + h) * seq_len
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -373,7 +377,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, FIRST, LAST,
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, m_ok, SEG, seg_row, offs_m, offs_d, d_ok,
                        m_ok, split, hi, seq_len, qk_scale, True, CAUSAL, False, DOT_PREC, DOT_F32, BLOCK_N)
     dq = dq * scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m.to(tl.int64)[:, None] * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=q_mask)
 
 
@@ -557,7 +561,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
 
 # ---------------------------------------------------------------------------------------------- registration
 def _device_ok(t: torch.Tensor) -> bool:
-    return t.is_cuda or (t.device.type == "cpu" and _INTERPRET)
+    return t.is_cuda or (t.device.type == "cpu" and interpreter_enabled())
 
 
 def supports(q, k, v, *, segment_ids=None, dropout_p: float = 0.0) -> bool:
@@ -569,11 +573,27 @@ def supports(q, k, v, *, segment_ids=None, dropout_p: float = 0.0) -> bool:
             and _device_ok(q) and k.device == q.device and v.device == q.device)
 
 
+def fallback_backend(q, k, v, *, segment_ids=None, dropout_p: float = 0.0) -> str | None:
+    """The backend the ``triton`` backend hands a call it cannot run itself, or None when the kernel runs it.
+
+    The one rule for attention under ``model.kernels: triton``: attention dropout (``dropout_p > 0``, training)
+    goes to ``triton_softmax`` (unfused: torch matmuls + the Triton scaled masked softmax + torch dropout on the
+    probabilities) when that backend takes the inputs; anything else :func:`supports` rejects (head_dim > 128,
+    other dtypes, CPU without the interpreter) goes to ``sdpa``.
+    """
+    if supports(q, k, v, segment_ids=segment_ids, dropout_p=dropout_p):
+        return None
+    if dropout_p > 0.0 and _softmax.supports(q, k, v, segment_ids=segment_ids, dropout_p=dropout_p):
+        return "triton_softmax"
+    return "sdpa"
+
+
 def _triton_backend(q, k, v, *, causal, segment_ids, dropout_p, scale):
-    """Backend fn: the Triton kernel when :func:`supports` accepts, else the ``sdpa`` backend (e.g. dropout)."""
-    if not supports(q, k, v, segment_ids=segment_ids, dropout_p=dropout_p):
+    """Backend fn: the Triton kernel when :func:`supports` accepts, else :func:`fallback_backend`'s choice."""
+    other = fallback_backend(q, k, v, segment_ids=segment_ids, dropout_p=dropout_p)
+    if other is not None:
         return _attention(q, k, v, causal=causal, segment_ids=segment_ids, dropout_p=dropout_p, scale=scale,
-                          backend="sdpa")
+                          backend=other)
     return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
 
 

@@ -2,10 +2,14 @@
 
 Contract
 --------
-``linear_cross_entropy(x, weight, labels, pc, *, vocab_size, ignore_index=-100, chunk_size=None)``
+``linear_cross_entropy(x, weight, labels, pc, *, vocab_size, ignore_index=-100, chunk_size=None)`` (the signature of
+``triton_linear_cross_entropy``, ``chunked_linear_cross_entropy`` and ``reference_linear_cross_entropy``)
 
 - ``x``: ``[b, s, h]`` or ``[n, h]`` (fp32 / bf16 / fp16); ``weight``: this rank's vocab shard ``[V_pad/tp, h]``,
-  same dtype and device as ``x``; ``labels``: ``x.shape[:-1]``, global token ids (any integer dtype).
+  same dtype and device as ``x``; ``labels``: ``x.shape[:-1]``, global token ids (any integer dtype), each
+  ``ignore_index`` or in ``[0, vocab_size)``; anything else raises ValueError (on CUDA: an asynchronous device
+  assert with the same message), the rule of :func:`megaocto.kernels.registry.check_labels` that every
+  implementation, the registry's torch op included, applies.
 - Returns the fp32 per-token loss ``x.shape[:-1]``, equal to
   ``vocab_parallel_cross_entropy(F.linear(x, weight), labels, pc, vocab_size=vocab_size,
   ignore_index=ignore_index)`` (reduction "none"): the softmax runs over the ``vocab_size`` real columns only
@@ -60,7 +64,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megaocto.kernels.registry import check_launch, register
+from megaocto.kernels.registry import check_labels, check_launch, register
 from megaocto.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 if TYPE_CHECKING:
@@ -76,7 +80,7 @@ def _row_stats_kernel(logits_ptr, stride_row, target_ptr, max_ptr, sumexp_ptr, t
     """One program per row: local max, Σexp(logit − max) over the first ``n_valid`` columns, target logit.
 
     target < 0: the target is not on this rank (or ignored) -> target logit 0. A target in a padded column
-    (>= n_valid) gets -inf, as in vocab_parallel_cross_entropy. A row with no valid column: max -inf, Σexp 0.
+    (>= n_valid; rejected earlier by check_labels) would get -inf, as in vocab_parallel_cross_entropy. A row with no valid column: max -inf, Σexp 0.
     """
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
@@ -257,7 +261,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pc: "ParallelContext",
-                vocab_size: int, chunk_size: int | None) -> None:
+                vocab_size: int, ignore_index: int, chunk_size: int | None) -> None:
     if x.dim() < 2:
         raise ValueError(f"linear_cross_entropy: x must be [b, s, h] or [n, h] (got {tuple(x.shape)})")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
@@ -274,11 +278,12 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pc:
                          f"(the padded vocabulary = weight rows x tp)")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1 (got {chunk_size})")
+    check_labels(labels, vocab_size, ignore_index, "linear_cross_entropy")
 
 
 def _chunked(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pc: "ParallelContext", *,
              vocab_size: int, ignore_index: int, chunk_size: int | None, ops: RowOps) -> torch.Tensor:
-    _check_args(x, weight, labels, pc, vocab_size, chunk_size)
+    _check_args(x, weight, labels, pc, vocab_size, ignore_index, chunk_size)
     h = x.shape[-1]
     x2d = x.reshape(-1, h).contiguous()
     flat = labels.reshape(-1).long()
@@ -313,11 +318,9 @@ def reference_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels
                                    pc: "ParallelContext", *, vocab_size: int, ignore_index: int = -100,
                                    chunk_size: int | None = None) -> torch.Tensor:
     """Unfused: full ``[tokens, V/tp]`` logits, then ``vocab_parallel_cross_entropy`` (``chunk_size`` unused)."""
-    _check_args(x, weight, labels, pc, vocab_size, chunk_size)
+    _check_args(x, weight, labels, pc, vocab_size, ignore_index, chunk_size)
     return vocab_parallel_cross_entropy(F.linear(x, weight), labels, pc, vocab_size=vocab_size,
                                         ignore_index=ignore_index)
 
-
-linear_cross_entropy = triton_linear_cross_entropy
 
 register("linear_cross_entropy", "triton", triton_linear_cross_entropy)

@@ -20,17 +20,20 @@ from their module in this package when it is imported):
   backend it installed (``register("attention_backend", "triton", "triton")``).
 
 Triton modules are imported lazily, on the first ``ops_for`` that resolves to ``triton``, from :data:`TRITON_MODULES`;
-a module that does not exist (yet) is skipped and its ops keep the torch implementation (``KernelOps.impls`` says
-which implementation each op got). Importing this module never imports triton.
+an import error in any of them propagates (a broken kernel never falls back silently). ``KernelOps.impls`` says
+which implementation each op got. Importing this module never imports triton.
 
 Rules kept here and nowhere else:
 
-* ``auto`` = triton on CUDA when triton imports, torch elsewhere (CPU runs never import triton for ``auto``);
+* ``auto`` = triton on CUDA when the ``triton`` package is installed (``importlib.util.find_spec``; the Triton
+  modules are imported, and their errors raised, on the first such ``ops_for``), torch elsewhere (CPU runs never import triton for ``auto``);
 * explicit ``triton`` on CPU works only under the Triton interpreter (``TRITON_INTERPRET=1`` set before any
   kernel module is imported, as tests/conftest.py does); otherwise a :class:`ConfigError` naming ``model.kernels``;
 * flash-attn wins over the Triton attention: on CUDA, when ``flash_attn`` is importable, ``attention_backend`` is
   None so attention.py's priority order picks flash-attn (fp16/bf16) — or SDPA for fp32 inputs, which flash-attn
-  does not take.
+  does not take. Otherwise ``attention_backend`` is ``"triton"``; that backend itself (flash_attention.py) runs
+  the ``triton_softmax`` backend for calls with ``dropout_p > 0`` (attention dropout in training).
+* labels of the fused loss: :func:`check_labels` (every ``linear_cross_entropy`` implementation calls it).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from megaocto.config.base import ConfigError
 from megaocto.config.model import KERNEL_IMPLS
 from megaocto.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaocto.parallel.layers import check_id_range
 
 IMPLS: tuple[str, ...] = KERNEL_IMPLS  # ("torch", "triton", "auto")
 OPS: tuple[str, ...] = ("layer_norm", "rms_norm", "bias_gelu", "swiglu", "rotary", "linear_cross_entropy",
@@ -55,7 +59,6 @@ TRITON_MODULES: tuple[str, ...] = ("layer_norm", "rms_norm", "bias_gelu", "swigl
                                    "flash_attention", "linear_cross_entropy")
 
 _REGISTRY: dict[tuple[str, str], Any] = {}
-_loaded_triton_modules: list[str] = []  # modules imported so far (missing ones are not listed)
 _triton_loaded = False
 _ops_cache: dict[tuple[str, bool], "KernelOps"] = {}
 
@@ -104,25 +107,14 @@ def get(op: str, impl: str) -> Any:
 
 
 def _load_triton_modules() -> None:
-    """Import every module of :data:`TRITON_MODULES` that exists; each registers its Triton implementations."""
+    """Import every module of :data:`TRITON_MODULES` (each registers its Triton implementations); any import
+    error propagates."""
     global _triton_loaded
     if _triton_loaded:
         return
     for name in TRITON_MODULES:
-        full = f"{__package__}.{name}"
-        try:
-            importlib.import_module(full)
-        except ModuleNotFoundError as e:
-            if e.name != full:  # the module exists but something it imports is missing: a real error
-                raise
-            continue
-        _loaded_triton_modules.append(name)
+        importlib.import_module(f"{__package__}.{name}")
     _triton_loaded = True
-
-
-def loaded_triton_modules() -> list[str]:
-    """Names of the Triton kernel modules imported so far (for logs and tests)."""
-    return list(_loaded_triton_modules)
 
 
 # ------------------------------------------------------------------------------------------- resolution
@@ -131,9 +123,14 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The values Triton itself reads as true for a boolean env knob (triton._C getenv_bool, case-insensitive).
+_TRUE_ENV = ("1", "true", "on", "yes", "y")
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton's CPU interpreter is switched on: ``TRITON_INTERPRET`` is one of ``1, true, on, yes, y``
+    (any case) — the rule Triton applies to the same variable. Every kernel module asks this function."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_ENV
 
 
 def resolve(impl: str, device: torch.device | str | None) -> str:
@@ -168,8 +165,8 @@ def _flash_attn_importable() -> bool:
 def ops_for(impl: str, device: torch.device | str | None = None) -> KernelOps:
     """The :class:`KernelOps` for config value ``impl`` on ``device`` (cached; see :func:`resolve`).
 
-    Ops without a Triton implementation (module not written yet) fall back to torch; ``KernelOps.impls``
-    records the choice per op.
+    ``KernelOps.impls`` records the implementation of each op (all ``triton`` for ``impl`` resolving to triton,
+    except ``attention_backend`` when flash-attn wins).
     """
     chosen = resolve(impl, device)
     dev = torch.device(device if device is not None else "cpu")
@@ -181,8 +178,7 @@ def ops_for(impl: str, device: torch.device | str | None = None) -> KernelOps:
         _load_triton_modules()
     fns, impls = {}, {}
     for op in OPS:
-        use = chosen if (op, chosen) in _REGISTRY else "torch"
-        fns[op], impls[op] = _REGISTRY[(op, use)], use
+        fns[op], impls[op] = get(op, chosen), chosen
     if flash_wins:  # the one place where flash-attn beats the Triton attention: let attention.py pick
         fns["attention_backend"], impls["attention_backend"] = None, "torch"
     ops = KernelOps(impl=chosen, fuse_bias=impls["bias_gelu"] == "triton", impls=impls, **fns)
@@ -302,9 +298,25 @@ def torch_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
     return torch.cat([out.to(x.dtype), rest], dim=-1)
 
 
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int, where: str) -> None:
+    """Raise ValueError unless every label is ``ignore_index`` or a real token id in ``[0, vocab_size)``.
+
+    The rule of every ``linear_cross_entropy`` implementation (torch, Triton, chunked, reference): without it an
+    id such as -1 or one in the padded vocabulary gives a different meaningless loss per implementation. On CUDA
+    the check is an asynchronous device assert (no host sync; a violation surfaces as a CUDA error with the
+    message), elsewhere an immediate ValueError naming the offending id (``check_id_range``).
+    """
+    ids = torch.where(labels == ignore_index, torch.zeros((), dtype=labels.dtype, device=labels.device), labels)
+    check_id_range(ids, vocab_size, ValueError,
+                   f"{where}: labels must be token ids in [0, vocab_size={vocab_size}) or ignore_index="
+                   f"{ignore_index}")
+
+
 def torch_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pc, *,
                                vocab_size: int, ignore_index: int = -100) -> torch.Tensor:
-    """``vocab_parallel_cross_entropy(F.linear(x, weight), labels, pc, vocab_size=...)`` (materialises logits)."""
+    """``vocab_parallel_cross_entropy(F.linear(x, weight), labels, pc, vocab_size=...)`` (materialises logits);
+    labels checked by :func:`check_labels`."""
+    check_labels(labels, vocab_size, ignore_index, "linear_cross_entropy (torch)")
     return vocab_parallel_cross_entropy(F.linear(x, weight), labels, pc, vocab_size=vocab_size,
                                         ignore_index=ignore_index)
 

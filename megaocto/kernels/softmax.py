@@ -25,16 +25,15 @@ materialises the ``[b, hq, s, s]`` scores.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from megaocto.kernels.registry import interpreter_enabled
 from megaocto.model.attention import register_backend, segment_mask
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_BLOCK_N = 8192  # widest single tile on CUDA; longer rows are streamed
 
 
@@ -148,7 +147,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check(x: torch.Tensor, causal: bool, segment_ids: torch.Tensor | None) -> None:
-    if not (x.is_cuda or (x.device.type == "cpu" and _INTERPRET)):
+    if not (x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())):
         raise RuntimeError(f"megaocto/kernels/softmax.py: Triton softmax got a {x.device.type} tensor; it runs on "
                            f"CUDA, or on CPU only under TRITON_INTERPRET=1")
     if not x.is_floating_point():
@@ -250,7 +249,7 @@ def supports(q, k, v, *, segment_ids=None, dropout_p: float = 0.0) -> bool:
     """True for CUDA tensors (or CPU under ``TRITON_INTERPRET=1``) of one float dtype with as many keys as
     queries; any head dim, dropout ok."""
     return (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[2] == k.shape[2]
-            and (q.is_cuda or (q.device.type == "cpu" and _INTERPRET)))
+            and (q.is_cuda or (q.device.type == "cpu" and interpreter_enabled())))
 
 
 def _triton_softmax_backend(q, k, v, *, causal, segment_ids, dropout_p, scale):
@@ -258,3 +257,5 @@ def _triton_softmax_backend(q, k, v, *, causal, segment_ids, dropout_p, scale):
 
 
 register_backend("triton_softmax", _triton_softmax_backend, supports, priority=-20)
+# model.kernels: triton reaches this backend through the "triton" backend, for calls with dropout
+# (megaocto.kernels.flash_attention.fallback_backend).

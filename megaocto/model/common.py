@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaocto.kernels.registry import KernelOps, ops_for
-from megaocto.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaocto.parallel.layers import check_id_range
 from megaocto.parallel.mappings import copy_to_tp, gather_from_sp
 
@@ -219,18 +218,6 @@ def linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pc,
     sequence parallelism), gathered by :func:`lm_head_input`. The Triton op never holds the full fp32 logits.
     """
     return ops.linear_cross_entropy(lm_head_input(x, pc), weight, labels, pc, vocab_size=vocab_size)
-
-
-def logits_or_loss(logits: torch.Tensor, labels: torch.Tensor | None, pc, vocab_size: int) -> torch.Tensor:
-    """Vocab-parallel logits ``[b, s, V/tp]``, or fp32 per-token loss ``[b, s]`` when labels are given.
-
-    The softmax runs over the real ``vocab_size`` columns only (padding rows never compete), so the loss equals
-    the one of the same weights exported to HF with the padding dropped. Labels of -100 give loss 0.
-    The cross-entropy makes its own fp32 copy of the logits, so bf16 logits are passed as they are.
-    """
-    if labels is None:
-        return logits
-    return vocab_parallel_cross_entropy(logits, labels, pc, vocab_size=vocab_size)
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk: int, *, dropout_on: bool,

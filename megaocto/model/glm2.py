@@ -36,15 +36,6 @@ def rotary_cos_sin(position_ids: torch.Tensor, rot_dim: int, base: float) -> tup
     return angles.cos()[:, None], angles.sin()[:, None]
 
 
-def apply_glm_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., 2j], x[..., 2j+1]) of the first ``2·cos.shape[-1]`` dims of ``x [b, h, s, d]``."""
-    rot = 2 * cos.shape[-1]
-    xr, rest = x[..., :rot].float(), x[..., rot:]
-    x0, x1 = xr[..., 0::2], xr[..., 1::2]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
-    return torch.cat([out.to(x.dtype), rest], dim=-1)
-
-
 class GLM2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, pc, *, dtype, device, selective_recompute: bool):
         super().__init__()
