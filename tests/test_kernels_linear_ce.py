@@ -98,7 +98,8 @@ def test_out_of_range_label_raises_on_every_path(bad):
     pc = ParallelContext.single()
     x, w, labels, _ = _inputs((9,), torch.float32, seed=4)
     labels[3] = bad
-    paths = dict(IMPLS, reference=lce.reference_linear_cross_entropy, registry_torch=registry.torch_linear_cross_entropy,
+    paths = dict(IMPLS, reference=lce.reference_linear_cross_entropy,
+                 registry_torch=registry.torch_linear_cross_entropy,
                  ops_triton=registry.ops_for("triton", "cpu").linear_cross_entropy)
     for name, fn in paths.items():
         with pytest.raises(ValueError, match=rf"labels must be token ids in \[0, vocab_size={VOCAB}\) or "

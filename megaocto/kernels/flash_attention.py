@@ -176,7 +176,8 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG, FIRST, LAST,
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_fin = tl.where(l_i == 0.0, 1.0, l_i)  # only rows past seq_len can be empty; they are not stored
     out = acc / l_fin[:, None]
-    tl.store(O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :],
+             out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
     lse = (m_fin + tl.log2(l_fin)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + (b * n_heads + h) * seq_len + offs_m, lse, mask=m_ok)
@@ -377,7 +378,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, FIRST, LAST,
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, m_ok, SEG, seg_row, offs_m, offs_d, d_ok,
                        m_ok, split, hi, seq_len, qk_scale, True, CAUSAL, False, DOT_PREC, DOT_F32, BLOCK_N)
     dq = dq * scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m.to(tl.int64)[:, None] * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m.to(tl.int64)[:, None] * sdqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty),
              mask=q_mask)
 
 

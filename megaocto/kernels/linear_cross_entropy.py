@@ -80,7 +80,8 @@ def _row_stats_kernel(logits_ptr, stride_row, target_ptr, max_ptr, sumexp_ptr, t
     """One program per row: local max, Σexp(logit − max) over the first ``n_valid`` columns, target logit.
 
     target < 0: the target is not on this rank (or ignored) -> target logit 0. A target in a padded column
-    (>= n_valid; rejected earlier by check_labels) would get -inf, as in vocab_parallel_cross_entropy. A row with no valid column: max -inf, Σexp 0.
+    (>= n_valid; rejected earlier by check_labels) would get -inf, as in vocab_parallel_cross_entropy.
+    A row with no valid column: max -inf, Σexp 0.
     """
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row

@@ -26,7 +26,8 @@ which implementation each op got. Importing this module never imports triton.
 Rules kept here and nowhere else:
 
 * ``auto`` = triton on CUDA when the ``triton`` package is installed (``importlib.util.find_spec``; the Triton
-  modules are imported, and their errors raised, on the first such ``ops_for``), torch elsewhere (CPU runs never import triton for ``auto``);
+  modules are imported, and their errors raised, on the first such ``ops_for``), torch elsewhere (CPU runs never
+  import triton for ``auto``);
 * explicit ``triton`` on CPU works only under the Triton interpreter (``TRITON_INTERPRET=1`` set before any
   kernel module is imported, as tests/conftest.py does); otherwise a :class:`ConfigError` naming ``model.kernels``;
 * flash-attn wins over the Triton attention: on CUDA, when ``flash_attn`` is importable, ``attention_backend`` is
