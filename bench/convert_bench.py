@@ -418,6 +418,10 @@ def main() -> None:
             run_child("from-hf", profile=True, hf_dir=hf, ckpt=ckpt, tp=args.tp)
             print("\n--- profile to-hf ---", flush=True)
             run_child("to-hf", profile=True, ckpt=ckpt, out_dir=hf2, shard_size=shard)
+            if not args.no_megatron:
+                shutil.rmtree(ckpt_meg)
+                print("\n--- profile from-megatron ---", flush=True)
+                run_child("from-megatron", profile=True, meg_dir=meg, ckpt=ckpt_meg)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
