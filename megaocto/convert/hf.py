@@ -13,8 +13,9 @@ progress=True) -> float | None``
     Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or ``model-0000i-of-0000N`` shards +
     ``model.safetensors.index.json`` above ``max_shard_size``) and the tokenizer files, into a temporary directory
     renamed to ``output`` when complete; ``AutoModelForCausalLM.from_pretrained(output)`` loads it offline.
-    Vocabulary padding is trimmed to ``vocab_size``. RAM: one output shard plus one layer (the reader merges
-    TP shards tensor by tensor from mmap-ed rank files). ``dtype`` defaults to the checkpoint's dtype.
+    Vocabulary padding is trimmed to ``vocab_size``. RAM: about one layer (the reader merges TP shards tensor by
+    tensor from mmap-ed rank files; the safetensors layout is planned up front from the config and each tensor's
+    bytes are written as it arrives, with no shard buffer). ``dtype`` defaults to the checkpoint's dtype.
 """
 from __future__ import annotations
 
@@ -173,16 +174,21 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
     _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
     bar = core.Progress(len(core.units(cfg)), "to-hf", progress)
+    plan = hf_plan(cfg, family, out_dtype)
     with core.AtomicDir(output) as tmp:
-        writer = SafetensorsShardWriter(tmp, shard_bytes)
-        for unit, group in core.iter_units(tensors):
-            nbytes = 0
-            for name, t in family.iter_to_hf(cfg, iter(group)):
-                t = t.to(out_dtype) if t.dtype != out_dtype else t
-                writer.add(name, t)
-                nbytes += t.numel() * t.element_size()
-            del group
-            bar.step(unit, nbytes)
+        writer = SafetensorsShardWriter(tmp, plan, shard_bytes)
+        try:
+            for unit, group in core.iter_units(tensors):
+                nbytes = 0
+                for name, t in family.iter_to_hf(cfg, iter(group)):
+                    t = t.to(out_dtype) if t.dtype != out_dtype else t
+                    writer.add(name, t)
+                    nbytes += t.numel() * t.element_size()
+                    del t
+                del group
+                bar.step(unit, nbytes)
+        finally:
+            writer.abort()
         writer.finish()
         hf_conf.save_pretrained(tmp)
         _write_generation_config(hf_conf, tmp)
@@ -194,6 +200,14 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     ours = core.megaocto_logits_fn(cfg, src)
     return core.verify_logits(ours, hf_logits_fn(output), cfg.vocab_size,
                               label=f"megaocto vs HF {hf_conf.model_type}", seq=_verify_seq(cfg))
+
+
+def hf_plan(cfg: ModelConfig, family: ModuleType, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(HF name, dtype, shape)`` of every tensor ``family.iter_to_hf`` yields for ``cfg``, in that order, without
+    reading any data: the family mapping runs on meta-device tensors of the megaocto shapes (vocabulary rows are
+    trimmed by the mapping, so the padding of the meta shapes does not matter)."""
+    meta = ((name, torch.empty(spec.shape, dtype=dtype, device="meta")) for name, spec in core.param_specs(cfg).items())
+    return [(name, dtype, tuple(t.shape)) for name, t in family.iter_to_hf(cfg, meta)]
 
 
 def _write_generation_config(hf_conf, directory: str) -> None:

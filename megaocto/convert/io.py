@@ -9,11 +9,20 @@ safetensors writer.
     time (``get``); safetensors headers give names/shapes/dtypes without reading data, ``.bin`` files are opened
     with ``torch.load(mmap=True, weights_only=True)``.
 
-``SafetensorsShardWriter(directory, max_shard_size)``
-    ``add(name, tensor)`` buffers tensors and writes a shard when the next tensor would push the buffer past
-    ``max_shard_size`` bytes (so at most one shard is held in memory); ``finish()`` names the shards HF's way —
-    ``model.safetensors`` when there is one, else ``model-0000i-of-0000N.safetensors`` plus
-    ``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map"}``) — and returns the file list.
+``SafetensorsShardWriter(directory, plan, max_shard_size)``
+    Streaming safetensors shards whose layout is fixed up front: ``plan`` lists every ``(name, dtype, shape)`` in
+    write order; names are grouped in that order into shards of at most ``max_shard_size`` bytes (a larger tensor
+    gets a shard of its own) and the shard files are named HF's way — ``model.safetensors`` when there is one, else
+    ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json`` (``{"metadata": {"total_size"},
+    "weight_map"}``). ``add(name, tensor)`` takes the plan's next tensor (name, dtype and shape checked) and writes
+    its bytes at once, straight from the tensor's memory (the header of a shard is written when its first tensor
+    arrives, from the plan); nothing is buffered, so the writer holds no tensor data at all. Each shard is fsync-ed
+    when its last tensor is written. ``finish()`` checks that the whole plan arrived, writes the index and returns
+    the file list; ``abort()`` closes a half-written shard. Files are plain safetensors (8-byte little-endian
+    header length, JSON header with ``__metadata__`` = ``{"format": "pt"}`` and per-tensor dtype / shape /
+    ``data_offsets``, padded with spaces to 8-byte alignment, then the tensors' bytes back to back in plan order),
+    read by ``safetensors.safe_open`` and ``transformers``. Tensors of one dtype stay naturally aligned; mixed
+    dtypes are written in plan order without alignment padding (valid safetensors).
 
 ``parse_size("5GB")`` -> bytes (HF convention: GB = 10**9, GiB = 2**30).
 """
@@ -23,6 +32,8 @@ import json
 import os
 import re
 import shutil
+import struct
+from collections.abc import Sequence
 
 import torch
 
@@ -169,54 +180,137 @@ class HFSource:
         self._handles.clear()
 
 
-class SafetensorsShardWriter:
-    """Streaming, size-capped safetensors shards in HF naming; see the module docstring."""
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 
-    def __init__(self, directory: str, max_shard_size: int, metadata: dict[str, str] | None = None):
-        self.directory, self.max_shard_size = directory, max_shard_size
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(plan: Sequence[tuple[str, torch.dtype, Sequence[int]]], max_shard_size: int
+                ) -> list[list[tuple[str, torch.dtype, tuple[int, ...], int]]]:
+    """Group ``(name, dtype, shape)`` in order into shards of at most ``max_shard_size`` bytes (a tensor larger than
+    the cap gets a shard of its own); returns per shard ``[(name, dtype, shape, nbytes), ...]``."""
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+    size = 0
+    seen: set[str] = set()
+    for name, dtype, shape in plan:
+        if name in seen:
+            raise ConversionError(f"safetensors plan: tensor {name!r} appears twice")
+        seen.add(name)
+        if dtype not in _ST_CODES:
+            raise ConversionError(f"safetensors plan: {name!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = _nbytes(shape, dtype)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dtype, tuple(int(s) for s in shape), nbytes))
+        size += nbytes
+    return shards
+
+
+def safetensors_header(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...], int]],
+                       metadata: dict[str, str] | None) -> bytes:
+    """The first bytes of a safetensors file holding ``entries`` in this order: the 8-byte little-endian header
+    length, then the JSON header (``__metadata__`` first, then each tensor's dtype/shape/data_offsets relative to
+    the data section), padded with spaces so the data section starts at a multiple of 8 bytes."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A read-only, zero-copy byte view of a CPU tensor's data (a copy only if ``t`` is not contiguous)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class SafetensorsShardWriter:
+    """Streaming, size-capped safetensors shards in HF naming, planned up front; see the module docstring."""
+
+    def __init__(self, directory: str, plan: Sequence[tuple[str, torch.dtype, Sequence[int]]], max_shard_size: int,
+                 metadata: dict[str, str] | None = None):
+        self.directory = directory
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._parts: list[tuple[str, list[str]]] = []  # (temp file, names)
-        self.total_size = 0
+        self.shards = plan_shards(plan, max_shard_size)
+        n = len(self.shards)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors"
+                                                              for i in range(1, n + 1)]
+        self.total_size = sum(e[3] for shard in self.shards for e in shard)
+        self._shard, self._pos = 0, 0  # next tensor: self.shards[self._shard][self._pos]
+        self._file = None
+        self._done = False
+
+    def _open_shard(self) -> None:
+        path = os.path.join(self.directory, self.files[self._shard])
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in _close_shard / abort
+        self._file.write(safetensors_header(self.shards[self._shard], self.metadata))
+
+    def _close_shard(self) -> None:
+        f, self._file = self._file, None
+        assert f is not None
+        f.flush()
+        os.fsync(f.fileno())  # durable before the directory is renamed into place
+        f.close()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
-            self._flush()
-        self._buffer[name] = tensor.contiguous()
-        self._buffer_bytes += nbytes
-        self.total_size += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = os.path.join(self.directory, f".part-{len(self._parts) + 1:05d}.safetensors")
-        save_file(self._buffer, path, metadata=self.metadata)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # durable before the directory is renamed into place
-        finally:
-            os.close(fd)
-        self._parts.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        """Write ``tensor``'s bytes now; it must be the next tensor of the plan, with the planned dtype and shape."""
+        if self._shard >= len(self.shards) or not self.shards[self._shard]:
+            raise ConversionError(f"safetensors writer: tensor {name!r} is not in the plan (all planned tensors "
+                                  f"were already written)")
+        want, dtype, shape, _ = self.shards[self._shard][self._pos]
+        if name != want:
+            raise ConversionError(f"safetensors writer: got tensor {name!r} but the plan expects {want!r} next")
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ConversionError(f"safetensors writer: {name}: {tensor.dtype} {tuple(tensor.shape)} does not match "
+                                  f"the planned {dtype} {shape}")
+        if self._file is None:
+            self._open_shard()
+        self._file.write(tensor_bytes(tensor))
+        self._pos += 1
+        if self._pos == len(self.shards[self._shard]):
+            self._close_shard()
+            self._shard, self._pos = self._shard + 1, 0
 
     def finish(self) -> list[str]:
-        if self._buffer or not self._parts:
-            self._flush()
-        n = len(self._parts)
-        files, weight_map = [], {}
-        for i, (tmp, names) in enumerate(self._parts, 1):
-            fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp, os.path.join(self.directory, fname))
-            files.append(fname)
-            weight_map.update({k: fname for k in names})
-        if n > 1:
+        """Check every planned tensor was written, write the index (more than one shard); return the file names."""
+        if self._shard == 0 and not self.shards[0]:  # empty plan: one valid, empty file
+            self._open_shard()
+            self._close_shard()
+            self._shard = 1
+        if self._shard < len(self.shards):
+            missing = self.shards[self._shard][self._pos][0]
+            raise ConversionError(f"safetensors writer: finished before tensor {missing!r} was written")
+        files = list(self.files)
+        if len(self.files) > 1:
+            weight_map = {e[0]: fname for fname, shard in zip(self.files, self.shards) for e in shard}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             with open(os.path.join(self.directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
             files.append("model.safetensors.index.json")
+        self._done = True
         return files
+
+    def abort(self) -> None:
+        """Close an unfinished shard file (the caller removes the directory)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def tokenizer_files(path: str, flag: str = "--tokenizer") -> list[str]:
