@@ -364,3 +364,70 @@ def test_finetune_from_a_converted_checkpoint(tmp_path):
                        hf.state_dict()["transformer.h.1.mlp.c_proj.weight"])
     result = trainer.run()
     assert result.iteration == 2 and all(v == v for v in result.losses.values())
+
+
+# ------------------------------------------------------------------------------------- streaming safetensors writer
+def test_streaming_safetensors_writer_layout_index_and_no_buffering(tmp_path):
+    import struct
+
+    from safetensors import safe_open
+
+    from megaocto.convert.io import SafetensorsShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(64, 100, generator=g), "a.bias": torch.randn(3, generator=g),
+               "b.weight": torch.randn(40, 100, generator=g).to(torch.bfloat16), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4), "c.weight": torch.randn(100, 64, generator=g).t()}  # non-contiguous
+    plan = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = SafetensorsShardWriter(str(tmp_path), plan, max_shard_size=30_000)
+    assert writer.files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    with pytest.raises(ConversionError, match="plan expects 'a.weight' next"):
+        writer.add("a.bias", tensors["a.bias"])
+    with pytest.raises(ConversionError, match="does not match the planned"):
+        writer.add("a.weight", tensors["a.weight"].double())
+    first = tmp_path / writer.files[0]
+    for name, t in tensors.items():
+        original = t.clone()
+        writer.add(name, t)
+        if name == "a.weight":  # written at once, not held: the file already has its bytes, mutating t changes nothing
+            assert first.stat().st_size >= 8 + t.numel() * 4
+            t.zero_()
+        tensors[name] = original
+    files = writer.finish()
+    assert files == writer.files + ["model.safetensors.index.json"]
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    for fname in writer.files:
+        raw = (tmp_path / fname).read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        assert n % 8 == 0  # data section 8-byte aligned; padding is spaces
+        header = json.loads(raw[8:8 + n])
+        assert header.pop("__metadata__") == {"format": "pt"}
+        offsets = sorted(v["data_offsets"] for v in header.values())
+        assert offsets[0][0] == 0 and offsets[-1][1] == len(raw) - 8 - n  # no gaps, no trailing bytes
+        assert all(a[1] == b[0] for a, b in zip(offsets, offsets[1:]))
+        with safe_open(str(tmp_path / fname), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for name in f.keys():
+                assert index["weight_map"][name] == fname
+                got = f.get_tensor(name)
+                assert torch.equal(got, tensors[name]) and got.dtype == tensors[name].dtype
+    with pytest.raises(ConversionError, match="not in the plan"):
+        writer.add("extra", torch.zeros(1))
+
+
+def test_streaming_safetensors_writer_single_file_and_incomplete(tmp_path):
+    from safetensors.torch import load_file
+
+    from megaocto.convert.io import SafetensorsShardWriter
+
+    t = torch.arange(6, dtype=torch.float16).view(2, 3)
+    writer = SafetensorsShardWriter(str(tmp_path), [("x", t.dtype, (2, 3)), ("y", t.dtype, (2, 3))], 10**9)
+    writer.add("x", t)
+    with pytest.raises(ConversionError, match="before tensor 'y' was written"):
+        writer.finish()
+    writer.add("y", t + 1)
+    assert writer.finish() == ["model.safetensors"]
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(got["x"], t) and torch.equal(got["y"], t + 1)
