@@ -40,11 +40,17 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
     ``mmap``-ed rank files (``merge_shards``). ``trim_vocab=True`` cuts vocabulary rows to ``cfg.vocab_size``.
     ``checkpoint_info(load, iteration=None)`` returns ``(directory, metadata, iteration)`` without loading tensors.
 
-Verification: ``random_batch(vocab_size, ...)`` (fixed seed), ``megaocto_logits_fn(cfg, tensors)`` (a tp=1 model
-from full tensors), ``max_abs_logit_diff(fn_a, fn_b, vocab_size)`` and ``verify_logits(fn_a, fn_b, vocab_size,
-label=...)`` which prints ``max abs logit difference (<label>): <value>`` and returns the value.
+Verification: ``random_batch(vocab_size, ...)`` (fixed seed), ``megaocto_logits_fn(cfg, tensors)`` (a tp=1 fp32
+model filled tensor by tensor: one fp32 copy of the model), ``max_abs_logit_diff(fn_a, fn_b, vocab_size)``,
+``verify_logits(fn_a, fn_b, vocab_size, label=..., tol=None, cast=None)`` and ``verify_lazy(make_a, make_b, ...)``
+(builds, runs and drops the first model before building the second, so only one model is alive at a time); both
+print ``max abs logit difference (<label>): <value>``, return the value, and raise :class:`VerifyError` when it is
+above the tolerance (``tol``, default :func:`default_verify_tol`).
 
-Errors: ``ConversionError`` (a ConfigError: the CLI prints it and exits 2) names the file or field to fix.
+``saved_dtype(tensors)`` / ``checkpoint_dtype(directory, meta)``: the dtype the weights are stored in.
+
+Errors: ``ConversionError`` (a ConfigError: the CLI prints it and exits 2) names the file or field to fix;
+``VerifyError`` (the CLI exits 1): the written result does not reproduce the source within the tolerance.
 """
 from __future__ import annotations
 
@@ -76,6 +82,10 @@ class ConversionError(ConfigError):
     """A conversion cannot proceed; the message names the file or field to fix."""
 
 
+class VerifyError(Exception):
+    """``--verify``: the result's logits differ from the source's by more than the tolerance."""
+
+
 # ------------------------------------------------------------------------------------------ dtypes
 def parse_dtype(dtype: str | torch.dtype | None, where: str = "--dtype") -> torch.dtype | None:
     """``None`` / a supported torch dtype / one of ``bf16, fp16, fp32`` -> torch dtype (None stays None)."""
@@ -91,6 +101,15 @@ def parse_dtype(dtype: str | torch.dtype | None, where: str = "--dtype") -> torc
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, str(dtype))
+
+
+def saved_dtype(tensors: dict | Iterable[torch.Tensor], default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of the first floating-point tensor of a state dict (or an iterable of tensors): the dtype a
+    checkpoint's weights are stored in (``default`` when there is none)."""
+    for t in (tensors.values() if isinstance(tensors, dict) else tensors):
+        if torch.is_tensor(t) and t.is_floating_point():
+            return t.dtype
+    return default
 
 
 def check_source_dtype(dtype: torch.dtype, where: str) -> None:
@@ -172,9 +191,8 @@ def fit_vocab_rows(t: torch.Tensor, vocab_size: int, rows: int, name: str) -> to
 class Progress:
     """One stderr line per finished unit: ``[convert] layers.3 (5/42) 1.2 GB in 3.1 s, 0.39 GB/s, ETA 25 s``."""
 
-    def __init__(self, total: int, label: str = "convert", enabled: bool = True, stream=None):
+    def __init__(self, total: int, label: str = "convert", enabled: bool = True):
         self.total, self.label, self.enabled = total, label, enabled
-        self.stream = stream if stream is not None else sys.stderr
         self.start, self.done, self.bytes = time.monotonic(), 0, 0
         self._units: set[str] = set()
 
@@ -191,7 +209,7 @@ class Progress:
         rate = self.bytes / elapsed / 1e9
         eta = elapsed / self.done * (self.total - self.done)
         print(f"[{self.label}] {unit} ({self.done}/{self.total}) {self.bytes / 1e9:.2f} GB in {elapsed:.1f} s, "
-              f"{rate:.2f} GB/s, {self.done / elapsed:.2f} units/s, ETA {eta:.0f} s", file=self.stream, flush=True)
+              f"{rate:.2f} GB/s, {self.done / elapsed:.2f} units/s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ atomic output dirs
@@ -457,6 +475,20 @@ def checkpoint_info(load: str, iteration: int | str | None = None) -> tuple[str,
     return directory, meta, iteration
 
 
+def checkpoint_dtype(directory: str, meta: dict) -> torch.dtype:
+    """The dtype of the weights stored in a megaocto checkpoint iteration directory (rank 0's file, mmap-ed: no
+    tensor data is read). Training checkpoints do not record ``dtype`` in metadata.json, so the tensors decide."""
+    path = os.path.join(directory, ckpt.rank_dir_name(0, 0, 1), ckpt.MODEL_FILE)
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report which file is broken
+        raise ConversionError(f"{path}: cannot read the model state ({type(e).__name__}: {e})") from None
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict):
+        raise ConversionError(f"{path}: no 'model' state dict")
+    return saved_dtype(model, DTYPES.get(str(meta.get("dtype")), torch.float32))
+
+
 def config_from_metadata(meta: dict, where: str) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     values = {k: v for k, v in meta["config"]["model"].items() if k in known}
@@ -527,18 +559,33 @@ def random_batch(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 123
 
 def megaocto_logits_fn(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]] | dict,
                        ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function ids -> fp32 logits ``[b, s, vocab_size]`` of a tp=1 fp32 megaocto model holding ``tensors``."""
+    """A function ids -> fp32 logits ``[b, s, vocab_size]`` of a tp=1 fp32 megaocto model holding ``tensors``.
+
+    Memory: the model's fp32 parameters plus one source tensor at a time (each is copied into its parameter as it
+    arrives, never gathered into a second full state dict). Every parameter must arrive exactly once."""
     from megaocto.model import build_model
     from megaocto.parallel.context import ParallelContext
-    from megaocto.parallel.layers import load_full_state_dict
 
-    pc = ParallelContext.single()
-    model = build_model(dataclasses.replace(cfg, attention_dropout=0.0, hidden_dropout=0.0), pc).eval()
+    with torch.random.fork_rng(devices=[]):  # the throwaway random init leaves the caller's RNG alone
+        model = build_model(dataclasses.replace(cfg, attention_dropout=0.0, hidden_dropout=0.0),
+                            ParallelContext.single()).eval()
     rows = padded_vocab(cfg, 1)
-    full = {n: (fit_vocab_rows(t, cfg.vocab_size, rows, n) if n in VOCAB_PARAMS else t).float()
-            for n, t in _iter_items(tensors)}
-    load_full_state_dict(model, full, pc)
-    del full
+    own = model.state_dict(keep_vars=True)
+    filled: set[str] = set()
+    with torch.no_grad():
+        for n, t in _iter_items(tensors):
+            if n not in own or n in filled:
+                raise ConversionError(f"verify: tensor {n!r} is {'duplicated' if n in filled else 'unknown'}")
+            if n in VOCAB_PARAMS:
+                t = fit_vocab_rows(t, cfg.vocab_size, rows, n)
+            if tuple(t.shape) != tuple(own[n].shape):
+                raise ConversionError(f"verify: {n} has shape {tuple(t.shape)}, the model's is {tuple(own[n].shape)}")
+            own[n].copy_(t)
+            filled.add(n)
+            del t
+    missing = [n for n in own if n not in filled]
+    if missing:
+        raise ConversionError(f"verify: {len(missing)} parameter(s) missing, e.g. {missing[:4]}")
 
     @torch.no_grad()
     def run(ids: torch.Tensor) -> torch.Tensor:
@@ -560,10 +607,50 @@ def max_abs_logit_diff(fn_a: Callable[[torch.Tensor], torch.Tensor], fn_b: Calla
     return float((a - b).abs().max())
 
 
-def verify_logits(fn_a: Callable[[torch.Tensor], torch.Tensor], fn_b: Callable[[torch.Tensor], torch.Tensor],
-                  vocab_size: int, *, label: str = "source vs result", seq: int = 16, stream=None) -> float:
-    """Print ``max abs logit difference (<label>): <value>`` (stdout) and return the value."""
-    diff = max_abs_logit_diff(fn_a, fn_b, vocab_size, seq=seq)
-    print(f"max abs logit difference ({label}): {diff:.3e}", file=stream if stream is not None else sys.stdout,
-          flush=True)
+VERIFY_TOL = 1e-3  # absolute, when the weights keep their precision
+VERIFY_REL_TOL_LOWP = 5e-2  # times max |logit|, when the result is cast to bf16 / fp16
+
+
+def default_verify_tol(cast: torch.dtype | None, max_abs_logit: float) -> float:
+    """``--verify``'s default tolerance: :data:`VERIFY_TOL` (1e-3) when the weights are not cast to a lower
+    precision, else :data:`VERIFY_REL_TOL_LOWP` (5e-2) times the largest |logit| of the source (bf16 keeps 8
+    mantissa bits, ~4e-3 relative per weight, and the rounding errors of all layers add up in the logits)."""
+    if cast in (torch.bfloat16, torch.float16):
+        return VERIFY_REL_TOL_LOWP * max(max_abs_logit, 1e-6)
+    return VERIFY_TOL
+
+
+def verify_lazy(make_a: Callable[[], Callable[[torch.Tensor], torch.Tensor]],
+                make_b: Callable[[], Callable[[torch.Tensor], torch.Tensor]], vocab_size: int, *,
+                label: str = "source vs result", seq: int = 16, tol: float | None = None,
+                cast: torch.dtype | None = None) -> float:
+    """Like :func:`verify_logits`, but builds each logits function from its maker, runs it on the fixed batch and
+    drops it before building the next, so only one model is in memory at a time."""
+    ids = random_batch(vocab_size, 2, max(1, seq), 1234)
+    fn = make_a()
+    with torch.no_grad():
+        a = fn(ids).float()[..., :vocab_size]
+    del fn
+    fn = make_b()
+    with torch.no_grad():
+        b = fn(ids).float()[..., :vocab_size]
+    del fn
+    if a.shape != b.shape:
+        raise ConversionError(f"verify: logits shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    diff = float((a - b).abs().max())
+    print(f"max abs logit difference ({label}): {diff:.3e}", file=sys.stdout, flush=True)
+    limit = tol if tol is not None else default_verify_tol(cast, float(a.abs().max()))
+    if not diff <= limit:  # also catches NaN
+        raise VerifyError(f"--verify: max abs logit difference {diff:.3e} ({label}) is above the tolerance "
+                          f"{limit:.3e}{'' if tol is not None else ' (the default; set --verify-tol)'}: the result "
+                          f"does not reproduce the source; it was written, but do not use it before finding why")
+    print(f"verify: ok (tolerance {limit:.3e})", file=sys.stdout, flush=True)
     return diff
+
+
+def verify_logits(fn_a: Callable[[torch.Tensor], torch.Tensor], fn_b: Callable[[torch.Tensor], torch.Tensor],
+                  vocab_size: int, *, label: str = "source vs result", seq: int = 16, tol: float | None = None,
+                  cast: torch.dtype | None = None) -> float:
+    """Print ``max abs logit difference (<label>): <value>`` (stdout) and return the value; :class:`VerifyError`
+    when it is above ``tol`` (default: :func:`default_verify_tol` of ``cast``, the dtype the result was cast to)."""
+    return verify_lazy(lambda: fn_a, lambda: fn_b, vocab_size, label=label, seq=seq, tol=tol, cast=cast)

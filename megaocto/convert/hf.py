@@ -2,11 +2,13 @@
 
 ``from_hf(hf_dir, output, *, tp=1, dtype=None, verify=False, progress=True) -> float | None``
     Detects the layout from ``config.json`` — ``gpt_bigcode`` (hf_bigcode.py), native ``glm`` or original
-    ``chatglm`` (hf_glm.py) — checks the config, the TP split, the weights' names, shapes and dtypes, and that
-    ``output`` does not exist, all before writing; then streams the tensors one layer at a time through
-    :func:`megaocto.convert.core.write_megaocto_checkpoint`. With ``verify`` returns (and prints) the max abs
-    logit difference between the HF source (transformers; for ChatGLM2 a native ``GlmForCausalLM`` built from
-    an independent q/k/v split) and the written checkpoint (merged, tp=1) on a fixed random batch.
+    ``chatglm`` (hf_glm.py) — checks the config, the TP split, every weight's name, shape (against the family's
+    ``expected_hf_shapes``) and dtype, and that ``output`` does not exist, all before writing; then streams the
+    tensors one layer at a time through :func:`megaocto.convert.core.write_megaocto_checkpoint`. With ``verify``
+    returns (and prints) the max abs logit difference between the HF source (transformers; for ChatGLM2 a native
+    ``GlmForCausalLM`` built from an independent q/k/v split) and the written checkpoint (merged, tp=1) on a fixed
+    random batch, one model in memory at a time; above ``verify_tol`` (default
+    :func:`megaocto.convert.core.default_verify_tol`) it raises :class:`megaocto.convert.core.VerifyError`.
 
 ``to_hf(load, output, *, dtype=None, tokenizer=None, max_shard_size="5GB", iteration=None, verify=False,
 progress=True) -> float | None``
@@ -15,7 +17,8 @@ progress=True) -> float | None``
     renamed to ``output`` when complete; ``AutoModelForCausalLM.from_pretrained(output)`` loads it offline.
     Vocabulary padding is trimmed to ``vocab_size``. RAM: about one layer (the reader merges TP shards tensor by
     tensor from mmap-ed rank files; the safetensors layout is planned up front from the config and each tensor's
-    bytes are written as it arrives, with no shard buffer). ``dtype`` defaults to the checkpoint's dtype.
+    bytes are written as it arrives, with no shard buffer). ``dtype`` defaults to the dtype of the stored tensors
+    (:func:`megaocto.convert.core.checkpoint_dtype`; training checkpoints record none in metadata.json).
 """
 from __future__ import annotations
 
@@ -46,45 +49,41 @@ def plan_from_hf(hf_dir: str, tp: int) -> HFPlan:
     """Open and check an HF directory for conversion at ``tp``; raises ConversionError naming the file/field."""
     src = HFSource(hf_dir)
     conf, where = src.config, src.config_path
+    if hf_bigcode.detect_gpt2_custom(conf):
+        raise hf_bigcode.gpt2_custom_error(where)
     if hf_bigcode.detect(conf):
         layout, cfg = "gpt_bigcode", hf_bigcode.config_from_hf(conf, where)
-        expected = hf_bigcode.expected_hf_names(cfg)
+        shapes = hf_bigcode.expected_hf_shapes(cfg)
         ignorable = hf_bigcode.ignorable_hf_names(cfg, src.names())
     elif hf_glm.detect(conf):
         layout, cfg = "glm", hf_glm.config_from_hf(conf, where)
-        expected = hf_glm.expected_hf_names(cfg)
+        shapes = hf_glm.expected_hf_shapes(cfg)
         ignorable = hf_glm.ignorable_hf_names(cfg, src.names())
     elif hf_glm.detect_chatglm(conf):
         layout, cfg = "chatglm", hf_glm.config_from_chatglm(conf, where)
-        expected, ignorable = hf_glm.chatglm_names(cfg), hf_glm.CHATGLM_IGNORABLE
+        shapes, ignorable = hf_glm.chatglm_shapes(cfg), hf_glm.CHATGLM_IGNORABLE
     else:
         raise ConversionError(
             f"{where}: unsupported architecture (model_type={conf.get('model_type')!r}, architectures="
             f"{conf.get('architectures')!r}); supported: gpt_bigcode (GPTBigCodeForCausalLM), glm (GlmForCausalLM), "
             f"chatglm (ChatGLM2/CodeGeeX2)")
     core.check_tp(cfg, tp)
-    src.check(expected, ignorable, where=f"{layout} with {cfg.num_layers} layers")
-    _check_shapes(cfg, layout, src)
+    src.check(list(shapes), ignorable, where=f"{layout} with {cfg.num_layers} layers")
+    _check_shapes(shapes, src)
     if layout == "chatglm" and "transformer.rotary_pos_emb.inv_freq" in src:
         hf_glm.check_chatglm_inv_freq(cfg, src.get("transformer.rotary_pos_emb.inv_freq").float(), where)
     token_ids = {k: conf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in conf}
     return HFPlan(layout, cfg, src, token_ids)
 
 
-def _check_shapes(cfg: ModelConfig, layout: str, src: HFSource) -> None:
-    """Shapes of a few tensors that fix the architecture, so a config/weights mismatch fails before writing."""
-    h, V = cfg.hidden_size, cfg.vocab_size
-    checks = {"gpt_bigcode": {"transformer.wte.weight": (V, h), "transformer.wpe.weight": (cfg.max_positions, h),
-                              "transformer.h.0.mlp.c_fc.weight": (cfg.ffn_size, h)},
-              "glm": {"model.embed_tokens.weight": (V, h), "lm_head.weight": (V, h),
-                      "model.layers.0.mlp.gate_up_proj.weight": (2 * cfg.ffn_size, h)},
-              "chatglm": {"transformer.embedding.word_embeddings.weight": (V, h),
-                          "transformer.output_layer.weight": (V, h)}}[layout]
-    for name, shape in checks.items():
-        got = src.info(name)[0]
-        if tuple(got) != shape:
-            raise ConversionError(f"{src.weights_file}: {name} has shape {tuple(got)} but {src.config_path} "
-                                  f"implies {shape}")
+def _check_shapes(shapes: dict[str, tuple[int, ...]], src: HFSource) -> None:
+    """Every weight's shape (from the safetensors headers / mmap-ed .bin) against what config.json implies, so a
+    config/weights mismatch (e.g. multi_query against MHA weights) fails before writing, naming file and tensor."""
+    for name, shape in shapes.items():
+        got = tuple(src.info(name)[0])
+        if got != tuple(shape):
+            raise ConversionError(f"{src._require(name)}: {name} has shape {got} but {src.config_path} implies "
+                                  f"{tuple(shape)} (check multi_query / num_key_value_heads / head_dim / sizes)")
 
 
 def _source_iter(plan: HFPlan):
@@ -131,7 +130,7 @@ def _verify_seq(cfg: ModelConfig) -> int:
 
 
 def from_hf(hf_dir: str, output: str, *, tp: int = 1, dtype=None, verify: bool = False,
-            progress: bool = True) -> float | None:
+            progress: bool = True, verify_tol: float | None = None) -> float | None:
     """HF directory -> megaocto release checkpoint at ``tp``; see the module docstring."""
     cast = core.parse_dtype(dtype)
     plan = plan_from_hf(hf_dir, tp)
@@ -145,19 +144,18 @@ def from_hf(hf_dir: str, output: str, *, tp: int = 1, dtype=None, verify: bool =
                                    progress=progress)
     if not verify:
         return None
-    src_fn = _chatglm_reference_fn(plan) if plan.layout == "chatglm" else hf_logits_fn(hf_dir)
-    cfg, tensors = core.read_megaocto_checkpoint(output)
-    ours = core.megaocto_logits_fn(cfg, tensors)
-    return core.verify_logits(src_fn, ours, cfg.vocab_size, label=f"HF {plan.layout} vs megaocto tp={tp}",
-                              seq=_verify_seq(cfg))
+    def make_src():
+        return _chatglm_reference_fn(plan) if plan.layout == "chatglm" else hf_logits_fn(hf_dir)
 
+    def make_ours():
+        return core.megaocto_logits_fn(*core.read_megaocto_checkpoint(output))
 
-def _checkpoint_dtype(meta: dict) -> torch.dtype:
-    return core.DTYPES.get(str(meta.get("dtype")), torch.float32)
+    return core.verify_lazy(make_src, make_ours, plan.cfg.vocab_size, label=f"HF {plan.layout} vs megaocto tp={tp}",
+                            seq=_verify_seq(plan.cfg), tol=verify_tol, cast=cast)
 
 
 def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, max_shard_size: str | int = "5GB",
-          iteration=None, verify: bool = False, progress: bool = True) -> float | None:
+          iteration=None, verify: bool = False, progress: bool = True, verify_tol: float | None = None) -> float | None:
     """megaocto checkpoint (any TP) -> HF directory; see the module docstring."""
     cast = core.parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
@@ -169,7 +167,7 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     if tokenizer:
         _check_tokenizer_vocab(tokenizer, cfg)
     core.check_output_free(output)
-    out_dtype = cast or _checkpoint_dtype(meta)
+    out_dtype = cast or core.checkpoint_dtype(directory, meta)
     token_ids = ((meta.get("converted_from") or {}).get("token_ids")) or {}
     hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
     _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
@@ -196,10 +194,13 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
             copy_tokenizer(tok_files, tmp, model_max_length=cfg.max_positions)
     if not verify:
         return None
-    _, src = core.read_megaocto_checkpoint(load, iteration=iteration)
-    ours = core.megaocto_logits_fn(cfg, src)
-    return core.verify_logits(ours, hf_logits_fn(output), cfg.vocab_size,
-                              label=f"megaocto vs HF {hf_conf.model_type}", seq=_verify_seq(cfg))
+
+    def make_ours():
+        return core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(load, iteration=iteration)[1])
+
+    return core.verify_lazy(make_ours, lambda: hf_logits_fn(output), cfg.vocab_size,
+                            label=f"megaocto vs HF {hf_conf.model_type}", seq=_verify_seq(cfg), tol=verify_tol,
+                            cast=cast)
 
 
 def hf_plan(cfg: ModelConfig, family: ModuleType, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:

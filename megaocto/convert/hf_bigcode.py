@@ -49,6 +49,28 @@ def detect(config: dict) -> bool:
     return config.get("model_type") == MODEL_TYPE or ARCHITECTURE in (config.get("architectures") or [])
 
 
+def detect_gpt2_custom(config: dict) -> bool:
+    """The original ``bigcode/santacoder`` main-branch layout: remote-code ``GPT2LMHeadCustomModel`` with
+    ``model_type: gpt2`` plus a multi-query field (``attention_head_type`` / ``attention_type`` /
+    ``multi_query``) and ``n_head``. Its
+    weights are GPT-2 style (``Conv1D``, transposed) with separate query / key-value projections, not
+    GPTBigCode's, so it is refused with a pointer to the GPTBigCode port."""
+    archs = config.get("architectures") or []
+    if "GPT2LMHeadCustomModel" in archs:
+        return True
+    return (config.get("model_type") == "gpt2" and "n_head" in config
+            and any(k in config for k in ("attention_head_type", "attention_type", "multi_query")))
+
+
+def gpt2_custom_error(where: str) -> ConversionError:
+    """The error for :func:`detect_gpt2_custom` layouts."""
+    return ConversionError(
+        f"{where}: this is the original SantaCoder layout (model_type gpt2 / GPT2LMHeadCustomModel, remote code, "
+        f"GPT-2 Conv1D weights with a separate multi-query key/value projection), not GPTBigCode; download the "
+        f"GPTBigCode port instead, e.g. `bigcode/gpt_bigcode-santacoder` (or the `bigcode/santacoder` revision "
+        f"converted to gpt_bigcode), and convert that")
+
+
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     """ModelConfig of an HF GPTBigCode ``config.json`` dict (``where`` = its path, for errors)."""
     def need(key):
@@ -130,6 +152,25 @@ def expected_hf_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor :func:`expected_hf_names` lists, from the config alone (``c_attn`` has ``h + 2·d``
+    rows for multi-query, ``3·h`` for multi-head)."""
+    h, f, V, d = cfg.hidden_size, cfg.ffn_size, cfg.vocab_size, cfg.head_dim
+    qkv = h + 2 * d if cfg.is_mqa else 3 * h
+    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, h),
+                                          "transformer.wpe.weight": (cfg.max_positions, h)}
+    per_layer = {"ln_1.weight": (h,), "ln_1.bias": (h,), "attn.c_attn.weight": (qkv, h), "attn.c_attn.bias": (qkv,),
+                 "attn.c_proj.weight": (h, h), "attn.c_proj.bias": (h,), "ln_2.weight": (h,), "ln_2.bias": (h,),
+                 "mlp.c_fc.weight": (f, h), "mlp.c_fc.bias": (f,), "mlp.c_proj.weight": (h, f),
+                 "mlp.c_proj.bias": (h,)}
+    for i in range(cfg.num_layers):
+        shapes.update({f"transformer.h.{i}.{k}": v for k, v in per_layer.items()})
+    shapes["transformer.ln_f.weight"] = shapes["transformer.ln_f.bias"] = (h,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, h)
+    return shapes
+
+
 def ignorable_hf_names(cfg: ModelConfig, names: list[str]) -> set[str]:
     out = {n for n in names if n.endswith(IGNORABLE_SUFFIXES)}
     if cfg.tie_embeddings:
@@ -137,13 +178,16 @@ def ignorable_hf_names(cfg: ModelConfig, names: list[str]) -> set[str]:
     return out
 
 
-def _mha_hf_to_ours(t: torch.Tensor, heads: int, d: int) -> torch.Tensor:
-    """HF rows [heads, 3, d] -> our [3, heads, d] (``[q | k | v]`` blocks)."""
-    return t.reshape(heads, 3, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+def per_head_qkv_to_blocks(t: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+    """Fused QKV rows interleaved per head ``[heads, 3, d]`` (HF GPTBigCode MHA ``c_attn``; Megatron-LM
+    ``query_key_value`` of checkpoint_version >= 2) -> megaocto's ``[3, heads, d]`` (``[q | k | v]`` blocks).
+    Any trailing dims (the weight's input dim) are kept; the result is a new contiguous tensor."""
+    return t.reshape(heads, 3, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
 
 
-def _mha_ours_to_hf(t: torch.Tensor, heads: int, d: int) -> torch.Tensor:
-    return t.reshape(3, heads, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+def blocks_qkv_to_per_head(t: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+    """The inverse of :func:`per_head_qkv_to_blocks`: ``[3, heads, d]`` rows -> ``[heads, 3, d]``."""
+    return t.reshape(3, heads, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
 
 
 def iter_from_hf(cfg: ModelConfig, get) -> Iterator[tuple[str, torch.Tensor]]:
@@ -162,7 +206,7 @@ def iter_from_hf(cfg: ModelConfig, get) -> Iterator[tuple[str, torch.Tensor]]:
                 yield p + f"self_attention.query.{kind}", query
                 yield p + f"self_attention.key_value.{kind}", kv
             else:
-                yield p + f"self_attention.query_key_value.{kind}", _mha_hf_to_ours(c_attn, n, d)
+                yield p + f"self_attention.query_key_value.{kind}", per_head_qkv_to_blocks(c_attn, n, d)
         for kind in ("weight", "bias"):
             yield p + f"self_attention.dense.{kind}", get(q + f"attn.c_proj.{kind}")
         for kind in ("weight", "bias"):
@@ -198,7 +242,7 @@ def iter_to_hf(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) ->
             elif rest.startswith("self_attention.key_value."):
                 yield q + f"attn.c_attn.{kind}", torch.cat([pending.pop(kind), t])
             elif rest.startswith("self_attention.query_key_value."):
-                yield q + f"attn.c_attn.{kind}", _mha_ours_to_hf(t, n, d)
+                yield q + f"attn.c_attn.{kind}", blocks_qkv_to_per_head(t, n, d)
             else:
                 part = {"input_layernorm": "ln_1", "self_attention.dense": "attn.c_proj",
                         "post_attention_layernorm": "ln_2", "mlp.dense_h_to_4h": "mlp.c_fc",

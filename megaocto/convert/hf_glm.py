@@ -160,6 +160,25 @@ def expected_hf_names(cfg: ModelConfig) -> list[str]:
     return names + ["model.norm.weight", "lm_head.weight"]
 
 
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor :func:`expected_hf_names` lists, from the config alone (``q_proj`` heads·d rows,
+    ``k_proj``/``v_proj`` groups·d rows, ``gate_up_proj`` 2·ffn rows)."""
+    h, f, V = cfg.hidden_size, cfg.ffn_size, cfg.vocab_size
+    qd, kvd = cfg.num_attention_heads * cfg.head_dim, cfg.num_query_groups * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, h)}
+    for i in range(cfg.num_layers):
+        q = f"model.layers.{i}."
+        shapes[q + "input_layernorm.weight"] = (h,)
+        for proj, rows in (("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)):
+            shapes[q + f"self_attn.{proj}.weight"] = (rows, h)
+            if cfg.add_qkv_bias:
+                shapes[q + f"self_attn.{proj}.bias"] = (rows,)
+        shapes.update({q + "self_attn.o_proj.weight": (h, qd), q + "post_attention_layernorm.weight": (h,),
+                       q + "mlp.gate_up_proj.weight": (2 * f, h), q + "mlp.down_proj.weight": (h, f)})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (V, h)})
+    return shapes
+
+
 def ignorable_hf_names(cfg: ModelConfig, names: list[str]) -> set[str]:
     return {n for n in names if n.endswith("rotary_emb.inv_freq")}
 
@@ -253,6 +272,28 @@ def chatglm_names(cfg: ModelConfig) -> list[str]:
     return names + ["transformer.encoder.final_layernorm.weight", "transformer.output_layer.weight"]
 
 
+def chatglm_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor :func:`chatglm_names` lists, from the config alone (``query_key_value`` has
+    ``(heads + 2·groups)·kv_channels`` rows, ``dense_h_to_4h`` 2·ffn)."""
+    h, f, V = cfg.hidden_size, cfg.ffn_size, cfg.vocab_size
+    qd = cfg.num_attention_heads * cfg.head_dim
+    qkv = qd + 2 * cfg.num_query_groups * cfg.head_dim
+    per_layer = {"input_layernorm.weight": (h,), "self_attention.query_key_value.weight": (qkv, h),
+                 "self_attention.query_key_value.bias": (qkv,), "self_attention.dense.weight": (h, qd),
+                 "self_attention.dense.bias": (h,), "post_attention_layernorm.weight": (h,),
+                 "mlp.dense_h_to_4h.weight": (2 * f, h), "mlp.dense_h_to_4h.bias": (2 * f,),
+                 "mlp.dense_4h_to_h.weight": (h, f), "mlp.dense_4h_to_h.bias": (h,)}
+    shapes = {}
+    for name in chatglm_names(cfg):
+        if name.startswith("transformer.encoder.layers."):
+            shapes[name] = per_layer[name.split(".", 4)[4]]
+        elif name == "transformer.encoder.final_layernorm.weight":
+            shapes[name] = (h,)
+        else:  # word embeddings, output layer
+            shapes[name] = (V, h)
+    return shapes
+
+
 CHATGLM_IGNORABLE = {"transformer.rotary_pos_emb.inv_freq"}
 
 
@@ -266,10 +307,8 @@ def chatglm_to_ours_name(name: str) -> str:
     raise ConversionError(f"unexpected ChatGLM2 tensor {name!r}")
 
 
-def check_chatglm_inv_freq(cfg: ModelConfig, inv_freq: torch.Tensor | None, where: str) -> None:
+def check_chatglm_inv_freq(cfg: ModelConfig, inv_freq: torch.Tensor, where: str) -> None:
     """The stored rotary buffer must match rotary_dim/2 frequencies of base ``cfg.rotary_base``."""
-    if inv_freq is None:
-        return
     rot = cfg.rotary_dim
     if inv_freq.numel() != rot // 2:
         raise ConversionError(f"{where}: transformer.rotary_pos_emb.inv_freq has {inv_freq.numel()} entries, "

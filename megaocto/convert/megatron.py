@@ -60,11 +60,12 @@ import torch
 import torch.nn.functional as F
 
 from megaocto.config.model import ModelConfig
-from megaocto.convert.core import (ConversionError, check_output_free, check_source_dtype, parse_dtype,
+from megaocto.convert.core import (ConversionError, check_output_free, check_source_dtype, check_tp, parse_dtype,
                                    write_megaocto_checkpoint)
+from megaocto.convert.hf_bigcode import per_head_qkv_to_blocks
+from megaocto.training.checkpoint import TRACKER  # Megatron-LM uses the same tracker file name
 
 MEGATRON_FILE = "model_optim_rng.pt"
-TRACKER = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d+)$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 HEAD_TYPES = ("multihead", "multiquery")
@@ -464,12 +465,6 @@ def merge_shards_megatron(rule: str, shards: list[torch.Tensor], *, heads: int, 
     raise ValueError(f"unknown merge rule {rule!r}")
 
 
-def megatron_qkv_to_megaocto(full: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Megatron's per-head ``[np, 3, hn]`` rows -> megaocto's ``[q (np·hn); k (np·hn); v (np·hn)]``."""
-    rest = full.shape[1:]
-    return full.reshape(heads, 3, head_dim, *rest).transpose(0, 1).reshape(full.shape).contiguous()
-
-
 # ----------------------------------------------------------------------------------------- validation + streaming
 def _check_stage(src: MegatronSource, cfg: ModelConfig, p: int, flats: list[dict[str, torch.Tensor]],
                  padded: int) -> int:
@@ -562,7 +557,8 @@ def iter_megatron_full(src: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[
 def to_megaocto(name: str, full: torch.Tensor, cfg: ModelConfig, *, layernorm_1p: bool) -> tuple[str, torch.Tensor]:
     """Map one full Megatron tensor to megaocto's name and layout (same names except the fused MHA QKV)."""
     if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
-        full = megatron_qkv_to_megaocto(full, cfg.num_attention_heads, cfg.head_dim)
+        # Megatron's per-head [np, 3, hn] rows -> megaocto's [q; k; v] blocks (the same regrouping as HF MHA c_attn)
+        full = per_head_qkv_to_blocks(full, cfg.num_attention_heads, cfg.head_dim)
     elif name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         full = full[:cfg.vocab_size]
     elif layernorm_1p and "layernorm.weight" in name:
@@ -656,13 +652,14 @@ class MegatronImportResult:
     max_abs_logit_diff: float | None = None
 
 
-def _log(msg: str) -> None:
-    print(f"from-megatron: {msg}", file=sys.stderr, flush=True)
+def _log(msg: str, enabled: bool = True) -> None:
+    if enabled:
+        print(f"from-megatron: {msg}", file=sys.stderr, flush=True)
 
 
 def convert_megatron(load: str, output: str, *, tp: int | None = None, iteration: int | str | None = None,
                      verify: bool = False, vocab_size: int | None = None, dtype: torch.dtype | str | None = None,
-                     progress: bool = True) -> MegatronImportResult:
+                     progress: bool = True, verify_tol: float | None = None) -> MegatronImportResult:
     """Import a bigcode Megatron-LM GPT checkpoint at ``load`` into a megaocto checkpoint at ``output``.
 
     ``tp`` = output tensor-parallel size (None keeps the source's); ``iteration`` picks an ``iter_*`` (int) or
@@ -671,24 +668,27 @@ def convert_megatron(load: str, output: str, *, tp: int | None = None, iteration
     checked (rank files, args, every tensor's name and shape) before anything is written; the writer puts the
     result in a temporary directory and renames it when complete. ``verify`` reruns the merged Megatron tensors
     through an independent reference forward and the written checkpoint through megaocto's model on
-    :func:`verify_batch` and reports the max absolute logit difference (tp=1, fp32; holds the whole model).
+    the fixed random batch and reports the max absolute logit difference (tp=1, fp32; holds the whole megaocto
+    model once, the reference one layer at a time); above ``verify_tol`` (default:
+    :func:`megaocto.convert.core.default_verify_tol`) it raises :class:`megaocto.convert.core.VerifyError` (the
+    output stays written). ``progress=False`` also silences the ``from-megatron:`` notes on stderr.
     """
     parse_dtype(dtype)
     check_output_free(output)
     src = open_source(load, iteration)
     cfg = model_config_from_args(src, vocab_size=vocab_size)
     out_tp = src.tp if tp is None else int(tp)
-    cfg.validate(out_tp)
+    check_tp(cfg, out_tp)
     validate_source(src, cfg)
     for note in src.notes:
-        _log(note)
+        _log(note, progress)
     _log(f"{src.directory}: {cfg.num_layers} layers, h={cfg.hidden_size}, {src.head_type}, tp={src.tp} pp={src.pp} "
-         f"-> tp={out_tp}")
+         f"-> tp={out_tp}", progress)
     if vocab_size is None:
         _log(f"vocab_size not given: keeping the padded vocabulary ({cfg.vocab_size} rows) as model.vocab_size; "
-             f"pass --vocab-size (the tokenizer's) to drop the padding rows")
+             f"pass --vocab-size (the tokenizer's) to drop the padding rows", progress)
     a = src.args
-    extra = {"source": {"format": "megatron-lm", "path": os.path.abspath(src.directory),
+    extra = {"converted_from": {"kind": "megatron", "format": "megatron-lm", "path": os.path.abspath(src.directory),
                         "iteration": src.iteration, "tp": src.tp, "pp": src.pp,
                         "checkpoint_version": src.checkpoint_version,
                         "attention_head_type": src.head_type,
@@ -699,11 +699,12 @@ def convert_megatron(load: str, output: str, *, tp: int | None = None, iteration
                               metadata_extra=extra, progress=progress)
     result = MegatronImportResult(output=output, cfg=cfg, source=src)
     if verify:
-        result.max_abs_logit_diff = _verify(src, cfg, output)
+        result.max_abs_logit_diff = _verify(src, cfg, output, tol=verify_tol, dtype=parse_dtype(dtype))
     return result
 
 
-def _verify(src: MegatronSource, cfg: ModelConfig, output: str) -> float:
+def _verify(src: MegatronSource, cfg: ModelConfig, output: str, *, tol: float | None,
+            dtype: torch.dtype | None) -> float:
     from megaocto.convert.core import megaocto_logits_fn, read_megaocto_checkpoint, verify_logits
 
     one_p = bool(_get(src.args, "apply_layernorm_1p", False))
@@ -713,4 +714,4 @@ def _verify(src: MegatronSource, cfg: ModelConfig, output: str) -> float:
 
     saved_cfg, tensors = read_megaocto_checkpoint(output)
     return verify_logits(megatron_fn, megaocto_logits_fn(saved_cfg, tensors), cfg.vocab_size,
-                         label="Megatron reference vs megaocto", seq=min(16, cfg.seq_length))
+                         label="Megatron reference vs megaocto", seq=min(16, cfg.seq_length), tol=tol, cast=dtype)

@@ -10,7 +10,9 @@
     semantics): optimizer moments and RNG states are TP-layout specific. Vocabulary padding rows are kept when the
     padded size does not change, otherwise trimmed to ``vocab_size`` and zero-padded, so tp=2 -> 1 -> 2 of a
     converted checkpoint is bit-exact. ``verify`` prints the max abs logit difference between source and result
-    (both merged to tp=1).
+    (both merged to tp=1, fp32, one model in memory at a time) and raises
+    :class:`megaocto.convert.core.VerifyError` above ``verify_tol`` (default
+    :func:`megaocto.convert.core.default_verify_tol`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from megaocto.convert import core
 
 
 def reshard(load: str, output: str, *, tp: int, iteration=None, dtype=None, verify: bool = False,
-            progress: bool = True) -> float | None:
+            progress: bool = True, verify_tol: float | None = None) -> float | None:
     cast = core.parse_dtype(dtype)
     directory, meta, it = core.checkpoint_info(load, iteration)
     cfg = core.config_from_metadata(meta, os.path.join(directory, "metadata.json"))
@@ -34,7 +36,12 @@ def reshard(load: str, output: str, *, tp: int, iteration=None, dtype=None, veri
     core.write_megaocto_checkpoint(output, cfg, tensors, tp, dtype=cast, metadata_extra=extra, progress=progress)
     if not verify:
         return None
-    src = core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(load, iteration=it)[1])
-    dst = core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(output)[1])
-    return core.verify_logits(src, dst, cfg.vocab_size, label=f"tp={meta.get('tp', 1)} vs tp={tp}",
-                              seq=min(16, cfg.max_positions))
+
+    def make_src():
+        return core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(load, iteration=it)[1])
+
+    def make_dst():
+        return core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(output)[1])
+
+    return core.verify_lazy(make_src, make_dst, cfg.vocab_size, label=f"tp={meta.get('tp', 1)} vs tp={tp}",
+                            seq=min(16, cfg.max_positions), tol=verify_tol, cast=cast)
