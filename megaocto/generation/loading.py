@@ -1,7 +1,8 @@
 """Load a megaocto checkpoint (or a converted ``release`` one) as a model ready for generation.
 
 ``load_checkpoint_model(load, pc)`` reads ``{load}/latest_checkpointed_iteration.txt`` (or ``iteration``), the
-model config from ``metadata.json`` (``config.model``) and this TP rank's ``model_optim_rng.pt``. The checkpoint
+model config from ``metadata.json`` (``config.model``) and the model state of this TP rank's
+``model_optim_rng.pt`` (memory-mapped; the optimizer state in the same file is not read). The checkpoint
 must have been saved at the current ``pc.tp`` (reshard it with ``megaocto convert reshard`` otherwise). The model
 is built on ``device`` (so ``model.kernels: auto`` resolves for that device) and filled from the checkpoint, in
 ``dtype`` (default: the dtype the weights were saved in); the caller's RNG state is left as it was.
@@ -90,12 +91,19 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
                           f"with tp={saved_tp} (torchrun --nproc_per_node {saved_tp}) or reshard it first: "
                           f"megaocto convert reshard --load {load} --tp {pc.tp} --output DIR")
     cfg = model_config_from_metadata(meta, where)
-    loaded = ckpt.load_checkpoint(load, pc, iteration=iteration)
-    if loaded is None:  # the tracker vanished between the two reads
-        raise ConfigError(f"{load}: checkpoint disappeared while loading")
-    state = loaded[0].get("model")
+    path = os.path.join(directory, ckpt.rank_dir_name(pc.tp_rank, 0, 1), ckpt.MODEL_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"checkpoint file missing: {path} (incomplete or foreign checkpoint)")
+    # Memory-mapped: only the model tensors are read (copied into the model below); the optimizer state that
+    # shares the file is never paged in.
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:  # mmap needs the zipfile format torch.save writes by default
+        raise ConfigError(f"{path}: cannot be memory-mapped ({str(e).strip().splitlines()[0]}); re-save it with "
+                          f"torch.save's default (zipfile) format, e.g. via megaocto convert") from None
+    state = saved.get("model") if isinstance(saved, dict) else None
     if not isinstance(state, dict):
-        raise ConfigError(f"{ckpt.model_file(load, iteration, pc.tp_rank)}: no 'model' state dict")
+        raise ConfigError(f"{path}: no 'model' state dict")
     device = pc.device if device is None else torch.device(device)
     dtype = _saved_dtype(state) if dtype is None else dtype
     # Built on its device (the kernel ops are resolved from it at construction); the throwaway random init runs
