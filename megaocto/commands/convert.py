@@ -5,7 +5,9 @@ NAME = "convert"
 HELP = "Convert checkpoints: HF GPTBigCode/GLM <-> megaocto, reshard TP, import bigcode Megatron-LM."
 
 _VERIFY_HELP = ("run source and result on a fixed random batch and print the max absolute logit difference "
-                "(loads both models in fp32)")
+                "(fp32, one model in memory at a time); exit 1 when it is above --verify-tol")
+_VERIFY_TOL_HELP = ("--verify's limit on the max abs logit difference (default: 1e-3, or 5e-2 x the source's max "
+                    "|logit| with --dtype bf16/fp16)")
 
 
 def _positive_int(text: str) -> int:
@@ -17,6 +19,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
     return value
 
 
@@ -38,6 +52,7 @@ def add_arguments(parser) -> None:
                    help="tensor-parallel size to shard for (default: %(default)s)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep the source's)")
     p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
     p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
 
     p = sub.add_parser("to-hf", help="megaocto checkpoint (any TP) -> HF model directory",
@@ -52,6 +67,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--max-shard-size", default="5GB",
                    help="split model.safetensors above this size, with an index (default: %(default)s)")
     p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
     p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
 
     p = sub.add_parser("reshard", help="megaocto checkpoint -> the same weights at another TP size",
@@ -62,6 +78,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--iteration", type=_iteration, default=None, help="iteration to reshard (default: the tracker's)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep)")
     p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
     p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
 
     p = sub.add_parser("from-megatron", help="bigcode Megatron-LM checkpoint -> megaocto checkpoint",
@@ -75,38 +92,54 @@ def add_arguments(parser) -> None:
                    help="the tokenizer's vocabulary size, to drop Megatron's padding rows (default: keep them)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep)")
     p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
     p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
 
 
 def run(args) -> int:
+    """Exit codes: 0 done; 2 a user error (bad arguments, files, config; nothing written); 1 ``--verify`` found the
+    result above ``--verify-tol`` (the output is written), or an internal error (a bug: please report it)."""
     import sys
 
     from megaocto.config.base import ConfigError
+    from megaocto.convert.core import VerifyError
 
     cmd = args.convert_command
+    if args.verify_tol is not None and not args.verify:
+        print(f"megaocto {NAME} {cmd}: error: --verify-tol needs --verify", file=sys.stderr)
+        return 2
+    tol = args.verify_tol
     try:
         if cmd == "from-hf":
             from megaocto.convert.hf import from_hf
 
-            from_hf(args.hf, args.output, tp=args.tp, dtype=args.dtype, verify=args.verify, progress=not args.quiet)
+            from_hf(args.hf, args.output, tp=args.tp, dtype=args.dtype, verify=args.verify, progress=not args.quiet,
+                    verify_tol=tol)
         elif cmd == "to-hf":
             from megaocto.convert.hf import to_hf
 
             to_hf(args.load, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                   max_shard_size=args.max_shard_size, iteration=args.iteration, verify=args.verify,
-                  progress=not args.quiet)
+                  progress=not args.quiet, verify_tol=tol)
         elif cmd == "reshard":
             from megaocto.convert.reshard import reshard
 
             reshard(args.load, args.output, tp=args.tp, iteration=args.iteration, dtype=args.dtype,
-                    verify=args.verify, progress=not args.quiet)
+                    verify=args.verify, progress=not args.quiet, verify_tol=tol)
         else:
             from megaocto.convert.megatron import convert_megatron
 
             convert_megatron(args.load, args.output, tp=args.tp, iteration=args.iteration, verify=args.verify,
-                             vocab_size=args.vocab_size, dtype=args.dtype, progress=not args.quiet)
+                             vocab_size=args.vocab_size, dtype=args.dtype, progress=not args.quiet,
+                             verify_tol=tol)
+    except VerifyError as e:
+        print(f"megaocto {NAME} {cmd}: verify failed: {e} (output: {args.output})", file=sys.stderr)
+        return 1
     except (ConfigError, ValueError, OSError) as e:
         print(f"megaocto {NAME} {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # torch / safetensors failures the checks did not foresee: a converter bug
+        print(f"megaocto {NAME} {cmd}: internal error (please report): {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -448,7 +448,8 @@ class TorchStreamWriter:
 def checkpoint_info(load: str, iteration: int | str | None = None) -> tuple[str, dict, int | str]:
     """``(iteration directory, metadata, iteration)`` of a megaocto checkpoint; ConversionError if unusable."""
     if not os.path.isdir(load):
-        raise ConversionError(f"--load={load}: no such directory")
+        raise ConversionError(f"--load={load}: not a directory (expected a megaocto checkpoint directory holding "
+                              f"{ckpt.TRACKER})")
     if iteration is None:
         iteration = ckpt.read_tracker(load)
         if iteration is None:

@@ -9,13 +9,12 @@ is built on ``device`` (so ``model.kernels: auto`` resolves for that device) and
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 
 from megaocto.config.base import ConfigError
-from megaocto.config.model import ModelConfig
+from megaocto.convert import core as convert_core
 from megaocto.data.tokenizer import load_tokenizer as _load_tokenizer
 from megaocto.model import build_model
 from megaocto.parallel.context import ParallelContext
@@ -28,43 +27,11 @@ def load_tokenizer(path: str):
 
 
 def checkpoint_metadata(load: str, iteration: int | str | None = None) -> tuple[dict, int | str]:
-    """``(metadata.json contents, iteration)`` of the checkpoint in ``load``; ConfigError naming the file if absent."""
-    if not os.path.isdir(load):
-        raise ConfigError(f"--load {load}: not a directory (expected a megaocto checkpoint directory holding "
-                          f"{ckpt.TRACKER})")
-    if iteration is None:
-        iteration = ckpt.read_tracker(load)
-        if iteration is None:
-            raise ConfigError(f"{os.path.join(load, ckpt.TRACKER)}: missing; {load} holds no complete megaocto "
-                              f"checkpoint (pass the directory that was checkpoint.save, or --iteration)")
-    meta = ckpt.read_metadata(load, iteration)
-    if meta is None:
-        raise ConfigError(f"{os.path.join(ckpt.resolve_dir(load, iteration), ckpt.METADATA)}: missing; generation "
-                          f"needs the model config recorded there (convert foreign checkpoints with "
-                          f"`megaocto convert`)")
+    """``(metadata.json contents, iteration)`` of the checkpoint in ``load`` (``iteration`` default: the
+    tracker's); a ConfigError naming the file when the directory, tracker, metadata (with ``config.model``) or a
+    rank file is missing. The same checks as ``megaocto convert`` (:func:`megaocto.convert.core.checkpoint_info`)."""
+    _, meta, iteration = convert_core.checkpoint_info(load, iteration)
     return meta, iteration
-
-
-def model_config_from_metadata(meta: dict, where: str) -> ModelConfig:
-    """The ModelConfig recorded in checkpoint metadata (``config.model``); fields this version does not know (e.g.
-    from a newer megaocto) are ignored, as ``megaocto convert`` does; missing ones take their defaults."""
-    fields = ((meta.get("config") or {}).get("model"))
-    if not isinstance(fields, dict):
-        raise ConfigError(f"{where}: no config.model section; cannot tell the model architecture")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    try:
-        cfg = ModelConfig(**{k: v for k, v in fields.items() if k in known})
-        cfg.validate()
-    except (TypeError, ConfigError) as e:
-        raise ConfigError(f"{where}: config.model is not a valid model config: {e}") from None
-    return cfg
-
-
-def _saved_dtype(state: dict) -> torch.dtype:
-    for t in state.values():
-        if torch.is_tensor(t) and t.is_floating_point():
-            return t.dtype
-    return torch.float32
 
 
 def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype: torch.dtype | None = None,
@@ -90,7 +57,7 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
         raise ConfigError(f"{where}: checkpoint saved with tp={saved_tp} but generation runs with tp={pc.tp}; run "
                           f"with tp={saved_tp} (torchrun --nproc_per_node {saved_tp}) or reshard it first: "
                           f"megaocto convert reshard --load {load} --tp {pc.tp} --output DIR")
-    cfg = model_config_from_metadata(meta, where)
+    cfg = convert_core.config_from_metadata(meta, where)
     path = os.path.join(directory, ckpt.rank_dir_name(pc.tp_rank, 0, 1), ckpt.MODEL_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint file missing: {path} (incomplete or foreign checkpoint)")
@@ -105,7 +72,7 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
     if not isinstance(state, dict):
         raise ConfigError(f"{path}: no 'model' state dict")
     device = pc.device if device is None else torch.device(device)
-    dtype = _saved_dtype(state) if dtype is None else dtype
+    dtype = convert_core.saved_dtype(state) if dtype is None else dtype
     # Built on its device (the kernel ops are resolved from it at construction); the throwaway random init runs
     # on a forked RNG so the caller's RNG state is untouched.
     fork_devices = [device] if device.type == "cuda" else []
