@@ -5,7 +5,9 @@ tokens equal transformers' GPTBigCode generate; `megaocto generate` on a checkpo
 
 Models use init std 0.2 so that untrained greedy decoding does not collapse to one repeated token (asserted).
 """
+import dataclasses
 import io
+import json
 import os
 
 import pytest
@@ -49,7 +51,7 @@ def test_cached_logits_equal_full_forward_and_tokens_match(kind):
     for i, p in enumerate(PROMPTS):
         ids[i, pad[i]:] = torch.tensor(p)
     follow = torch.randint(0, V, (len(PROMPTS), steps), generator=torch.Generator().manual_seed(3))
-    cache = KVCache.for_model(model, len(PROMPTS), longest + steps, pad_lengths=pad)
+    cache = KVCache.for_model(model, len(PROMPTS), longest + steps, pad_lengths=pad, all_logits=True)
     assert cache.k[0].shape == (3, 1 if kind == "bigcode-mqa" else model.layers[0].self_attention.local_groups,
                                 longest + steps, model.cfg.head_dim)
     with torch.no_grad():
@@ -60,6 +62,11 @@ def test_cached_logits_equal_full_forward_and_tokens_match(kind):
         for i, p in enumerate(PROMPTS):
             full = model(torch.cat([torch.tensor(p), follow[i]])[None])[0]  # the row alone, no padding
             torch.testing.assert_close(cached[i, pad[i]:], full, atol=1e-5, rtol=0)
+        # the default cache computes the LM head for the last position of each row only
+        last = KVCache.for_model(model, len(PROMPTS), longest + 1, pad_lengths=pad)
+        head = model(ids, kv_cache=last)
+        assert head.shape == (len(PROMPTS), 1, cached.shape[-1])
+        torch.testing.assert_close(head[:, 0], cached[:, longest - 1], atol=1e-5, rtol=0)
     gen = GenerationConfig(max_new_tokens=12)
     with_cache = generate(model, PROMPTS, gen)
     assert with_cache == generate(model, PROMPTS, gen, use_cache=False)
@@ -81,9 +88,16 @@ def test_generation_restores_training_mode_and_checks_lengths():
     model = _model("bigcode-mqa").train()
     generate(model, PROMPTS[:1], GenerationConfig(max_new_tokens=2))
     assert model.training
-    # bigcode's learned position table (64 rows) bounds prompt + new tokens
-    out = generate(model, [list(range(1, 61))], GenerationConfig(max_new_tokens=10))
-    assert len(out[0]) == 4
+    # bigcode's learned position table (64 rows) bounds prompt + new tokens, per row: the short prompt of the
+    # batch still gets its max_new_tokens and decodes as it would alone
+    long_prompt, short_prompt = list(range(1, 61)), PROMPTS[0]
+    gen = GenerationConfig(max_new_tokens=10)
+    alone = generate(model, [short_prompt], gen)[0]
+    assert len(alone) == 10
+    for use_cache in (True, False):
+        out = generate(model, [long_prompt, short_prompt], gen, use_cache=use_cache)
+        assert len(out[0]) == 4 and out[0] == generate(model, [long_prompt], gen)[0]
+        assert out[1] == alone, use_cache
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, [list(range(1, 70))], GenerationConfig(max_new_tokens=1))
     with pytest.raises(ValueError, match="at least one token"):
@@ -105,6 +119,20 @@ def test_sampling_seeded_reproducible_and_greedy_edge_cases():
     assert first[0] != first[1]  # two samples of one prompt differ
     assert generate(model, PROMPTS, GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=1, seed=5)) == greedy
     assert generate(model, PROMPTS, GenerationConfig(max_new_tokens=8, temperature=0.7, top_p=1e-6, seed=5)) == greedy
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy_under_ties():
+    tied = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 1.0, 1.0, 1.0]])
+    kept = lambda out: (out > float("-inf")).int().tolist()  # noqa: E731
+    assert kept(filter_logits(tied, top_k=1)) == [[0, 1, 0, 0], [1, 0, 0, 0]]
+    assert kept(filter_logits(tied, top_k=2)) == [[0, 1, 1, 0], [1, 1, 0, 0]]  # exactly k, lowest ids first
+    assert kept(filter_logits(tied, top_p=1e-6)) == [[0, 1, 0, 0], [1, 0, 0, 0]]
+    g = torch.Generator().manual_seed(0)
+    greedy = sample_next(tied, temperature=0.0).tolist()
+    assert greedy == [1, 0]
+    for _ in range(20):
+        assert sample_next(tied, temperature=1.0, top_k=1, generator=g).tolist() == greedy
+        assert sample_next(tied, temperature=1.0, top_p=1e-6, generator=g).tolist() == greedy
 
 
 def test_filter_logits_top_k_and_top_p():
@@ -153,6 +181,138 @@ def test_stop_strings_and_eos_cut_the_output():
     assert tuple(cut[-2:]) != seq and len(cut) <= 3 and cut == full[:len(cut)]
     with pytest.raises(ValueError, match="not one string"):
         GenerationConfig(max_new_tokens=1, stop="\n")
+
+
+class _ForwardSpy:
+    """Counts model forwards and records their input shapes (a forward hook)."""
+
+    def __init__(self, model):
+        self.shapes = []
+        model.register_forward_hook(lambda _m, args, _out: self.shapes.append(tuple(args[0].shape)))
+
+    @property
+    def calls(self):
+        return len(self.shapes)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_rows_stop_early_and_independently(use_cache):
+    model = _model("bigcode-mqa", seed=2)
+    prompts = PROMPTS[:2]
+    gen = GenerationConfig(max_new_tokens=8)
+    full = generate(model, prompts, gen, use_cache=use_cache)
+    assert all(len(o) == 8 for o in full)
+    spy = _ForwardSpy(model)
+    # row 0 asks to stop after 2 tokens, row 1 never: row 1 still gets all 8, row 0 only its 2
+    seen = []
+
+    def stop_after_two(row, toks):
+        seen.append((row, len(toks)))
+        return row == 0 and len(toks) == 2
+
+    out = generate(model, prompts, gen, use_cache=use_cache, stop_fn=stop_after_two)
+    assert out == [full[0][:2], full[1]]
+    # one batch throughout: prefill + 7 decode steps of both rows (the 8th token needs no forward)
+    longest = max(len(p) for p in prompts)
+    assert spy.shapes == ([(2, longest)] + [(2, 1)] * 7 if use_cache else [(2, longest + k) for k in range(8)])
+    assert sorted(seen) == [(0, 1), (0, 2)] + [(1, k) for k in range(1, 9)]  # no calls for a finished row
+    # every row stopping after 3 tokens ends the batch: prefill + 2 decode steps
+    spy.shapes.clear()
+    out = generate(model, prompts, gen, use_cache=use_cache, stop_fn=lambda row, toks: len(toks) == 3)
+    assert out == [f[:3] for f in full] and spy.calls == 3
+    # eos in row 1 at step 3 (the token it produces there): row 1 is cut, row 0 runs to max_new_tokens
+    eos = full[1][3]
+    if eos not in full[0] and eos not in full[1][:3]:
+        spy.shapes.clear()
+        out = generate(model, prompts, dataclasses.replace(gen, eos_id=eos), use_cache=use_cache)
+        assert out == [full[0], full[1][:3]] and spy.calls == 8
+    # all rows hitting a token stop sequence ends the batch early
+    spy.shapes.clear()
+    out = generate(model, prompts, dataclasses.replace(gen, stop=(tuple(full[0][1:3]), tuple(full[1][1:3]))),
+                   use_cache=use_cache)
+    assert out == [full[0][:1], full[1][:1]] and spy.calls == 3
+
+
+def test_greedy_samples_decoded_once_and_prompts_sorted_by_length():
+    model = _model("glm2-gqa", seed=3)
+    single = generate(model, PROMPTS, GenerationConfig(max_new_tokens=4))
+    spy = _ForwardSpy(model)
+    out = generate(model, PROMPTS, GenerationConfig(max_new_tokens=4, num_samples=3))
+    assert out == [o for o in single for _ in range(3)]
+    assert spy.shapes[0] == (len(PROMPTS), max(len(p) for p in PROMPTS))  # one row per prompt, not 3
+    seen = []
+    generate(model, PROMPTS, GenerationConfig(max_new_tokens=2, num_samples=2),
+             stop_fn=lambda row, toks: seen.append(row) or False)
+    assert sorted(set(seen)) == [0, 2, 4]  # a greedy prompt's rows are reported as its first sample
+    # batch_size=2 over prompt lengths 7, 2, 4: sorted by length -> batches {2, 4} and {7}; order restored
+    spy.shapes.clear()
+    assert generate(model, PROMPTS, GenerationConfig(max_new_tokens=1), batch_size=2) == [o[:1] for o in single]
+    assert spy.shapes == [(2, 4), (1, 7)]
+
+
+def test_prefill_uses_the_models_attention_backend(monkeypatch):
+    import megaocto.generation.kv_cache as kv
+
+    model = _model("bigcode-mqa")
+    backends = []
+    original = kv.seam_attention
+
+    def spy(*args, backend=None, **kw):
+        backends.append(backend)
+        return original(*args, **kw)  # run the torch path whatever was asked for
+
+    monkeypatch.setattr(kv, "seam_attention", spy)
+    monkeypatch.setattr(model, "ops", dataclasses.replace(model.ops, attention_backend="triton"))
+    cache = KVCache.for_model(model, 1, 8)
+    assert cache.attention_backend == "triton"
+    with torch.no_grad():
+        model(torch.tensor([PROMPTS[0][:4]]), kv_cache=cache)
+    assert backends and set(backends) == {"triton"}
+
+
+# ------------------------------------------------------------------------------------------ sentencepiece
+class _ScriptedModel(torch.nn.Module):
+    """A stand-in model (uncached path only) that emits ``script`` after a prompt, then token 0 forever."""
+
+    def __init__(self, prompt_len, script, vocab):
+        super().__init__()
+        self.cfg = ModelConfig.from_preset("tiny-glm2", vocab_size=vocab)
+        self.pc = ParallelContext.single()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.prompt_len, self.script = prompt_len, script
+
+    def forward(self, ids, segment_ids=None):
+        b, s = ids.shape
+        step = s - self.prompt_len
+        logits = torch.zeros(b, s, self.cfg.vocab_size)
+        logits[:, -1, self.script[step] if step < len(self.script) else 0] = 1.0
+        return logits
+
+
+def test_sentencepiece_completion_keeps_its_leading_space(tmp_path):
+    import sentencepiece as spm
+
+    from megaocto.data.tokenizer import load_tokenizer
+    from megaocto.generation.generate import completion_text
+
+    corpus = ["def add(a, b):\n    return a + b\n", "def sub(a, b):\n    return a - b\n"] * 30
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
+    tok = load_tokenizer(str(tmp_path / "sp.model"), sp_special_tokens=())
+    prompt = "    return"
+    prompt_ids = tok.encode(prompt)
+    whole = tok.encode("    return a + b")
+    assert whole[:len(prompt_ids)] == prompt_ids
+    script = whole[len(prompt_ids):]
+    assert tok.decode(script) == "a + b"  # decoding the new tokens alone loses the space
+    assert completion_text(tok, prompt_ids, script) == " a + b"
+    model = _ScriptedModel(len(prompt_ids), script, tok.vocab_size)
+    gen = GenerationConfig(max_new_tokens=len(script))
+    got = generate_text(model, tok, [prompt], gen, use_cache=False)
+    assert got == [" a + b"] and prompt + got[0] == "    return a + b"
+    # a stop string that starts with the space is seen (and cut) too
+    stopped = generate_text(model, tok, [prompt], dataclasses.replace(gen, stop=(" +",)), use_cache=False)
+    assert stopped == [" a"]
 
 
 # ------------------------------------------------------------------------------------------ tensor parallel
@@ -243,11 +403,16 @@ def _trained_checkpoint(tmp_path):
     return save, tok_path
 
 
-def test_generate_cli_on_trained_checkpoint(tmp_path, capsys):
+def test_generate_cli_on_trained_checkpoint(tmp_path, capsys, monkeypatch):
     from megaocto.cli import main
 
     save, tok_path = _trained_checkpoint(tmp_path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw) or real_load(*a, **kw))
     model, cfg = load_checkpoint_model(save)
+    monkeypatch.setattr(torch, "load", real_load)
+    assert loads and all(kw.get("mmap") and kw.get("weights_only") for kw in loads)  # model state only, mapped
     assert cfg.family == "bigcode" and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     sd = torch.load(os.path.join(save, "iter_0000002", "mp_rank_00", "model_optim_rng.pt"), weights_only=True)
@@ -268,3 +433,30 @@ def test_generate_cli_on_trained_checkpoint(tmp_path, capsys):
     assert rc == 0 and out.count("### prompt") == 4, out
     rc = main(["generate", "--load", str(tmp_path / "nowhere"), "--prompt", "x"])
     assert rc == 2 and "not a directory" in capsys.readouterr().err
+
+    # --stop really cuts: take a piece of the unstopped greedy completion as the stop string
+    base = ["generate", "--load", save, "--prompt", "def add_3(a, b):", "--max-new-tokens", "12", "--no-eos-stop",
+            "--jsonl"]
+    assert main(base) == 0
+    text = json.loads(capsys.readouterr().out)["completion"]
+    assert len(text) >= 4, text
+    stop = text[2:4]
+    escaped = stop.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    assert main(base + ["--stop", escaped]) == 0
+    cut = json.loads(capsys.readouterr().out)["completion"]
+    assert cut == text[:text.index(stop)] and stop not in cut
+
+
+def test_generate_cli_validates_before_loading(capsys, monkeypatch, tmp_path):
+    from megaocto.cli import main
+
+    nowhere = str(tmp_path / "nowhere")  # validation errors must come before the checkpoint is looked at
+    for extra, message in ((["--stop", "\\x"], "--stop"), (["--temperature", "-1"], "--temperature"),
+                           (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"),
+                           (["--batch-size", "0"], "--batch-size")):
+        assert main(["generate", "--load", nowhere, "--prompt", "x"] + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "not a directory" not in err and "Traceback" not in err, (extra, err)
+    monkeypatch.setenv("RANK", "1")  # under torchrun only global rank 0 prints the error
+    assert main(["generate", "--load", nowhere, "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == ""

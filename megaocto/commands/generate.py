@@ -1,6 +1,7 @@
 """`megaocto generate --load CKPT --prompt "..."`: complete prompts with a megaocto checkpoint (KV-cached decoding).
 
-Single process, or under torchrun/srun with the checkpoint's tp (every TP rank decodes; global rank 0 prints).
+Single process, or under torchrun/srun with the checkpoint's tp (every TP rank decodes; global rank 0 prints,
+errors included).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def add_arguments(parser) -> None:
                         help="stop strings: a completion is cut at the earliest one (escapes like \\n are decoded)")
     parser.add_argument("--no-eos-stop", action="store_true", help="do not stop at the tokenizer's EOD token")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="rows decoded together, prompts sorted by length (default: %(default)s)")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the checkpoint's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="parameter dtype (auto = as saved; default: %(default)s)")
@@ -78,24 +80,41 @@ def _read_prompts(args) -> list[str]:
 
 
 def _decode_escapes(s: str) -> str:
-    return s.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8") if "\\" in s else s
+    """``s`` with backslash escapes (``\\n``, ``\\t``, ``\\x41``, ...) decoded; ValueError naming --stop if one is
+    malformed."""
+    if "\\" not in s:
+        return s
+    try:
+        return s.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    except UnicodeError as e:
+        raise ValueError(f"--stop {s!r}: invalid escape sequence ({e.reason}); write a literal backslash as "
+                         f"\\\\") from None
 
 
 def run(args) -> int:
     import json
+    import os
 
     from megaocto.config.base import ConfigError
     from megaocto.data.tokenizer import TokenizerError
 
     def fail(message: str) -> int:
-        print(f"megaocto generate: error: {message}", file=sys.stderr)
+        # under torchrun every rank fails the same way: one message (global rank 0's) is enough
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megaocto generate: error: {message}", file=sys.stderr)
         return 2
 
     try:
         for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 0), ("--num-samples", args.num_samples, 1),
-                                 ("--top-k", args.top_k, 0), ("--batch-size", args.batch_size or 1, 1)):
+                                 ("--top-k", args.top_k, 0), ("--batch-size", args.batch_size, 1),
+                                 ("--temperature", args.temperature, 0.0)):
             if value < low:
                 raise ValueError(f"{flag} must be >= {low} (got {value})")
+        if not 0.0 < args.top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1] (got {args.top_p})")
+        stops = tuple(_decode_escapes(s) for s in args.stop)
+        if any(s == "" for s in stops):
+            raise ValueError("--stop: a stop string must not be empty")
         prompts = _read_prompts(args)
         iteration = args.iteration
         if iteration is not None and iteration != "release":
@@ -125,7 +144,7 @@ def run(args) -> int:
             raise ConfigError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                               f"{cfg.vocab_size}: use the tokenizer the model was trained with")
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                               top_k=args.top_k, seed=args.seed, stop=tuple(_decode_escapes(s) for s in args.stop),
+                               top_k=args.top_k, seed=args.seed, stop=stops,
                                eos_id=-1 if args.no_eos_stop else tokenizer.eod, num_samples=args.num_samples)
         completions = generate_text(model, tokenizer, prompts, gen, pc, use_cache=not args.no_cache,
                                     batch_size=args.batch_size)

@@ -17,8 +17,10 @@ encodes text prompts, applies text stop strings and decodes. Contract (docs/desi
 * Returned tokens are the new tokens only, cut before the first ``eos_id`` or token stop sequence. With
   ``num_samples = n`` each prompt is repeated n times, outputs in prompt-major order
   (``[p0s0, p0s1, ..., p1s0, ...]``).
-* bigcode's learned position table bounds the length: new tokens stop when the longest prompt of the batch plus
-  the new tokens reaches ``max_position_embeddings`` (a prompt longer than that is an error).
+* bigcode's learned position table bounds each row: a row stops when its own prompt plus its new tokens reach
+  ``max_position_embeddings`` (a prompt longer than that is an error); other rows of the batch go on.
+* Rows are sorted by prompt length before batching (output order unchanged); greedy decoding decodes each prompt
+  once and repeats it ``num_samples`` times.
 """
 from __future__ import annotations
 
@@ -131,6 +133,10 @@ def generate(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig, pc=
              batch_size: int | None = None, stop_fn: StopFn | None = None) -> list[list[int]]:
     """New tokens for every prompt (× ``gen.num_samples``), identical on every TP rank; see the module doc.
 
+    Rows are decoded in batches of ``batch_size`` after sorting them by prompt length (less padding; the output
+    order is the input order). Greedy decoding (``temperature == 0``) decodes each prompt once and repeats the
+    result ``num_samples`` times.
+
     Args:
         model: a megaocto BigCodeModel / GLM2Model (from ``build_model`` or :func:`load_checkpoint_model`).
         prompts: token-id lists, each non-empty, ids in ``[0, model.cfg.vocab_size)``.
@@ -139,45 +145,87 @@ def generate(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig, pc=
         use_cache: decode with a KV cache (default) or rerun the full sequence each step.
         batch_size: rows decoded together (default: all rows in one batch).
         stop_fn: ``stop_fn(row, new_tokens) -> bool`` called after each new token of an unfinished row (``row``
-            indexes the returned list); True finishes that row. Must give the same answer on every TP rank.
+            indexes the returned list; under greedy decoding it is the prompt's first sample,
+            ``prompt_index * num_samples``); True finishes that row. Must give the same answer on every TP rank.
     """
     pc = model.pc if pc is None else pc
-    rows = [[int(t) for t in p] for p in prompts for _ in range(gen.num_samples)]
-    if any(len(r) == 0 for r in rows):
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (an empty prompt has no next-token "
                          "distribution; start it with the tokenizer's BOS/EOD token)")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    n = gen.num_samples
+    repeats = n if gen.temperature == 0.0 else 1  # greedy: the n samples of a prompt are identical
+    per_prompt = n // repeats
+    rows = [[int(t) for t in p] for p in prompts for _ in range(per_prompt)]
+    # the returned-list index of each decoded row (its first copy under greedy decoding)
+    out_index = [i * n + j for i in range(len(prompts)) for j in range(per_prompt)]
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))  # stable: samples of a prompt stay adjacent
     step = batch_size or max(len(rows), 1)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(gen.seed)
-    out: list[list[int]] = []
+    decoded: list[list[int] | None] = [None] * len(rows)
     with inference_mode_for(model, pc):
         for start in range(0, len(rows), step):
-            chunk = rows[start:start + step]
-            row_stop = None if stop_fn is None else (lambda i, toks, _o=start: stop_fn(_o + i, toks))
-            out.extend(_generate_batch(model, pc, chunk, gen, generator, device, use_cache, row_stop))
-    return out
+            members = order[start:start + step]
+            row_stop = None if stop_fn is None else (
+                lambda i, toks, _m=members: stop_fn(out_index[_m[i]], toks))
+            chunk_out = _generate_batch(model, pc, [rows[r] for r in members], gen, generator, device, use_cache,
+                                        row_stop)
+            for r, toks in zip(members, chunk_out):
+                decoded[r] = toks
+    return [list(t) for t in decoded for _ in range(repeats)]
 
 
 def _generate_batch(model, pc, rows: list[list[int]], gen: GenerationConfig, generator: torch.Generator,
                     device, use_cache: bool, stop_fn) -> list[list[int]]:
-    b = len(rows)
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    longest = int(lengths.max())
-    max_new = gen.max_new_tokens
+    """New tokens of ``rows`` decoded together; each row stops at eos / a stop / ``max_new_tokens`` / its own
+    position limit (bigcode: ``max_position_embeddings - len(prompt)``).
+
+    The cache of one pass holds ``longest prompt + steps`` slots, which the learned position table bounds; rows
+    whose own limit lies beyond the pass's end are continued by another pass over ``prompt + new tokens so far``
+    (the longest rows of a pass always finish it, so this terminates)."""
     limit = _position_limit(model)
     if limit is not None:
+        longest = max(len(r) for r in rows)
         if longest > limit:
             raise ValueError(f"a prompt has {longest} tokens, more than max_position_embeddings={limit} of the "
                              f"model; shorten the prompt")
-        max_new = min(max_new, limit - longest)
-    if max_new == 0:
-        return [[] for _ in rows]
+    new: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    while True:
+        budget: dict[int, int] = {}
+        for i, r in enumerate(rows):
+            room = gen.max_new_tokens - len(new[i])
+            if limit is not None:
+                room = min(room, limit - len(r) - len(new[i]))
+            if not done[i] and room > 0:
+                budget[i] = room
+        if not budget:
+            break
+        active = sorted(budget)
+        pass_stop = None if stop_fn is None else (lambda k, toks, _a=active: stop_fn(_a[k], toks))
+        stopped = _decode_pass(model, pc, [rows[i] + new[i] for i in active], [new[i] for i in active],
+                               [budget[i] for i in active], gen, generator, device, use_cache, pass_stop, limit)
+        for k, i in enumerate(active):
+            done[i] = stopped[k]
+    return [_cut(r, gen.eos_id, gen.stop_token_sequences) for r in new]
+
+
+def _decode_pass(model, pc, contexts: list[list[int]], news: list[list[int]], budgets: list[int],
+                 gen: GenerationConfig, generator: torch.Generator, device, use_cache: bool, stop_fn,
+                 limit: int | None) -> list[bool]:
+    """One batched decode over ``contexts`` (prompt + tokens so far): appends to ``news[k]`` (the row's new tokens
+    so far, what stops are checked on) until the row stops or has ``budgets[k]`` more tokens, for at most
+    ``limit - longest context`` steps. Returns whether each row stopped (eos, token stop, ``stop_fn``)."""
+    b = len(contexts)
+    lengths = torch.tensor([len(r) for r in contexts], dtype=torch.long)
+    longest = int(lengths.max())
+    steps = max(budgets) if limit is None else min(max(budgets), limit - longest)
     pad = longest - lengths
     ids = torch.zeros(b, longest, dtype=torch.long)
-    for i, r in enumerate(rows):
+    for i, r in enumerate(contexts):
         ids[i, longest - len(r):] = torch.tensor(r, dtype=torch.long)
     ids, pad = ids.to(device), pad.to(device)
     vocab = model.cfg.vocab_size
@@ -185,26 +233,30 @@ def _generate_batch(model, pc, rows: list[list[int]], gen: GenerationConfig, gen
 
     segments = None
     if use_cache:
-        cache = KVCache.for_model(model, b, longest + max_new, pad_lengths=pad)
+        cache = KVCache.for_model(model, b, longest + steps, pad_lengths=pad)
         logits = model(ids, kv_cache=cache)[:, -1]
     else:
         if bool((pad > 0).any()):  # padding = segment 0, prompt = segment 1: positions restart at the prompt
             segments = (torch.arange(longest, device=device)[None, :] >= pad[:, None]).long()
         logits = model(ids, segment_ids=segments)[:, -1]
 
-    new: list[list[int]] = [[] for _ in rows]
+    added = [0] * b
+    stopped = [False] * b
     done = [False] * b
-    for step in range(max_new):
+    for step in range(steps):
         tokens = sample_next(full_vocab_logits(logits, pc, vocab), temperature=gen.temperature, top_k=gen.top_k,
                              top_p=gen.top_p, generator=generator)
         for i, t in enumerate(tokens.tolist()):
             if done[i]:
                 continue
-            new[i].append(t)
-            if (t == gen.eos_id or any(_ends_with(new[i], s) for s in stops)
-                    or (stop_fn is not None and stop_fn(i, new[i]))):
+            news[i].append(t)
+            added[i] += 1
+            if (t == gen.eos_id or any(_ends_with(news[i], s) for s in stops)
+                    or (stop_fn is not None and stop_fn(i, news[i]))):
+                stopped[i] = done[i] = True
+            elif added[i] >= budgets[i]:
                 done[i] = True
-        if all(done) or step == max_new - 1:
+        if all(done) or step == steps - 1:
             break
         feed = tokens.to(device)[:, None]
         if use_cache:
@@ -214,7 +266,7 @@ def _generate_batch(model, pc, rows: list[list[int]], gen: GenerationConfig, gen
             if segments is not None:
                 segments = torch.cat([segments, torch.ones_like(feed)], dim=1)
             logits = model(ids, segment_ids=segments)[:, -1]
-    return [_cut(r, gen.eos_id, stops) for r in new]
+    return stopped
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -228,25 +280,55 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:end]
 
 
+def completion_text(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text ``new_ids`` add after ``prompt_ids``: ``decode(prompt + new)`` minus ``decode(prompt)``.
+
+    Decoding the new tokens alone is wrong for sentencepiece (it drops the "▁" space of the first piece, as at the
+    start of any text) and for byte-level pieces that complete a character; bigcode-evaluation-harness decodes the
+    whole sequence and strips the prompt the same way. Only the last ``_CONTEXT_TOKENS`` prompt tokens are decoded
+    (cost independent of the prompt length) unless that does not reproduce a prefix, then the whole prompt; if
+    even that fails (a tokenizer that normalises the prompt text) the new tokens are decoded alone.
+    """
+    new_ids = list(new_ids)
+    if not new_ids:
+        return ""
+    prompt_ids = list(prompt_ids)
+    tails = [prompt_ids[-_CONTEXT_TOKENS:]] + ([prompt_ids] if len(prompt_ids) > _CONTEXT_TOKENS else [])
+    for ctx in tails:
+        head, whole = tokenizer.decode(ctx), tokenizer.decode(ctx + new_ids)
+        if whole.startswith(head):
+            return whole[len(head):]
+    return tokenizer.decode(new_ids)
+
+
+_CONTEXT_TOKENS = 16
+
+
 def generate_text(model, tokenizer, prompts: Sequence[str], gen: GenerationConfig, pc=None, *,
-                  use_cache: bool = True, batch_size: int | None = None) -> list[str]:
+                  use_cache: bool = True, batch_size: int | None = None,
+                  max_prompt_tokens: int | None = None) -> list[str]:
     """Completions (text after the prompt) for text prompts, × ``gen.num_samples`` in prompt-major order.
 
     Prompts are encoded with ``tokenizer.encode`` (no special tokens added; an empty prompt becomes
-    ``[tokenizer.eod]``); ``eos_id`` defaults to ``tokenizer.eod``. A row stops as soon as its decoded text
+    ``[tokenizer.eod]``); ``max_prompt_tokens`` keeps only the last that many tokens of a longer prompt.
+    ``eos_id`` defaults to ``tokenizer.eod``. A completion is the text the new tokens add after the prompt
+    (:func:`completion_text`, so a sentencepiece leading space is kept). A row stops as soon as its completion
     contains a stop string, and the text is cut at the earliest stop. Collective over TP like :func:`generate`.
     """
     encoded = [tokenizer.encode(p) or [tokenizer.eod] for p in prompts]
+    if max_prompt_tokens is not None:
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1 (got {max_prompt_tokens})")
+        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     if gen.eos_id is None:
         gen = dataclasses.replace(gen, eos_id=tokenizer.eod)
     strings = gen.stop_strings
+    n = gen.num_samples
 
-    def stop_fn(_row: int, toks: list[int]) -> bool:
-        if not strings:
-            return False
-        text = tokenizer.decode(toks)
+    def stop_fn(row: int, toks: list[int]) -> bool:
+        text = completion_text(tokenizer, encoded[row // n], toks)
         return any(s in text for s in strings)
 
     tokens = generate(model, encoded, gen, pc, use_cache=use_cache, batch_size=batch_size,
                       stop_fn=stop_fn if strings else None)
-    return [truncate_at_stop(tokenizer.decode(t), strings) for t in tokens]
+    return [truncate_at_stop(completion_text(tokenizer, encoded[k // n], t), strings) for k, t in enumerate(tokens)]

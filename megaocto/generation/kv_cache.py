@@ -15,12 +15,13 @@ decode: ``s = 1``). The model calls, in order::
     position_ids = cache.position_ids() # [b, s]
     ... every layer i: ctx = cache.layer(i).attend(q, k, v, scale=...)   # stores k, v, attends over the cache
     cache.commit()                      # the s slots are now part of the cache
+    x = cache.head_input(x)             # last position only (unless all_logits), then final norm + LM head
 
 Attention rule for a query in slot ``t`` and a key in slot ``j`` of the same row: attend iff ``j <= t`` and slot
 ``j`` is a real token (``j >= pad``). A padding query attends only to itself so no softmax row is empty; padding
 outputs never reach a real token. The prefill of an empty cache goes through the model's attention seam
 (:func:`megaocto.model.attention.attention`, so flash/Triton backends apply) with segment ids (padding = 0,
-prompt = 1); later steps use ``scaled_dot_product_attention`` with an explicit mask. A one-token decode step folds
+prompt = 1) and the model's attention backend; later steps use ``scaled_dot_product_attention`` with an explicit mask. A one-token decode step folds
 the query heads of each K/V group into the query-length dimension (``[b, kv_heads, group, d]`` against
 ``[b, kv_heads, L, d]``), so MQA/GQA K/V are never expanded.
 """
@@ -43,11 +44,17 @@ class KVCache:
         max_len: slots per row (longest prompt incl. padding + new tokens).
         dtype, device: of the cached tensors (the model's).
         pad_lengths: int tensor ``[batch_size]`` of left-padding slots per row (None: no padding).
+        attention_backend: backend of the prefill's seam attention (the model's ``ops.attention_backend``,
+            which :meth:`for_model` passes; None = the seam's automatic choice).
+        all_logits: False (default): a cached forward returns the logits of the last position of each row only
+            (``[b, 1, V/tp]``; the model cuts the hidden states before the LM head, see :meth:`head_input`);
+            True: of every position of the step.
     """
 
     def __init__(self, *, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 pad_lengths: torch.Tensor | None = None):
+                 pad_lengths: torch.Tensor | None = None, attention_backend: str | None = None,
+                 all_logits: bool = False):
         if min(num_layers, batch_size, num_kv_heads, head_dim, max_len) < 1:
             raise ValueError(f"KVCache sizes must be >= 1 (layers={num_layers}, batch={batch_size}, "
                              f"kv_heads={num_kv_heads}, head_dim={head_dim}, max_len={max_len})")
@@ -63,19 +70,22 @@ class KVCache:
             raise ValueError(f"pad_lengths must have shape [{batch_size}], got {tuple(pad_lengths.shape)}")
         self.pad_lengths = pad_lengths
         self.padded = bool((pad_lengths > 0).any())
+        self.attention_backend, self.all_logits = attention_backend, all_logits
         self.length = 0  # slots filled (the same for every row: padding is on the left)
         self._step: int | None = None
         self._mask: torch.Tensor | None = None
         self._segments: torch.Tensor | None = None
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int, pad_lengths: torch.Tensor | None = None) -> "KVCache":
-        """A cache shaped for ``model`` (a megaocto BigCodeModel / GLM2Model) on this TP rank."""
+    def for_model(cls, model, batch_size: int, max_len: int, pad_lengths: torch.Tensor | None = None, *,
+                  all_logits: bool = False) -> "KVCache":
+        """A cache shaped for ``model`` (a megaocto BigCodeModel / GLM2Model) on this TP rank, using the model's
+        attention backend (``model.ops.attention_backend``, from ``model.kernels``) for the prefill."""
         attn = model.layers[0].self_attention
         param = next(model.parameters())
         return cls(num_layers=len(model.layers), batch_size=batch_size, num_kv_heads=attn.local_groups,
                    head_dim=attn.head_dim, max_len=max_len, dtype=param.dtype, device=param.device,
-                   pad_lengths=pad_lengths)
+                   pad_lengths=pad_lengths, attention_backend=model.ops.attention_backend, all_logits=all_logits)
 
     # ------------------------------------------------------------------ step protocol
     def begin(self, s: int) -> None:
@@ -110,6 +120,11 @@ class KVCache:
         slots = torch.arange(self.length, self.length + s, device=self.device)[None, :]
         return (slots - self.pad_lengths[:, None]).clamp(min=0)
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final hidden states ``[b, s, h]`` of a cached step that the model feeds to its final norm and LM
+        head: the last position only (``[b, 1, h]``; generation needs nothing else) unless ``all_logits``."""
+        return hidden if self.all_logits else hidden[:, -1:]
+
     def layer(self, index: int) -> "LayerKVCache":
         """The view of layer ``index`` that the attention module calls ``attend`` on."""
         return LayerKVCache(self, index)
@@ -139,7 +154,8 @@ class KVCache:
         self.k[index][:, :, self.length:total] = k
         self.v[index][:, :, self.length:total] = v
         if self.length == 0:
-            return seam_attention(q, k, v, causal=True, segment_ids=self._segments, scale=scale)
+            return seam_attention(q, k, v, causal=True, segment_ids=self._segments, scale=scale,
+                                  backend=self.attention_backend)
         keys, values = self.k[index][:, :, :total], self.v[index][:, :, :total]
         hkv = keys.shape[1]
         group = hq // hkv

@@ -23,17 +23,21 @@ def full_vocab_logits(logits: torch.Tensor, pc, vocab_size: int) -> torch.Tensor
 def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set the logits outside the top-k / nucleus to -inf (``[b, V]`` fp32; a new tensor).
 
-    ``top_k`` keeps the k largest (0 = off). ``top_p`` keeps the smallest set of most probable tokens whose
-    probability mass reaches ``top_p`` (the most probable token is always kept; 1.0 = off). Top-k is applied
+    ``top_k`` keeps exactly the k largest (0 = off; ties broken towards the lowest id, as ``argmax``, so ``top_k=1``
+    keeps the greedy token only). ``top_p`` keeps the smallest set of most probable tokens whose
+    probability mass reaches ``top_p`` (the most probable token — the lowest id among ties — is always kept;
+    1.0 = off). Top-k is applied
     first, then top-p on the renormalised remainder (as HF's warpers).
     """
     out = logits.clone()
     vocab = out.shape[-1]
     if 0 < top_k < vocab:
-        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
+        # exactly k kept; among equal logits the lowest ids win (stable sort), as argmax: top_k=1 is greedy
+        order = torch.sort(out, dim=-1, descending=True, stable=True).indices
+        keep = torch.zeros_like(out, dtype=torch.bool).scatter(-1, order[..., :top_k], True)
+        out = out.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True, stable=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the strictly more likely tokens
         drop_sorted = mass_before >= top_p

@@ -206,6 +206,7 @@ class BigCodeModel(nn.Module):
                        dropout_on=self._dropout_on(), segment_ids=segment_ids, kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.commit()
+            x = kv_cache.head_input(x)  # generation: LM head for the last position only
         x = self.final_layernorm(x)
         out_weight = self.embedding.word_embeddings.weight if self.cfg.tie_embeddings else self.output_layer.weight
         if labels is not None:  # fused output GEMM + vocab-parallel cross-entropy (ops.linear_cross_entropy)

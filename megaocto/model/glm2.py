@@ -169,6 +169,7 @@ class GLM2Model(nn.Module):
                        kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.commit()
+            x = kv_cache.head_input(x)  # generation: LM head for the last position only
         x = self.final_layernorm(x)
         if labels is not None:  # fused output GEMM + vocab-parallel cross-entropy (ops.linear_cross_entropy)
             return linear_loss(x, self.output_layer.weight, labels, pc, self.ops, self.cfg.vocab_size)
