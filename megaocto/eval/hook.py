@@ -41,8 +41,10 @@ def generate_samples(model, tokenizer, task: str, lang: str, problems: Sequence[
                      pc=None, *, descriptions: Sequence[Sequence[str]] | None = None) -> tuple[list[list[str]], list[list[str]]]:
     """(post-processed samples, raw completions) per problem; collective over TP (identical on every rank).
 
+    Decoding is :func:`megaocto.generation.generate_text` (stop words as stop strings, the tokenizer's EOD as eos),
+    so a raw completion is the text after the prompt cut at the earliest stop word.
     For explain-synthesize, each description of a problem is its own prompt (n_samples each), as in the harness."""
-    from megaocto.generation import GenerationConfig, generate
+    from megaocto.generation import GenerationConfig, generate_text
 
     prompts: list[str] = []
     owner: list[tuple[int, str | None]] = []
@@ -51,30 +53,20 @@ def generate_samples(model, tokenizer, task: str, lang: str, problems: Sequence[
         for d in descs:
             prompts.append(hep.build_prompt(task, p, settings.template, lang=lang, description=d))
             owner.append((i, d))
-    stops = hep.stop_words(task, lang)
     limit = model.cfg.max_positions if getattr(model.cfg, "family", "") == "bigcode" else None
-    encoded = []
-    for text in prompts:
-        ids = tokenizer.encode(text) or [tokenizer.eod]
-        if limit is not None:
-            keep = max(limit - settings.max_new_tokens, limit // 2)  # at least half the positions for the prompt
-            ids = ids[-keep:]
-        encoded.append(ids)
+    # at least half the positions for the prompt
+    keep = None if limit is None else max(limit - settings.max_new_tokens, limit // 2)
     gen = GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                            top_p=settings.top_p if settings.temperature > 0 else 1.0, seed=settings.seed,
-                           eos_id=tokenizer.eod, num_samples=settings.n_samples)
-
-    def stop_fn(_row: int, toks: list[int]) -> bool:
-        text = tokenizer.decode(toks)
-        return any(s in text for s in stops)
-
-    tokens = generate(model, encoded, gen, pc, batch_size=settings.batch_size, stop_fn=stop_fn)
+                           eos_id=tokenizer.eod, num_samples=settings.n_samples,
+                           stop=tuple(hep.stop_words(task, lang)))
+    completions = generate_text(model, tokenizer, prompts, gen, pc, batch_size=settings.batch_size,
+                                max_prompt_tokens=keep)
     samples: list[list[str]] = [[] for _ in problems]
     raw: list[list[str]] = [[] for _ in problems]
-    for j, toks in enumerate(tokens):
+    for j, completion in enumerate(completions):
         k = j // settings.n_samples
         i, desc = owner[k]
-        completion = tokenizer.decode(toks)
         raw[i].append(completion)
         samples[i].append(hep.postprocess(task, lang, problems[i], prompts[k] + completion,
                                           template=settings.template, description=desc))
