@@ -56,7 +56,8 @@ def test_tp2_to_tp1_to_tp2_is_bit_exact(tmp_path, capsys, name):
 
 def test_reshard_a_training_checkpoint_and_stream_order(tmp_path):
     """A checkpoint written by the training loop (iter_*, optimizer state) reshards to its weights; the writer
-    accepts tensors in any order (a unit given in pieces is merged back from its staged shards)."""
+    accepts tensors in any order (each tensor's shards are appended to the rank files as it arrives, so the order
+    of records in a file follows the stream; the loaded state dicts are identical)."""
     cfg, full = _state("tiny-bigcode", seed=3)
     save = str(tmp_path / "train")
     pc = ParallelContext.single()
