@@ -315,6 +315,36 @@ def test_sentencepiece_completion_keeps_its_leading_space(tmp_path):
     assert stopped == [" a"]
 
 
+def test_eval_hook_decodes_through_generate_text(tmp_path, monkeypatch):
+    """The HumanEvalPack hook has no decoding loop of its own: its raw completions are generate_text's."""
+    import megaocto.generation as generation
+    from megaocto.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from megaocto.eval import humanevalpack as hep
+    from megaocto.eval.hook import SampleSettings, generate_samples
+
+    data = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "humanevalpack")
+    if not os.path.exists(os.path.join(data, "python.jsonl")):
+        pytest.skip("HumanEvalPack data not found")
+    problems = hep.load_problems("python", data)[:2]
+    tok_path = str(tmp_path / "tokenizer.json")
+    train_bpe_tokenizer([p["prompt"] + p["canonical_solution"] for p in hep.load_problems("python", data)], 300,
+                        tok_path)
+    tok = load_tokenizer(tok_path)
+    model = _model("bigcode-mqa", seed=5)
+    calls = []
+    real = generation.generate_text
+    monkeypatch.setattr(generation, "generate_text", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    settings = SampleSettings(n_samples=2, temperature=0.0, max_new_tokens=6, batch_size=4)
+    samples, raw = generate_samples(model, tok, "synthesize", "python", problems, settings)
+    keep = model.cfg.max_positions - 6  # the prompt keeps what the new tokens leave of the position table
+    assert len(calls) == 1 and calls[0]["max_prompt_tokens"] == keep
+    prompts = [hep.build_prompt("synthesize", p, settings.template, lang="python") for p in problems]
+    gen = GenerationConfig(max_new_tokens=6, eos_id=tok.eod, num_samples=2,
+                           stop=tuple(hep.stop_words("synthesize", "python")))
+    expected = real(model, tok, prompts, gen, max_prompt_tokens=keep)
+    assert raw == [expected[0:2], expected[2:4]] and len(samples) == 2
+
+
 # ------------------------------------------------------------------------------------------ tensor parallel
 def _tp_body(rank, world_size, release_dir):
     pc = ParallelContext.init(tp=2, sequence_parallel=True)
