@@ -1,7 +1,10 @@
 """Generation: KV-cached decoding equals full recomputation (logits ≤ 1e-5 at every step, same tokens) for bigcode
 MQA, bigcode MHA and glm2 GQA; left-padded batches equal per-prompt runs; tp=2 (with sequence parallelism on the
-context) gives tp=1's tokens on both ranks, also from a tp=2 release checkpoint; seeded sampling, top-k/top-p edge cases, stop strings/eos; greedy
-tokens equal transformers' GPTBigCode generate; `megaocto generate` on a checkpoint written by `megaocto train`.
+context) gives tp=1's tokens on both ranks, also from a tp=2 release checkpoint; seeded sampling, top-k/top-p edge
+cases and ties, stop strings/eos, rows stopping early and independently, per-row position limit, greedy samples
+decoded once, sentencepiece completions keep their leading space, the eval hook decodes through generate_text;
+greedy tokens equal transformers' GPTBigCode generate; `megaocto generate` on a checkpoint written by
+`megaocto train` (mmap model-only load, --stop cuts, option validation).
 
 Models use init std 0.2 so that untrained greedy decoding does not collapse to one repeated token (asserted).
 """

@@ -11,5 +11,5 @@ from megaocto.generation.kv_cache import KVCache
 from megaocto.generation.loading import load_checkpoint_model, load_tokenizer
 from megaocto.generation.sampling import filter_logits, full_vocab_logits, sample_next
 
-__all__ = ["GenerationConfig", "KVCache", "completion_text", "filter_logits", "full_vocab_logits", "generate", "generate_text",
-           "load_checkpoint_model", "load_tokenizer", "sample_next", "truncate_at_stop"]
+__all__ = ["GenerationConfig", "KVCache", "completion_text", "filter_logits", "full_vocab_logits", "generate",
+           "generate_text", "load_checkpoint_model", "load_tokenizer", "sample_next", "truncate_at_stop"]
