@@ -22,8 +22,8 @@ Attention rule for a query in slot ``t`` and a key in slot ``j`` of the same row
 outputs never reach a real token. The prefill of an empty cache goes through the model's attention seam
 (:func:`megaocto.model.attention.attention` with the model's ``ops.attention_backend``, so flash/Triton backends
 apply) with segment ids (padding = 0, prompt = 1); later steps use ``scaled_dot_product_attention`` with an
-explicit mask. A one-token decode step folds the query heads of each K/V group into the query-length dimension (``[b, kv_heads, group, d]`` against
-``[b, kv_heads, L, d]``), so MQA/GQA K/V are never expanded.
+explicit mask. A one-token decode step folds the query heads of each K/V group into the query-length dimension
+(``[b, kv_heads, group, d]`` against ``[b, kv_heads, L, d]``), so MQA/GQA K/V are never expanded.
 """
 from __future__ import annotations
 
