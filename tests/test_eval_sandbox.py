@@ -87,7 +87,7 @@ def test_ten_gigabyte_allocation_fails(py):
 def test_writing_outside_the_temp_dir_is_refused(py, tmp_path):
     if not sandbox_features()["drop_user"]:
         pytest.skip("not root (or no setpriv): programs run as the calling user, see docs/eval.md")
-    target_dir = Path(shutil.os.path.dirname(tmp_path)) / f"{tmp_path.name}-protected"
+    target_dir = Path(os.path.dirname(tmp_path)) / f"{tmp_path.name}-protected"
     target_dir.mkdir(mode=0o755)
     target = target_dir / "pwned.txt"
     try:

@@ -40,7 +40,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -375,8 +375,6 @@ def run_programs(lang: str, programs: Sequence[str], *, workers: int = 2, timeou
     done = 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(executor.run, p): i for i, p in enumerate(programs)}
-        from concurrent.futures import as_completed
-
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
             done += 1
