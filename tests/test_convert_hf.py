@@ -431,3 +431,45 @@ def test_streaming_safetensors_writer_single_file_and_incomplete(tmp_path):
     assert writer.finish() == ["model.safetensors"]
     got = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(got["x"], t) and torch.equal(got["y"], t + 1)
+
+
+def test_writer_passes_presharded_tensors_through_bit_exactly(tmp_path, monkeypatch):
+    """``core.Sharded`` (a tensor given as its row / column TP shards, as the Megatron import hands them over): at
+    the same TP the shards land in the rank files as they are; at another TP (or a split the parameter does not
+    use) the writer merges them first; either way the checkpoint equals the one written from full tensors."""
+    from megaocto.convert.core import Sharded, param_specs
+
+    cfg = ModelConfig.from_preset("tiny-bigcode", vocab_size=V)
+    torch.manual_seed(0)
+    full = build_model(cfg, ParallelContext.single()).state_dict()
+    specs = param_specs(cfg)
+
+    def presharded(tp, dim_of=lambda spec: spec.partition_dim):
+        for k, t in full.items():
+            spec = specs[k]
+            dim = None if spec.partition_dim is None or spec.partition_blocks is not None else dim_of(spec)
+            if dim is None:
+                yield k, t
+            else:
+                yield k, Sharded(tuple(s.clone() for s in t.chunk(tp, dim)), dim)
+
+    def ranks(path, tp):
+        return [torch.load(ckpt.model_file(path, "release", r), weights_only=True)["model"] for r in range(tp)]
+
+    write_megaocto_checkpoint(str(tmp_path / "ref2"), cfg, full, 2, progress=False)
+    write_megaocto_checkpoint(str(tmp_path / "ref1"), cfg, full, 1, progress=False)
+    with monkeypatch.context() as m:  # same TP: no shard is merged
+        m.setattr(Sharded, "full", lambda self: pytest.fail("merged a pass-through tensor"))
+        write_megaocto_checkpoint(str(tmp_path / "same"), cfg, presharded(2), 2, progress=False)
+    write_megaocto_checkpoint(str(tmp_path / "other"), cfg, presharded(2), 1, progress=False)  # merged: tp 2 -> 1
+    other_dim = presharded(2, lambda s: 1 - s.partition_dim if len(s.shape) == 2 else None)
+    write_megaocto_checkpoint(str(tmp_path / "wrongdim"), cfg, other_dim, 2, progress=False)  # merged, then re-cut
+    assert any(isinstance(t, Sharded) and specs[k].vocab for k, t in presharded(2))  # vocab rows pass through too
+    for got, want, tp in (("same", "ref2", 2), ("other", "ref1", 1), ("wrongdim", "ref2", 2)):
+        for x, y in zip(ranks(str(tmp_path / got), tp), ranks(str(tmp_path / want), tp)):
+            assert list(x) == list(y) and all(torch.equal(x[k], y[k]) for k in x), got
+    with pytest.raises(ConversionError, match="given twice"):
+        name = next(k for k, t in presharded(2) if isinstance(t, Sharded))
+        items = list(presharded(2))
+        write_megaocto_checkpoint(str(tmp_path / "dup"), cfg, items + [(name, dict(items)[name])], 2, progress=False)
+    assert not (tmp_path / "dup").exists()

@@ -16,7 +16,9 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
     ``{"checkpoint_version": 3.0, "iteration": 0, "model": state_dict}``), the layout of
     ``megaocto.training.checkpoint``, so ``megaocto train --checkpoint.load OUTPUT --checkpoint.finetune true``,
     ``generation.load_checkpoint_model`` and ``torch.load(..., weights_only=True)`` read it.
-    ``tensors`` is a dict or an iterable of ``(megaocto_name, UNSHARDED tensor)``; every name of
+    ``tensors`` is a dict or an iterable of ``(megaocto_name, UNSHARDED tensor)`` (or a :class:`Sharded`: the
+    tensor as its row / column TP shards, passed to the rank files unchanged when they already are this TP's
+    shards, else merged first); every name of
     ``param_specs(cfg)`` must arrive exactly once. Vocabulary tensors (``embedding.word_embeddings.weight``,
     ``output_layer.weight``) may have any number of rows >= ``cfg.vocab_size``: rows are kept when they already
     equal ``pad_vocab_size(cfg.vocab_size, tp, cfg.make_vocab_size_divisible_by)``, otherwise trimmed to
@@ -252,6 +254,20 @@ def _iter_items(tensors: Iterable[tuple[str, torch.Tensor]] | dict) -> Iterator[
     return iter(tensors.items()) if isinstance(tensors, dict) else iter(tensors)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sharded:
+    """A tensor handed to :func:`write_megaocto_checkpoint` as its TP shards (rank order), each shard the ``dim``
+    chunk of the full tensor (Megatron's plain row / column split). When the output has the same TP size and the
+    parameter is split the same way (``partition_dim == dim``, no ``partition_blocks``; vocabulary rows already
+    padded for that TP), each shard goes to its rank's file unchanged: no merge and no re-cut. Otherwise the writer
+    uses :meth:`full` (one ``torch.cat``)."""
+    shards: tuple[torch.Tensor, ...]
+    dim: int
+
+    def full(self) -> torch.Tensor:
+        return torch.cat(self.shards, dim=self.dim) if len(self.shards) > 1 else self.shards[0]
+
+
 def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]] | dict,
                               tp: int, *, dtype: str | torch.dtype | None = None,
                               metadata_extra: dict | None = None, progress: bool = True) -> str:
@@ -271,6 +287,24 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
     bar = Progress(len(units(cfg)), "convert", progress)
     seen: set[str] = set()
     stored_dtype: list[torch.dtype] = []
+
+    def passed_through(name: str, t: Sharded) -> list[torch.Tensor] | None:
+        """The per-rank shards of ``t`` if they are exactly this output's shards (checked like ``checked``)."""
+        spec = specs.get(name)
+        if (spec is None or name in seen or tp == 1 or len(t.shards) != tp or spec.partition_dim != t.dim
+                or spec.partition_blocks is not None):
+            return None
+        want = list(spec.shape)
+        if spec.vocab:
+            want[0] = rows
+        want[t.dim] //= tp
+        if any(tuple(s.shape) != tuple(want) or s.dtype != t.shards[0].dtype for s in t.shards):
+            return None
+        seen.add(name)
+        check_source_dtype(t.shards[0].dtype, name)
+        out = [s.to(cast) if cast is not None else s for s in t.shards]
+        stored_dtype.append(out[0].dtype)
+        return out
 
     def checked(name: str, t: torch.Tensor) -> torch.Tensor:
         spec = specs.get(name)
@@ -304,7 +338,9 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
         current, nbytes = None, 0
         try:
             for name, t in _iter_items(tensors):
-                t = checked(name, t.detach())
+                given = passed_through(name, t) if isinstance(t, Sharded) else None
+                if given is None:
+                    t = checked(name, (t.full() if isinstance(t, Sharded) else t).detach())
                 unit = layer_of(name)
                 if unit != current:
                     if current is not None:
@@ -312,7 +348,9 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
                     current, nbytes = unit, 0
                 spec = specs[name]
                 for r in range(tp):  # one rank's shard at a time: written, then dropped
-                    if spec.partition_dim is None or tp == 1:
+                    if given is not None:
+                        shard = given[r]
+                    elif spec.partition_dim is None or tp == 1:
                         shard = t
                     elif spec.partition_dim == 0 and spec.partition_blocks is None:
                         shard = t.chunk(tp, 0)[r]  # = shard_tensor(t, tp, r, 0), as a zero-copy row view
@@ -321,7 +359,7 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
                     refs[r][name] = writers[r].add(shard)
                     nbytes += shard.numel() * shard.element_size()
                     del shard
-                del t
+                del t, given
             if current is not None:
                 bar.step(current, nbytes)
             missing = [n for n in specs if n not in seen]

@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from megaocto.config.model import ModelConfig
-from megaocto.convert.core import (ConversionError, check_output_free, check_source_dtype, check_tp, parse_dtype,
-                                   write_megaocto_checkpoint)
+from megaocto.convert.core import (ConversionError, Sharded, check_output_free, check_source_dtype, check_tp,
+                                   parse_dtype, write_megaocto_checkpoint)
 from megaocto.convert.hf_bigcode import per_head_qkv_to_blocks
 from megaocto.training.checkpoint import TRACKER  # Megatron-LM uses the same tracker file name
 
@@ -528,9 +528,12 @@ def validate_source(src: MegatronSource, cfg: ModelConfig) -> None:
                               f"args.num_layers={cfg.num_layers}")
 
 
-def iter_megatron_full(src: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_megatron_full(src: MegatronSource, cfg: ModelConfig, *, keep_sharded: bool = False
+                       ) -> Iterator[tuple[str, torch.Tensor | Sharded]]:
     """(name, full tensor) in Megatron's own naming and (version >= 2) layout, merged over TP, global layer
-    numbers, streaming: one pipeline stage's files open (mmap) at a time, one tensor merged at a time."""
+    numbers, streaming: one pipeline stage's files open (mmap) at a time, one tensor merged at a time.
+    ``keep_sharded=True`` yields plain row / column split tensors (rules ``rows`` / ``cols``, tp > 1) unmerged, as
+    :class:`megaocto.convert.core.Sharded` (the mmap-ed shards themselves), so a same-TP import copies them once."""
     offset = 0
     for p in range(src.pp):
         flats = [_stage_state(f)[1] for f in src.stage_files(p)]
@@ -547,7 +550,11 @@ def iter_megatron_full(src: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[
                 rule, name = _TOP_RULES[key], key
             if rule == "skip":
                 continue
-            full = merge_shards_megatron(rule, [f[key] for f in flats], heads=cfg.num_attention_heads,
+            shards = [f[key] for f in flats]
+            if keep_sharded and rule in ("rows", "cols") and len(shards) > 1:
+                yield name, Sharded(tuple(shards), 0 if rule == "rows" else 1)
+                continue
+            full = merge_shards_megatron(rule, shards, heads=cfg.num_attention_heads,
                                          head_dim=cfg.head_dim, version=src.checkpoint_version)
             yield name, full
         offset += len(layer_ids)
@@ -566,11 +573,20 @@ def to_megaocto(name: str, full: torch.Tensor, cfg: ModelConfig, *, layernorm_1p
     return name, full
 
 
-def iter_megaocto_tensors(src: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_megaocto_tensors(src: MegatronSource, cfg: ModelConfig, *, keep_sharded: bool = False
+                          ) -> Iterator[tuple[str, torch.Tensor | Sharded]]:
     """(megaocto name, full tensor) for :func:`write_megaocto_checkpoint`, streaming (as
-    :func:`iter_megatron_full`)."""
+    :func:`iter_megatron_full`). ``keep_sharded=True`` (use it when the output TP equals the source's) leaves plain
+    row / column split tensors as :class:`megaocto.convert.core.Sharded` where megaocto's layout is the same
+    (everything but vocabulary rows that must be trimmed), so the writer passes the shards through."""
     one_p = bool(_get(src.args, "apply_layernorm_1p", False))
-    for name, full in iter_megatron_full(src, cfg):
+    for name, full in iter_megatron_full(src, cfg, keep_sharded=keep_sharded):
+        if isinstance(full, Sharded):
+            rows = sum(t.shape[0] for t in full.shards) if full.dim == 0 else None
+            if name not in ("embedding.word_embeddings.weight", "output_layer.weight") or rows == cfg.vocab_size:
+                yield name, full
+                continue
+            full = full.full()
         yield to_megaocto(name, full, cfg, layernorm_1p=one_p)
 
 
@@ -695,7 +711,8 @@ def convert_megatron(load: str, output: str, *, tp: int | None = None, iteration
                         "padded_vocab_size": int(a.padded_vocab_size),
                         "tokenizer_type": _get(a, "tokenizer_type"),
                         "tokenizer_file": _get(a, "tokenizer_file"), "vocab_file": _get(a, "vocab_file")}}
-    write_megaocto_checkpoint(output, cfg, iter_megaocto_tensors(src, cfg), out_tp, dtype=dtype,
+    write_megaocto_checkpoint(output, cfg, iter_megaocto_tensors(src, cfg, keep_sharded=out_tp == src.tp), out_tp,
+                              dtype=dtype,
                               metadata_extra=extra, progress=progress)
     result = MegatronImportResult(output=output, cfg=cfg, source=src)
     if verify:
