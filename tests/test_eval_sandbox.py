@@ -84,11 +84,12 @@ def test_ten_gigabyte_allocation_fails(py):
     assert "MemoryError" in res.detail
 
 
-def test_writing_outside_the_temp_dir_is_refused(py, tmp_path):
+def test_writing_outside_the_temp_dir_is_refused(py):
     if not sandbox_features()["drop_user"]:
         pytest.skip("not root (or no setpriv): programs run as the calling user, see docs/eval.md")
-    target_dir = Path(os.path.dirname(tmp_path)) / f"{tmp_path.name}-protected"
-    target_dir.mkdir(mode=0o755)
+    # a directory every user can enter and read, but only its owner (root) can write
+    target_dir = Path(tempfile.mkdtemp(prefix="megaocto-protected-"))
+    target_dir.chmod(0o755)
     target = target_dir / "pwned.txt"
     try:
         res = py.run(f"open({str(target)!r}, 'w').write('pwned')\n")
