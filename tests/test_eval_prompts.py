@@ -89,6 +89,30 @@ def test_stop_words_are_fresh_lists():
     assert "x" not in hep.stop_words("synthesize", "python")  # the harness's global-list mutation is not copied
     assert hep.stop_words("synthesize", "go") == ["\n//", "\nfunc main(", "struct", "\nfunc", "<|endoftext|>"]
     assert hep.stop_words("fix-tests", "rust") == ["<|endoftext|>"]
+    # explain-describe has the language's stop words too (harness: HumanEvalPack.__init__ for every task)
+    assert hep.stop_words("explain-describe", "python") == hep.stop_words("synthesize", "python")
+
+
+def test_harness_postprocess_details(data):
+    """Harness rules: Java appends "\n}" only when a generated "{" is left open; explain-synthesize answers are
+    glued onto doc["prompt"] (with docstring); explain-describe cuts at the language's stop words."""
+    java = data["java"][2]
+    p = hep.build_prompt("synthesize", java, "octocoder")
+    # closes the method, not the class: kept as is (no class brace appended)
+    out = hep.postprocess("synthesize", "java", java, p + "\n        return 1.0;\n    }")
+    assert out.endswith("return 1.0;\n    }") and out.count("{") == out.count("}") + 1
+    # an if block left open after the last "}": closed once
+    out = hep.postprocess("synthesize", "java", java, p + "\n        if (a) {\n        if (b) {\n x;\n        }")
+    assert out.endswith("x;\n        }\n}")
+    py = data["python"][2]
+    p = hep.build_prompt("explain-synthesize", py, "octocoder", description="d")
+    out = hep.postprocess("explain-synthesize", "python", py, p + "\n    return number % 1.0\n", description="d")
+    assert out == py["prompt"].rstrip() + "\n    return number % 1.0"
+    p = hep.build_prompt("fix-tests", py, "octocoder")
+    assert hep.postprocess("fix-tests", "python", py, p + "\n    return 1\n") == py["declaration"].rstrip() + "\n    return 1"
+    p = hep.build_prompt("explain-describe", py, "octocoder")
+    assert hep.postprocess("explain-describe", "python", py, p + " Returns the fraction.\ndef f(): pass") == \
+        "Returns the fraction."
 
 
 def test_postprocess_cuts_at_stop_words_and_block_ends(data):
@@ -177,7 +201,7 @@ def test_generation_file_formats(data, tmp_path):
     p1 = hep.build_prompt("explain-synthesize", problems[0], "octocoder", description="desc b")
     gens = hep.load_generations(_write(tmp_path / "e.json", [["a", p1 + "\n    return 1\n"], ["b"], ["c"]]),
                                 "explain-synthesize", "python", problems, descriptions=descs)
-    assert gens[0][1] == problems[0]["declaration"].rstrip() + "\n    return 1"
+    assert gens[0][1] == problems[0]["prompt"].rstrip() + "\n    return 1"
 
 
 def _write(path: Path, obj) -> Path:

@@ -82,7 +82,8 @@ def test_canonical_pass_and_buggy_fail(lang):
 
 
 def test_fix_and_explain_paths_run_canonical_code():
-    """fix-tests / fix-docs / explain-synthesize post-process onto the declaration instead of the docstring prompt;
+    """fix-tests / fix-docs / explain-synthesize post-process onto other answer starts than synthesize (declaration,
+    docstring prompt, docstring prompt after a declaration-only prompt);
     the canonical body must still pass there (5 problems per path, Python and C++ when available)."""
     for lang in ("python", "cpp"):
         try:

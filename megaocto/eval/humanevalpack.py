@@ -178,9 +178,12 @@ def build_prompt(task: str, problem: dict, template: str = "octocoder", *, lang:
 
 
 def stop_words(task: str, lang: str) -> list[str]:
-    """Stop strings for generation and post-processing (a fresh list each call: no harness-style global mutation)."""
-    if task == "explain-describe":
-        return [EOS]
+    """Stop strings for generation and post-processing (a fresh list each call: no harness-style global mutation).
+
+    Every task, explain-describe included, uses the language's stop words plus ``<|endoftext|>`` (the harness's
+    ``HumanEvalPack.__init__`` sets them for all five task classes)."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     return [*LANGUAGE_STOP_WORDS[lang], EOS]
 
 
@@ -214,7 +217,7 @@ def remove_last_block(code: str, lang: str, stops: Sequence[str] | None = None) 
             code = code[:main] + "}"
         if "}" in code:
             code = code[:code.rfind("}")] + "}"
-        if code.count("{") + 1 == code.count("}"):
+        if code.count("{") - 1 == code.count("}"):  # the class is still open: close it
             code += "\n}"
         return code
     if "}" in code:
@@ -233,17 +236,22 @@ def postprocess(task: str, lang: str, problem: dict, generation: str, *, templat
                         f"text as a completion instead")
     new = generation[len(prompt):]
     if task == "explain-describe":
+        # harness: remove_last_block(new.strip()[:len(docstring)]).rstrip(), then remove_code (no final strip)
         text = new.strip()[:len(problem["docstring"])]
         for w in stop_words(task, lang):
             if w in text:
                 text = text[:text.find(w)]
+        text = text.rstrip()
         for line in problem["canonical_solution"].split("\n"):
             if len(line.strip()) > 20 and line.strip() in text:
                 text = text.replace(line.strip(), "")
-        return text.strip()
+        return text
     gen = remove_last_block(new.rstrip(), lang, stop_words(task, lang))
-    # synthesize: doc["prompt"].rstrip() + gen; fix/explain-synthesize: the declaration's
-    return prompt_base(task, problem, lang).rstrip() + gen
+    # fix-*: prompt_base.rstrip() + gen (HumanEvalFixBase); synthesize and explain-synthesize: doc["prompt"].rstrip()
+    # + gen (HumanEvalPackGenerative: for explain-synthesize the docstring prompt, although it generated after the
+    # bare declaration)
+    head = prompt_base(task, problem, lang) if task.startswith("fix-") else problem["prompt"]
+    return head.rstrip() + gen
 
 
 # -------------------------------------------------------------------------------------------------- programs
