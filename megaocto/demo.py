@@ -13,7 +13,8 @@
    ``--tp`` processes), validated on held-out commits, checkpointed;
 7. with ``--hf``: the checkpoint exported to Hugging Face format (``megaocto convert to-hf``), loaded with
    ``transformers`` and asked to complete a held-out commit (compared with ``megaocto generate``);
-8. with ``--eval-limit K``: the HumanEvalPack hook (``megaocto eval humanevalpack``) on K problems.
+8. with ``--eval-limit K``: the HumanEvalPack hook (``megaocto eval humanevalpack``) on K problems (the full data
+   when found, else the 3 Python problems packaged in ``megaocto/resources/humanevalpack-sample``).
 
 Steps 1-6 call the same library function as their command, so the demo doubles as a smoke test; steps 6 (with a
 launcher), 7 and 8 run the commands themselves. A command that is not in this checkout is reported as
@@ -50,7 +51,8 @@ class DemoConfig:
     hf: bool = field(False, "Export the checkpoint to HF format, load it with transformers and generate.")
     eval_limit: int = field(0, "Run the HumanEvalPack hook on this many problems (0 = skip).")
     humanevalpack: str = field("", "HumanEvalPack data directory (<lang>.jsonl); default $MEGAOCTO_HUMANEVALPACK, "
-                                   "else ../shared/data/humanevalpack beside the repository when present.")
+                                   "else ../shared/data/humanevalpack beside the repository when present, else the "
+                                   "3 Python problems shipped in megaocto/resources/humanevalpack-sample.")
 
     def validate(self) -> None:
         if self.vocab_size < 512:
@@ -334,15 +336,16 @@ def run_eval_hook(cfg: DemoConfig, work: str, ckpt: str, tokenizer: str, log, st
         log(f"[8/{steps}] skipped: HumanEvalPack eval (not available yet)")
         return {}
     data = find_humanevalpack(cfg)
-    if data is None:
-        log(f"[8/{steps}] skipped: HumanEvalPack eval (no data offline: pass --humanevalpack DIR or set "
-            f"MEGAOCTO_HUMANEVALPACK to a directory with python.jsonl)")
-        return {}
+    source = ["--data-dir", data] if data is not None else ["--sample"]
     eval_dir = os.path.join(work, "eval")
     log(f"[8/{steps}] megaocto eval humanevalpack --task synthesize --lang python --limit {cfg.eval_limit} "
-        f"(a tiny model scores 0: this shows the hook runs end to end)")
+        f"{' '.join(source)} (a tiny model scores 0: this shows the hook runs end to end)")
+    if data is None:
+        log("      no HumanEvalPack data found (--humanevalpack DIR, $MEGAOCTO_HUMANEVALPACK or "
+            "../shared/data/humanevalpack): using the 3 Python problems shipped in "
+            "megaocto/resources/humanevalpack-sample (a smoke run, not a benchmark)")
     proc = _megaocto(["eval", "humanevalpack", "--task", "synthesize", "--lang", "python", "--load", ckpt,
-                      "--tokenizer", tokenizer, "--data-dir", data, "--limit", str(cfg.eval_limit),
+                      "--tokenizer", tokenizer, *source, "--limit", str(cfg.eval_limit),
                       "--max-new-tokens", "64", "--output", eval_dir], log)
     if proc.returncode != 0:
         log(f"      eval failed (exit {proc.returncode})")

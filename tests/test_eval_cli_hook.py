@@ -53,6 +53,31 @@ def test_cli_generations_canonical_python_scores_one(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["pass@1"] == pytest.approx(0.8)
 
 
+def test_cli_packaged_sample_runs_offline(tmp_path):
+    """--sample: the 3 Python problems shipped in the package (no ../shared needed); canonical answers score 1,
+    the buggy ones 0; other languages are refused with a message naming the sample; the README carries the license."""
+    assert (hep.SAMPLE_DIR / "README.md").read_text().count("MIT License") == 1
+    problems = hep.load_problems("python", hep.SAMPLE_DIR)
+    assert [p["task_id"] for p in problems] == ["Python/23", "Python/45", "Python/53"]
+    for body, expected in (("canonical_solution", 1.0), ("buggy_solution", 0.0)):
+        with open(tmp_path / "gens.jsonl", "w") as f:
+            for p in problems:
+                ws = p["prompt"][len(p["prompt"].rstrip()):]
+                f.write(json.dumps({"task_id": p["task_id"], "completion": ws + p[body]}) + "\n")
+        proc = _megaocto("eval", "humanevalpack", "--task", "synthesize", "--lang", "python", "--generations",
+                         str(tmp_path / "gens.jsonl"), "--sample")
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["pass@1"] == expected and summary["problems"] == 3, summary
+        assert "not a benchmark" in proc.stderr
+    proc = _megaocto("eval", "humanevalpack", "--task", "synthesize", "--lang", "js", "--generations",
+                     str(tmp_path / "gens.jsonl"), "--sample")
+    assert proc.returncode == 2 and "holds python only" in proc.stderr, proc.stderr
+    proc = _megaocto("eval", "humanevalpack", "--task", "synthesize", "--lang", "python", "--generations",
+                     str(tmp_path / "gens.jsonl"), "--sample", "--data-dir", str(tmp_path))
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
 def test_cli_errors_name_the_problem(tmp_path):
     data = _data_dir()
     proc = _megaocto("eval", "humanevalpack", "--task", "synthesize", "--lang", "python", "--generations",

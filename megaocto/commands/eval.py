@@ -42,8 +42,11 @@ def add_arguments(parser) -> None:
     src.add_argument("--generations", help="generations file (harness JSON list, or JSONL {task_id, completion})")
     hp.add_argument("--descriptions", default=None, help="explain-synthesize: descriptions from explain-describe "
                     "(its generations.json, or JSONL {task_id, description})")
-    hp.add_argument("--data-dir", default=None, help="directory with <lang>.jsonl (default: $MEGAOCTO_HUMANEVALPACK "
-                    "or the hub dataset bigcode/humanevalpack)")
+    data = hp.add_mutually_exclusive_group()
+    data.add_argument("--data-dir", default=None, help="directory with <lang>.jsonl (default: $MEGAOCTO_HUMANEVALPACK "
+                      "or the hub dataset bigcode/humanevalpack)")
+    data.add_argument("--sample", action="store_true", help="the 3 Python problems shipped with megaocto "
+                      "(offline smoke run, not a benchmark; megaocto/resources/humanevalpack-sample)")
     hp.add_argument("--template", default="octocoder", choices=TEMPLATES,
                     help="prompt template (continue: synthesize with base models; default: %(default)s)")
     hp.add_argument("--limit", type=int, default=None, help="first K problems only")
@@ -113,6 +116,10 @@ def _humanevalpack(args) -> int:
         raise ValueError("--task explain-synthesize needs --descriptions FILE (the output of --task explain-describe)")
     if args.template == "continue" and args.task != "synthesize":
         raise ValueError(f"--template continue is only for synthesize; use octocoder or instruct for {args.task}")
+    if args.sample:
+        args.data_dir = str(hep.SAMPLE_DIR)
+        print(f"using the packaged 3-problem HumanEvalPack sample ({hep.SAMPLE_DIR}): a smoke run, not a benchmark",
+              file=sys.stderr)
     problems = hep.load_problems(args.lang, args.data_dir)[:args.limit]
     descriptions = hep.load_descriptions(args.descriptions, problems) if args.descriptions else None
     out = Path(args.output) if args.output else None

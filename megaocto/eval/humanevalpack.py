@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 from megaocto.eval.passk import DEFAULT_KS, pass_at_k, pass_at_k_summary
 
-__all__ = ["TASKS", "TEMPLATES", "LANGUAGES", "load_problems", "build_prompt", "prompt_base", "stop_words",
+__all__ = ["TASKS", "TEMPLATES", "LANGUAGES", "SAMPLE_DIR", "load_problems", "build_prompt", "prompt_base", "stop_words",
            "remove_last_block", "postprocess", "build_program", "load_generations", "load_descriptions",
            "evaluate", "EvalResults", "pass_at_k", "DataError"]
 
@@ -54,6 +54,11 @@ PYTHON_PREAMBLE_NO_NUMPY = PYTHON_PREAMBLE.replace("try:\n    import numpy\n    
 GO_PACKAGES = ("math", "strings", "fmt", "strconv", "time", "bytes", "regexp", "sort", "math/rand", "crypto/md5")
 
 
+# 3 Python problems of HumanEvalPack shipped with the package (MIT; source and license in its README.md): offline
+# smoke runs (`megaocto eval humanevalpack --sample`, `make demo`), not a benchmark
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "resources" / "humanevalpack-sample"
+
+
 class DataError(ValueError):
     """Problems, generations or descriptions are malformed; the message names the file and the entry."""
 
@@ -72,6 +77,9 @@ def load_problems(lang: str, path: str | os.PathLike | None = None) -> list[dict
         return _load_hub(lang)
     p = Path(path)
     file = p / f"{lang}.jsonl" if p.is_dir() else p
+    if not file.exists() and p.resolve() == SAMPLE_DIR:
+        raise DataError(f"the packaged HumanEvalPack sample ({SAMPLE_DIR}) holds python only; pass --data-dir DIR "
+                        f"with {lang}.jsonl for --lang {lang}")
     if not file.exists():
         raise DataError(f"{file}: no such file; --data-dir must hold <lang>.jsonl files (python.jsonl, js.jsonl, ...)")
     problems = []
