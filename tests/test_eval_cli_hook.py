@@ -107,7 +107,7 @@ def test_training_hook_logs_pass_at_k(tmp_path, tokenizer_path):
     from megaocto.config.loader import load_run_config
     from megaocto.training.loop import train
 
-    data = _data_dir()
+    data = hep.SAMPLE_DIR  # the packaged sample: runs on a fresh clone without ../shared
     run = tmp_path / "run"
     cfg = load_run_config(None, [
         "--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--data.kind", "synthetic",
@@ -127,7 +127,7 @@ def test_training_hook_logs_pass_at_k(tmp_path, tokenizer_path):
     assert "humanevalpack at iter 2 | synthesize/python/pass@1" in stream.getvalue()
     rows = [json.loads(line) for line in (run / "humanevalpack" / "iter_0000002" / "synthesize-python.jsonl")
             .read_text().splitlines()]
-    assert [r["task_id"] for r in rows] == ["Python/0", "Python/1"] and all(r["n"] == 2 for r in rows)
+    assert [r["task_id"] for r in rows] == ["Python/23", "Python/45"] and all(r["n"] == 2 for r in rows)
     assert all(len(r["completions"]) == 2 for r in rows)
     summary = json.loads((run / "humanevalpack" / "iter_0000002" / "summary.json").read_text())
     assert summary["iteration"] == 2 and summary["synthesize/python"]["samples"] == 4
@@ -219,3 +219,18 @@ def test_hook_at_tp2_generates_on_both_ranks_and_scores_on_rank0(tmp_path, token
     run_distributed(_tp2_hook_body, 2, tokenizer_path, str(_data_dir()), str(tmp_path / "hep"))
     rows = (tmp_path / "hep" / "iter_0000001" / "synthesize-python.jsonl").read_text().splitlines()
     assert len(rows) == 2
+
+
+def test_log_eval_is_public_and_skips_empty_metrics(tmp_path):
+    """MetricsLogger.log_eval: JSONL kind "eval" + console line; {} (a non-scoring rank) logs nothing."""
+    from megaocto.config.train import LoggingConfig
+    from megaocto.training.loggers import MetricsLogger
+
+    stream = io.StringIO()
+    log = MetricsLogger(LoggingConfig(run_dir=str(tmp_path)), enabled=True, stream=stream)
+    log.log_eval(3, {})
+    log.log_eval(4, {"synthesize/python/pass@1": 0.25}, elapsed=1.5)
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["iteration"], r["synthesize/python/pass@1"]) for r in records] == [("eval", 4, 0.25)]
+    assert stream.getvalue().strip() == "humanevalpack at iter 4 | synthesize/python/pass@1 0.2500 | 1.5s"

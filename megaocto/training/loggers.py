@@ -88,6 +88,17 @@ class MetricsLogger:
         metrics = {"val_loss": val_loss, "val_ppl": ppl}
         self._write({"kind": "valid", "iteration": iteration, **metrics, "time": time.time()}, "valid", iteration, metrics)
 
+    def log_eval(self, iteration: int, metrics: dict, *, elapsed: float | None = None) -> None:
+        """Log one in-training evaluation (e.g. HumanEvalPack ``{"<task>/<lang>/pass@<k>": value}``): a console line,
+        a JSONL record of kind "eval", TensorBoard/W&B scalars in group "eval". `elapsed`: seconds it took (console
+        only). Nothing is logged for empty `metrics` (ranks other than the one that scored)."""
+        if not self.enabled or not metrics:
+            return
+        line = f"humanevalpack at iter {iteration} | " + " | ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        self.info(line + (f" | {elapsed:.1f}s" if elapsed is not None else ""))
+        self._write({"kind": "eval", "iteration": iteration, **metrics, "time": time.time()}, "eval", iteration, metrics)
+
     def _write(self, record: dict, group: str, iteration: int, metrics: dict) -> None:
         if self._jsonl:  # strict JSON: a NaN/inf value (a skipped step's loss or grad norm) is written as null
             record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}

@@ -643,12 +643,8 @@ class Trainer:
         """Generation on every rank (collective over TP), execution on rank 0; logs eval/<task>/<lang>/pass@k."""
         started = time.time()
         metrics = self.humanevalpack.run(self.model, self.iteration)
-        if metrics:
-            self.log.info(f"humanevalpack at iter {self.iteration} | " + " | ".join(
-                f"{k} {v:.4f}" for k, v in metrics.items()) + f" | {time.time() - started:.1f}s")
-            # the same sinks as train/valid (JSONL kind "eval", TensorBoard/W&B group "eval")
-            self.log._write({"kind": "eval", "iteration": self.iteration, **metrics, "time": time.time()},
-                            "eval", self.iteration, metrics)
+        # the same sinks as train/valid (JSONL kind "eval", TensorBoard/W&B group "eval"); {} on non-scoring ranks
+        self.log.log_eval(self.iteration, metrics, elapsed=time.time() - started)
 
     def _log_interval(self, loss: float, norm: float, steps: int, elapsed: float) -> None:
         # tokens/s counts every position of every row (global batch x seq_length, padding of packed rows included:
