@@ -45,8 +45,8 @@ source "$ROOT/launch/lib.sh"
 
 MODEL=${MODEL:-octocoder}
 case "$MODEL" in
-  octocoder) full=octocoder-15b.yaml; tiny=tiny-bigcode.yaml ;;
-  octogeex) full=octogeex-6b.yaml; tiny=tiny-glm2.yaml ;;
+  octocoder) full="octocoder-15b.yaml"; tiny="tiny-bigcode.yaml" ;;
+  octogeex) full="octogeex-6b.yaml"; tiny="tiny-glm2.yaml" ;;
   *) echo "finetune.sh: MODEL must be octocoder or octogeex (got '$MODEL')" >&2; exit 2 ;;
 esac
 case "${PRESET:-}" in

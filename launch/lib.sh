@@ -151,11 +151,16 @@ megaocto_train() {
     trap "got_signal=1; megaocto_log 'SIGTERM: forwarding to torchrun'; kill -TERM $child 2>/dev/null" TERM
     trap "got_signal=1; megaocto_log 'SIGUSR1: forwarding to torchrun as SIGTERM'; kill -TERM $child 2>/dev/null" USR1
   fi
+  # shellcheck disable=SC2064
   trap "got_signal=1; kill -INT $child 2>/dev/null" INT
+  rc=""
   while :; do
     wait "$child"
-    rc=$?
-    # A trapped signal interrupts `wait`; wait again for the real exit status.
+    local status=$?
+    # 127: the previous `wait` already returned the child's status (a signal landed just after it exited).
+    if [ "$status" = 127 ] && [ -n "$rc" ]; then break; fi
+    rc=$status
+    # A trapped signal interrupts `wait` (status 128+n); wait again for the real exit status.
     if [ "$got_signal" = 1 ]; then got_signal=0; continue; fi
     break
   done

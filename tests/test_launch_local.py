@@ -130,3 +130,75 @@ def test_demo_launcher_options_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="--launcher nope.sh: no such file"):
         run_demo(DemoConfig(workdir=str(tmp_path / "w"), launcher="nope.sh"), log=lines.append)
     assert lines == [] and not (tmp_path / "w").exists()
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+def _stub_python(tmp_path: Path, trainer: str) -> Path:
+    """A PYTHON for the launcher: the real interpreter for its own helpers (`python - ...`), TRAINER (bash) in
+    place of `python -m torch.distributed.run ...` / `python -m megaocto.cli train ...`."""
+    stub = tmp_path / "python"
+    _stub(stub, f'if [ "$1" = - ]; then exec {sys.executable} "$@"; fi\n{trainer}\n')
+    return stub
+
+
+def _exit_reason(run_dir: Path, code: int, age_s: float) -> str:
+    """Bash that writes run_dir/exit_reason.json as the trainer does, timed age_s before the moment it runs."""
+    return (f'echo "{{\\"reason\\": \\"preempted\\", \\"exit_code\\": {code}, '
+            f'\\"time\\": $(( $(date +%s) - {int(age_s)} ))}}" > {run_dir}/exit_reason.json')
+
+
+@pytest.mark.parametrize("trainer_exit, record_age, expected", [
+    (3, None, 3),        # a plain failure keeps its code
+    (1, 0.0, 42),        # torchrun's 1 + the trainer's fresh exit_reason.json 42: preempted
+    (1, 3600.0, 1),      # a 42 recorded before this run started is not this run's: stays 1
+    (0, None, 0),
+])
+def test_launcher_exit_code_from_the_trainer_and_its_exit_reason(tmp_path, trainer_exit, record_age, expected):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = ""
+    if record_age is not None:
+        record = _exit_reason(run_dir, 42, record_age)
+        if record_age > 0:  # written before the launcher starts
+            subprocess.run(["bash", "-c", record], check=True)
+            record = ""
+    py = _stub_python(tmp_path, f"{record}\nexit {trainer_exit}")
+    proc = subprocess.run(["bash", str(FINETUNE)], env=launch_env(run_dir, PYTHON=str(py)), capture_output=True,
+                          text=True, timeout=WAIT_S)
+    assert proc.returncode == expected, proc.stdout + proc.stderr
+    assert "local torchrun: 2 processes" in proc.stdout
+    assert ("preempted: checkpoint saved; run the same command again to resume" in proc.stdout) == (expected == 42)
+
+
+def test_launcher_under_slurm_multinode_master_from_first_node_and_requeue_on_42(tmp_path):
+    """SLURM mode with stub srun/scontrol on PATH (the real-SLURM runs are single-node): a 2-node job takes
+    MASTER_ADDR from the FIRST node's NodeAddr, MASTER_PORT from the job id, runs the trainer once per task through
+    srun, and turns the trainer's 42 into `scontrol requeue <job>` and exit 0."""
+    bin_dir, run_dir, calls = tmp_path / "bin", tmp_path / "run", tmp_path / "calls"
+    bin_dir.mkdir()
+    _stub(bin_dir / "scontrol", f"""echo "scontrol $*" >> {calls}
+case "$1 $2" in
+  "show hostnames") [ "$3" = "gpu[07-08]" ] && printf 'gpu07\\ngpu08\\n' ;;
+  "show node") echo "NodeName=$3 Arch=x86_64"; echo "   NodeAddr=10.1.0.${{3#gpu}} NodeHostName=$3" ;;
+  "show job") echo "JobId=$3 JobName=octo-finetune"; echo "   JobState=RUNNING Reason=None" ;;
+esac
+exit 0
+""")
+    _stub(bin_dir / "srun", f'echo "srun $* MASTER=$MASTER_ADDR:$MASTER_PORT" >> {calls}\nexit 42\n')
+    env = launch_env(run_dir, MODEL="octogeex", PRESET="", PATH=f"{bin_dir}:{os.environ['PATH']}",
+                     SLURM_JOB_ID="123456", SLURM_NTASKS="16", SLURM_JOB_NODELIST="gpu[07-08]",
+                     SLURM_CPUS_PER_TASK="8")
+    proc = subprocess.run(["bash", str(FINETUNE), "--train.iters", "60"], env=env, capture_output=True, text=True,
+                          timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = calls.read_text().splitlines()
+    srun = [line for line in log if line.startswith("srun ")]
+    assert len(srun) == 1 and srun[0].endswith("MASTER=10.1.0.07:18456"), log  # 15000 + 123456 % 20000
+    assert f"--kill-on-bad-exit=1 {sys.executable} -m megaocto.cli train --config " in srun[0]
+    assert "launch/configs/octogeex-6b.yaml" in srun[0] and srun[0].split(" MASTER=")[0].endswith("--train.iters 60")
+    assert "scontrol show node gpu07" in log and "scontrol requeue 123456" in log, log
+    assert "16 tasks, one per GPU" in proc.stdout
