@@ -147,6 +147,12 @@ cmd_up() {
   fi
   install_packages
   mkdir -p "$STATE"
+  if [ -s "$PIDS" ]; then
+    # Half up (a daemon this script started died): stop the rest by their recorded PIDs and start afresh, so that
+    # nothing this script started is forgotten (and later left running by `down`).
+    say "partly up ($(tr '\n' ' ' <"$PIDS")); restarting"
+    cmd_down
+  fi
   : >"$PIDS"
   write_conf
   export SLURM_CONF="$CONF"
