@@ -257,15 +257,20 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         if os.path.isdir(ckpt1):
             shutil.rmtree(ckpt1)
         log(f"      megaocto convert reshard --load {ckpt} --tp 1 --output {ckpt1} (for single-process generation)")
-        if _megaocto(["convert", "reshard", "--load", ckpt, "--output", ckpt1, "--tp", "1", "--quiet"],
-                     log).returncode != 0:
+        reshard = _megaocto(["convert", "reshard", "--load", ckpt, "--output", ckpt1, "--tp", "1", "--quiet"], log)
+        if reshard.returncode != 0:
+            log(f"      reshard failed (exit {reshard.returncode}); the next steps use the tp={cfg.tp} checkpoint")
             ckpt1 = ckpt
     if cfg.hf:
         summary.update(hf_export_and_generate(cfg, work, ckpt1, tokenizer, filtered, log, steps))
     if cfg.eval_limit:
         summary.update(run_eval_hook(cfg, work, ckpt1, tokenizer, log, steps))
 
-    log("demo finished. Where everything went:")
+    if summary["exit_code"] != 0:
+        log(f"demo finished with a failed step (exit code {summary['exit_code']}; see the messages above). "
+            f"Where everything went:")
+    else:
+        log("demo finished. Where everything went:")
     for key, what in (("workdir", "work directory"), ("checkpoint", "megaocto checkpoint"),
                       ("hf_dir", "Hugging Face model"), ("eval_dir", "HumanEvalPack results")):
         if summary.get(key):
@@ -302,7 +307,11 @@ def hf_export_and_generate(cfg: DemoConfig, work: str, ckpt: str, tokenizer: str
         log(f"      convert to-hf failed (exit {proc.returncode}); HF generation skipped")
         return {"exit_code": proc.returncode}
     prompt = _demo_prompt(filtered)
-    new_ids, text = hf_generate(hf_dir, prompt, 32)
+    try:
+        new_ids, text = hf_generate(hf_dir, prompt, 32)
+    except Exception as e:  # noqa: BLE001 - any transformers failure is reported as this step's failure
+        log(f"      transformers could not load or run {hf_dir}: {type(e).__name__}: {e}")
+        return {"hf_dir": hf_dir, "exit_code": 1}
     log(f"      transformers AutoModelForCausalLM.from_pretrained({hf_dir}).generate (greedy, 32 tokens):")
     log(f"      prompt: {prompt!r}")
     log(f"      completion: {text!r}")

@@ -36,3 +36,23 @@ def test_demo_checks_training_overrides_before_the_pipeline(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--section.field VALUE arguments go to the training run" in capsys.readouterr().out
+
+
+def test_demo_cli_reports_a_too_small_repository_without_a_traceback(tmp_path, capsys):
+    import subprocess
+
+    from megaocto.cli import main
+
+    repo = tmp_path / "small"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for i in range(3):
+        (repo / "a.py").write_text("".join(f"def f{j}():\n    return {j}\n" for j in range(i + 1)))
+        subprocess.run([*git, "add", "a.py"], check=True)
+        subprocess.run([*git, "commit", "-q", "-m", f"Add function number {i} to the module"], check=True)
+    code = main(["demo", "--workdir", str(tmp_path / "work"), "--repo", str(repo), "--vocab-size", "512"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "megaocto demo: failed: only" in err and "use --repo with a larger history" in err, err
+    assert str(tmp_path / "work") in err

@@ -1,6 +1,7 @@
 """`megaocto demo`: the whole pipeline (git commits → filters → tokenizer → .bin/.idx → training) on a tiny model."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 NAME = "demo"
@@ -55,4 +56,7 @@ def run(args) -> int:
     except ConfigError as e:
         print(f"megaocto demo: config error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:  # e.g. too few commits, git missing
+        print(f"megaocto demo: failed: {e} (outputs so far in {args.workdir})", file=sys.stderr)
+        return 1
     return summary["exit_code"]
