@@ -111,15 +111,17 @@ megaocto_train() {
   [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_NTASKS:-}" ] && [ "${MEGAOCTO_LOCAL:-0}" != 1 ] && mode=slurm
   local -a cmd
   if [ "$mode" = slurm ]; then
-    local head
-    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+    local head nodes=${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}
+    [ -n "$nodes" ] || { megaocto_log "SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not: run inside an" \
+                                      "allocation (sbatch/salloc) or set MEGAOCTO_LOCAL=1"; return 2; }
+    head=$(scontrol show hostnames "$nodes" | head -n1)
     # NodeAddr, not the node name: emulated or unresolvable node names still give a usable address.
     export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$head" | grep -oP 'NodeAddr=\K\S+' || echo "$head")}
     export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     # Slurm >= 22.05: srun no longer inherits sbatch's --cpus-per-task.
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
-    megaocto_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $SLURM_NTASKS tasks," \
+    megaocto_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $nodes: $SLURM_NTASKS tasks," \
                  "one per GPU; master $MASTER_ADDR:$MASTER_PORT; run dir $run_dir"
     cmd=(srun --kill-on-bad-exit=1 "$PY" -m megaocto.cli train "${args[@]}")
   else

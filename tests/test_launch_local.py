@@ -202,3 +202,10 @@ exit 0
     assert "launch/configs/octogeex-6b.yaml" in srun[0] and srun[0].split(" MASTER=")[0].endswith("--train.iters 60")
     assert "scontrol show node gpu07" in log and "scontrol requeue 123456" in log, log
     assert "16 tasks, one per GPU" in proc.stdout
+
+
+def test_launcher_under_a_partial_slurm_environment_says_what_is_missing(tmp_path):
+    env = launch_env(tmp_path / "run", SLURM_JOB_ID="7", SLURM_NTASKS="2")
+    proc = subprocess.run(["bash", str(FINETUNE)], env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "SLURM_JOB_NODELIST is not" in proc.stdout and "MEGAOCTO_LOCAL=1" in proc.stdout
