@@ -142,7 +142,14 @@ cmd_up() {
   [ "$(id -u)" = 0 ] || die "must run as root (installs packages, writes $CONF, starts daemons)"
   if alive "$(recorded slurmctld)" && alive "$(recorded slurmd)"; then
     say "already up (slurmctld $(recorded slurmctld), slurmd $(recorded slurmd))"
-    sinfo
+    local state
+    state=$(SLURM_CONF="$CONF" sinfo -h -N -o %t 2>/dev/null || true)
+    case "$state" in
+      down*|drain*|drng*|fail*)
+        say "node state '$state': scontrol update State=RESUME"
+        SLURM_CONF="$CONF" scontrol update NodeName="$(hostname -s)" State=RESUME || true ;;
+    esac
+    SLURM_CONF="$CONF" sinfo
     return
   fi
   install_packages
