@@ -142,3 +142,80 @@ def test_compile_errors_and_missing_toolchain_messages(monkeypatch):
     with pytest.raises(ToolchainError, match=r"`go` not found on PATH; install the Debian package `golang-go`"):
         check("go")
     assert execute.MEMORY["java"] > execute.MEMORY["python"]  # JVM/V8/Go reserve more virtual memory
+
+
+_NOT_ROOT_SCRIPT = r'''
+import json, os, sys, time
+from pathlib import Path
+from megaocto.eval.execute import Executor, sandbox_features
+
+workdir = Path(sys.argv[1])
+feats = sandbox_features()
+ex = Executor("python", timeout=3, workdir=workdir)
+bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+out = {"uid": os.geteuid(), "features": feats}
+for name, program in (("control", "assert sum(range(10)) == 45\n"), ("wrong", "assert 1 == 2\n"),
+                      ("loop", "while True:\n    pass\n"), ("bomb", bomb),
+                      ("alloc", "x = bytearray(10 * 1024 ** 3)\nx[-1] = 1\n"),
+                      ("flood", "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n")):
+    r = ex.run(program)
+    out[name] = {"passed": r.passed, "status": r.status, "detail": r.detail[-300:], "len": len(r.detail)}
+left = []
+for e in os.listdir("/proc"):
+    if e.isdigit() and int(e) != os.getpid():  # this script itself runs in workdir
+        try:
+            if os.readlink(f"/proc/{e}/cwd").startswith(str(workdir)):
+                left.append(int(e))
+        except OSError:
+            pass
+out["left"] = left
+out["after"] = ex.run("print()\n").passed
+print(json.dumps(out))
+'''
+
+
+def test_not_root_fallback_contains_hostile_programs():
+    """The documented non-root path (rlimits + process group + timeout, no namespaces, no uid drop), run for real:
+    this test (as root) starts the executor as `nobody` under a system Python with the repository on PYTHONPATH.
+    A loop times out, a fork bomb / 10 GB allocation / output flood fail, no process is left in the work dir, and a
+    harmless program still passes afterwards."""
+    import json
+    import subprocess
+
+    setpriv, python = shutil.which("setpriv"), "/usr/bin/python3"
+    if os.geteuid() != 0 or not setpriv or not os.access(python, os.X_OK):
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to start the executor as `nobody` "
+                    "(when not root, the other tests of this file already exercise this path)")
+    repo = Path(__file__).resolve().parents[1]
+    top = Path(tempfile.mkdtemp(prefix="megaocto-nobody-test-"))  # pytest's tmp_path is not enterable by nobody
+    top.chmod(0o755)
+    work = top / "work"
+    work.mkdir()
+    os.chown(work, 65534, 65534)
+    try:
+        _run_as_nobody(setpriv, python, repo, work)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _run_as_nobody(setpriv: str, python: str, repo: Path, work: Path) -> None:
+    import json
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "PYTHONPATH": str(repo), "LANG": "C.UTF-8"}
+    probe = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--", python, "-c",
+                            "import megaocto.eval.execute"], env=env, cwd=work, capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"the repository is not importable by `nobody` with {python}: {probe.stderr[-300:]}")
+    proc = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--", python, "-c",
+                           _NOT_ROOT_SCRIPT, str(work)], env=env, cwd=work, capture_output=True, text=True,
+                          timeout=120)  # normally ~7 s; a hang means a timed-out program was never killed
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["uid"] == 65534 and out["features"] == {"namespaces": False, "drop_user": False}
+    assert out["control"]["passed"] and not out["wrong"]["passed"]
+    assert out["loop"]["status"] == "timeout"
+    assert not out["bomb"]["passed"]
+    assert out["alloc"]["status"] == "failed" and "MemoryError" in out["alloc"]["detail"]
+    assert not out["flood"]["passed"] and out["flood"]["len"] <= 4096
+    assert out["left"] == [] and out["after"]
