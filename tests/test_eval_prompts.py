@@ -202,6 +202,16 @@ def test_generation_file_formats(data, tmp_path):
     gens = hep.load_generations(_write(tmp_path / "e.json", [["a", p1 + "\n    return 1\n"], ["b"], ["c"]]),
                                 "explain-synthesize", "python", problems, descriptions=descs)
     assert gens[0][1] == problems[0]["prompt"].rstrip() + "\n    return 1"
+    # the harness's explain-synthesize generations.json: one list per (problem, description), problem-major
+    p0 = hep.build_prompt("explain-synthesize", problems[0], "octocoder", description="desc a")
+    flat = [[p0 + "\n    return 0\n"], [p1 + "\n    return 1\n"], ["b"], ["c"]]
+    gens = hep.load_generations(_write(tmp_path / "h.json", flat), "explain-synthesize", "python", problems,
+                                descriptions=descs)
+    assert [len(g) for g in gens] == [2, 1, 1] and gens[1:] == [["b"], ["c"]]
+    assert gens[0] == [problems[0]["prompt"].rstrip() + "\n    return 0", problems[0]["prompt"].rstrip() + "\n    return 1"]
+    with pytest.raises(hep.DataError, match="or 4 .the harness's one per problem and description"):
+        hep.load_generations(_write(tmp_path / "h2.json", flat[:2]), "explain-synthesize", "python", problems,
+                             descriptions=descs)
 
 
 def _write(path: Path, obj) -> Path:

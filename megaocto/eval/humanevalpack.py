@@ -380,30 +380,51 @@ def load_generations(path: str | os.PathLike, task: str, lang: str, problems: Se
       post-processed code in ``generations.json``);
     - JSONL ``{"task_id": ..., "completion": ...}`` rows (several rows per task_id = several samples): the
       completion is the text generated after the prompt and is post-processed (``prompt + completion``).
-    For explain-synthesize the prompts depend on `descriptions` (sample j of a problem uses description j)."""
+    For explain-synthesize the prompts depend on `descriptions`: a problem's samples are description-major (n per
+    description, as megaocto writes them); the harness's own layout, one list per (problem, description) in
+    problem-major order, is recognised by its length and regrouped per problem."""
     path = Path(path)
     kind, data = _read_json_or_jsonl(path)
 
-    def prompt_for(i: int, j: int) -> str:
-        desc = descriptions[i][j % len(descriptions[i])] if descriptions is not None else None
-        return build_prompt(task, problems[i], template, lang=lang, description=desc)
+    def desc_for(i: int, j: int, n: int) -> str | None:
+        """Description of sample j of n for problem i: samples are description-major (n / len(descs) each, as
+        generate_samples writes them), else round-robin."""
+        if descriptions is None:
+            return None
+        d = descriptions[i]
+        return d[j * len(d) // n] if n % len(d) == 0 else d[j % len(d)]
 
-    def desc_for(i: int, j: int) -> str | None:
-        return descriptions[i][j % len(descriptions[i])] if descriptions is not None else None
+    def prompt_for(i: int, j: int, n: int) -> str:
+        return build_prompt(task, problems[i], template, lang=lang, description=desc_for(i, j, n))
 
     out: list[list[str]] = []
     if kind == "json":
         if not all(isinstance(g, list) and all(isinstance(s, str) for s in g) for g in data):
             raise DataError(f"{path}: expected a JSON list of lists of strings (one list per problem)")
+        if (descriptions is not None and len(data) != len(problems)
+                and any(len(d) > 1 for d in descriptions[:len(problems)])):
+            # the harness's explain-synthesize layout: one list per (problem, description), problem-major
+            total = sum(len(d) for d in descriptions[:len(problems)])
+            if len(data) < total:
+                raise DataError(f"{path}: {len(data)} lists of generations; expected {len(problems)} (one per problem) "
+                                f"or {total} (the harness's one per problem and description)")
+            regrouped, pos = [], 0
+            for i in range(len(problems)):
+                group: list[str] = []
+                for _ in descriptions[i]:
+                    group.extend(data[pos])
+                    pos += 1
+                regrouped.append(group)
+            data = regrouped
         if len(data) < len(problems):
             raise DataError(f"{path}: {len(data)} problems of generations but {len(problems)} problems to score; "
                             f"use --limit {len(data)}")
         for i, gens in enumerate(data[:len(problems)]):
             samples = []
             for j, g in enumerate(gens):
-                if g.startswith(prompt_for(i, j)):
+                if g.startswith(prompt_for(i, j, len(gens))):
                     samples.append(postprocess(task, lang, problems[i], g, template=template,
-                                               description=desc_for(i, j)))
+                                               description=desc_for(i, j, len(gens))))
                 else:
                     samples.append(g)
             out.append(samples)
@@ -417,8 +438,8 @@ def load_generations(path: str | os.PathLike, task: str, lang: str, problems: Se
         comps = by_id.get(str(problem["task_id"]))
         if not comps:
             raise DataError(f"{path}: no {field_name} for task_id {problem['task_id']!r}")
-        out.append([postprocess(task, lang, problem, prompt_for(i, j) + c, template=template,
-                                description=desc_for(i, j)) for j, c in enumerate(comps)])
+        out.append([postprocess(task, lang, problem, prompt_for(i, j, len(comps)) + c, template=template,
+                                description=desc_for(i, j, len(comps))) for j, c in enumerate(comps)])
     return out
 
 
