@@ -234,3 +234,27 @@ def test_log_eval_is_public_and_skips_empty_metrics(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["iteration"], r["synthesize/python/pass@1"]) for r in records] == [("eval", 4, 0.25)]
     assert stream.getvalue().strip() == "humanevalpack at iter 4 | synthesize/python/pass@1 0.2500 | 1.5s"
+
+
+def test_demo_eval_step_falls_back_to_the_packaged_sample(monkeypatch, tmp_path):
+    """make demo on a fresh clone (no ../shared, no $MEGAOCTO_HUMANEVALPACK): step 8 runs on --sample and says so;
+    with data found it passes --data-dir instead."""
+    from megaocto import demo
+
+    calls: list[list[str]] = []
+
+    def fake(args, log, **kw):
+        calls.append(list(args))
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(demo, "_megaocto", fake)
+    monkeypatch.setattr(demo, "find_humanevalpack", lambda cfg: None)
+    lines: list[str] = []
+    cfg = demo.DemoConfig(eval_limit=2)
+    out = demo.run_eval_hook(cfg, str(tmp_path), "ckpt", "tok.json", lines.append, 8)
+    assert out == {"eval_dir": str(tmp_path / "eval")}
+    assert "--sample" in calls[0] and "--data-dir" not in calls[0]
+    assert any("humanevalpack-sample" in line and "not a benchmark" in line for line in lines), lines
+    monkeypatch.setattr(demo, "find_humanevalpack", lambda cfg: "/data/hep")
+    demo.run_eval_hook(cfg, str(tmp_path), "ckpt", "tok.json", lines.append, 8)
+    assert calls[1][calls[1].index("--data-dir") + 1] == "/data/hep" and "--sample" not in calls[1]
