@@ -539,15 +539,11 @@ def config_from_metadata(meta: dict, where: str) -> ModelConfig:
     return cfg
 
 
-def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, trim_vocab: bool = False,
-                             reuse_buffers: bool = False) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, trim_vocab: bool = False
+                             ) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
     """``(cfg, iterator of (name, full tensor))`` of a megaocto checkpoint at any TP; see the module docstring.
 
     The checks (files present, metadata valid) run before this returns; the iterator loads lazily.
-    ``reuse_buffers=True`` (for consumers that are done with a layer's tensors once they have read two layers
-    further, like ``to_hf``): merged TP tensors of ``layers.N`` are written into the buffers of ``layers.N-2``
-    instead of fresh memory, which saves the page faults of a new allocation per tensor (about 1 s of CPU per GiB
-    on the benchmark machine). The tensors yielded for layer N are overwritten when layer N+2 is read.
     """
     directory, meta, _ = checkpoint_info(load, iteration)
     cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
@@ -558,7 +554,6 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
         from megaocto.parallel.layers import merge_shards
 
-        pool: dict[tuple[str, int], torch.Tensor] = {}
         states = []
         for p in paths:
             try:
@@ -571,8 +566,6 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
                                       f"does not match the saved weights)")
             if spec.partition_dim is None or tp == 1:
                 t = states[0][name]
-            elif reuse_buffers:
-                t = _merge_into_pool(pool, name, [s[name] for s in states], spec)
             else:
                 t = merge_shards([s[name] for s in states], spec.partition_dim, spec.partition_blocks)
             if spec.vocab and trim_vocab:
@@ -580,24 +573,6 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
             yield name, t
 
     return cfg, gen()
-
-
-def _merge_into_pool(pool: dict[tuple[str, int], torch.Tensor], name: str, shards: list[torch.Tensor],
-                     spec: ParamSpec) -> torch.Tensor:
-    """``merge_shards`` into a buffer reused every other layer (key: the name without its layer index + parity)."""
-    tp, dim = len(shards), spec.partition_dim
-    assert dim is not None
-    shape = list(shards[0].shape)
-    shape[dim] *= tp
-    parts = name.split(".", 2)
-    key = (f"layers.*.{parts[2]}", int(parts[1]) % 2) if parts[0] == "layers" and len(parts) == 3 else (name, 0)
-    buf = pool.get(key)
-    if buf is None or list(buf.shape) != shape or buf.dtype != shards[0].dtype:
-        buf = pool[key] = torch.empty(shape, dtype=shards[0].dtype)
-    local = [b // tp for b in spec.partition_blocks] if spec.partition_blocks else [shards[0].shape[dim]]
-    per_rank = [s.split(local, dim=dim) for s in shards]
-    torch.cat([per_rank[r][b] for b in range(len(local)) for r in range(tp)], dim=dim, out=buf)
-    return buf
 
 
 def iter_units(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:

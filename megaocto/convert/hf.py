@@ -177,8 +177,7 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     out_dtype = cast or core.checkpoint_dtype(directory, meta)
     token_ids = ((meta.get("converted_from") or {}).get("token_ids")) or {}
     hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
-    # each layer is written before the reader is two layers further, so merge buffers can be reused
-    _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration, reuse_buffers=True)
+    _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
     bar = core.Progress(len(core.units(cfg)), "to-hf", progress)
     plan = hf_plan(cfg, family, out_dtype)
     with core.AtomicDir(output) as tmp:
