@@ -48,17 +48,8 @@ fi
 
 CACHE="${MEGAOCTO_EVAL_CACHE:-$HOME/.cache/megaocto/eval}"
 mkdir -p "$CACHE/rust/.cargo"
-cat > "$CACHE/rust/.cargo/config.toml" <<'EOF'
-# Written by launch/setup_toolchains.sh: crates come from Debian's librust-*-dev packages, never the network.
-[source.crates-io]
-replace-with = "debian"
-
-[source.debian]
-directory = "/usr/share/cargo/registry"
-
-[net]
-offline = true
-EOF
+# The same file megaocto/eval/toolchains.py writes (one source: megaocto/resources/cargo-debian-config.toml).
+cp "$(dirname "${BASH_SOURCE[0]}")/../megaocto/resources/cargo-debian-config.toml" "$CACHE/rust/.cargo/config.toml"
 echo "setup_toolchains: cargo config at $CACHE/rust/.cargo/config.toml"
 
 # js-md5 (HumanEvalPack JavaScript/162 requires it; the paper used js-md5@0.7.3) from the npm registry, once.

@@ -71,17 +71,9 @@ class Solution {
 """
 RUST_DEPS = {"rand": "0.8", "regex": "1", "md5": "0.7"}
 GOPATH_DEFAULT = "/usr/share/gocode"
-CARGO_CONFIG = """\
-# Written by megaocto (launch/setup_toolchains.sh writes the same): crates from Debian's librust-*-dev packages.
-[source.crates-io]
-replace-with = "debian"
-
-[source.debian]
-directory = "/usr/share/cargo/registry"
-
-[net]
-offline = true
-"""
+# The shared cargo project's .cargo/config.toml (Debian's offline registry instead of crates.io); one file that
+# launch/setup_toolchains.sh copies too.
+CARGO_CONFIG_FILE = Path(__file__).resolve().parents[1] / "resources" / "cargo-debian-config.toml"
 
 
 class ToolchainError(RuntimeError):
@@ -300,7 +292,7 @@ def write_cargo_project(root: Path) -> None:
     (root / "Cargo.toml").write_text(f'[package]\nname = "megaocto_humaneval_deps"\nversion = "0.1.0"\n'
                                      f'edition = "2021"\n\n[dependencies]\n{deps}')
     (root / "src" / "lib.rs").write_text("// dependencies only; HumanEvalPack programs link against them\n")
-    (root / ".cargo" / "config.toml").write_text(CARGO_CONFIG)
+    (root / ".cargo" / "config.toml").write_text(CARGO_CONFIG_FILE.read_text())
 
 
 def _prepare_rust(tc: Toolchain, root: Path) -> dict[str, str]:
