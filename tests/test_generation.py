@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from hf_reference import gpt_bigcode_twin
 from megaocto.config.base import ConfigError
 from megaocto.config.model import ModelConfig
 from megaocto.generation import (GenerationConfig, KVCache, filter_logits, generate, generate_text,
@@ -381,33 +382,8 @@ def test_tp2_tokens_equal_tp1_on_both_ranks(tmp_path):
 
 # ------------------------------------------------------------------------------------------ vs transformers
 def test_bigcode_greedy_equals_transformers_generate():
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
-
     model = _model("bigcode-mqa", seed=4)
-    cfg = model.cfg
-    hf = GPTBigCodeForCausalLM(GPTBigCodeConfig(
-        vocab_size=V, n_positions=cfg.max_positions, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
-        n_head=cfg.num_attention_heads, n_inner=cfg.ffn_size, multi_query=True,
-        activation_function="gelu_pytorch_tanh", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        layer_norm_epsilon=cfg.norm_epsilon, bos_token_id=V - 1, eos_token_id=V - 1, pad_token_id=V - 1)).eval()
-    ours = {k: v.detach() for k, v in model.named_parameters()}
-    mapped = {"transformer.wte.weight": ours["embedding.word_embeddings.weight"][:V],
-              "transformer.wpe.weight": ours["embedding.position_embeddings.weight"],
-              "transformer.ln_f.weight": ours["final_layernorm.weight"],
-              "transformer.ln_f.bias": ours["final_layernorm.bias"]}
-    for i in range(cfg.num_layers):
-        p, q = f"layers.{i}.", f"transformer.h.{i}."
-        for kind in ("weight", "bias"):
-            mapped[q + f"ln_1.{kind}"] = ours[p + f"input_layernorm.{kind}"]
-            mapped[q + f"ln_2.{kind}"] = ours[p + f"post_attention_layernorm.{kind}"]
-            mapped[q + f"attn.c_attn.{kind}"] = torch.cat([ours[p + f"self_attention.query.{kind}"],
-                                                          ours[p + f"self_attention.key_value.{kind}"]])
-            mapped[q + f"attn.c_proj.{kind}"] = ours[p + f"self_attention.dense.{kind}"]
-            mapped[q + f"mlp.c_fc.{kind}"] = ours[p + f"mlp.dense_h_to_4h.{kind}"]
-            mapped[q + f"mlp.c_proj.{kind}"] = ours[p + f"mlp.dense_4h_to_h.{kind}"]
-    missing, unexpected = hf.load_state_dict(mapped, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    hf.tie_weights()
+    hf = gpt_bigcode_twin(model, V, bos=V - 1, eos=V - 1, pad=V - 1)
     prompt = PROMPTS[0]
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, num_beams=1,

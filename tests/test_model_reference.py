@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_reference import gpt_bigcode_twin
 from megaocto.config.model import ModelConfig
 from megaocto.model import build_model
 from megaocto.model.attention import attention, backends, cu_seqlens_from_segments, segment_mask, select_backend
@@ -22,35 +23,8 @@ def _model(name, seed=0, **overrides):
 
 # ------------------------------------------------------------------------------------------ bigcode vs HF
 def test_bigcode_matches_transformers_gpt_bigcode():
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
-
     model = _model("tiny-bigcode").eval()
-    cfg = model.cfg
-    hf_cfg = GPTBigCodeConfig(vocab_size=V, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
-                              n_layer=cfg.num_layers, n_head=cfg.num_attention_heads, n_inner=cfg.ffn_size,
-                              multi_query=True, activation_function="gelu_pytorch_tanh", resid_pdrop=0.0,
-                              embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_epsilon,
-                              bos_token_id=0, eos_token_id=0)
-    hf = GPTBigCodeForCausalLM(hf_cfg).eval()
-    ours = dict(model.named_parameters())
-    mapped = {"transformer.wte.weight": ours["embedding.word_embeddings.weight"][:V],
-              "transformer.wpe.weight": ours["embedding.position_embeddings.weight"],
-              "transformer.ln_f.weight": ours["final_layernorm.weight"],
-              "transformer.ln_f.bias": ours["final_layernorm.bias"]}
-    for i in range(cfg.num_layers):
-        p, q = f"layers.{i}.", f"transformer.h.{i}."
-        for kind in ("weight", "bias"):
-            mapped[q + f"ln_1.{kind}"] = ours[p + f"input_layernorm.{kind}"]
-            mapped[q + f"ln_2.{kind}"] = ours[p + f"post_attention_layernorm.{kind}"]
-            # MQA c_attn = [query (h) | key (d) | value (d)], our key_value is [K | V]
-            mapped[q + f"attn.c_attn.{kind}"] = torch.cat([ours[p + f"self_attention.query.{kind}"],
-                                                          ours[p + f"self_attention.key_value.{kind}"]])
-            mapped[q + f"attn.c_proj.{kind}"] = ours[p + f"self_attention.dense.{kind}"]
-            mapped[q + f"mlp.c_fc.{kind}"] = ours[p + f"mlp.dense_h_to_4h.{kind}"]
-            mapped[q + f"mlp.c_proj.{kind}"] = ours[p + f"mlp.dense_4h_to_h.{kind}"]
-    missing, unexpected = hf.load_state_dict({k: v.detach() for k, v in mapped.items()}, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.tie_weights()
+    hf = gpt_bigcode_twin(model, V, bos=0, eos=0)
     ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits
