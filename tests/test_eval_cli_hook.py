@@ -3,22 +3,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from eval_data import humanevalpack_dir
 from megaocto.eval import humanevalpack as hep
-
-
-def _data_dir() -> Path:
-    for cand in (os.environ.get("MEGAOCTO_HUMANEVALPACK"), Path(__file__).resolve().parents[2] / "shared/data/humanevalpack",
-                 Path(__file__).resolve().parents[1] / "shared/data/humanevalpack"):
-        if cand and (Path(cand) / "python.jsonl").exists():
-            return Path(cand)
-    pytest.skip("HumanEvalPack data not found: set MEGAOCTO_HUMANEVALPACK to a directory with <lang>.jsonl")
 
 
 def _megaocto(*args: str) -> subprocess.CompletedProcess:
@@ -26,7 +17,7 @@ def _megaocto(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_generations_canonical_python_scores_one(tmp_path):
-    data = _data_dir()
+    data = humanevalpack_dir()
     problems = hep.load_problems("python", data)[:30]
     with open(tmp_path / "gens.jsonl", "w") as f:
         for p in problems:
@@ -79,7 +70,7 @@ def test_cli_packaged_sample_runs_offline(tmp_path):
 
 
 def test_cli_errors_name_the_problem(tmp_path):
-    data = _data_dir()
+    data = humanevalpack_dir()
     proc = _megaocto("eval", "humanevalpack", "--task", "synthesize", "--lang", "python", "--generations",
                      str(tmp_path / "missing.json"), "--data-dir", str(data))
     assert proc.returncode == 2 and "missing.json" in proc.stderr and "megaocto eval: error:" in proc.stderr
@@ -156,7 +147,7 @@ def test_cli_load_explain_describe_then_synthesize(tmp_path, tokenizer_path):
     from megaocto.config.loader import load_run_config
     from megaocto.training.loop import train
 
-    data = _data_dir()
+    data = humanevalpack_dir()
     save = str(tmp_path / "ckpt")
     train(load_run_config(None, [
         "--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--data.kind", "synthetic",
@@ -216,7 +207,7 @@ def _tp2_hook_body(rank, world_size, tok_path, data_dir, out_dir):
 def test_hook_at_tp2_generates_on_both_ranks_and_scores_on_rank0(tmp_path, tokenizer_path):
     from dist_utils import run_distributed
 
-    run_distributed(_tp2_hook_body, 2, tokenizer_path, str(_data_dir()), str(tmp_path / "hep"))
+    run_distributed(_tp2_hook_body, 2, tokenizer_path, str(humanevalpack_dir()), str(tmp_path / "hep"))
     rows = (tmp_path / "hep" / "iter_0000001" / "synthesize-python.jsonl").read_text().splitlines()
     assert len(rows) == 2
 

@@ -3,30 +3,22 @@ and the generations file formats. No programs are executed here."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from eval_data import humanevalpack_dir
 from megaocto.eval import humanevalpack as hep
-
-
-def _data_dir() -> Path:
-    for cand in (os.environ.get("MEGAOCTO_HUMANEVALPACK"), Path(__file__).resolve().parents[2] / "shared/data/humanevalpack",
-                 Path(__file__).resolve().parents[1] / "shared/data/humanevalpack"):
-        if cand and (Path(cand) / "python.jsonl").exists():
-            return Path(cand)
-    pytest.skip("HumanEvalPack data not found: set MEGAOCTO_HUMANEVALPACK to a directory with <lang>.jsonl")
 
 
 @pytest.fixture(scope="module")
 def data():
-    d = _data_dir()
+    d = humanevalpack_dir()
     return {lang: hep.load_problems(lang, d) for lang in ("python", "js", "rust", "go", "java")}
 
 
 def test_load_problems_all_languages_and_errors(tmp_path):
-    d = _data_dir()
+    d = humanevalpack_dir()
     for lang in hep.LANGUAGES:
         problems = hep.load_problems(lang, d)
         assert len(problems) == 164 and problems[0]["task_id"].endswith("/0")

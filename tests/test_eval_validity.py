@@ -6,12 +6,11 @@ run is `bench/eval_bench.py`; its results are in docs/eval.md). Known exceptions
 """
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import pytest
 
+from eval_data import humanevalpack_dir
 from megaocto.eval import humanevalpack as hep
 from megaocto.eval.toolchains import ToolchainError, check, prepare
 
@@ -34,16 +33,8 @@ KNOWN_BUGGY: dict[str, str] = {
 }
 
 
-def _data_dir() -> Path:
-    for cand in (os.environ.get("MEGAOCTO_HUMANEVALPACK"), Path(__file__).resolve().parents[2] / "shared/data/humanevalpack",
-                 Path(__file__).resolve().parents[1] / "shared/data/humanevalpack"):
-        if cand and (Path(cand) / "python.jsonl").exists():
-            return Path(cand)
-    pytest.skip("HumanEvalPack data not found: set MEGAOCTO_HUMANEVALPACK to a directory with <lang>.jsonl")
-
-
 def _problems(lang: str) -> list[dict]:
-    problems = hep.load_problems(lang, _data_dir())
+    problems = hep.load_problems(lang, humanevalpack_dir())
     if lang in FULL:
         return problems
     picked = sorted(random.Random(8).sample(range(len(problems)), SAMPLE))
@@ -90,7 +81,7 @@ def test_fix_and_explain_paths_run_canonical_code():
             check(lang)
         except ToolchainError:
             continue
-        problems = hep.load_problems(lang, _data_dir())[:5]
+        problems = hep.load_problems(lang, humanevalpack_dir())[:5]
         for task in ("fix-tests", "fix-docs", "explain-synthesize"):
             gens = hep.canonical_generations(task, lang, problems)
             res = hep.evaluate(task, lang, gens, problems=problems, workers=2)
