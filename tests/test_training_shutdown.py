@@ -27,8 +27,11 @@ def _session_alive(sid: int) -> list[str]:
 def _start(tmp_path, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     cmd = [sys.executable, "-m", "megaocto.cli", "train", *ARGS, "--logging.run_dir", str(tmp_path / "run"), *extra]
+    # A shell's background job inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt:
+    # give the run the default disposition so the test means the same wherever pytest was started from.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _finish(proc, timeout=30):
