@@ -326,9 +326,7 @@ def test_eval_hook_decodes_through_generate_text(tmp_path, monkeypatch):
     from megaocto.eval import humanevalpack as hep
     from megaocto.eval.hook import SampleSettings, generate_samples
 
-    data = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "humanevalpack")
-    if not os.path.exists(os.path.join(data, "python.jsonl")):
-        pytest.skip("HumanEvalPack data not found")
+    data = str(hep.SAMPLE_DIR)  # the 3 problems shipped in the package: no ../shared needed
     problems = hep.load_problems("python", data)[:2]
     tok_path = str(tmp_path / "tokenizer.json")
     train_bpe_tokenizer([p["prompt"] + p["canonical_solution"] for p in hep.load_problems("python", data)], 300,
