@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from megaocto.data.jsonl import BadRowError, iter_jsonl
 from megaocto.eval.passk import DEFAULT_KS, pass_at_k, pass_at_k_summary
 
 __all__ = ["TASKS", "TEMPLATES", "LANGUAGES", "SAMPLE_DIR", "load_problems", "build_prompt", "prompt_base", "stop_words",
@@ -82,19 +83,13 @@ def load_problems(lang: str, path: str | os.PathLike | None = None) -> list[dict
                         f"with {lang}.jsonl for --lang {lang}")
     if not file.exists():
         raise DataError(f"{file}: no such file; --data-dir must hold <lang>.jsonl files (python.jsonl, js.jsonl, ...)")
-    problems = []
-    with open(file, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file}:{i}: not JSON ({e})") from None
-            missing = [k for k in REQUIRED_FIELDS if k not in row]
-            if missing:
-                raise DataError(f"{file}:{i}: missing HumanEvalPack fields {missing}")
-            problems.append(row)
+    try:  # the project's JSON Lines reader: "file:line: reason" for a bad row, nothing skipped silently
+        problems = list(iter_jsonl(str(file), required_keys=REQUIRED_FIELDS))
+    except BadRowError as e:
+        if e.category == "missing key":
+            raise DataError(f"{e.path}:{e.line}: missing HumanEvalPack fields ({e.detail} and maybe others; "
+                            f"a row needs {', '.join(REQUIRED_FIELDS)})") from None
+        raise DataError(str(e)) from None
     if not problems:
         raise DataError(f"{file}: no problems")
     return problems
