@@ -38,6 +38,13 @@ def _iteration(text: str):
     return text if text == "release" else int(text)
 
 
+def _add_verify_and_quiet(p) -> None:
+    """The flags every subcommand shares: --verify, --verify-tol, --quiet."""
+    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
+    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
+    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+
+
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="convert_command", metavar="{from-hf,to-hf,reshard,from-megatron}")
     sub.required = True
@@ -51,9 +58,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel size to shard for (default: %(default)s)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep the source's)")
-    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
-    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
-    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+    _add_verify_and_quiet(p)
 
     p = sub.add_parser("to-hf", help="megaocto checkpoint (any TP) -> HF model directory",
                        description="Export a megaocto checkpoint as a Hugging Face model directory "
@@ -66,9 +71,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or tokenizer.json to copy alongside")
     p.add_argument("--max-shard-size", default="5GB",
                    help="split model.safetensors above this size, with an index (default: %(default)s)")
-    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
-    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
-    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+    _add_verify_and_quiet(p)
 
     p = sub.add_parser("reshard", help="megaocto checkpoint -> the same weights at another TP size",
                        description="Reshard a megaocto checkpoint to another tensor-parallel size (weights only).")
@@ -77,9 +80,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--tp", type=_positive_int, required=True, help="target tensor-parallel size")
     p.add_argument("--iteration", type=_iteration, default=None, help="iteration to reshard (default: the tracker's)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep)")
-    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
-    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
-    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+    _add_verify_and_quiet(p)
 
     p = sub.add_parser("from-megatron", help="bigcode Megatron-LM checkpoint -> megaocto checkpoint",
                        description="Import a bigcode Megatron-LM GPT checkpoint "
@@ -91,9 +92,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--vocab-size", type=_positive_int, default=None,
                    help="the tokenizer's vocabulary size, to drop Megatron's padding rows (default: keep them)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep)")
-    p.add_argument("--verify", action="store_true", help=_VERIFY_HELP)
-    p.add_argument("--verify-tol", type=_positive_float, default=None, help=_VERIFY_TOL_HELP)
-    p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+    _add_verify_and_quiet(p)
 
 
 def run(args) -> int:
