@@ -72,6 +72,7 @@ class TrainResult:
     exit_code: int
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss of the steps run in this process
     val_losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global grad norm before clipping
     skipped_steps: int = 0
     checkpoint: str | None = None
     rank: int = 0  # global rank of the process that returned this
@@ -483,9 +484,12 @@ class Trainer:
                 loss_acc += loss.detach()
             self.optimizer.before_backward(last_micro_batch=i == self.num_micro - 1)
             scaled.backward()
+        # Finalize the grads in Megatron's finalize_model_grads order: first wait for the DP all-reduces (with
+        # overlap_grad_reduce they are still in flight over main_grad), then the TP reduction of the
+        # sequence-parallel grads, which reads and rewrites that same memory.
+        self.optimizer.finish_grad_sync()
         if self.pc.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model, self.pc)
-        self.optimizer.finish_grad_sync()
         step_loss = self._sum_dp(loss_acc) / tokens if token_mean else self._reduce_mean_dp(loss_acc / self.num_micro)
         clip = self.cfg.optimizer.clip_grad
         params = self.optimizer.params
@@ -585,6 +589,7 @@ class Trainer:
                     self.iteration += 1
                     self.consumed += self.global_batch
                     result.losses[self.iteration] = loss
+                    result.grad_norms[self.iteration] = norm
                     interval_steps += 1
                     if applied:
                         interval_loss += loss
