@@ -16,7 +16,7 @@ from megaocto.convert.core import ConversionError, VerifyError
 from megaocto.convert.hf import from_hf, to_hf
 from megaocto.model import build_model
 from megaocto.parallel.context import ParallelContext
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 from test_convert_hf import V, _bigcode, _glm, _safetensors
 from test_convert_megatron import _reference, build_megatron_checkpoint
 

@@ -19,7 +19,7 @@ from megaocto.convert.core import ConversionError, read_megaocto_checkpoint, wri
 from megaocto.convert.hf import from_hf, to_hf
 from megaocto.model import build_model
 from megaocto.parallel.context import ParallelContext
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 
 V = 131  # odd vocabulary: padded to 256 rows in megaocto, trimmed again on export
 TOL = 1e-4

@@ -271,7 +271,7 @@ def test_restricted_unpickler_runs_nothing_from_the_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------ end to end (writer)
 def _tp2_logits_body(rank, world_size, output, ids, ref_logits):
-    from megaocto.training.checkpoint import load_checkpoint
+    from megaocto.checkpoint import load_checkpoint
     pc = ParallelContext.init(tp=2)
     cfg, _ = read_megaocto_checkpoint(output)
     state, meta, iteration = load_checkpoint(output, pc)

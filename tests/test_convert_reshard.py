@@ -13,7 +13,7 @@ from megaocto.convert.reshard import reshard
 from megaocto.model import build_model
 from megaocto.parallel.context import ParallelContext
 from megaocto.parallel.layers import shard_tensor
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 
 V = 131
 

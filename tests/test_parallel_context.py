@@ -123,3 +123,25 @@ def test_init_from_torchrun_and_slurm_env(tmp_path):
     mp.start_processes(_env_init_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     assert (tmp_path / "0.txt").read_text() == "0 0 gloo True 3.0"
     assert (tmp_path / "1.txt").read_text() == "1 1 gloo True 3.0"
+
+
+def test_cuda_device_honours_per_task_gpu_binding(monkeypatch):
+    """srun --gpus-per-task=1: task with SLURM_LOCALID=3 sees one GPU (cuda:0); cuda:3 does not exist there."""
+    from megaocto.parallel.context import cuda_device_index
+    assert cuda_device_index(3, 8) == 3  # all of the node's GPUs visible: one per local rank
+    assert cuda_device_index(3, 1) == 0  # per-task binding
+    assert cuda_device_index(5, 2) == 1  # two GPUs per task
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
+        cuda_device_index(0, 0)
+    # the whole init path on a (faked) one-visible-GPU task with local rank 3
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    chosen = []
+    monkeypatch.setattr(ParallelContext, "single", classmethod(lambda cls, device="cpu": chosen.append(device)))
+    ParallelContext.init()
+    assert chosen == ["cuda:0"]

@@ -14,7 +14,7 @@ from megaocto.config.base import ConfigError
 from megaocto.config.loader import config_docs_markdown, load_run_config
 from megaocto.config.train import RunConfig, ScheduleConfig, TrainConfig
 from megaocto.parallel.context import ParallelContext
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 from megaocto.training.metrics import model_tflops_and_mfu, peak_tflops
 from megaocto.training.sampler import PretrainingSampler
 from megaocto.training.schedule import LRSchedule
@@ -197,7 +197,7 @@ def test_docs_list_every_training_field():
 KILL_SCRIPT = """
 import os, sys, torch
 from megaocto.parallel.context import ParallelContext
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 pc = ParallelContext.single()
 ckpt.save_checkpoint(sys.argv[1], 1, {"model": {"w": torch.ones(2)}}, {}, pc)
 ckpt.save_checkpoint(sys.argv[1], 2, {"model": {"w": torch.zeros(2)}}, {}, pc,

@@ -123,3 +123,29 @@ def test_sp_dp_overlapped_grad_reduce_equals_sync_and_replicas_agree(tmp_path):
     reference = train(_cfg(str(tmp_path / "ref"), "--train.global_batch_size", "8", iters=5),
                       stream=io.StringIO()).losses
     run_distributed(_body_sp_dp_overlap, 4, str(tmp_path), reference)
+
+
+def _body_save_builds_state_only_where_written(rank, world_size, root):
+    import torch
+    trainer = Trainer(_cfg(os.path.join(root, "bf16"), "--parallel.tp", "1", "--train.dtype", "bf16", iters=2),
+                      stream=io.StringIO())
+    opt, built = trainer.optimizer, []
+    real = opt.state_dict
+
+    def counting_state_dict():
+        state = real()
+        built.append(state)
+        return state
+    opt.state_dict = counting_state_dict
+    result = trainer.run()
+    assert result.checkpoint is not None
+    if trainer.pc.dp_rank == 0:  # the writer serialises the live masters, no +4 bytes/param copy
+        assert len(built) == 1
+        saved = built[0]["fp32_from_fp16_params"]
+        assert all(s.data_ptr() == m.data_ptr() for s, m in zip(saved, opt.masters))
+    else:  # a rank that writes nothing builds nothing
+        assert built == [], f"dp_rank {trainer.pc.dp_rank} built {len(built)} optimizer states it does not write"
+
+
+def test_bf16_save_builds_optimizer_state_only_on_the_writing_rank(tmp_path):
+    run_distributed(_body_save_builds_state_only_where_written, 2, str(tmp_path))

@@ -18,7 +18,7 @@ import torch
 
 from megaocto.config.base import ConfigError
 from megaocto.config.loader import load_run_config
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 from megaocto.training.loop import Trainer, TrainingDiverged, micro_batch_loss, train
 from megaocto.training.sampler import PretrainingSampler, collate
 

@@ -15,7 +15,7 @@ import time
 
 from dist_utils import run_distributed
 from megaocto.config.loader import load_run_config
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 from megaocto.training.loop import EXIT_PREEMPTED, Trainer, train
 
 ARGS = ["--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--train.micro_batch_size", "2",

@@ -14,7 +14,7 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
     Writes a *release* checkpoint (``{output}/latest_checkpointed_iteration.txt`` = ``release``,
     ``{output}/release/metadata.json``, ``{output}/release/mp_rank_XX/model_optim_rng.pt`` holding
     ``{"checkpoint_version": 3.0, "iteration": 0, "model": state_dict}``), the layout of
-    ``megaocto.training.checkpoint``, so ``megaocto train --checkpoint.load OUTPUT --checkpoint.finetune true``,
+    ``megaocto.checkpoint``, so ``megaocto train --checkpoint.load OUTPUT --checkpoint.finetune true``,
     ``generation.load_checkpoint_model`` and ``torch.load(..., weights_only=True)`` read it.
     ``tensors`` is a dict or an iterable of ``(megaocto_name, UNSHARDED tensor)`` (or a :class:`Sharded`: the
     tensor as its row / column TP shards, passed to the rank files unchanged when they already are this TP's
@@ -71,7 +71,7 @@ import torch
 
 from megaocto.config.base import ConfigError
 from megaocto.config.model import ModelConfig
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -246,7 +246,7 @@ class AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise ConversionError(f"{self.output} appeared while converting; the result was discarded")
         os.replace(self.tmp, self.output)
-        ckpt._fsync_dir(os.path.dirname(self.output))
+        ckpt.fsync_dir(os.path.dirname(self.output))
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -382,9 +382,9 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
                 "megaocto_version": megaocto.__version__, "reason": "converted",
                 "dtype": dtype_name(final_dtype) if final_dtype is not None else "mixed",
                 "config": {"model": cfg.to_dict()}, **(metadata_extra or {})}
-        ckpt._write_file_atomic(os.path.join(rel, ckpt.METADATA),
+        ckpt.write_file_atomic(os.path.join(rel, ckpt.METADATA),
                                 lambda f: f.write(json.dumps(meta, indent=2).encode()))
-        ckpt._write_file_atomic(os.path.join(tmp, ckpt.TRACKER), lambda f: f.write(b"release\n"))
+        ckpt.write_file_atomic(os.path.join(tmp, ckpt.TRACKER), lambda f: f.write(b"release\n"))
     return os.path.abspath(output)
 
 

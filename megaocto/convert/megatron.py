@@ -63,7 +63,7 @@ from megaocto.config.model import ModelConfig
 from megaocto.convert.core import (ConversionError, Sharded, check_output_free, check_source_dtype, check_tp,
                                    parse_dtype, write_megaocto_checkpoint)
 from megaocto.convert.hf_bigcode import per_head_qkv_to_blocks
-from megaocto.training.checkpoint import TRACKER  # Megatron-LM uses the same tracker file name
+from megaocto.checkpoint import TRACKER  # Megatron-LM uses the same tracker file name
 
 MEGATRON_FILE = "model_optim_rng.pt"
 _ITER_RE = re.compile(r"^iter_(\d+)$")

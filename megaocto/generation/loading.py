@@ -18,7 +18,7 @@ from megaocto.convert import core as convert_core
 from megaocto.data.tokenizer import load_tokenizer as _load_tokenizer
 from megaocto.model import build_model
 from megaocto.parallel.context import ParallelContext
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 
 
 def load_tokenizer(path: str):

@@ -111,6 +111,20 @@ def _dist_env() -> dict[str, Any] | None:
     return None
 
 
+def cuda_device_index(local_rank: int, device_count: int | None = None) -> int:
+    """The visible CUDA device for a process with this node-local rank.
+
+    One process per GPU with all of the node's GPUs visible (torchrun, plain srun) -> device `local_rank`. With
+    per-task binding (`srun --gpus-per-task=1`, `--gpu-bind=single:1`, CUDA_VISIBLE_DEVICES set per task) each
+    task sees only its own GPU(s), so `local_rank` can exceed the visible count: take `local_rank % count`
+    (device 0 when each task sees one GPU), as torchtitan does.
+    """
+    count = torch.cuda.device_count() if device_count is None else device_count
+    if count < 1:
+        raise RuntimeError("CUDA is available but no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+    return local_rank if local_rank < count else local_rank % count
+
+
 @dataclasses.dataclass
 class ParallelContext:
     """Sizes, ranks and process groups of one process; handed down to every layer (nothing is global).
@@ -172,12 +186,12 @@ class ParallelContext:
                         f"tp={tp}, pp={pp} needs {tp * pp} processes but no distributed environment was found; "
                         f"launch with torchrun --nproc_per_node N or srun (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)")
                 local = env["local_rank"] if env else 0
-                return cls.single(f"cuda:{local}" if cuda else "cpu")
+                return cls.single(f"cuda:{cuda_device_index(local)}" if cuda else "cpu")
             rank_layout(env["world_size"], tp, pp)  # fail on a bad layout before any rendezvous
             if backend == "auto":
                 backend = "nccl" if cuda else "gloo"
             if cuda:
-                torch.cuda.set_device(env["local_rank"])
+                torch.cuda.set_device(cuda_device_index(env["local_rank"]))
             addr = f"tcp://{env['master_addr']}:{env['master_port']}"
             try:
                 dist.init_process_group(backend, init_method=addr, rank=env["rank"],
@@ -195,7 +209,7 @@ class ParallelContext:
         else:
             local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         if cuda and backend_used != "gloo":
-            device = torch.device(f"cuda:{local_rank}")
+            device = torch.device(f"cuda:{cuda_device_index(local_rank)}")
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")

@@ -27,7 +27,7 @@ import megaocto
 from megaocto.config.base import ConfigError
 from megaocto.config.loader import config_to_dict
 from megaocto.config.train import RunConfig
-from megaocto.training import checkpoint as ckpt
+from megaocto import checkpoint as ckpt
 from megaocto.training.loggers import MetricsLogger
 from megaocto.training.metrics import FLOPS_FORMULA, format_eta, memory_stats, model_tflops_and_mfu, peak_tflops
 from megaocto.training.optimizer import MixedPrecisionAdamW
@@ -429,18 +429,23 @@ class Trainer:
                 f"to keep the checkpoint's schedule or checkpoint.override_scheduler=true to use the configured one")
 
     # ------------------------------------------------------------------ saving
-    def save(self, reason: str) -> str | None:
-        c = self.cfg.checkpoint
-        if not c.save:
-            return None
+    def checkpoint_state(self) -> dict:
+        """This rank's model_optim_rng.pt contents. Tensors are the live ones (no copies: the save is synchronous)."""
         from megaocto.parallel.random import get_rng_state
 
         state = {"checkpoint_version": 3.0, "iteration": self.iteration, "model": self.model.state_dict(),
                  "opt_param_scheduler": {**self.schedule.state_dict(), "num_steps": self.iteration},
                  "rng_state": [get_rng_state(self.pc)],
                  "data": {"consumed_samples": self.consumed, "skipped_steps": self.skipped}}
-        if c.save_optim:
+        if self.cfg.checkpoint.save_optim:
             state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def save(self, reason: str) -> str | None:
+        c = self.cfg.checkpoint
+        if not c.save:
+            return None
+        state = self.checkpoint_state() if ckpt.writes_model_files(self.pc) else None  # only where it is written
         meta = {"consumed_samples": self.consumed, "skipped_steps": self.skipped, "reason": reason,
                 "megaocto_version": megaocto.__version__, "config": config_to_dict(self.cfg)}
         path = ckpt.save_checkpoint(c.save, self.iteration, state, meta, self.pc, keep_last=c.keep_last)

@@ -1,4 +1,7 @@
-"""Checkpoint layout (Megatron-compatible directories, JSON metadata, no pickled objects) and atomic save/load.
+"""The on-disk checkpoint format: Megatron-compatible directories, JSON metadata, no pickled objects; atomic save/load.
+
+This module knows paths, metadata and how tensors are written and read; it knows nothing of optimizers or
+training state (training/loop.py builds the state dict; convert/ and generation/ read and write through here).
 
     {save}/latest_checkpointed_iteration.txt        "120" (or "release"), replaced atomically
     {save}/iter_0000120/metadata.json               config, versions, iteration, consumed samples, tp/pp/dp, time
@@ -48,7 +51,7 @@ def model_file(save: str, iteration: int | str, tp_rank: int, pp_rank: int = 0, 
     return os.path.join(save, iter_dir_name(iteration), rank_dir_name(tp_rank, pp_rank, pp), MODEL_FILE)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     """Persist a directory's entries (renames); some network filesystems refuse fsync on directories."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -60,7 +63,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_file_atomic(path: str, write) -> None:
+def write_file_atomic(path: str, write) -> None:
     """write(f) into path.part, flush+fsync, rename onto path."""
     tmp = path + ".part"
     with open(tmp, "wb") as f:
@@ -95,12 +98,21 @@ def list_checkpoints(save: str) -> list[int]:
     return sorted(int(m.group(1)) for n in os.listdir(save) if (m := _ITER_RE.match(n)))
 
 
-def save_checkpoint(save: str, iteration: int, state: dict, metadata: dict, pc, *, keep_last: int = 0,
-                    fail_after_rank_files=None) -> str:
-    """Collective: every rank calls it with its own `state`; returns the final iter directory.
+def writes_model_files(pc) -> bool:
+    """Whether this rank writes a model file in save_checkpoint (DP rank 0 of every TP/PP position)."""
+    return pc.dp_rank == 0
 
-    `fail_after_rank_files` is a test hook called after the rank files are written (to simulate a crash).
+
+def save_checkpoint(save: str, iteration: int, state: dict | None, metadata: dict, pc, *, keep_last: int = 0,
+                    fail_after_rank_files=None) -> str:
+    """Collective: every rank calls it; returns the final iter directory.
+
+    `state` is this rank's tensors, needed only where `writes_model_files(pc)`; other ranks pass None and so never
+    build (or clone) a state they would not write. `fail_after_rank_files` is a test hook called after the rank
+    files are written (to simulate a crash).
     """
+    if writes_model_files(pc) and state is None:
+        raise ValueError("save_checkpoint: this rank writes a model file (DP rank 0) but was given no state")
     final = os.path.join(save, iter_dir_name(iteration))
     tmp = os.path.join(save, "." + iter_dir_name(iteration) + ".tmp")
     if pc.rank == 0:
@@ -110,11 +122,11 @@ def save_checkpoint(save: str, iteration: int, state: dict, metadata: dict, pc, 
                 shutil.rmtree(os.path.join(save, name), ignore_errors=True)
         os.makedirs(tmp)
     _barrier(pc)
-    if pc.dp_rank == 0:
+    if writes_model_files(pc):
         rank_dir = os.path.join(tmp, rank_dir_name(pc.tp_rank, pc.pp_rank, pc.pp))
         os.makedirs(rank_dir, exist_ok=True)
-        _write_file_atomic(os.path.join(rank_dir, MODEL_FILE), lambda f: torch.save(state, f))
-        _fsync_dir(rank_dir)
+        write_file_atomic(os.path.join(rank_dir, MODEL_FILE), lambda f: torch.save(state, f))
+        fsync_dir(rank_dir)
     _barrier(pc)
     if fail_after_rank_files is not None:
         fail_after_rank_files()
@@ -122,15 +134,15 @@ def save_checkpoint(save: str, iteration: int, state: dict, metadata: dict, pc, 
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "iteration": int(iteration),
                 "tp": pc.tp, "pp": pc.pp, "dp": pc.dp, "world_size": pc.world_size, "time": time.time(),
                 "torch_version": torch.__version__, **metadata}
-        _write_file_atomic(os.path.join(tmp, METADATA), lambda f: f.write(json.dumps(meta, indent=2).encode()))
-        _fsync_dir(tmp)
+        write_file_atomic(os.path.join(tmp, METADATA), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        fsync_dir(tmp)
         if os.path.exists(final):  # re-saving the same iteration: swap the old copy aside (removed below)
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")
         os.replace(tmp, final)
-        _fsync_dir(save)
-        _write_file_atomic(os.path.join(save, TRACKER), lambda f: f.write(f"{int(iteration)}\n".encode()))
-        _fsync_dir(save)
+        fsync_dir(save)
+        write_file_atomic(os.path.join(save, TRACKER), lambda f: f.write(f"{int(iteration)}\n".encode()))
+        fsync_dir(save)
         for name in os.listdir(save):  # swapped-aside copies (ours, or left by a crash) are now superseded
             if name.startswith("iter_") and name.endswith(".old"):
                 shutil.rmtree(os.path.join(save, name), ignore_errors=True)
@@ -176,7 +188,7 @@ def _saved_layout(directory: str, meta: dict | None) -> tuple[int, int]:
 def load_checkpoint(load: str, pc, *, iteration: int | str | None = None) -> tuple[dict, dict | None, int | str] | None:
     """(this rank's state, metadata or None, iteration) of the tracker's checkpoint; None if `load` has none.
 
-    Refuses a checkpoint saved with a different tp/pp (there is no resharding tool yet).
+    Refuses a checkpoint saved with a different tp/pp (`megaocto convert reshard` changes the layout).
     """
     if iteration is None:
         iteration = read_tracker(load)
@@ -188,7 +200,8 @@ def load_checkpoint(load: str, pc, *, iteration: int | str | None = None) -> tup
     if (tp, pp) != (pc.tp, pc.pp):
         raise ConfigError(
             f"checkpoint {directory} was saved with tp={tp}, pp={pp} but this run uses tp={pc.tp}, pp={pc.pp}; "
-            f"run with the same parallel.tp/pp (megaocto has no resharding tool yet)")
+            f"run with the same parallel.tp/pp, or change the checkpoint's layout first with `megaocto convert reshard "
+            f"--load {load} --output NEW_DIR --tp {pc.tp}`")
     path = os.path.join(directory, rank_dir_name(pc.tp_rank, pc.pp_rank, pc.pp), MODEL_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint file missing: {path} (incomplete or foreign checkpoint)")
