@@ -366,6 +366,37 @@ def test_finetune_from_a_converted_checkpoint(tmp_path):
     assert result.iteration == 2 and all(v == v for v in result.losses.values())
 
 
+def test_finetune_takes_the_architecture_from_the_checkpoint_metadata(tmp_path):
+    """checkpoint.use_checkpoint_args (default): no model fields restated; explicit model keys still win; off = the
+    configured (here default) model, which then does not fit the checkpoint."""
+    from megaocto.config.base import ConfigError
+    from megaocto.config.loader import load_run_config
+    from megaocto.training.loop import Trainer
+
+    hf = _bigcode(False, n_layer=3, n_embd=48, n_head=6, n_inner=80, n_positions=40, vocab_size=1000)  # MHA
+    hf.save_pretrained(str(tmp_path / "hf"))
+    converted = str(tmp_path / "ck")
+    from_hf(str(tmp_path / "hf"), converted, tp=1, progress=False)
+    base = ["--model.seq_length", "16", "--train.iters", "1", "--train.micro_batch_size", "2",
+            "--train.global_batch_size", "2", "--train.dtype", "fp32", "--checkpoint.load", converted,
+            "--checkpoint.finetune", "true", "--logging.run_dir", str(tmp_path / "run"), "--logging.jsonl", "false",
+            "--data.num_workers", "0", "--model.hidden_dropout", "0.0"]
+    cfg = load_run_config(None, base + ["--model.preset", "tiny-bigcode"])  # a preset does not beat the checkpoint
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
+            m.vocab_size, m.max_position_embeddings) == (3, 48, 6, 6, 80, 1000, 40)
+    assert (m.seq_length, m.hidden_dropout) == (16, 0.0)  # run choices stay the configured ones
+    trainer = Trainer(cfg, stream=io.StringIO())
+    assert torch.equal(trainer.model.state_dict()["layers.2.mlp.dense_4h_to_h.weight"],
+                       hf.state_dict()["transformer.h.2.mlp.c_proj.weight"])
+    assert trainer.run().iteration == 1
+    assert load_run_config(None, base + ["--model.num_layers", "5"]).model.num_layers == 5  # explicit key wins
+    off = load_run_config(None, base + ["--checkpoint.use_checkpoint_args", "false"])
+    assert off.model.num_layers == 2
+    with pytest.raises(ConfigError, match="does not fit the configured model"):
+        Trainer(off, stream=io.StringIO())
+
+
 # ------------------------------------------------------------------------------------- streaming safetensors writer
 def test_streaming_safetensors_writer_layout_index_and_no_buffering(tmp_path):
     import struct

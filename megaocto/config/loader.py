@@ -301,8 +301,8 @@ def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> An
                           f"cannot build {prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
-def load_config(cls, path: str | None = None, overrides: list[str] | None = None, *, validate: bool = True):
-    """Build dataclass `cls` from an optional config file plus CLI override tokens."""
+def _read_tree(path: str | None, overrides: list[str] | None) -> tuple[dict, dict[str, str]]:
+    """(nested dict of the file + CLI overrides, {dotted key: 'file:line' | 'command line --key'})."""
     tree: dict = {}
     origin: dict[str, str] = {}
     if path is not None:
@@ -311,6 +311,12 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
     for key, raw in parse_overrides(overrides or []):
         _set_dotted(tree, key, _BARE if raw is None else raw)
         origin[key] = f"command line --{key}"
+    return tree, origin
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None, *, validate: bool = True):
+    """Build dataclass `cls` from an optional config file plus CLI override tokens."""
+    tree, origin = _read_tree(path, overrides)
     cfg = _build(cls, tree, "", origin, cls)
     if validate and hasattr(cfg, "validate"):
         cfg.validate()
@@ -318,10 +324,60 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
 
 
 def load_run_config(path: str | None, overrides: list[str] | None = None):
-    """The `megaocto train` config: RunConfig from YAML/TOML + `--section.field VALUE` overrides."""
+    """The `megaocto train` config: RunConfig from YAML/TOML + `--section.field VALUE` overrides.
+
+    With checkpoint.use_checkpoint_args (default) and a checkpoint to load, the model architecture comes from
+    that checkpoint's metadata.json; model keys given in the file or on the command line win (not model.preset).
+    """
     from megaocto.config.train import RunConfig
 
-    return load_config(RunConfig, path, overrides)
+    from megaocto.config.train import CheckpointConfig
+
+    tree, origin = _read_tree(path, overrides)
+    ckpt_cfg = _build(CheckpointConfig, tree.get("checkpoint") or {}, "checkpoint.", origin, RunConfig)
+    saved = checkpoint_model_args(ckpt_cfg) if ckpt_cfg.use_checkpoint_args else None
+    if saved:
+        model = tree.setdefault("model", {})
+        if not isinstance(model, dict):
+            raise ConfigError(f"{origin.get('model', 'config')}: 'model' must be a section (mapping), got {model!r}")
+        for key, value in saved["model"].items():
+            if key not in model and key not in RUN_MODEL_FIELDS:
+                model[key] = value
+                origin[f"model.{key}"] = f"{saved['where']} (checkpoint.use_checkpoint_args)"
+    cfg = _build(RunConfig, tree, "", origin, RunConfig)
+    cfg.validate()
+    return cfg
+
+
+# ModelConfig fields that are choices of the run, not of the architecture: use_checkpoint_args never takes these.
+RUN_MODEL_FIELDS = ("seq_length", "attention_dropout", "hidden_dropout", "init_method_std", "kernels")
+
+
+def checkpoint_model_args(ckpt_cfg) -> dict | None:
+    """{"model": the saved model config, "where": metadata path} of the checkpoint a run will load, or None.
+
+    The same source as the training loop's: the run's own `save` when auto_resume finds a checkpoint there, else
+    `load`. None when there is nothing to load or no metadata (a Megatron checkpoint); the loop reports those.
+    """
+    from megaocto import checkpoint as ckpt  # lazy: config/ imports no torch at import time
+
+    source = None
+    if ckpt_cfg.auto_resume and ckpt_cfg.save and ckpt.read_tracker(ckpt_cfg.save) is not None:
+        source = ckpt_cfg.save
+    elif ckpt_cfg.load and os.path.isdir(ckpt_cfg.load) and ckpt.read_tracker(ckpt_cfg.load) is not None:
+        source = ckpt_cfg.load
+    if source is None:
+        return None
+    iteration = ckpt.read_tracker(source)
+    meta = ckpt.read_metadata(source, iteration)
+    model = ((meta or {}).get("config") or {}).get("model")
+    if not isinstance(model, dict):
+        return None
+    from megaocto.config.model import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    where = os.path.join(ckpt.resolve_dir(source, iteration), ckpt.METADATA)
+    return {"model": {k: v for k, v in model.items() if k in known}, "where": where}
 
 
 def config_to_dict(cfg) -> dict:

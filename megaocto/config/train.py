@@ -81,6 +81,11 @@ class CheckpointConfig:
     use_checkpoint_scheduler: bool = field(False, "On resume, take the LR schedule (lr, min_lr, style, warmup, decay "
                                                   "steps) from the checkpoint instead of the config (Megatron "
                                                   "--use-checkpoint-opt_param-scheduler).")
+    use_checkpoint_args: bool = field(True, "Take the model architecture (every model.* field except seq_length, "
+                                            "dropout, init and kernels) from the loaded checkpoint's metadata.json, "
+                                            "so finetuning a converted checkpoint needs no model fields; model keys "
+                                            "set in the config file or on the command line still win, a "
+                                            "model.preset does not (Megatron --use-checkpoint-args).")
 
     def validate(self) -> None:
         if self.save_interval < 0 or self.keep_last < 0:
