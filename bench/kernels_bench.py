@@ -238,7 +238,7 @@ def bench_attention(timer: Timer, device: torch.device, smoke: bool) -> list[Row
     import torch.nn.functional as F
 
     from megaocto.kernels.flash_attention import flash_attention
-    from megaocto.model.attention import attention
+    from megaocto.kernels.attention import attention
 
     b, h, s, d = (1, 2, 70, 32) if smoke else (2, 16, 8192, 128)
     dt = torch.bfloat16

@@ -6,7 +6,7 @@ import torch
 
 from megaocto.kernels import flash_attention as fa
 from megaocto.kernels import softmax as sm
-from megaocto.model.attention import attention, segment_mask, select_backend
+from megaocto.kernels.attention import attention, segment_mask, select_backend
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:

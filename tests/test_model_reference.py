@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hf_reference import gpt_bigcode_twin
 from megaocto.config.model import ModelConfig
 from megaocto.model import build_model
-from megaocto.model.attention import attention, backends, cu_seqlens_from_segments, segment_mask, select_backend
+from megaocto.kernels.attention import attention, backends, cu_seqlens_from_segments, segment_mask, select_backend
 from megaocto.parallel.context import ParallelContext
 from megaocto.parallel.random import seed_everything
 

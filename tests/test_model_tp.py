@@ -193,7 +193,7 @@ def _attention_masks(attn, pc, p):
 def _body_dropout_streams(rank, world_size):
     import megaocto.model.bigcode as bigcode
     import megaocto.model.glm2 as glm2
-    from megaocto.model.attention import attention
+    from megaocto.kernels.attention import attention
     from megaocto.model.common import dropout
     from megaocto.parallel.random import seed_everything
 

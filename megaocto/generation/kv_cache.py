@@ -20,7 +20,7 @@ decode: ``s = 1``). The model calls, in order::
 Attention rule for a query in slot ``t`` and a key in slot ``j`` of the same row: attend iff ``j <= t`` and slot
 ``j`` is a real token (``j >= pad``). A padding query attends only to itself so no softmax row is empty; padding
 outputs never reach a real token. The prefill of an empty cache goes through the model's attention seam
-(:func:`megaocto.model.attention.attention` with the model's ``ops.attention_backend``, so flash/Triton backends
+(:func:`megaocto.kernels.attention.attention` with the model's ``ops.attention_backend``, so flash/Triton backends
 apply) with segment ids (padding = 0, prompt = 1); later steps use ``scaled_dot_product_attention`` with an
 explicit mask. A one-token decode step folds the query heads of each K/V group into the query-length dimension
 (``[b, kv_heads, group, d]`` against ``[b, kv_heads, L, d]``), so MQA/GQA K/V are never expanded.
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megaocto.model.attention import attention as seam_attention
+from megaocto.kernels.attention import attention as seam_attention
 
 
 class KVCache:

@@ -1,6 +1,6 @@
 """Triton flash attention (FlashAttention-2 style), forward and backward, registered as attention backend "triton".
 
-Contract (same as :func:`megaocto.model.attention.attention`)::
+Contract (same as :func:`megaocto.kernels.attention.attention`)::
 
     flash_attention(q [b, hq, s, d], k [b, hkv, s, d], v [b, hkv, s, d], *, causal=True,
                     segment_ids=None [b, s] int, scale=None) -> o [b, hq, s, d] (q.dtype)
@@ -21,7 +21,7 @@ Contract (same as :func:`megaocto.model.attention.attention`)::
   ``[splits, b, hkv, s, d]`` buffer, reduced by one torch sum (:func:`_choose_kv_splits`).
 * Packing: ``segment_ids`` ``[b, s]`` (1, 2, ... per packed sample, 0 = padding). Token ``i`` attends to token
   ``j`` iff ``segment_ids[i] == segment_ids[j]`` (and ``j <= i`` when causal) — exactly
-  :func:`megaocto.model.attention.segment_mask`, so padding attends to padding and no row is empty (no NaN).
+  :func:`megaocto.kernels.attention.segment_mask`, so padding attends to padding and no row is empty (no NaN).
   Key blocks that cannot hold a key of any query's segment are skipped: per token the first/last index of its
   segment id is computed once (on device, no host sync) and each program bounds its loop with them, so a packed
   row costs about ``sum(len_i^2)`` rather than ``s^2``. flash-attn's ``cu_seqlens`` layout (q ``[total, h, d]``)
@@ -58,9 +58,9 @@ import triton
 import triton.language as tl
 
 from megaocto.kernels import softmax as _softmax  # registers the "triton_softmax" backend used for dropout
-from megaocto.model.attention import attention as _attention
+from megaocto.kernels.attention import attention as _attention
 from megaocto.kernels.registry import interpreter_enabled, register
-from megaocto.model.attention import register_backend
+from megaocto.kernels.attention import register_backend
 
 _LOG2E = 1.4426950408889634
 # Triton reads TRITON_INTERPRET when the kernels are decorated (import time); the configs below follow it.
@@ -557,7 +557,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                         segment_ids: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Plain-torch reference: the ``sdpa`` backend of :mod:`megaocto.model.attention`."""
+    """Plain-torch reference: the ``sdpa`` backend of :mod:`megaocto.kernels.attention`."""
     return _attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale, backend="sdpa")
 
 

@@ -15,7 +15,7 @@ from their module in this package when it is imported):
   pairs or GPT-NeoX halves), pass the rest through;
 * ``linear_cross_entropy(x [b, s, h], weight [V/tp, h], labels [b, s], pc, *, vocab_size, ignore_index=-100)``:
   fp32 per-token loss equal to ``vocab_parallel_cross_entropy(F.linear(x, weight), labels, pc, vocab_size=...)``;
-* ``attention_backend``: a name passed to ``megaocto.model.attention.attention(..., backend=...)``, or None to let
+* ``attention_backend``: a name passed to ``megaocto.kernels.attention.attention(..., backend=...)``, or None to let
   attention.py choose. Not a function: the Triton flash attention module registers the *name* of the attention
   backend it installed (``register("attention_backend", "triton", "triton")``).
 

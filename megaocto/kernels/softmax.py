@@ -7,7 +7,7 @@ Contract::
 * ``y = softmax(scale * x)`` over the last dim, with masked positions excluded (their ``y`` is exactly 0).
   Masks: ``causal`` keeps column ``j <= i`` for row ``i`` (top-left aligned, as SDPA's ``is_causal``);
   ``segment_ids`` ``[b, s]`` (needs ``x`` = ``[b, h, s, s]``) keeps ``j`` with the same segment id as ``i`` —
-  together the block-diagonal causal mask of :func:`megaocto.model.attention.segment_mask`. A row with no kept
+  together the block-diagonal causal mask of :func:`megaocto.kernels.attention.segment_mask`. A row with no kept
   column (impossible for those masks on square inputs) comes out all zeros, never NaN.
 * Math in fp32 (max-subtracted ``exp``), output in ``x.dtype``; the backward
   ``dx = scale * y * (dy - sum(dy * y))`` is also fp32 inside. Rows of any length: a row that fits one tile
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from megaocto.kernels.registry import interpreter_enabled
-from megaocto.model.attention import register_backend, segment_mask
+from megaocto.kernels.attention import register_backend, segment_mask
 
 _MAX_BLOCK_N = 8192  # widest single tile on CUDA; longer rows are streamed
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaocto.config.model import ModelConfig
-from megaocto.model.attention import attention
+from megaocto.kernels.attention import attention
 from megaocto.model.common import (LayerNorm, begin_kv_cache_step, check_input_ids, checkpoint,
                                    default_position_ids, dropout,
                                    kernel_ops, lm_head_input, linear_loss, normal_init, run_layers,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from megaocto.config.model import ModelConfig
-from megaocto.model.attention import attention
+from megaocto.kernels.attention import attention
 from megaocto.model.common import (RMSNorm, begin_kv_cache_step, check_input_ids, checkpoint, default_position_ids,
                                    dropout,
                                    kernel_ops, linear_loss, normal_init, run_layers, scaled_init,

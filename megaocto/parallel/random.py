@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from megaocto.parallel.context import ParallelContext
 
 MODEL_PARALLEL = "model-parallel"
 
@@ -79,7 +76,17 @@ class RNGTracker:
                 s["cuda"] = None
 
 
-def seed_everything(seed: int, pc: "ParallelContext") -> RNGTracker:
+class ParallelRanks(Protocol):
+    """What the seeding and RNG-state functions read of a ParallelContext (context.py imports this module, so
+    naming the concrete class here would make an import cycle)."""
+
+    tp_rank: int
+    pp_rank: int
+    device: torch.device
+    rng: "RNGTracker"
+
+
+def seed_everything(seed: int, pc: ParallelRanks) -> RNGTracker:
     """Seed python/numpy/torch with ``base = seed + 100·pp_rank`` and ``pc.rng`` with base + 2718 + tp_rank.
 
     As Megatron (_set_random_seed + model_parallel_cuda_manual_seed): DP ranks share every stream, TP ranks
@@ -93,7 +100,7 @@ def seed_everything(seed: int, pc: "ParallelContext") -> RNGTracker:
     return pc.rng
 
 
-def get_rng_state(pc: "ParallelContext") -> dict[str, Any]:
+def get_rng_state(pc: ParallelRanks) -> dict[str, Any]:
     """This rank's full RNG state (python, numpy, torch cpu/cuda, tracker) as plain python data."""
     version, py_state, gauss = random.getstate()
     np_state = np.random.get_state()
@@ -110,7 +117,7 @@ def get_rng_state(pc: "ParallelContext") -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any], pc: "ParallelContext", *, strict: bool = True) -> None:
+def set_rng_state(state: dict[str, Any], pc: ParallelRanks, *, strict: bool = True) -> None:
     """Restore a state from :func:`get_rng_state`; ``strict`` checks it was saved by the same tp/pp rank."""
     if strict and (state["tp_rank"], state["pp_rank"]) != (pc.tp_rank, pc.pp_rank):
         raise ValueError(
