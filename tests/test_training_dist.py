@@ -110,6 +110,12 @@ def _body_sp_dp_overlap(rank, world_size, root, reference):
         if overlap == "true":
             n = len(trainer.optimizer.buckets)
             assert n > 5 and trainer.optimizer.overlapped_buckets == n
+    # the distributed optimizer in the same layout: grads reduce-scattered, SP grads reduced over TP afterwards
+    zero = Trainer(_cfg(os.path.join(root, "zero1"), *SP4, "--train.zero1", "true", iters=5), stream=io.StringIO())
+    zero_result = zero.run()
+    _dp_replicas_identical(zero, zero.pc)
+    for step, want in runs["sync"].losses.items():
+        assert zero_result.losses[step] == pytest.approx(want, rel=1e-6, abs=1e-6), f"zero1 step {step}"
     assert runs["overlap"].losses == runs["sync"].losses
     assert runs["overlap"].grad_norms == runs["sync"].grad_norms, (runs["overlap"].grad_norms, runs["sync"].grad_norms)
     for step, want in reference.items():

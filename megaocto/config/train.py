@@ -135,6 +135,10 @@ class TrainConfig:
     overlap_grad_reduce: bool = field(True, "Start each grad bucket's DP all-reduce during the last micro batch's "
                                       "backward (Megatron --overlap-grad-reduce); false = all-reduce after backward.")
     grad_bucket_mb: float = field(25.0, "Size of the fp32 grad buckets for the DP all-reduce, in MB.")
+    zero1: bool = field(False, "Distributed optimizer (ZeRO-1, Megatron --use-distributed-optimizer): fp32 masters "
+                               "and AdamW state sharded over the DP group, grads reduce-scattered, updated params "
+                               "all-gathered; optimizer memory / dp. Checkpoints keep the unsharded layout, so a "
+                               "run resumes at any DP size, with or without zero1.")
     max_skipped_steps: int = field(10, "Skip up to N steps with NaN/inf loss or grad norm; one more saves the last good state and stops.")
     exit_interval: int | None = field(None, "Save and exit cleanly after the step whose number is a multiple of N.")
     exit_duration_mins: float | None = field(None, "Save and exit cleanly once the run has used this many minutes.")

@@ -49,8 +49,12 @@ def _counted_here(p: torch.Tensor, pc: "ParallelContext") -> bool:
     return bool(getattr(p, "tensor_parallel", False)) or pc.tp_rank == 0
 
 
-def grad_norm(params: Iterable[torch.Tensor], pc: "ParallelContext", norm_type: float = 2.0) -> torch.Tensor:
-    """Global grad norm over the model-parallel (TP × PP) group; fp32 0-dim tensor, inf/nan propagate."""
+def grad_norm(params: Iterable[torch.Tensor], pc: "ParallelContext", norm_type: float = 2.0, *,
+              dp_sharded: bool = False) -> torch.Tensor:
+    """Global grad norm over the model-parallel (TP × PP) group; fp32 0-dim tensor, inf/nan propagate.
+
+    ``dp_sharded``: the tensors are this DP rank's disjoint shards of the grads (the distributed optimizer's
+    master shards), so the partial norms are also reduced over the DP group."""
     params = [params] if isinstance(params, torch.Tensor) else list(params)
     grads = [g for p in params if (g := _grad(p)) is not None and _counted_here(p, pc)]
     device = grads[0].device if grads else pc.device
@@ -66,14 +70,15 @@ def grad_norm(params: Iterable[torch.Tensor], pc: "ParallelContext", norm_type: 
         op = dist.ReduceOp.SUM
     else:
         raise ValueError(f"norm_type must be 2.0 or inf (got {norm_type})")
-    for size, group in ((pc.tp, pc.tp_group), (pc.pp, pc.pp_group)):
+    groups = ((pc.tp, pc.tp_group), (pc.pp, pc.pp_group)) + (((pc.dp, pc.dp_group),) if dp_sharded else ())
+    for size, group in groups:
         if size > 1:
             dist.all_reduce(total, op=op, group=group)
     return total if norm_type == math.inf else total.sqrt()
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, pc: "ParallelContext",
-                    norm_type: float = 2.0) -> torch.Tensor:
+                    norm_type: float = 2.0, *, dp_sharded: bool = False) -> torch.Tensor:
     """Scale grads in place so their global norm is at most ``max_norm``; returns the norm before clipping.
 
     Like ``torch.nn.utils.clip_grad_norm_`` but the norm covers every TP shard and PP stage once (DP replicas
@@ -81,7 +86,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, pc: "Parall
     the step; grads are left untouched in that case.
     """
     params = [params] if isinstance(params, torch.Tensor) else list(params)
-    total = grad_norm(params, pc, norm_type)
+    total = grad_norm(params, pc, norm_type, dp_sharded=dp_sharded)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
     for p in params:

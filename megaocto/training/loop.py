@@ -223,7 +223,8 @@ class Trainer:
         state = self._load_model_checkpoint()
         self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, pc, bf16=self.bf16,
                                              bucket_mb=cfg.train.grad_bucket_mb,
-                                             overlap_grad_reduce=cfg.train.overlap_grad_reduce)
+                                             overlap_grad_reduce=cfg.train.overlap_grad_reduce,
+                                             zero1=cfg.train.zero1)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optimizer.lr, self.total_iters)
         self._load_rest(state)
         self._warn_zero_lr_steps()
@@ -429,23 +430,33 @@ class Trainer:
                 f"to keep the checkpoint's schedule or checkpoint.override_scheduler=true to use the configured one")
 
     # ------------------------------------------------------------------ saving
-    def checkpoint_state(self) -> dict:
-        """This rank's model_optim_rng.pt contents. Tensors are the live ones (no copies: the save is synchronous)."""
+    def checkpoint_state(self) -> dict | None:
+        """Collective. This rank's model_optim_rng.pt contents where it is written (DP rank 0), else None.
+
+        Tensors are the live ones (no copies: the save is synchronous). With train.zero1 the optimizer state is
+        gathered from every DP rank's shards (the one collective part); otherwise non-writing ranks build nothing.
+        """
         from megaocto.parallel.random import get_rng_state
 
+        writes = ckpt.writes_model_files(self.pc)
+        optimizer = None
+        if self.cfg.checkpoint.save_optim and (writes or self.optimizer.zero1):
+            optimizer = self.optimizer.state_dict()
+        if not writes:
+            return None
         state = {"checkpoint_version": 3.0, "iteration": self.iteration, "model": self.model.state_dict(),
                  "opt_param_scheduler": {**self.schedule.state_dict(), "num_steps": self.iteration},
                  "rng_state": [get_rng_state(self.pc)],
                  "data": {"consumed_samples": self.consumed, "skipped_steps": self.skipped}}
-        if self.cfg.checkpoint.save_optim:
-            state["optimizer"] = self.optimizer.state_dict()
+        if optimizer is not None:
+            state["optimizer"] = optimizer
         return state
 
     def save(self, reason: str) -> str | None:
         c = self.cfg.checkpoint
         if not c.save:
             return None
-        state = self.checkpoint_state() if ckpt.writes_model_files(self.pc) else None  # only where it is written
+        state = self.checkpoint_state()  # None where nothing is written
         meta = {"consumed_samples": self.consumed, "skipped_steps": self.skipped, "reason": reason,
                 "megaocto_version": megaocto.__version__, "config": config_to_dict(self.cfg)}
         path = ckpt.save_checkpoint(c.save, self.iteration, state, meta, self.pc, keep_last=c.keep_last)
@@ -465,7 +476,7 @@ class Trainer:
     def train_step(self, batches) -> tuple[float, float, bool]:
         """Forward/backward `num_micro` micro batches (from the iterator `batches` of CPU batch dicts), reduce grads,
         clip, update. -> (loss, grad norm, applied)."""
-        from megaocto.parallel.grads import allreduce_sequence_parallel_grads, clip_grad_norm_, grad_norm
+        from megaocto.parallel.grads import allreduce_sequence_parallel_grads
 
         step = self.iteration + 1
         self.optimizer.zero_grad()
@@ -496,9 +507,7 @@ class Trainer:
         if self.pc.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model, self.pc)
         step_loss = self._sum_dp(loss_acc) / tokens if token_mean else self._reduce_mean_dp(loss_acc / self.num_micro)
-        clip = self.cfg.optimizer.clip_grad
-        params = self.optimizer.params
-        norm = clip_grad_norm_(params, clip, self.pc) if clip > 0 else grad_norm(params, self.pc)
+        norm = self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)
         loss_v, norm_v = float(step_loss), float(norm)
         applied = math.isfinite(loss_v) and math.isfinite(norm_v)
         if applied:
