@@ -66,7 +66,9 @@ megaocto_env_overrides() {
   return 0
 }
 
-# The run's logging.run_dir after config + overrides; also validates the config before any process starts.
+# Three lines after config + overrides: logging.run_dir, checkpoint.save, checkpoint.load ("-" when unset); also
+# validates the config before any process starts. (A config whose load equals its save, like the tiny presets,
+# moves load along with a SAVE override: megaocto.config.loader.RUN_CONFIG_FOLLOWS.)
 megaocto_resolve_run_dir() {
   "$PY" - "$@" <<'EOF'
 import sys
@@ -77,7 +79,7 @@ try:
 except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
-print(cfg.logging.run_dir)
+print(cfg.logging.run_dir, cfg.checkpoint.save or "-", cfg.checkpoint.load or "-", sep="\n")
 EOF
 }
 
@@ -102,8 +104,10 @@ megaocto_train() {
   # Precedence, lowest first: the config file, the script's preset overrides (PRESET_OVERRIDES array), the
   # environment variables, the command-line arguments.
   local -a args=("${PRESET_OVERRIDES[@]}" "${env_over[@]}" "$@")
-  local run_dir
-  run_dir=$(megaocto_resolve_run_dir "$config" "${args[@]}") || return 2
+  local resolved run_dir
+  resolved=$(megaocto_resolve_run_dir "$config" "${args[@]}") || return 2
+  run_dir=$(sed -n 1p <<<"$resolved")
+  megaocto_log "config $config: checkpoint.save $(sed -n 2p <<<"$resolved"), checkpoint.load $(sed -n 3p <<<"$resolved")"
   args=(--config "$config" "${args[@]}")
   case "$run_dir" in /*) ;; *) run_dir="$PWD/$run_dir" ;; esac
 

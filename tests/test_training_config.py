@@ -249,3 +249,20 @@ def test_train_cli_help_and_missing_config(capsys):
         capsys.readouterr().err
     assert main(["train", "--model.preset", "tiny-bigcode"]) == 2
     assert "no --config given" in capsys.readouterr().err
+
+
+def test_save_override_moves_a_load_that_equals_save_in_the_file(tmp_path):
+    """`SAVE=/x` / `--checkpoint.save /x` on a config that resumes from its own save dir (load == save, the tiny
+    presets) moves load too; an explicit --checkpoint.load wins, and a load that differs (base weights) stays."""
+    tiny = os.path.join(os.path.dirname(__file__), "..", "launch", "configs", "tiny-bigcode.yaml")
+    new = str(tmp_path / "ck")
+    c = load_run_config(tiny, ["--checkpoint.save", new]).checkpoint
+    assert (c.save, c.load) == (new, new)
+    c = load_run_config(tiny, ["--checkpoint.save", new, "--checkpoint.load", "/base"]).checkpoint
+    assert (c.save, c.load) == (new, "/base")
+    c = load_run_config(tiny, []).checkpoint
+    assert c.save == c.load == "runs/tiny-bigcode/checkpoints"
+    base = tmp_path / "ft.yaml"
+    base.write_text(YAML + "checkpoint:\n  load: /weights/base\n  save: ck/ft\n")
+    c = load_run_config(str(base), ["--checkpoint.save", new]).checkpoint
+    assert (c.save, c.load) == (new, "/weights/base")

@@ -301,27 +301,56 @@ def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> An
                           f"cannot build {prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
-def load_config(cls, path: str | None = None, overrides: list[str] | None = None, *, validate: bool = True):
-    """Build dataclass `cls` from an optional config file plus CLI override tokens."""
+def _get_dotted(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for p in key.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None, *, validate: bool = True,
+                follows: dict[str, str] | None = None):
+    """Build dataclass `cls` from an optional config file plus CLI override tokens.
+
+    `follows` = {follower: leader} dotted keys: when the FILE sets the follower to the same value as the leader and
+    the command line overrides only the leader, the follower takes the leader's new value too (its origin says so).
+    """
     tree: dict = {}
     origin: dict[str, str] = {}
     if path is not None:
         tree, lines = read_config_file(path)
         origin = {k: f"{path}:{n}" for k, n in lines.items()}
-    for key, raw in parse_overrides(overrides or []):
+    tied = [(f, lead) for f, lead in (follows or {}).items()
+            if _get_dotted(tree, f) is not None and _get_dotted(tree, f) == _get_dotted(tree, lead)]
+    parsed = parse_overrides(overrides or [])
+    for key, raw in parsed:
         _set_dotted(tree, key, _BARE if raw is None else raw)
         origin[key] = f"command line --{key}"
+    given = {key for key, _ in parsed}
+    for follower, leader in tied:
+        if leader in given and follower not in given:
+            _set_dotted(tree, follower, _get_dotted(tree, leader))
+            origin[follower] = f"command line --{leader} ({follower} follows it: {path} sets both the same)"
     cfg = _build(cls, tree, "", origin, cls)
     if validate and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 
 
+# A config file whose checkpoint.load equals checkpoint.save (resume from its own checkpoints) keeps that meaning
+# when only the save directory is overridden (`SAVE=/x sbatch launch/finetune.sh`, `--checkpoint.save /x`): load
+# moves along. An explicit `--checkpoint.load` still wins; a file whose load differs (base weights) is untouched.
+RUN_CONFIG_FOLLOWS = {"checkpoint.load": "checkpoint.save"}
+
+
 def load_run_config(path: str | None, overrides: list[str] | None = None):
-    """The `megaocto train` config: RunConfig from YAML/TOML + `--section.field VALUE` overrides."""
+    """The `megaocto train` config: RunConfig from YAML/TOML + `--section.field VALUE` overrides
+    (see RUN_CONFIG_FOLLOWS: a file's `load == save` follows a `--checkpoint.save` override)."""
     from megaocto.config.train import RunConfig
 
-    return load_config(RunConfig, path, overrides)
+    return load_config(RunConfig, path, overrides, follows=RUN_CONFIG_FOLLOWS)
 
 
 def config_to_dict(cfg) -> dict:
