@@ -266,3 +266,27 @@ def test_save_override_moves_a_load_that_equals_save_in_the_file(tmp_path):
     base.write_text(YAML + "checkpoint:\n  load: /weights/base\n  save: ck/ft\n")
     c = load_run_config(str(base), ["--checkpoint.save", new]).checkpoint
     assert (c.save, c.load) == (new, "/weights/base")
+
+
+@pytest.mark.parametrize("typed, want", [
+    ("--optimizer.learning_rate", "'optimizer.lr'"),                 # a common spelling
+    ("--train.train_iters", "'train.iters'"), ("--train-iters", "'train.iters'"),  # Megatron's --train-iters
+    ("--micro-batch-size", "'train.micro_batch_size'"), ("--global_batch_size", "'train.global_batch_size'"),
+    ("--seq-length", "'model.seq_length'"), ("--train.seq_length", "'model.seq_length'"),
+    ("--tensor-model-parallel-size", "'parallel.tp'"), ("--lr-decay-style", "'schedule.style'"),
+    ("--lr-warmup-iters", "'schedule.warmup_iters'"), ("--optimizer.min_lr", "'schedule.min_lr'"),
+    ("--adam-beta2", "'optimizer.beta2'"), ("--eval-interval", "'eval.interval'"), ("--data-path", "'data.paths'"),
+    ("--save-interval", "'checkpoint.save_interval'"), ("--seed", "'train.seed'"),
+    ("--use-distributed-optimizer", "no distributed (sharded) optimizer"),
+])
+def test_unknown_keys_suggest_megaocto_names_for_megatron_and_common_aliases(typed, want):
+    with pytest.raises(ConfigError, match=rf"unknown key '{re.escape(typed[2:].replace('-', '_'))}'; .*"
+                                          rf"{re.escape(want)}"):
+        load_run_config(None, [typed, "1", "--train.iters", "2"])
+
+
+def test_every_alias_points_at_an_existing_key():
+    from megaocto.config.loader import KEY_ALIASES, _all_keys
+
+    keys = set(_all_keys(RunConfig))
+    assert not {alias: key for alias, key in KEY_ALIASES.items() if key not in keys}

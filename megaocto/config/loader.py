@@ -235,8 +235,62 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
+# Names users type from Megatron-LM (`--train-iters` -> train_iters), Hugging Face TrainingArguments or habit, and
+# megaocto's key for each. Matched on the whole dotted key, then on its last part (`--train.train_iters`,
+# `--train_iters`). A key whose last part is a field of exactly one other section (`train.seq_length`,
+# `--micro_batch_size`) needs no entry: that field is suggested.
+KEY_ALIASES = {
+    # Megatron-LM arguments (dashes become underscores)
+    "train_iters": "train.iters", "train_samples": "train.samples", "exit_duration_in_mins": "train.exit_duration_mins",
+    "seed": "train.seed", "bf16": "train.dtype", "fp16": "train.dtype", "recompute_granularity": "train.recompute",
+    "tensor_model_parallel_size": "parallel.tp", "pipeline_model_parallel_size": "parallel.pp",
+    "distributed_backend": "parallel.backend", "distributed_timeout_minutes": "parallel.timeout_minutes",
+    "lr_decay_style": "schedule.style", "lr_warmup_iters": "schedule.warmup_iters",
+    "lr_warmup_fraction": "schedule.warmup_fraction", "lr_decay_iters": "schedule.decay_iters",
+    "adam_beta1": "optimizer.beta1", "adam_beta2": "optimizer.beta2", "adam_eps": "optimizer.eps",
+    "eval_interval": "eval.interval", "eval_iters": "eval.iters", "tensorboard_dir": "logging.run_dir",
+    "wandb_exp_name": "logging.wandb_run_name", "data_path": "data.paths", "train_data_path": "data.paths",
+    "valid_data_path": "data.valid_paths", "test_data_path": "data.test_paths", "tokenizer_model": "data.tokenizer",
+    "vocab_file": "data.tokenizer", "tokenizer_file": "data.tokenizer", "layernorm_epsilon": "model.norm_epsilon",
+    "ffn_size": "model.ffn_hidden_size", "untie_embeddings_and_output_weights": "model.tie_embeddings",
+    "num_workers": "data.num_workers",
+    # other common spellings (Hugging Face TrainingArguments, nanoGPT, ...)
+    "learning_rate": "optimizer.lr", "max_steps": "train.iters", "max_iters": "train.iters",
+    "num_train_epochs": "train.epochs", "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size", "warmup_steps": "schedule.warmup_iters",
+    "lr_scheduler_type": "schedule.style", "max_grad_norm": "optimizer.clip_grad", "grad_clip": "optimizer.clip_grad",
+    "logging_steps": "logging.log_interval", "save_steps": "checkpoint.save_interval", "tp": "parallel.tp",
+    "tp_size": "parallel.tp", "block_size": "model.seq_length", "max_seq_length": "model.seq_length",
+}
+# Megatron-LM arguments without a megaocto equivalent: what to do instead.
+NO_EQUIVALENT = {
+    "use_distributed_optimizer": "megaocto has no distributed (sharded) optimizer: every data-parallel rank keeps "
+                                 "the AdamW state of its tensor-parallel shard; drop the option",
+    "use_flash_attn": "model.kernels picks the attention kernels (auto: Triton on CUDA)",
+    "num_layers_per_virtual_pipeline_stage": "megaocto has no pipeline schedule (parallel.pp must be 1)",
+}
+
+
+def _alias_hint(key: str, candidates: list[str]) -> str | None:
+    """The hint for a key typed by another framework's name, or None."""
+    leaf = key.rpartition(".")[2]
+    if leaf in NO_EQUIVALENT:
+        return NO_EQUIVALENT[leaf]
+    target = KEY_ALIASES.get(key) or KEY_ALIASES.get(leaf)
+    if target in candidates and target != key:
+        return f"did you mean {target!r}?"
+    sections = {c for c in candidates if "." not in c}
+    same_leaf = [c for c in candidates if c.rpartition(".")[2] == leaf and c not in sections and c != key]
+    if len(same_leaf) == 1:
+        return f"did you mean {same_leaf[0]!r}?"
+    return None
+
+
 def _unknown(key: str, root_cls, where: str) -> ConfigError:
     candidates = _all_keys(root_cls)
+    alias = _alias_hint(key, candidates)
+    if alias:
+        return ConfigError(f"{where}: unknown key {key!r}; {alias}")
     # compare with keys of the same depth first: 'trian.iters' -> 'train.iters', not the section 'train'
     same_depth = [c for c in candidates if c.count(".") == key.count(".")]
     close = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.5) or \
