@@ -96,6 +96,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._jsonl = self._tb = self._wandb = None
+        self._tb_hparams_end = None  # the hparams "session ended" record, written at close()
         if not enabled:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -129,7 +130,7 @@ class MetricsLogger:
         values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
                   for k, v in flat.items() if v is not None}
         exp, ssi, self._tb_hparams_end = hparams(values, {m: 0.0 for m in HPARAM_METRICS})
-        writer = self._tb._get_file_writer()
+        writer = self._tb.file_writer
         writer.add_summary(exp)
         writer.add_summary(ssi)
         self._tb.flush()
@@ -192,8 +193,8 @@ class MetricsLogger:
             self._jsonl.close()
             self._jsonl = None
         if self._tb:
-            if getattr(self, "_tb_hparams_end", None) is not None:  # the hparams session ended normally
-                self._tb._get_file_writer().add_summary(self._tb_hparams_end)
+            if self._tb_hparams_end is not None:  # the hparams session ended normally
+                self._tb.file_writer.add_summary(self._tb_hparams_end)
             self._tb.close()
             self._tb = None
         if self._wandb:
