@@ -1,4 +1,4 @@
-"""Install megaocto: `pip install -e .` (add `[test]` for the test tools).
+"""Install megaocto: `pip install -e .` (add `[test]` for the test tools, `[hub]` to read HumanEvalPack from the hub).
 
 The C++ index helpers in csrc/ are compiled as an optional extension: when no compiler is
 available the pure-numpy fallback in megaocto.data is used instead (slower, same results).
@@ -180,6 +180,8 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
+    # Every third-party package a shipped path imports is declared here, or its import is guarded with an error that
+    # says what to install (tests/test_dependencies.py scans megaocto/ and checks this list).
     install_requires=[
         # torch is pinned by .ci/setup (CPU wheel); a range keeps users' CUDA builds.
         "torch>=2.3",
@@ -188,12 +190,25 @@ setup(
         "numpy",
         "tokenizers",
         "sentencepiece",
+        # launch/configs/starcoder-15b-octopack.yaml turns W&B on (logging.wandb).
         "wandb",
         "safetensors",
         "pyyaml",
+        # Declared, not optional: every shipped run config sets logging.tensorboard (torch.utils.tensorboard
+        # imports it). 2.17.1 is the first release that works with numpy 2, which pip installs by default
+        # (tensorflow/tensorboard#6871: np.string_ was removed in numpy 2.0).
+        "tensorboard>=2.17.1",
+        # Declared, not optional: `megaocto convert to-hf` builds every exported config.json through transformers
+        # (GPTBigCodeConfig / GlmConfig), and --verify, `make demo` and the README's round trip load the export
+        # with it. 4.56 is the first release with the `dtype=` argument of from_pretrained and PretrainedConfig
+        # (huggingface/transformers#39782) that megaocto.convert uses; GlmConfig itself needs >= 4.46.
+        "transformers>=4.56",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "tensorboard"],
+        "test": ["pytest"],
+        # Optional: only `megaocto eval humanevalpack` without --data-dir reads bigcode/humanevalpack from the hub
+        # through `datasets`; that import is guarded with an error naming the package (offline runs never need it).
+        "hub": ["datasets"],
     },
     entry_points={"console_scripts": ["megaocto = megaocto.cli:main"]},
 )

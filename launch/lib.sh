@@ -8,8 +8,10 @@
 #     Because every task is a megaocto process, the trainer's exit code 42 (preempted: checkpoint saved) reaches
 #     this script through srun, which then runs `scontrol requeue $SLURM_JOB_ID`; the requeued job resumes from
 #     the checkpoint in `checkpoint.save` (checkpoint.auto_resume).
-#   * otherwise: a local `torchrun --standalone --nproc_per_node NPROC_PER_NODE` (gloo on CPU, NCCL on GPU). torchrun
-#     turns a worker's 42 into 1, so the trainer's {run_dir}/exit_reason.json decides "preempted" in both modes.
+#   * otherwise: a local `megaocto torchrun --standalone --nproc_per_node NPROC_PER_NODE` (gloo on CPU, NCCL on GPU):
+#     torchrun with the failed worker's own exit code (2, 42, ...) and no ChildFailedError traceback (plain torchrun
+#     exits 1). The trainer's {run_dir}/exit_reason.json still decides "preempted" when torchrun itself was
+#     signalled (it then exits 128 + signal), in both modes.
 # Signals: under SLURM the tasks get SIGTERM / SIGUSR1 from SLURM itself; this shell traps SIGTERM (to live on and
 # requeue) and forwards a SIGUSR1 sent only to it (--signal=B:USR1@...) to srun, which passes it to every task.
 # Locally SIGTERM / SIGUSR1 go to torchrun as SIGTERM (torchrun forwards SIGTERM to its workers). The trainer
@@ -66,7 +68,9 @@ megaocto_env_overrides() {
   return 0
 }
 
-# The run's logging.run_dir after config + overrides; also validates the config before any process starts.
+# Three lines after config + overrides: logging.run_dir, checkpoint.save, checkpoint.load ("-" when unset); also
+# validates the config before any process starts. (A config whose load equals its save, like the tiny presets,
+# moves load along with a SAVE override: megaocto.config.loader.RUN_CONFIG_FOLLOWS.)
 megaocto_resolve_run_dir() {
   "$PY" - "$@" <<'EOF'
 import sys
@@ -77,7 +81,7 @@ try:
 except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
-print(cfg.logging.run_dir)
+print(cfg.logging.run_dir, cfg.checkpoint.save or "-", cfg.checkpoint.load or "-", sep="\n")
 EOF
 }
 
@@ -102,8 +106,10 @@ megaocto_train() {
   # Precedence, lowest first: the config file, the script's preset overrides (PRESET_OVERRIDES array), the
   # environment variables, the command-line arguments.
   local -a args=("${PRESET_OVERRIDES[@]}" "${env_over[@]}" "$@")
-  local run_dir
-  run_dir=$(megaocto_resolve_run_dir "$config" "${args[@]}") || return 2
+  local resolved run_dir
+  resolved=$(megaocto_resolve_run_dir "$config" "${args[@]}") || return 2
+  run_dir=$(sed -n 1p <<<"$resolved")
+  megaocto_log "config $config: checkpoint.save $(sed -n 2p <<<"$resolved"), checkpoint.load $(sed -n 3p <<<"$resolved")"
   args=(--config "$config" "${args[@]}")
   case "$run_dir" in /*) ;; *) run_dir="$PWD/$run_dir" ;; esac
 
@@ -132,7 +138,7 @@ megaocto_train() {
     fi
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     megaocto_log "local torchrun: $nproc processes on $(hostname -s); run dir $run_dir"
-    cmd=("$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc"
+    cmd=("$PY" -m megaocto.cli torchrun --standalone --nnodes 1 --nproc_per_node "$nproc"
          -m megaocto.cli train "${args[@]}")
   fi
   megaocto_log "${cmd[*]}"
@@ -192,7 +198,7 @@ megaocto_train() {
     return "$EXIT_PREEMPTED"
   fi
   if [ "$rc" != 0 ] && [ -n "$recorded" ] && [ "$recorded" != 0 ]; then
-    rc=$recorded   # torchrun reports 1 for any failed worker; the trainer recorded the real code
+    rc=$recorded   # a signalled torchrun (or plain torchrun's 1) hides the code; the trainer recorded the real one
   fi
   megaocto_log "megaocto train exited with $rc (run dir $run_dir)"
   return "$rc"

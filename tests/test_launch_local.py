@@ -139,7 +139,7 @@ def _stub(path: Path, body: str) -> None:
 
 def _stub_python(tmp_path: Path, trainer: str) -> Path:
     """A PYTHON for the launcher: the real interpreter for its own helpers (`python - ...`), TRAINER (bash) in
-    place of `python -m torch.distributed.run ...` / `python -m megaocto.cli train ...`."""
+    place of `python -m megaocto.cli torchrun ...` / `python -m megaocto.cli train ...`."""
     stub = tmp_path / "python"
     _stub(stub, f'if [ "$1" = - ]; then exec {sys.executable} "$@"; fi\n{trainer}\n')
     return stub
@@ -209,3 +209,19 @@ def test_launcher_under_a_partial_slurm_environment_says_what_is_missing(tmp_pat
     proc = subprocess.run(["bash", str(FINETUNE)], env=env, capture_output=True, text=True, timeout=WAIT_S)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "SLURM_JOB_NODELIST is not" in proc.stdout and "MEGAOCTO_LOCAL=1" in proc.stdout
+
+
+def test_save_override_alone_moves_the_tiny_presets_load_too(tmp_path):
+    """`SAVE=/x bash launch/finetune.sh` with PRESET=tiny (whose config loads from its own save dir): the trainer
+    gets checkpoint.load = /x too (not the preset's runs/... dir, which does not exist -> a config error). The
+    stub trainer prints the config `megaocto train` resolves from the launcher's exact arguments."""
+    save = tmp_path / "elsewhere" / "ck"
+    trainer = ('while [ "$1" != train ]; do shift; done; shift\n'
+               f'exec {sys.executable} -m megaocto.cli train "$@" --print-config')
+    env = launch_env(tmp_path / "run", PYTHON=str(_stub_python(tmp_path, trainer)), SAVE=str(save))
+    del env["LOAD"]
+    proc = subprocess.run(["bash", str(FINETUNE)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"  save: {save}\n  load: {save}\n" in proc.stdout, proc.stdout
+    assert f"checkpoint.save {save}, checkpoint.load {save}" in proc.stdout  # the launcher says so up front

@@ -244,6 +244,7 @@ def test_apex_norms_are_lazy_optional_and_cuda_only(monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", apex)
     monkeypatch.setitem(sys.modules, "apex.normalization", apex.normalization)
     monkeypatch.setitem(sys.modules, "apex.normalization.fused_layer_norm", fake)
+    monkeypatch.setitem(sys.modules, "fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda"))  # compiled
     cuda_like = types.SimpleNamespace(is_cuda=True)
     x = torch.randn(2, 3, 8)
     assert common._apex_norm_fn(x, "layer") is None and common._apex_norm_module is None  # CPU: no import

@@ -249,3 +249,54 @@ def test_train_cli_help_and_missing_config(capsys):
         capsys.readouterr().err
     assert main(["train", "--model.preset", "tiny-bigcode"]) == 2
     assert "no --config given" in capsys.readouterr().err
+
+
+def test_save_override_moves_a_load_that_equals_save_in_the_file(tmp_path):
+    """`SAVE=/x` / `--checkpoint.save /x` on a config that resumes from its own save dir (load == save, the tiny
+    presets) moves load too; an explicit --checkpoint.load wins, and a load that differs (base weights) stays."""
+    tiny = os.path.join(os.path.dirname(__file__), "..", "launch", "configs", "tiny-bigcode.yaml")
+    new = str(tmp_path / "ck")
+    c = load_run_config(tiny, ["--checkpoint.save", new]).checkpoint
+    assert (c.save, c.load) == (new, new)
+    c = load_run_config(tiny, ["--checkpoint.save", new, "--checkpoint.load", "/base"]).checkpoint
+    assert (c.save, c.load) == (new, "/base")
+    c = load_run_config(tiny, []).checkpoint
+    assert c.save == c.load == "runs/tiny-bigcode/checkpoints"
+    base = tmp_path / "ft.yaml"
+    base.write_text(YAML + "checkpoint:\n  load: /weights/base\n  save: ck/ft\n")
+    c = load_run_config(str(base), ["--checkpoint.save", new]).checkpoint
+    assert (c.save, c.load) == (new, "/weights/base")
+
+
+@pytest.mark.parametrize("typed, want", [
+    ("--optimizer.learning_rate", "'optimizer.lr'"),                 # a common spelling
+    ("--train.train_iters", "'train.iters'"), ("--train-iters", "'train.iters'"),  # Megatron's --train-iters
+    ("--micro-batch-size", "'train.micro_batch_size'"), ("--global_batch_size", "'train.global_batch_size'"),
+    ("--seq-length", "'model.seq_length'"), ("--train.seq_length", "'model.seq_length'"),
+    ("--tensor-model-parallel-size", "'parallel.tp'"), ("--lr-decay-style", "'schedule.style'"),
+    ("--lr-warmup-iters", "'schedule.warmup_iters'"), ("--optimizer.min_lr", "'schedule.min_lr'"),
+    ("--adam-beta2", "'optimizer.beta2'"), ("--eval-interval", "'eval.interval'"), ("--data-path", "'data.paths'"),
+    ("--save-interval", "'checkpoint.save_interval'"), ("--seed", "'train.seed'"),
+    ("--use-distributed-optimizer", "'train.zero1'"),
+])
+def test_unknown_keys_suggest_megaocto_names_for_megatron_and_common_aliases(typed, want):
+    with pytest.raises(ConfigError, match=rf"unknown key '{re.escape(typed[2:].replace('-', '_'))}'; .*"
+                                          rf"{re.escape(want)}"):
+        load_run_config(None, [typed, "1", "--train.iters", "2"])
+
+
+def test_every_alias_points_at_an_existing_key():
+    from megaocto.config.loader import KEY_ALIASES, _all_keys
+
+    keys = set(_all_keys(RunConfig))
+    assert not {alias: key for alias, key in KEY_ALIASES.items() if key not in keys}
+
+
+def test_megatron_use_distributed_optimizer_is_train_zero1():
+    cfg = load_run_config(None, ["--train.iters", "1", "--train.use_distributed_optimizer", "true"])
+    assert cfg.train.zero1 is True
+    with pytest.raises(ConfigError, match="another name for train.zero1"):
+        load_run_config(None, ["--train.iters", "1", "--train.use_distributed_optimizer", "true",
+                               "--train.zero1", "false"])
+    with pytest.raises(ConfigError, match="did you mean 'train.zero1'"):
+        load_run_config(None, ["--train.iters", "1", "--use_distributed_optimizer", "true"])

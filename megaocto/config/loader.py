@@ -235,8 +235,62 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
+# Names users type from Megatron-LM (`--train-iters` -> train_iters), Hugging Face TrainingArguments or habit, and
+# megaocto's key for each. Matched on the whole dotted key, then on its last part (`--train.train_iters`,
+# `--train_iters`). A key whose last part is a field of exactly one other section (`train.seq_length`,
+# `--micro_batch_size`) needs no entry: that field is suggested.
+KEY_ALIASES = {
+    # Megatron-LM arguments (dashes become underscores)
+    "train_iters": "train.iters", "train_samples": "train.samples", "exit_duration_in_mins": "train.exit_duration_mins",
+    "seed": "train.seed", "bf16": "train.dtype", "fp16": "train.dtype", "recompute_granularity": "train.recompute",
+    "tensor_model_parallel_size": "parallel.tp", "pipeline_model_parallel_size": "parallel.pp",
+    "distributed_backend": "parallel.backend", "distributed_timeout_minutes": "parallel.timeout_minutes",
+    "lr_decay_style": "schedule.style", "lr_warmup_iters": "schedule.warmup_iters",
+    "lr_warmup_fraction": "schedule.warmup_fraction", "lr_decay_iters": "schedule.decay_iters",
+    "adam_beta1": "optimizer.beta1", "adam_beta2": "optimizer.beta2", "adam_eps": "optimizer.eps",
+    "eval_interval": "eval.interval", "eval_iters": "eval.iters", "tensorboard_dir": "logging.run_dir",
+    "wandb_exp_name": "logging.wandb_run_name", "data_path": "data.paths", "train_data_path": "data.paths",
+    "valid_data_path": "data.valid_paths", "test_data_path": "data.test_paths", "tokenizer_model": "data.tokenizer",
+    "vocab_file": "data.tokenizer", "tokenizer_file": "data.tokenizer", "layernorm_epsilon": "model.norm_epsilon",
+    "ffn_size": "model.ffn_hidden_size", "untie_embeddings_and_output_weights": "model.tie_embeddings",
+    "num_workers": "data.num_workers", "use_distributed_optimizer": "train.zero1",
+    # other common spellings (Hugging Face TrainingArguments, nanoGPT, ...)
+    "learning_rate": "optimizer.lr", "max_steps": "train.iters", "max_iters": "train.iters",
+    "num_train_epochs": "train.epochs", "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size", "warmup_steps": "schedule.warmup_iters",
+    "lr_scheduler_type": "schedule.style", "max_grad_norm": "optimizer.clip_grad", "grad_clip": "optimizer.clip_grad",
+    "logging_steps": "logging.log_interval", "save_steps": "checkpoint.save_interval", "tp": "parallel.tp",
+    "tp_size": "parallel.tp", "block_size": "model.seq_length", "max_seq_length": "model.seq_length",
+}
+# Other names a config may use for a key, accepted as that key (Megatron's spelling of an option megaocto has).
+ACCEPTED_ALIASES = {"train.use_distributed_optimizer": "train.zero1"}
+# Megatron-LM arguments without a megaocto equivalent: what to do instead.
+NO_EQUIVALENT = {
+    "use_flash_attn": "model.kernels picks the attention kernels (auto: Triton on CUDA)",
+    "num_layers_per_virtual_pipeline_stage": "megaocto has no pipeline schedule (parallel.pp must be 1)",
+}
+
+
+def _alias_hint(key: str, candidates: list[str]) -> str | None:
+    """The hint for a key typed by another framework's name, or None."""
+    leaf = key.rpartition(".")[2]
+    if leaf in NO_EQUIVALENT:
+        return NO_EQUIVALENT[leaf]
+    target = KEY_ALIASES.get(key) or KEY_ALIASES.get(leaf)
+    if target in candidates and target != key:
+        return f"did you mean {target!r}?"
+    sections = {c for c in candidates if "." not in c}
+    same_leaf = [c for c in candidates if c.rpartition(".")[2] == leaf and c not in sections and c != key]
+    if len(same_leaf) == 1:
+        return f"did you mean {same_leaf[0]!r}?"
+    return None
+
+
 def _unknown(key: str, root_cls, where: str) -> ConfigError:
     candidates = _all_keys(root_cls)
+    alias = _alias_hint(key, candidates)
+    if alias:
+        return ConfigError(f"{where}: unknown key {key!r}; {alias}")
     # compare with keys of the same depth first: 'trian.iters' -> 'train.iters', not the section 'train'
     same_depth = [c for c in candidates if c.count(".") == key.count(".")]
     close = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.5) or \
@@ -301,39 +355,78 @@ def _build(cls, data: dict, prefix: str, origin: dict[str, str], root_cls) -> An
                           f"cannot build {prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
-def _read_tree(path: str | None, overrides: list[str] | None) -> tuple[dict, dict[str, str]]:
-    """(nested dict of the file + CLI overrides, {dotted key: 'file:line' | 'command line --key'})."""
+def _get_dotted(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for p in key.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _read_tree(path: str | None, overrides: list[str] | None,
+               follows: dict[str, str] | None = None) -> tuple[dict, dict[str, str]]:
+    """(nested dict of the file + CLI overrides, {dotted key: 'file:line' | 'command line --key'}).
+
+    `follows` = {follower: leader} dotted keys: when the FILE sets the follower to the same value as the leader and
+    the command line overrides only the leader, the follower takes the leader's new value too (its origin says so).
+    """
     tree: dict = {}
     origin: dict[str, str] = {}
     if path is not None:
         tree, lines = read_config_file(path)
         origin = {k: f"{path}:{n}" for k, n in lines.items()}
-    for key, raw in parse_overrides(overrides or []):
+    tied = [(f, lead) for f, lead in (follows or {}).items()
+            if _get_dotted(tree, f) is not None and _get_dotted(tree, f) == _get_dotted(tree, lead)]
+    parsed = parse_overrides(overrides or [])
+    for key, raw in parsed:
         _set_dotted(tree, key, _BARE if raw is None else raw)
         origin[key] = f"command line --{key}"
+    for alias, key in ACCEPTED_ALIASES.items():
+        if _get_dotted(tree, alias) is not None:
+            if _get_dotted(tree, key) is not None:
+                raise ConfigError(f"{origin.get(alias, 'config')}: {alias} is another name for {key}, which is also "
+                                  f"set ({origin.get(key, 'config')}); set only one")
+            section, _, leaf = alias.rpartition(".")
+            _set_dotted(tree, key, _get_dotted(tree, section).pop(leaf))
+            origin[key] = f"{origin.get(alias, 'config')} (as {alias})"
+    given = {key for key, _ in parsed}
+    for follower, leader in tied:
+        if leader in given and follower not in given:
+            _set_dotted(tree, follower, _get_dotted(tree, leader))
+            origin[follower] = f"command line --{leader} ({follower} follows it: {path} sets both the same)"
     return tree, origin
 
 
-def load_config(cls, path: str | None = None, overrides: list[str] | None = None, *, validate: bool = True):
-    """Build dataclass `cls` from an optional config file plus CLI override tokens."""
-    tree, origin = _read_tree(path, overrides)
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None, *, validate: bool = True,
+                follows: dict[str, str] | None = None):
+    """Build dataclass `cls` from an optional config file plus CLI override tokens (`follows`: see _read_tree)."""
+    tree, origin = _read_tree(path, overrides, follows)
     cfg = _build(cls, tree, "", origin, cls)
     if validate and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 
 
+# A config file whose checkpoint.load equals checkpoint.save (resume from its own checkpoints) keeps that meaning
+# when only the save directory is overridden (`SAVE=/x sbatch launch/finetune.sh`, `--checkpoint.save /x`): load
+# moves along. An explicit `--checkpoint.load` still wins; a file whose load differs (base weights) is untouched.
+RUN_CONFIG_FOLLOWS = {"checkpoint.load": "checkpoint.save"}
+
+# ModelConfig fields that are choices of the run, not of the architecture: use_checkpoint_args never takes these.
+RUN_MODEL_FIELDS = ("seq_length", "attention_dropout", "hidden_dropout", "init_method_std", "kernels")
+
+
 def load_run_config(path: str | None, overrides: list[str] | None = None):
     """The `megaocto train` config: RunConfig from YAML/TOML + `--section.field VALUE` overrides.
 
-    With checkpoint.use_checkpoint_args (default) and a checkpoint to load, the model architecture comes from
-    that checkpoint's metadata.json; model keys given in the file or on the command line win (not model.preset).
+    A file's `load == save` follows a `--checkpoint.save` override (RUN_CONFIG_FOLLOWS). With
+    checkpoint.use_checkpoint_args (default) and a checkpoint to load, the model architecture comes from that
+    checkpoint's metadata.json; model keys given in the file or on the command line win (not model.preset).
     """
-    from megaocto.config.train import RunConfig
+    from megaocto.config.train import CheckpointConfig, RunConfig
 
-    from megaocto.config.train import CheckpointConfig
-
-    tree, origin = _read_tree(path, overrides)
+    tree, origin = _read_tree(path, overrides, RUN_CONFIG_FOLLOWS)
     ckpt_cfg = _build(CheckpointConfig, tree.get("checkpoint") or {}, "checkpoint.", origin, RunConfig)
     saved = checkpoint_model_args(ckpt_cfg) if ckpt_cfg.use_checkpoint_args else None
     if saved:
@@ -347,10 +440,6 @@ def load_run_config(path: str | None, overrides: list[str] | None = None):
     cfg = _build(RunConfig, tree, "", origin, RunConfig)
     cfg.validate()
     return cfg
-
-
-# ModelConfig fields that are choices of the run, not of the architecture: use_checkpoint_args never takes these.
-RUN_MODEL_FIELDS = ("seq_length", "attention_dropout", "hidden_dropout", "init_method_std", "kernels")
 
 
 def checkpoint_model_args(ckpt_cfg) -> dict | None:

@@ -102,12 +102,14 @@ class LoggingConfig:
     jsonl: bool = field(True, "Write one JSON object per logged step to {run_dir}/metrics.jsonl.")
     tensorboard: bool = field(False, "Write TensorBoard scalars to {run_dir}/tensorboard.")
     wandb: bool = field(False, "Log to Weights & Biases (WANDB_MODE=offline works without login).")
-    wandb_project: str = field("megaocto", "W&B project name.")
-    wandb_run_name: str | None = field(None, "W&B run name (default: W&B picks one).")
-    wandb_group: str | None = field(None, "W&B group, e.g. to gather the requeued parts of one run.")
-    wandb_entity: str | None = field(None, "W&B entity (team or user); default: the logged-in user.")
-    wandb_id: str | None = field(None, "W&B run id; with a fixed id a requeued job continues the same W&B run "
-                                       "(resume='allow'), e.g. the SLURM job id.")
+    wandb_project: str | None = field(None, "W&B project; unset: $WANDB_PROJECT, else 'megaocto' (a set value wins "
+                                            "over the environment, as wandb.init(project=...) does).")
+    wandb_run_name: str | None = field(None, "W&B run name; unset: $WANDB_NAME, else W&B picks one.")
+    wandb_group: str | None = field(None, "W&B group; unset: $WANDB_RUN_GROUP.")
+    wandb_entity: str | None = field(None, "W&B entity (team or user); unset: $WANDB_ENTITY, else the logged-in user.")
+    wandb_id: str | None = field(None, "W&B run id (opened with resume='allow'); unset: $WANDB_RUN_ID, else under SLURM "
+                                       "slurm-[<cluster>-]<SLURM_JOB_ID>-<run dir hash>, the same for every requeued "
+                                       "part of the job, so they continue one W&B run; else a new id.")
     peak_tflops: float | None = field(None, "Peak dense TFLOP/s per device for MFU; default: looked up by GPU name (n/a on CPU).")
 
     def validate(self) -> None:

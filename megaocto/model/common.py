@@ -2,12 +2,16 @@
 
 Norms and the loss head run the ops of :func:`kernel_ops` (``model.kernels``: torch | triton | auto, dispatched
 by megaocto.kernels.registry). With the torch ops, norms use apex's fused kernels
-(``apex.normalization.fused_layer_norm``) when the input is on CUDA and apex imports; apex is imported lazily on the
-first CUDA norm, never at module load, and CPU runs never try it. The Triton norms replace apex.
+(``apex.normalization.fused_layer_norm``) when the input is on CUDA and apex's compiled extension
+(``fused_layer_norm_cuda``) imports; apex is imported lazily on the first CUDA norm, never at module load, and CPU
+runs never try it. A python-only apex install (built without its C++/CUDA extensions) imports but
+lacks the extension, so the probe imports the extension itself and falls back to torch with one logged line.
+The Triton norms replace apex.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 from typing import Callable
 
@@ -32,18 +36,35 @@ def scaled_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.T
     return normal_init(std / math.sqrt(2.0 * num_layers))
 
 
+log = logging.getLogger(__name__)
+
 _apex_norm_module = None  # None: not tried yet; False: unavailable
 _APEX_NORM_FNS = {"layer": "fused_layer_norm_affine", "rms": "fused_rms_norm_affine"}
+# apex's compiled norm kernels: a top-level extension module that apex.normalization.fused_layer_norm imports
+# lazily, inside the first forward. Probing only `apex` would accept a python-only install that crashes there.
+APEX_NORM_EXTENSION = "fused_layer_norm_cuda"
 
 
 def _apex_norms():
-    """``apex.normalization.fused_layer_norm`` or None (imported once, lazily)."""
+    """``apex.normalization.fused_layer_norm`` or None (probed once, lazily): usable only when both the python
+    module and its compiled extension ``fused_layer_norm_cuda`` import. When apex is installed without the
+    extension (or built for another torch/CUDA), one line is logged and the torch norms are used."""
     global _apex_norm_module
     if _apex_norm_module is None:
         try:
-            _apex_norm_module = importlib.import_module("apex.normalization.fused_layer_norm")
-        except Exception:  # not installed, or built for another torch/CUDA
+            module = importlib.import_module("apex.normalization.fused_layer_norm")
+        except Exception:  # not installed (the common case: nothing to say), or broken
             _apex_norm_module = False
+            return None
+        try:
+            importlib.import_module(APEX_NORM_EXTENSION)
+        except Exception as e:  # python-only install, or an extension built for another torch/CUDA
+            log.warning(f"apex is installed but its compiled extension {APEX_NORM_EXTENSION} does not import "
+                        f"({type(e).__name__}: {e}); using the torch norms (rebuild apex with its C++/CUDA extensions "
+                        "to use its fused norms)")
+            _apex_norm_module = False
+            return None
+        _apex_norm_module = module
     return _apex_norm_module or None
 
 

@@ -5,12 +5,23 @@ metrics.jsonl (this module owns the format): one JSON object per line, appended 
     {"kind": "train", "iteration": 10, "consumed_samples": 80, "loss": 2.31, "lr": ..., "grad_norm": ..., ...}
     {"kind": "valid", "iteration": 10, "val_loss": 2.40, "val_ppl": 11.0}
 Non-finite values (the loss / grad norm of a skipped NaN step) are written as null (strict JSON).
+
+TensorBoard also gets the run config once per (re)start: the flattened config as a markdown table (text tag
+"config", as Megatron logs its arguments) and as hparams (the HParams dashboard, with train/loss and valid/val_loss
+as its metrics), written into the run's own event files (SummaryWriter.add_hparams would start a separate run).
+
+W&B (see :func:`wandb_init_kwargs`): a config field that is set wins; an unset one falls back to the W&B environment
+variable (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_RUN_GROUP, WANDB_RUN_ID), as with any wandb.init call.
+The run id also falls back to one derived from SLURM_JOB_ID (stable across requeues) and the run dir, and runs
+are opened with resume="allow", so the requeued parts of a SLURM job continue one W&B run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -34,6 +45,49 @@ _CONSOLE = (
 )
 
 
+DEFAULT_WANDB_PROJECT = "megaocto"
+# hparams-dashboard metrics: the scalar tags this logger writes
+HPARAM_METRICS = ("train/loss", "valid/val_loss")
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 1e-4}} -> {"optimizer.lr": 1e-4}; lists and tuples stay values."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def wandb_run_id(cfg: LoggingConfig, env=None) -> str | None:
+    """The W&B run id: logging.wandb_id, else $WANDB_RUN_ID, else one derived from the SLURM job (same for every
+    requeued part of the job: ``slurm-[<cluster>-]<job id>-<8 hex of the absolute run dir>``; the run dir keeps two
+    trainings started in one allocation apart), else None (W&B makes a new id)."""
+    env = os.environ if env is None else env
+    if cfg.wandb_id:
+        return cfg.wandb_id
+    if env.get("WANDB_RUN_ID"):
+        return env["WANDB_RUN_ID"]
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    cluster = re.sub(r"[^A-Za-z0-9_-]", "_", env.get("SLURM_CLUSTER_NAME", ""))
+    where = hashlib.sha1(os.path.abspath(cfg.run_dir).encode()).hexdigest()[:8]
+    return f"slurm-{cluster + '-' if cluster else ''}{job}-{where}"
+
+
+def wandb_init_kwargs(cfg: LoggingConfig, run_config: dict | None, env=None) -> dict:
+    """Arguments of ``wandb.init``. Precedence per field: the config (when set) > the WANDB_* variable (W&B reads
+    WANDB_ENTITY / WANDB_NAME / WANDB_RUN_GROUP itself for fields passed as None) > the default (project
+    "megaocto"; a new run id unless SLURM_JOB_ID gives one, see :func:`wandb_run_id`)."""
+    env = os.environ if env is None else env
+    return dict(project=cfg.wandb_project or env.get("WANDB_PROJECT") or DEFAULT_WANDB_PROJECT,
+                name=cfg.wandb_run_name, group=cfg.wandb_group, entity=cfg.wandb_entity,
+                id=wandb_run_id(cfg, env), resume="allow", config=run_config or {}, dir=cfg.run_dir)
+
+
 class MetricsLogger:
     """Fans one dict of scalars out to the configured sinks. Construct with enabled=False on other ranks."""
 
@@ -42,6 +96,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._jsonl = self._tb = self._wandb = None
+        self._tb_hparams_end = None  # the hparams "session ended" record, written at close()
         if not enabled:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -54,12 +109,31 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=os.path.join(cfg.run_dir, "tensorboard"))
+            if run_config is not None:
+                self._tb_config(run_config)
         if cfg.wandb:
             import wandb
 
-            self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, group=cfg.wandb_group,
-                                     entity=cfg.wandb_entity, config=run_config or {}, dir=cfg.run_dir,
-                                     id=cfg.wandb_id, resume="allow" if cfg.wandb_id else None)
+            kwargs = wandb_init_kwargs(cfg, run_config)
+            self._wandb = wandb.init(**kwargs)
+            self.info(f"W&B: project {kwargs['project']}, run id {getattr(self._wandb, 'id', kwargs['id'])} "
+                      f"(resume='allow')")
+
+    def _tb_config(self, run_config: dict) -> None:
+        """The flattened run config as a text table and as hparams, in this run's own event file."""
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = flatten_config(run_config)
+        rows = ["| key | value |", "|---|---|"] + [f"| `{k}` | `{v!r}` |" for k, v in flat.items()]
+        self._tb.add_text("config", "\n".join(rows), 0)
+        # hparams take numbers, strings and bools; lists become their JSON text, unset (None) fields are left out
+        values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                  for k, v in flat.items() if v is not None}
+        exp, ssi, self._tb_hparams_end = hparams(values, {m: 0.0 for m in HPARAM_METRICS})
+        writer = self._tb.file_writer
+        writer.add_summary(exp)
+        writer.add_summary(ssi)
+        self._tb.flush()
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -119,6 +193,8 @@ class MetricsLogger:
             self._jsonl.close()
             self._jsonl = None
         if self._tb:
+            if self._tb_hparams_end is not None:  # the hparams session ended normally
+                self._tb.file_writer.add_summary(self._tb_hparams_end)
             self._tb.close()
             self._tb = None
         if self._wandb:
