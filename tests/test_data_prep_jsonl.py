@@ -13,7 +13,6 @@ BAD_CASES = [  # (raw line bytes, category)
     (b'{"text": null}', "null key"),
     (b'{"text": 42}', "non-string key"),
     (b'{"text": "bad \xff\xfe bytes"}', "invalid UTF-8"),
-    (BOM + b'{"text": "bom in the middle"}', "BOM"),
     (b"", "empty line"),
     (b"   \r", "empty line"),
     (b'{"text": "' + b"x" * 300 + b'"}', "oversized"),
@@ -34,7 +33,7 @@ def _write_mixed(path):
         lines.append(raw)
         bad.append((len(lines), cat))
     valid.append(_valid(len(BAD_CASES)))
-    lines.append(json.dumps(valid[-1]).encode())
+    lines.append(BOM + json.dumps(valid[-1]).encode())  # a second file's BOM (cat a.jsonl b.jsonl): a good row
     path.write_bytes(BOM + b"\r\n".join(lines))  # CRLF line ends, BOM at file start, no final newline
     return valid, bad
 
@@ -52,12 +51,27 @@ def test_skip_mode_keeps_every_valid_row_and_counts_each_reason(tmp_path):
     for _, cat in bad:
         expected[cat] = expected.get(cat, 0) + 1
     assert dict(st.skipped) == expected
-    assert st.bom_files == 1
+    assert st.bom_files == 1 and st.bom_lines == 1
     summary = st.summary(written=len(valid))
     assert f"rows read {len(valid) + len(bad)}, written {len(valid)}, skipped {len(bad)}" in summary
     assert f"{path}:2: invalid JSON" in summary
     msg = str(next(e for e in st.examples if e.category == "invalid JSON"))
     assert "at at" not in msg and "(column " in msg
+
+
+def test_bom_at_the_start_of_a_later_line_is_stripped_and_the_row_kept(tmp_path):
+    """Concatenated files (cat a.jsonl b.jsonl) put b's BOM at the start of a middle line: the row is good."""
+    path = tmp_path / "cat.jsonl"
+    path.write_bytes(BOM + b'{"text": "a"}\n' + BOM + b'{"text": "b"}\n{"text": "c"}\n' + BOM + b'{"text": "d"}')
+    for on_error in ("fail", "skip"):
+        reader = JsonlReader([str(path)], required_keys=["text"], on_error=on_error)
+        assert [r.data["text"] for r in reader] == ["a", "b", "c", "d"]
+        assert reader.stats.rows_ok == 4 and not reader.stats.skipped
+        assert (reader.stats.bom_files, reader.stats.bom_lines) == (1, 2)
+        assert "UTF-8 BOM stripped at the start of 2 later line(s)" in reader.stats.summary()
+    # a byte range that starts exactly at a BOM line (a parallel preprocess chunk) keeps it too
+    start = len(BOM + b'{"text": "a"}\n')
+    assert [r.data["text"] for r in JsonlReader([str(path)], ["text"], start=start, end=start + 5)] == ["b"]
 
 
 def test_fail_mode_names_file_and_line(tmp_path):
