@@ -58,8 +58,8 @@ def test_linediff_keeps_crlf_and_strips_the_subject_as_upstream():
     old = "def f(x):\r\n    return x+1\r\n\r\nprint(f(2))\r\n"
     new = old.replace("x+1", "x+2")
     assert number_lines(old) == "  1 def f(x):\r\n  2     return x+1\r\n  3 \r\n  4 print(f(2))"
-    inp, tgt = render(get_format("commits-linediff"), {"old_contents": old, "subject": "  Fix the sign \r",
-                                                       "new_contents": new}, ("old_contents", "subject", "new_contents"))
+    row = {"old_contents": old, "subject": "  Fix the sign \r", "new_contents": new}
+    inp, tgt = render(get_format("commits-linediff"), row, ("old_contents", "subject", "new_contents"))
     assert inp == ("<commit_before>\n  1 def f(x):\r\n  2     return x+1\r\n  3 \r\n  4 print(f(2))\n<commit_msg>\n"
                    "Fix the sign\n<commit_after>\n")
     assert tgt == "-  2     return x+1\n+  2     return x+2"
@@ -77,7 +77,8 @@ def test_octocoder_commit_and_oasst_formats_share_the_answer_cue():
     qa = render(FORMATS["qa"], {"prompt": row["subject"] + "\n" + row["old_contents"],
                                 "completion": row["new_contents"]}, ("prompt", "completion"))
     assert commit == qa == ("Question: Make x two\nx = 1\n\n\nAnswer: ", "x = 2\n")
-    assert commit[0] + commit[1] == f"Question: {row['subject']}\n{row['old_contents']}\n\nAnswer: {row['new_contents']}"
+    prompt, completion = row["subject"] + "\n" + row["old_contents"], row["new_contents"]
+    assert commit[0] + commit[1] == f"Question: {prompt}\n\nAnswer: {completion}"  # prepare_sample_text
 
 
 def test_workers_identical_and_tokens_match_direct_encode(tmp_path):
