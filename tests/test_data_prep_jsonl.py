@@ -108,3 +108,21 @@ def test_missing_file_and_bad_option(tmp_path):
         list(JsonlReader([str(tmp_path / "nope.jsonl")]))
     with pytest.raises(ValueError, match="on_error"):
         JsonlReader([], on_error="ignore")
+
+
+def test_raw_utf8_jsonl_is_written_only_through_the_safe_writer():
+    """json.dumps(..., ensure_ascii=False) + a UTF-8 file is what raises UnicodeEncodeError on a lone surrogate at
+    write time; megaocto writes such jsonl only through megaocto.data.jsonl.encode_row / write_jsonl_row."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    offenders = []
+    for top in ("megaocto", "bench", "convert", "preprocess", "launch"):
+        for d, _, files in os.walk(os.path.join(root, top)):
+            for name in files:
+                path = os.path.join(d, name)
+                if name.endswith(".py") and not path.endswith(os.path.join("megaocto", "data", "jsonl.py")):
+                    with open(path, encoding="utf-8") as f:
+                        if "ensure_ascii=False" in f.read():
+                            offenders.append(os.path.relpath(path, root))
+    assert not offenders, f"write jsonl rows with megaocto.data.jsonl.write_jsonl_row instead: {offenders}"
