@@ -260,6 +260,7 @@ def test_truncated_target_keeps_its_end_of_document_token(tmp_path):
                        pad_id=7, eod_id=0)
     summ = ds.summary()
     assert summ["truncated_examples"] == 1 and summ["truncated_targets"] == 1 and summ["dropped_overlong_examples"] == 0
+    assert summ["truncated_targets_without_eod"] == 0
     row = next(i for i in range(len(ds)) if 2 in ds.row_examples(i).tolist())
     s = ds[row]
     full = np.concatenate([s["input_ids"], s["labels"][-1:]])
@@ -268,6 +269,10 @@ def test_truncated_target_keeps_its_end_of_document_token(tmp_path):
     ex = full[where]
     assert len(ex) == seq + 1 and ex[-1] == 0 and set(ex[:-1].tolist()) <= {1002, 2002}  # ... 2002, 2002, EOD
     assert s["labels"][-1] == 0 and s["loss_mask"][-1] == 1  # the EOD is a trained target token
+    # a target that does not end with the EOD id (preprocessed with --no-append-eod) is cut as is, and counted
+    plain = PackedDataset(ins, tgts, name="train", documents=(0, 20), num_samples=40, seq_length=seq, seed=1,
+                          pad_id=7, eod_id=99, cache_dir=str(tmp_path / "plain"))
+    assert plain.summary()["truncated_targets_without_eod"] == 1 and plain[row]["labels"][-1] == 2002
     # every other example keeps its whole target, EOD included
     for i in range(len(ds)):
         s = ds[i]

@@ -169,17 +169,21 @@ class PackedDataset:
         dropped = long if overlong == "drop" else np.zeros_like(long)
         truncated = long & ~dropped
         self.examples = docs[~empty & ~dropped]
+        cut = docs[truncated & (self.keep_tgt[docs] < len_tgt[docs])]
+        cut_without_eod = sum(1 for ex in cut.tolist()
+                              if self.eod_id is None or int(targets.get(int(ex))[-1]) != self.eod_id)
         self.stats = {"documents": int(end - start), "examples": int(len(self.examples)),
                       "skipped_empty_targets": int(empty.sum()), "truncated_examples": int(truncated.sum()),
                       "truncated_tokens": int((len_in[docs] + len_tgt[docs] - self.row_len)[truncated].sum()),
-                      "truncated_targets": int((truncated & (self.keep_tgt[docs] < len_tgt[docs])).sum()),
+                      "truncated_targets": int(len(cut)), "truncated_targets_without_eod": int(cut_without_eod),
                       "dropped_overlong_examples": int(dropped.sum())}
         if truncated.any() or dropped.any() or empty.any():
             what = (f"{self.stats['dropped_overlong_examples']} of {end - start} examples longer than "
                     f"seq_length+1={self.row_len} tokens dropped (data.packed_overlong=drop)" if overlong == "drop"
                     else f"{self.stats['truncated_examples']} of {end - start} examples truncated to "
                          f"seq_length+1={self.row_len} tokens ({self.stats['truncated_tokens']} tokens cut; "
-                         f"{self.stats['truncated_targets']} cut targets keep their end-of-document token)")
+                         f"{self.stats['truncated_targets']} targets cut, each keeping its end-of-document token"
+                         + (f" except {cut_without_eod} that do not end with one" if cut_without_eod else "") + ")")
             log.warning("packed dataset %s, %s split: %s, %d skipped with an empty target",
                         pair_name(inputs.prefix, targets.prefix, data_prefix), name, what,
                         self.stats["skipped_empty_targets"])
