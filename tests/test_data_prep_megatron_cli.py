@@ -79,14 +79,16 @@ def test_append_eod_several_keys_and_worker_counts(data, tmp_path, capsys):
     (["--subset", "python"], "--subset: Hugging Face datasets are not loaded"),
     (["--vocab-extra-ids", "100"], "--vocab-extra-ids: extra ids"),
     (["--vocab-size", "1000"], "--vocab-size: only used by the NullTokenizer"),
-    (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer: megaocto reads a tokenizer.json"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer needs --vocab-file"),
+    (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{tok}"], "GPT2BPETokenizer needs --merge-file"),
     (["--tokenizer-type", "Llama2Tokenizer"], "prepends BOS"),
     (["--tokenizer-type", "BertWordPieceLowerCase"], "BERT tokenizers are not supported"),
     (["--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model"),
 ])
 def test_unsupported_megatron_flags_are_refused_by_name(data, tmp_path, capsys, extra, message):
     args = ["preprocess-megatron", "--input", data["input"], "--output-prefix", str(tmp_path / "x"),
-            "--tokenizer-type", "TokenizerFromFile", "--tokenizer-file", data["tok"], "--workers", "1"] + extra
+            "--tokenizer-type", "TokenizerFromFile", "--tokenizer-file", data["tok"], "--workers", "1"]
+    args += [a.format(tok=data["tok"]) for a in extra]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("megaocto preprocess-megatron: error: ") and message in err, err
@@ -121,3 +123,34 @@ def test_huggingface_tokenizer_directory(data, tmp_path):
     assert _files(tmp_path / "a_targets_document") == _files(tmp_path / "b_targets_document")
     (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<fim_pad>"}))  # Megatron's EOD differs
     assert main(args + ["--output-prefix", str(tmp_path / "c")]) == 2
+
+
+def test_gpt2_bpe_vocab_and_merges_as_megatron(data, tmp_path):
+    """NVIDIA's examples: --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json --merge-file
+    gpt2-merges.txt. Ids equal the original GPT-2 BPE algorithm (transformers' slow GPT2Tokenizer, a port of
+    OpenAI's encoder.py like Megatron's gpt2_tokenization.py); EOD is <|endoftext|>'s id; no temporary file is
+    left behind."""
+    import glob
+    import tempfile
+
+    from tokenizers import Tokenizer
+    from transformers import GPT2Tokenizer
+
+    vocab_dir = tmp_path / "gpt2"
+    vocab_dir.mkdir()
+    vocab, merges = Tokenizer.from_file(data["tok"]).model.save(str(vocab_dir))
+    texts = [r["targets"] for r in data["rows"]] + [
+        "don't  stop:\t12345 x''ll\n\n\n   trailing   ", "naïve café — 東京 ✓✓ 🙂", " leading space\r\n", "a" * 300]
+    src = tmp_path / "g.jsonl"
+    src.write_text("".join(json.dumps({"targets": t}) + "\n" for t in texts), encoding="utf-8")
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "megaocto-gpt2-*")))
+    assert main(["preprocess-megatron", "--input", str(src), "--output-prefix", str(tmp_path / "g"),
+                 "--json-keys", "targets", "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+                 "--merge-file", merges, "--append-eod", "--workers", "2"]) == 0
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "megaocto-gpt2-*"))) == before
+    ref = GPT2Tokenizer(vocab, merges)
+    eod = json.load(open(vocab, encoding="utf-8"))["<|endoftext|>"]
+    ds = MMapIndexedDataset(str(tmp_path / "g_targets_document"))
+    assert ds.num_docs == len(texts)
+    for i, text in enumerate(texts):
+        assert ds[i].tolist() == ref.encode(text) + [eod], i

@@ -25,19 +25,19 @@ def run(args) -> int:
 def _run(args) -> int:
     from megaocto.data.cli_errors import print_stopped
     from megaocto.data.jsonl import BadRowError
-    from megaocto.data.megatron_preprocess import to_config
+    from megaocto.data.megatron_preprocess import megatron_config
     from megaocto.data.preprocess import NothingWrittenError, preprocess
 
-    cfg, notes = to_config(args)
-    for note in notes:
-        print(f"megaocto {NAME}: note: {note}", file=sys.stderr)
-    try:
-        result = preprocess(cfg)
-    except BadRowError as e:
-        return print_stopped(NAME, e)
-    except NothingWrittenError as e:
-        print(e.stats.summary(written=0), file=sys.stderr)
-        print(f"megaocto {NAME}: error: {e}", file=sys.stderr)
-        return 1
+    with megatron_config(args) as (cfg, notes):
+        for note in notes:
+            print(f"megaocto {NAME}: note: {note}", file=sys.stderr)
+        try:
+            result = preprocess(cfg)
+        except BadRowError as e:
+            return print_stopped(NAME, e)
+        except NothingWrittenError as e:
+            print(e.stats.summary(written=0), file=sys.stderr)
+            print(f"megaocto {NAME}: error: {e}", file=sys.stderr)
+            return 1
     print(result.summary())
     return 0

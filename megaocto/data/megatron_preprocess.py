@@ -18,7 +18,10 @@ never silently ignored) is listed in :data:`FLAGS`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import tempfile
 
 from megaocto.config.base import ConfigError
 
@@ -26,11 +29,9 @@ from megaocto.config.base import ConfigError
 SUPPORTED_TOKENIZERS = {
     "TokenizerFromFile": "--tokenizer-file",     # bigcode: PreTrainedTokenizerFast(tokenizer_file=...)
     "HuggingFaceTokenizer": "--tokenizer-model",  # NVIDIA: a local HF tokenizer directory or tokenizer.json
+    "GPT2BPETokenizer": "--vocab-file",           # OpenAI GPT-2 byte-level BPE: --vocab-file + --merge-file
 }
 REFUSED_TOKENIZERS = {
-    "GPT2BPETokenizer": "megaocto reads a tokenizer.json, not --vocab-file/--merge-file: save the GPT-2 tokenizer "
-                        "once as tokenizer.json (e.g. transformers GPT2TokenizerFast(vocab, merges)"
-                        ".save_pretrained(DIR)) and pass --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR",
     "SentencePieceTokenizer": "Megatron's SentencePieceTokenizer appends its own special tokens (<CLS>, <SEP>, "
                               "<EOD>, ...) to the vocabulary, which megaocto does not reproduce",
     "GPTSentencePieceTokenizer": "megaocto's sentencepiece loader is ChatGLM2-style (extra special tokens); use "
@@ -48,7 +49,8 @@ FLAGS = {
     "--tokenizer-type": f"{' or '.join(SUPPORTED_TOKENIZERS)}; others are refused with the reason",
     "--tokenizer-file": "the tokenizer.json of TokenizerFromFile",
     "--tokenizer-model": "the local tokenizer directory / tokenizer.json of HuggingFaceTokenizer",
-    "--vocab-file, --merge-file": "accepted and unused with TokenizerFromFile / HuggingFaceTokenizer (as in Megatron)",
+    "--vocab-file, --merge-file": "GPT2BPETokenizer's vocab.json and merges.txt; accepted and unused with "
+                                  "TokenizerFromFile / HuggingFaceTokenizer (as in Megatron)",
     "--append-eod": "append the tokenizer's EOD to every document (off by default, as in Megatron)",
     "--output-prefix": "writes {prefix}_{key}_document.bin/.idx",
     "--dataset-impl": "mmap (the default) only; lazy / cached are refused",
@@ -100,11 +102,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
 
 
-def to_config(args):
-    """The :class:`PreprocessConfig` of a parsed Megatron command line, and notes to print; raises ConfigError
-    (naming the flag) for what megaocto does not do."""
+@contextlib.contextmanager
+def megatron_config(args):
+    """``(PreprocessConfig, notes)`` for a parsed Megatron command line; raises ConfigError (naming the flag)
+    for what megaocto does not do. For GPT2BPETokenizer the vocab/merges become a temporary tokenizer.json
+    (removed on exit)."""
     from megaocto.data.preprocess import PreprocessConfig
 
+    _refuse_unsupported(args)
+    kind = args.tokenizer_type
+    flag = SUPPORTED_TOKENIZERS[kind]
+    path = {"--tokenizer-file": args.tokenizer_file, "--tokenizer-model": args.tokenizer_model,
+            "--vocab-file": args.vocab_file}[flag]
+    if not path:
+        raise ConfigError(f"--tokenizer-type {kind} needs {flag}")
+    if kind == "GPT2BPETokenizer" and not args.merge_file:
+        raise ConfigError("--tokenizer-type GPT2BPETokenizer needs --merge-file")
+    for name, value in ((flag, path), ("--merge-file", args.merge_file if kind == "GPT2BPETokenizer" else None)):
+        if value is not None and not os.path.exists(value):
+            raise ConfigError(f"{name} {value}: not found (megaocto needs a local tokenizer file or directory)")
+    if not os.path.isfile(args.input):
+        raise ConfigError(f"--input {args.input}: not a local file (Hugging Face dataset names are not loaded; "
+                          f"dump the dataset to jsonl first)")
+    notes = []
+    if kind != "GPT2BPETokenizer":
+        for name, value in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
+            if value is not None:
+                notes.append(f"{name} is not used by {kind} (as in Megatron)")
+    if kind == "HuggingFaceTokenizer":
+        _check_hf_tokenizer(path, args.append_eod)
+    tmp = tempfile.mkdtemp(prefix="megaocto-gpt2-") if kind == "GPT2BPETokenizer" else None
+    try:
+        if tmp is not None:
+            path = gpt2_bpe_tokenizer_json(args.vocab_file, args.merge_file, os.path.join(tmp, "tokenizer.json"))
+        yield PreprocessConfig(inputs=[args.input], output_prefix=args.output_prefix, tokenizer=path, format="text",
+                               json_key=list(args.json_keys), workers=args.workers, on_error=args.on_error,
+                               append_eod=args.append_eod, dtype="auto"), notes
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_unsupported(args) -> None:
     refused = [(args.split_sentences, "--split-sentences: sentence splitting (NLTK) is not supported; megaocto "
                                       "writes {prefix}_{key}_document datasets"),
                (args.subset is not None, "--subset: Hugging Face datasets are not loaded by name; dump the dataset "
@@ -121,25 +160,26 @@ def to_config(args):
     if kind not in SUPPORTED_TOKENIZERS:
         reason = REFUSED_TOKENIZERS.get(kind, "unknown tokenizer type")
         raise ConfigError(f"--tokenizer-type {kind}: {reason}; supported: {', '.join(SUPPORTED_TOKENIZERS)}")
-    flag = SUPPORTED_TOKENIZERS[kind]
-    path = args.tokenizer_file if flag == "--tokenizer-file" else args.tokenizer_model
-    if not path:
-        raise ConfigError(f"--tokenizer-type {kind} needs {flag}")
-    if not os.path.exists(path):
-        raise ConfigError(f"{flag} {path}: not found (megaocto needs a local tokenizer file or directory)")
-    if not os.path.isfile(args.input):
-        raise ConfigError(f"--input {args.input}: not a local file (Hugging Face dataset names are not loaded; "
-                          f"dump the dataset to jsonl first)")
-    notes = []
-    for name, value in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
-        if value is not None:
-            notes.append(f"{name} is not used by {kind} (as in Megatron)")
-    if kind == "HuggingFaceTokenizer":
-        _check_hf_tokenizer(path, args.append_eod)
-    cfg = PreprocessConfig(inputs=[args.input], output_prefix=args.output_prefix, tokenizer=path, format="text",
-                           json_key=list(args.json_keys), workers=args.workers, on_error=args.on_error,
-                           append_eod=args.append_eod, dtype="auto")
-    return cfg, notes
+
+
+def gpt2_bpe_tokenizer_json(vocab_file: str, merge_file: str, output: str) -> str:
+    """Megatron's GPT2BPETokenizer (OpenAI's GPT-2 byte-level BPE: its pre-tokenization regex, the merges, no
+    special-token handling — ``<|endoftext|>`` in the text is plain text, EOD is its vocab id) as a
+    ``tokenizer.json`` megaocto's loader reads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    try:
+        bpe = models.BPE.from_file(vocab_file, merge_file)
+    except Exception as e:  # tokenizers raises a bare Exception on parse errors
+        raise ConfigError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot load the GPT-2 BPE: "
+                          f"{e}") from None
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    if tok.token_to_id("<|endoftext|>") is None:
+        raise ConfigError(f"--vocab-file {vocab_file}: has no <|endoftext|> (the EOD of GPT2BPETokenizer)")
+    tok.save(output)
+    return output
 
 
 def _check_hf_tokenizer(path: str, append_eod: bool) -> None:
