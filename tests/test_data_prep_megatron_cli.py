@@ -139,7 +139,8 @@ def test_gpt2_bpe_vocab_and_merges_as_megatron(data, tmp_path):
     vocab_dir = tmp_path / "gpt2"
     vocab_dir.mkdir()
     vocab, merges = Tokenizer.from_file(data["tok"]).model.save(str(vocab_dir))
-    tricky = ["don't  stop:\t12345 x''ll\n\n\n   trailing   ", "naïve café — 東京 ✓✓ 🙂", " leading space\r\n", "a" * 300]
+    tricky = ["don't  stop:\t12345 x''ll\n\n\n   trailing   ", "naïve café — 東京 ✓✓ 🙂",
+              " leading space\r\n", "a" * 300]
     texts = [r["targets"] for r in data["rows"]] + tricky
     src = tmp_path / "g.jsonl"
     src.write_text("".join(json.dumps({"targets": t}) + "\n" for t in texts), encoding="utf-8")
