@@ -36,13 +36,15 @@ def prepare(data_dir: str, work: str) -> tuple[str, str, int, int]:
     text_path, tok_path = os.path.join(work, "commits_text.jsonl"), os.path.join(work, "tokenizer32k.json")
     files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
     if not os.path.exists(text_path):
+        from megaocto.data.jsonl import write_jsonl_row
+
         with open(text_path + ".tmp", "w", encoding="utf-8") as out:
             for p in files:
                 for line in open(p, encoding="utf-8"):
                     r = json.loads(line)
                     text = (f"<commit_before>{r['old_contents']}<commit_msg>{r['subject']}"
                             f"<commit_after>{r['new_contents']}")
-                    out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                    write_jsonl_row(out, {"text": text})
         os.replace(text_path + ".tmp", text_path)
     if not os.path.exists(tok_path):
         from megaocto.data.tokenizer import train_bpe_tokenizer

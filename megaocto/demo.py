@@ -283,12 +283,15 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
 
 def _demo_prompt(filtered: str) -> str:
-    """An OctoCoder prompt from the last (newest) filtered commit, shortened to its first lines."""
+    """An OctoCoder prompt from the last (newest) filtered commit, shortened to its first lines: the input side of
+    the commits-finetune format the demo trained on (formats.octocoder_question)."""
+    from megaocto.data.formats import octocoder_question
+
     with open(filtered, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     row = next((r for r in reversed(rows) if r["old_contents"].strip()), rows[-1])
     old = "\n".join(row["old_contents"].splitlines()[:8])
-    return f"Question: {row['subject']}\n{old}\n\nAnswer:\n"
+    return octocoder_question(f"{row['subject']}\n{old}")
 
 
 def hf_export_and_generate(cfg: DemoConfig, work: str, ckpt: str, tokenizer: str, filtered: str, log,

@@ -41,6 +41,9 @@ def _commit_rows(path, n=3):
      "input file(s) not found"),
     (["build-index", "--config", "{d}/nope.yaml"], "nope.yaml"),
     (["merge-datasets", "--input", "{d}/nope", "--output-prefix", "{d}/m"], "index file not found"),
+    (["preprocess-megatron", "--input", "{d}/c.jsonl", "--output-prefix", "{d}/p", "--tokenizer-type",
+      "TokenizerFromFile", "--tokenizer-file", "{d}/nope.json", "--workers", "1"],
+     "--tokenizer-file {d}/nope.json: not found"),
 ])
 def test_usage_and_config_errors_exit_2_with_the_command_prefix(tmp_path, capsys, argv, message):
     _commit_rows(tmp_path / "c.jsonl")
@@ -70,7 +73,7 @@ def _numeric_options(parser):
 
 
 @pytest.mark.parametrize("module", ["preprocess", "merge_datasets", "filter_commits", "commits", "tokenizer",
-                                    "build_index", "model_info"])
+                                    "build_index", "model_info", "preprocess_megatron"])
 def test_numeric_options_show_their_default_in_help(module):
     import argparse
     import importlib

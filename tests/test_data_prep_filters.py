@@ -146,3 +146,59 @@ def test_cli_notes_the_rules_behind_a_tiny_yield(tmp_path, capsys):
     rows[-1:] = [dict(BASE)] * 3  # 3 of 202 kept: no note
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(args) == 0 and "note:" not in capsys.readouterr().err
+
+
+def test_lone_surrogate_in_an_unchecked_column_is_a_counted_bad_row(tmp_path, capsys):
+    """A "\\ud800" escape in `message` (which no rule reads) used to pass the reader and crash the writer with
+    UnicodeEncodeError, under --on-error skip too. Every written column is now validated: a bad row."""
+    good = json.dumps(BASE)
+    bad = json.dumps(dict(BASE, message="Fix the retry loop \ud800 in the handler\n"))  # -> "\\ud800" escape
+    assert "\\ud800" in bad
+    src = tmp_path / "in.jsonl"
+    src.write_text(good + "\n" + bad + "\n" + good + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["filter-commits", "--input", str(src), "--output", str(out), "--skip-rules", "token-length"]
+    assert main(args) == 1  # fail mode: one line naming file:line, nothing written, no traceback
+    err = capsys.readouterr().err
+    assert f"{src}:2: lone surrogate: 'message'" in err and "Traceback" not in err and not out.exists()
+    assert main(args + ["--on-error", "skip"]) == 0
+    res = capsys.readouterr().out
+    assert "rows read 3, written 2, skipped 1 (lone surrogate: 1)" in res
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [BASE, BASE]
+
+
+def test_the_one_jsonl_writer_refuses_unencodable_rows_before_writing(tmp_path):
+    from megaocto.data.jsonl import UnencodableRowError, encode_row, write_jsonl_row
+
+    assert encode_row({"a": "ü ✓", "b": 1}) == '{"a": "ü ✓", "b": 1}\n'  # CommitPack style: raw UTF-8, LF
+    path = tmp_path / "w.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        write_jsonl_row(f, {"a": "ok"})
+        for row, key in (({"a": "x", "nested": {"k": ["y", "\udcff"]}}, "nested.k[1]"),
+                         ({"\ud800": "key itself"}, "\ud800")):
+            with pytest.raises(UnencodableRowError) as e:
+                write_jsonl_row(f, row)
+            assert e.value.key == key and e.value.category == "lone surrogate"
+        write_jsonl_row(f, {"a": "still ok"})
+    assert path.read_text(encoding="utf-8") == '{"a": "ok"}\n{"a": "still ok"}\n'  # no half-written line
+
+
+def test_output_has_exactly_the_commitpackft_columns_and_needs_lang_and_repos(tmp_path, capsys):
+    """Upstream select_columns: the 10 CommitPackFT columns in order, nothing else; a row without lang/repos is
+    a bad row (the extension rule reads lang), not a row written without them."""
+    from megaocto.data.filters import COMMITPACKFT_COLUMNS
+
+    extra = dict(BASE, stars=5, path_hash="ab")
+    extra = {k: extra[k] for k in reversed(list(extra))}  # input key order differs too
+    no_lang = {k: v for k, v in BASE.items() if k != "lang"}
+    no_repos = {k: v for k, v in BASE.items() if k != "repos"}
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in (extra, no_lang, no_repos)))
+    out = tmp_path / "out.jsonl"
+    args = ["filter-commits", "--input", str(src), "--output", str(out), "--skip-rules", "token-length"]
+    assert main(args) == 1
+    assert f"{src}:2: missing key: 'lang'" in capsys.readouterr().err
+    assert main(args + ["--on-error", "skip"]) == 0
+    assert "rows read 3, written 1, skipped 2 (missing key: 2)" in capsys.readouterr().out
+    (line,) = out.read_text(encoding="utf-8").splitlines()
+    assert list(json.loads(line)) == list(COMMITPACKFT_COLUMNS) and json.loads(line) == BASE

@@ -13,7 +13,6 @@ BAD_CASES = [  # (raw line bytes, category)
     (b'{"text": null}', "null key"),
     (b'{"text": 42}', "non-string key"),
     (b'{"text": "bad \xff\xfe bytes"}', "invalid UTF-8"),
-    (BOM + b'{"text": "bom in the middle"}', "BOM"),
     (b"", "empty line"),
     (b"   \r", "empty line"),
     (b'{"text": "' + b"x" * 300 + b'"}', "oversized"),
@@ -34,7 +33,7 @@ def _write_mixed(path):
         lines.append(raw)
         bad.append((len(lines), cat))
     valid.append(_valid(len(BAD_CASES)))
-    lines.append(json.dumps(valid[-1]).encode())
+    lines.append(BOM + json.dumps(valid[-1]).encode())  # a second file's BOM (cat a.jsonl b.jsonl): a good row
     path.write_bytes(BOM + b"\r\n".join(lines))  # CRLF line ends, BOM at file start, no final newline
     return valid, bad
 
@@ -52,12 +51,27 @@ def test_skip_mode_keeps_every_valid_row_and_counts_each_reason(tmp_path):
     for _, cat in bad:
         expected[cat] = expected.get(cat, 0) + 1
     assert dict(st.skipped) == expected
-    assert st.bom_files == 1
+    assert st.bom_files == 1 and st.bom_lines == 1
     summary = st.summary(written=len(valid))
     assert f"rows read {len(valid) + len(bad)}, written {len(valid)}, skipped {len(bad)}" in summary
     assert f"{path}:2: invalid JSON" in summary
     msg = str(next(e for e in st.examples if e.category == "invalid JSON"))
     assert "at at" not in msg and "(column " in msg
+
+
+def test_bom_at_the_start_of_a_later_line_is_stripped_and_the_row_kept(tmp_path):
+    """Concatenated files (cat a.jsonl b.jsonl) put b's BOM at the start of a middle line: the row is good."""
+    path = tmp_path / "cat.jsonl"
+    path.write_bytes(BOM + b'{"text": "a"}\n' + BOM + b'{"text": "b"}\n{"text": "c"}\n' + BOM + b'{"text": "d"}')
+    for on_error in ("fail", "skip"):
+        reader = JsonlReader([str(path)], required_keys=["text"], on_error=on_error)
+        assert [r.data["text"] for r in reader] == ["a", "b", "c", "d"]
+        assert reader.stats.rows_ok == 4 and not reader.stats.skipped
+        assert (reader.stats.bom_files, reader.stats.bom_lines) == (1, 2)
+        assert "UTF-8 BOM stripped at the start of 2 later line(s)" in reader.stats.summary()
+    # a byte range that starts exactly at a BOM line (a parallel preprocess chunk) keeps it too
+    start = len(BOM + b'{"text": "a"}\n')
+    assert [r.data["text"] for r in JsonlReader([str(path)], ["text"], start=start, end=start + 5)] == ["b"]
 
 
 def test_fail_mode_names_file_and_line(tmp_path):
@@ -94,3 +108,21 @@ def test_missing_file_and_bad_option(tmp_path):
         list(JsonlReader([str(tmp_path / "nope.jsonl")]))
     with pytest.raises(ValueError, match="on_error"):
         JsonlReader([], on_error="ignore")
+
+
+def test_raw_utf8_jsonl_is_written_only_through_the_safe_writer():
+    """json.dumps(..., ensure_ascii=False) + a UTF-8 file is what raises UnicodeEncodeError on a lone surrogate at
+    write time; megaocto writes such jsonl only through megaocto.data.jsonl.encode_row / write_jsonl_row."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    offenders = []
+    for top in ("megaocto", "bench", "convert", "preprocess", "launch"):
+        for d, _, files in os.walk(os.path.join(root, top)):
+            for name in files:
+                path = os.path.join(d, name)
+                if name.endswith(".py") and not path.endswith(os.path.join("megaocto", "data", "jsonl.py")):
+                    with open(path, encoding="utf-8") as f:
+                        if "ensure_ascii=False" in f.read():
+                            offenders.append(os.path.relpath(path, root))
+    assert not offenders, f"write jsonl rows with megaocto.data.jsonl.write_jsonl_row instead: {offenders}"

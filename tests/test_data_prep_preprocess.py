@@ -42,7 +42,7 @@ def test_linediff_verified_example_and_templates():
     row = {"old_contents": "a", "subject": "Fix it", "new_contents": "b"}
     keys = ("old_contents", "subject", "new_contents")
     assert render(FORMATS["commits-pretrain"], row, keys) == ("<commit_before>a<commit_msg>Fix it<commit_after>b",)
-    assert render(FORMATS["commits-finetune"], row, keys) == ("Question: Fix it\na\n\nAnswer:\n", "b")
+    assert render(FORMATS["commits-finetune"], row, keys) == ("Question: Fix it\na\n\nAnswer: ", "b")
     assert render(FORMATS["qa"], {"q": "Why?", "a": "Because."}, ("q", "a")) == ("Question: Why?\n\nAnswer: ",
                                                                                   "Because.")
     m_in, m_out = render(FORMATS["magicoder"], {"problem": "P", "solution": "S"}, ("problem", "solution"))
@@ -50,6 +50,35 @@ def test_linediff_verified_example_and_templates():
     assert m_in.startswith("You are an exceptionally intelligent coding assistant") and m_out == "S"
     assert render(FORMATS["instruction-response"], {"instruction": "I", "response": "R"},
                   ("instruction", "response")) == (magicoder_prompt("I"), "R")
+
+
+def test_linediff_keeps_crlf_and_strips_the_subject_as_upstream():
+    """octopack finetuning/santacoder/finetune.py generate_line_diff: lines numbered with their own endings
+    (splitlines(keepends=True), "".join), the diff over endings-free lines, the subject .strip()ped."""
+    old = "def f(x):\r\n    return x+1\r\n\r\nprint(f(2))\r\n"
+    new = old.replace("x+1", "x+2")
+    assert number_lines(old) == "  1 def f(x):\r\n  2     return x+1\r\n  3 \r\n  4 print(f(2))"
+    row = {"old_contents": old, "subject": "  Fix the sign \r", "new_contents": new}
+    inp, tgt = render(get_format("commits-linediff"), row, ("old_contents", "subject", "new_contents"))
+    assert inp == ("<commit_before>\n  1 def f(x):\r\n  2     return x+1\r\n  3 \r\n  4 print(f(2))\n<commit_msg>\n"
+                   "Fix the sign\n<commit_after>\n")
+    assert tgt == "-  2     return x+1\n+  2     return x+2"
+    mixed = "a\r\nb\nc"  # each line keeps its own ending
+    assert number_lines(mixed) == "  1 a\r\n  2 b\n  3 c"
+
+
+def test_octocoder_commit_and_oasst_formats_share_the_answer_cue():
+    """OctoCoder (octopack finetuning/starcoder/finetune.py) trains on "Question: {prompt}\n\nAnswer: {completion}"
+    and its CommitPackFT rows are prompt = subject + "\n" + old_contents (dataset/oasst/add_commitpackft.py): the
+    commit format is exactly the qa format of that prompt."""
+    keys = ("old_contents", "subject", "new_contents")
+    row = {"old_contents": "x = 1\n", "subject": "Make x two", "new_contents": "x = 2\n"}
+    commit = render(FORMATS["commits-finetune"], row, keys)
+    qa = render(FORMATS["qa"], {"prompt": row["subject"] + "\n" + row["old_contents"],
+                                "completion": row["new_contents"]}, ("prompt", "completion"))
+    assert commit == qa == ("Question: Make x two\nx = 1\n\n\nAnswer: ", "x = 2\n")
+    prompt, completion = row["subject"] + "\n" + row["old_contents"], row["new_contents"]
+    assert commit[0] + commit[1] == f"Question: {prompt}\n\nAnswer: {completion}"  # prepare_sample_text
 
 
 def test_workers_identical_and_tokens_match_direct_encode(tmp_path):
@@ -95,7 +124,7 @@ def test_pairs_stay_aligned_and_bad_rows(tmp_path):
     tgt = MMapIndexedDataset(str(tmp_path / "s" / "o_targets_document"))
     assert inp.num_docs == tgt.num_docs == 3
     for d, r in enumerate([rows[0], rows[2], rows[3]]):
-        assert tok.decode(inp[d]) == f"Question: {r['subject']}\n{r['old_contents']}\n\nAnswer:\n"
+        assert tok.decode(inp[d]) == f"Question: {r['subject']}\n{r['old_contents']}\n\nAnswer: "
         assert tok.decode(tgt[d]) == r["new_contents"] + "<|endoftext|>"
     assert inp[0][-1] != tok.eod  # EOD only after the target
 

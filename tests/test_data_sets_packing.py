@@ -226,7 +226,7 @@ def test_truncated_commit_keeps_instruction_and_answer_cue(tmp_path):
     tokens = np.concatenate([s["input_ids"], s["labels"][-1:]])
     prompt = tok.decode(tokens[:ki].tolist())
     assert prompt.startswith("Question: Triple the values\n")  # the instruction (head)
-    assert prompt.endswith("99 * 2\n\n\nAnswer:\n")  # the answer cue (tail)
+    assert prompt.endswith("99 * 2\n\n\nAnswer: ")  # the answer cue (tail)
     assert tok.decode(tokens[ki:].tolist()).startswith("x0 = 0 * 3\n")  # the target's start
     assert s["loss_mask"][ki - 1] == 1 and s["loss_mask"][:ki - 1].sum() == 0
 
@@ -240,3 +240,91 @@ def test_truncation_warning_names_the_dataset_pair(tmp_path, caplog):
     msg = caplog.records[-1].getMessage()
     assert msg.startswith(f"packed dataset {tmp_path / 'sft'} (sft_inputs_document + sft_targets_document), "
                           f"train split: 1 of 50 examples truncated"), msg
+
+
+def _long_target_pairs(tmp_path, eod=0):
+    """Example 2's target (ending in EOD like every preprocessed target) is far longer than a row."""
+    ins, tgts = make_pairs(tmp_path, n=20, seed=4)
+    for d in tgts.docs:
+        d[-1] = eod
+    tgts.docs[2] = np.concatenate([np.full(30, 2002), [eod]])
+    tgts.sizes[2] = 31
+    return ins, tgts
+
+
+def test_truncated_target_keeps_its_end_of_document_token(tmp_path):
+    """A cut target used to end mid-answer (its EOD cut off), teaching the model never to stop."""
+    ins, tgts = _long_target_pairs(tmp_path)
+    seq = 16
+    ds = PackedDataset(ins, tgts, name="train", documents=(0, 20), num_samples=40, seq_length=seq, seed=1,
+                       pad_id=7, eod_id=0)
+    summ = ds.summary()
+    assert summ["truncated_examples"] == 1 and summ["truncated_targets"] == 1 and summ["dropped_overlong_examples"] == 0
+    assert summ["truncated_targets_without_eod"] == 0
+    row = next(i for i in range(len(ds)) if 2 in ds.row_examples(i).tolist())
+    s = ds[row]
+    full = np.concatenate([s["input_ids"], s["labels"][-1:]])
+    k = list(ds.row_examples(row)).index(2) + 1
+    where = np.flatnonzero(np.concatenate([s["segment_ids"], s["segment_ids"][-1:]]) == k)
+    ex = full[where]
+    assert len(ex) == seq + 1 and ex[-1] == 0 and set(ex[:-1].tolist()) <= {1002, 2002}  # ... 2002, 2002, EOD
+    assert s["labels"][-1] == 0 and s["loss_mask"][-1] == 1  # the EOD is a trained target token
+    # a target that does not end with the EOD id (preprocessed with --no-append-eod) is cut as is, and counted
+    plain = PackedDataset(ins, tgts, name="train", documents=(0, 20), num_samples=40, seq_length=seq, seed=1,
+                          pad_id=7, eod_id=99, cache_dir=str(tmp_path / "plain"))
+    assert plain.summary()["truncated_targets_without_eod"] == 1 and plain[row]["labels"][-1] == 2002
+    # every other example keeps its whole target, EOD included
+    for i in range(len(ds)):
+        s = ds[i]
+        for k, e in enumerate(ds.row_examples(i).tolist(), start=1):
+            seg = np.concatenate([s["segment_ids"], [s["segment_ids"][-1]]])
+            full = np.concatenate([s["input_ids"], s["labels"][-1:]])
+            if e != 2 and (seg == k).any():
+                assert full[seg == k][-1] == 0
+
+
+def test_overlong_examples_can_be_dropped_and_are_counted(tmp_path, caplog):
+    import logging
+
+    ins, tgts = _long_target_pairs(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="megaocto.data.packed"):
+        ds = PackedDataset(ins, tgts, name="train", documents=(0, 20), num_samples=30, seq_length=16, seed=1,
+                           pad_id=7, eod_id=0, overlong="drop")
+    summ = ds.summary()
+    assert summ["dropped_overlong_examples"] == 1 and summ["truncated_examples"] == 0 and summ["examples"] == 19
+    assert all(2 not in ds.row_examples(i).tolist() for i in range(len(ds)))
+    assert "1 of 20 examples longer than seq_length+1=17 tokens dropped" in caplog.records[-1].getMessage()
+    assert packing_epoch_rows(ins.sizes, tgts.sizes, (0, 20), 16, 1, "drop") <= \
+        packing_epoch_rows(ins.sizes, tgts.sizes, (0, 20), 16, 1)
+    truncating = PackedDataset(ins, tgts, name="train", documents=(0, 20), num_samples=30, seq_length=16, seed=1,
+                               pad_id=7, eod_id=0)
+    assert truncating.built  # the policy is part of the cache key
+    with pytest.raises(ValueError, match="overlong"):
+        PackedDataset(ins, tgts, name="train", documents=(0, 20), num_samples=3, seq_length=16, seed=1, pad_id=7,
+                      overlong="skip")
+
+
+def test_data_config_packed_overlong_reaches_the_dataset(tmp_path):
+    from megaocto.config.base import ConfigError
+    from megaocto.config.data import DataConfig
+    from megaocto.data.build import build_datasets, epoch_num_samples
+    from megaocto.data.indexed import MMapIndexedDatasetBuilder, dataset_prefix
+
+    ins, tgts = _long_target_pairs(tmp_path)
+    sft = str(tmp_path / "real")
+    for key, src in (("inputs", ins), ("targets", tgts)):
+        b = MMapIndexedDatasetBuilder(dataset_prefix(sft, key) + ".bin", np.uint16)
+        for d in src.docs:
+            b.add_document(d)
+        b.finalize(dataset_prefix(sft, key) + ".idx")
+    with pytest.raises(ConfigError, match="packed_overlong"):
+        DataConfig(kind="packed", paths=[sft], pad_id=7, eod_id=0, packed_overlong="cut").validate()
+    for policy in ("truncate", "drop"):
+        cfg = DataConfig(kind="packed", paths=[sft], split="100,0,0", pad_id=7, eod_id=0, packed_overlong=policy,
+                         cache_dir=str(tmp_path / "c"))
+        train = build_datasets(cfg, seq_length=16, num_samples={"train": 10}, seed=1)["train"]
+        summ = train.summary()
+        expected = (1, 0) if policy == "drop" else (0, 1)
+        assert (summ["dropped_overlong_examples"], summ["truncated_targets"]) == expected
+        assert epoch_num_samples(cfg, seq_length=16, seed=1) == packing_epoch_rows(ins.sizes, tgts.sizes, (0, 20), 16,
+                                                                                 1, policy)

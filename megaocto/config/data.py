@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from megaocto.config.base import ConfigError, field
 
 DATA_KINDS = ("synthetic", "gpt", "packed")
+PACKED_OVERLONG = ("truncate", "drop")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class DataConfig:
     loss_on_inputs: bool = field(False, "packed: also train on the input (prompt) tokens, not only the targets.")
     norm_target_loss: bool = field(False, "packed: scale the loss mask so every example's target weighs the same "
                                    "(Megatron mtf --norm-target-loss).")
+    packed_overlong: str = field("truncate", "packed: an example longer than seq_length+1 tokens is 'truncate'd (its "
+                                 "input keeps head and tail, its target its start and its end-of-document token) "
+                                 "or 'drop'ped (Megatron mtf); either way counted in the dataset summary and log.")
     cache_dir: str = field("", "Directory for the index-mapping caches (.npy). Empty = beside each data prefix.")
     num_workers: int = field(2, "DataLoader worker processes per rank.")
     synthetic_vocab_size: int = field(256, "synthetic: token ids are drawn from [0, this); must be <= model vocab.")
@@ -102,6 +106,9 @@ class DataConfig:
                               "to know the EOD token")
         if self.kind == "packed" and not self.tokenizer and self.pad_id is None and self.eod_id is None:
             raise ConfigError("data.kind=packed needs data.tokenizer, data.pad_id or data.eod_id for the padding id")
+        if self.packed_overlong not in PACKED_OVERLONG:
+            raise ConfigError(f"data.packed_overlong must be one of {', '.join(PACKED_OVERLONG)} "
+                              f"(got {self.packed_overlong!r})")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0 (got {self.num_workers})")
         if self.synthetic_vocab_size < 16:

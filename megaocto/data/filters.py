@@ -19,7 +19,10 @@ from typing import Callable
 
 from megaocto.config.base import ConfigError, field
 
-COMMIT_KEYS = ("old_contents", "new_contents", "subject", "new_file")
+# The CommitPackFT output columns (commitpackft_filters1.py select_columns), in order: filter-commits requires
+# every one (a row missing `lang` or `repos` is a bad row, not a row written without them) and writes only these.
+COMMITPACKFT_COLUMNS = ("commit", "old_file", "new_file", "old_contents", "new_contents", "subject", "message",
+                        "lang", "license", "repos")
 
 
 def _resource(name: str) -> str:
@@ -104,7 +107,7 @@ def _subject_length(row, ctx):
 
 def _extension(row, ctx):
     name = row["new_file"].split("/")[-1]
-    exts = LANG_TO_EXTENSIONS.get(str(row.get("lang", "")).lower())
+    exts = LANG_TO_EXTENSIONS.get(row["lang"].lower())
     parts = name.split(".")
     if exts:
         return not (len(parts) > 1 and parts[-1] in exts)
@@ -244,12 +247,17 @@ class CommitFilter:
 
 
 def filter_commits(inputs: list[str], output: str, cfg: FilterConfig, log=None) -> CommitFilter:
-    """Stream CommitPack jsonl ``inputs`` through the rules into ``output``; returns the filter (counts, stats)."""
-    from megaocto.data.jsonl import BadRowError, JsonlReader, write_jsonl_row
+    """Stream CommitPack jsonl ``inputs`` through the rules into ``output``; returns the filter (counts, stats).
+
+    Every input row must hold the ten CommitPackFT columns as strings (else it is a bad row: ``--on-error``);
+    the output rows hold exactly those columns, in that order (other keys of the input are not copied).
+    A row whose strings cannot be written as UTF-8 (a lone surrogate) is a bad row too, never a crash.
+    """
+    from megaocto.data.jsonl import BadRowError, JsonlReader, UnencodableRowError, encode_row
 
     log = log if log is not None else (lambda m: print(m, file=sys.stderr))
     filt = CommitFilter(cfg)
-    reader = JsonlReader(inputs, COMMIT_KEYS, cfg.on_error)
+    reader = JsonlReader(inputs, COMMITPACKFT_COLUMNS, cfg.on_error)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + ".tmp"
     try:
@@ -257,8 +265,19 @@ def filter_commits(inputs: list[str], output: str, cfg: FilterConfig, log=None) 
             for row in reader:
                 # Key = global 0-based input line (bad rows count too), stable under --on-error.
                 kept = filt(row.data, reader.lines_seen - 1)
-                if kept is not None:
-                    write_jsonl_row(out, kept)
+                if kept is None:
+                    continue
+                try:
+                    line = encode_row({k: kept[k] for k in COMMITPACKFT_COLUMNS})
+                except UnencodableRowError as e:
+                    err = BadRowError(row.path, row.line, e.category, str(e))
+                    if cfg.on_error == "fail":
+                        raise err from None
+                    reader.stats.skip(err)
+                    reader.stats.rows_ok -= 1
+                    filt.kept -= 1
+                    continue
+                out.write(line)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)

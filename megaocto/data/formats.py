@@ -41,14 +41,24 @@ def magicoder_prompt(instruction: str, response: str = "") -> str:
     return f"{MAGICODER_SYSTEM}\n\n@@ Instruction\n{instruction}\n\n@@ Response\n{response}"
 
 
+def octocoder_question(question: str) -> str:
+    """The input side of OctoCoder's finetuning text ``"Question: {q}\\n\\nAnswer: {a}"`` (octopack
+    finetuning/starcoder/finetune.py, whose targets-only dataset tokenizes ``"Question: " + q + "\\n\\nAnswer: "``
+    apart from the answer). The ``qa`` (OASST) and ``commits-finetune`` (CommitPackFT) formats both use it."""
+    return f"Question: {question}\n\nAnswer: "
+
+
 def number_lines(code: str) -> str:
-    """``f"{i+1:3d} {line}"`` for every line of ``code.strip()`` (OctoPack appendix H)."""
-    return "\n".join(f"{i + 1:3d} {line}" for i, line in enumerate(code.strip().splitlines()))
+    """``f"{i+1:3d} {line}"`` for every line of ``code.strip()``, each line keeping its own line ending (CRLF
+    stays CRLF), joined as they were: octopack finetuning/santacoder/finetune.py ``generate_line_diff``
+    (``splitlines(keepends=True)``, ``"".join``; OctoPack appendix H)."""
+    return "".join(f"{i + 1:3d} {line}" for i, line in enumerate(code.strip().splitlines(keepends=True)))
 
 
 def line_diff(old: str, new: str) -> str:
     """Numbered line diff (OctoPack appendix H): only the ``-``/``+`` lines of a unified diff of the
-    numbered old/new code, hunk headers and context dropped."""
+    numbered old/new code (split into lines without their endings, as upstream), hunk headers and context
+    dropped, joined with ``\\n``."""
     diff = difflib.unified_diff(number_lines(old).splitlines(), number_lines(new).splitlines(),
                                 fromfile="Original", tofile="Modified", lineterm="")
     body = list(diff)[2:]
@@ -60,7 +70,9 @@ def _commits_pretrain(old, subject, new):
 
 
 def _commits_finetune(old, subject, new):
-    return (f"Question: {subject}\n{old}\n\nAnswer:\n", new)
+    # OctoCoder's CommitPackFT rows: prompt = subject + "\n" + old_contents, completion = new_contents
+    # (octopack dataset/oasst/add_commitpackft.py), rendered in the OASST question/answer text.
+    return (octocoder_question(f"{subject}\n{old}"), new)
 
 
 def _commits_linediff(old, subject, new):
@@ -71,11 +83,13 @@ def _commits_linediff(old, subject, new):
         raise FormatError("empty line diff", "only leading/trailing whitespace (or line endings) changed, which "
                                              "the numbered line diff strips; re-run with --on-error skip to skip "
                                              "and count such commits")
-    return (f"<commit_before>\n{number_lines(old).rstrip()}\n<commit_msg>\n{subject}\n<commit_after>\n", diff)
+    # upstream: input=numbered_old.rstrip(), instruction=subject.strip()
+    return (f"<commit_before>\n{number_lines(old).rstrip()}\n<commit_msg>\n{subject.strip()}\n<commit_after>\n",
+            diff)
 
 
 def _qa(question, answer):
-    return (f"Question: {question}\n\nAnswer: ", answer)
+    return (octocoder_question(question), answer)
 
 
 def _magicoder(problem, solution):
@@ -96,11 +110,12 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            _commits_pretrain),
     Format("commits-finetune", "OctoCoder commit instruction (commit message in the input)", _COMMIT_ROLES,
            _COMMIT_ROLES, ("inputs", "targets"),
-           "inputs: Question: {subject}\\n{old_contents}\\n\\nAnswer:\\n | targets: {new_contents}",
+           "inputs: Question: {subject}\\n{old_contents}\\n\\nAnswer:  | targets: {new_contents}",
            _commits_finetune),
     Format("commits-linediff", "numbered line-diff targets (OctoPack appendix H, SantaCoder --line_diff)",
            _COMMIT_ROLES, _COMMIT_ROLES, ("inputs", "targets"),
-           "inputs: <commit_before>\\n{numbered old}\\n<commit_msg>\\n{subject}\\n<commit_after>\\n | "
+           "inputs: <commit_before>\\n{numbered old, line endings kept}\\n<commit_msg>\\n{subject stripped}\\n"
+           "<commit_after>\\n | "
            "targets: {-/+ lines of the numbered diff}", _commits_linediff),
     Format("qa", "OctoCoder / OASST question-answer", ("question", "answer"), ("prompt", "completion"),
            ("inputs", "targets"), "inputs: Question: {question}\\n\\nAnswer:  | targets: {answer}", _qa),

@@ -225,6 +225,12 @@ class CommitExtractor:
         self.languages = load_languages()
         self.license = self.cfg.license or detect_license(top, self.cfg.rev)
         self.repo_name = self.cfg.repo_name or detect_repo_name(top)
+        for what, value in (("license", self.license), ("repo name", self.repo_name)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"the {what} {value!r} is not valid UTF-8 text; pass --{what.replace(' ', '-')} "
+                                  f"with a UTF-8 value") from None
         self.counts: Counter = Counter()
 
     def _skip(self, reason: str) -> None:
@@ -299,7 +305,7 @@ class CommitExtractor:
 
 def extract_commits(repo: str, output: str, cfg: CommitsConfig | None = None) -> CommitExtractor:
     """Write the single-file commits of ``repo`` to ``output`` (jsonl); returns the extractor (``counts``)."""
-    from megaocto.data.jsonl import write_jsonl_row
+    from megaocto.data.jsonl import UnencodableRowError, write_jsonl_row
 
     ex = CommitExtractor(repo, cfg)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -307,7 +313,11 @@ def extract_commits(repo: str, output: str, cfg: CommitsConfig | None = None) ->
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in ex:
-                write_jsonl_row(f, row)
+                try:
+                    write_jsonl_row(f, row)
+                except UnencodableRowError as e:  # the extractor checks what it reads; counted, never a crash
+                    ex.counts["rows"] -= 1
+                    ex.counts[f"skipped: {e.category} in {e.key}"] += 1
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1,10 +1,15 @@
 """Streaming JSON Lines reader with an explicit bad-input policy.
 
 Every physical line is one row. A bad row (invalid UTF-8, truncated/invalid JSON, not an object, a required key
-missing / null / not a string, a UTF-8 BOM at the start of a line other than the file's first, an empty line,
-a line over ``max_line_bytes``) raises :class:`BadRowError` ``"file:line: reason"`` with ``on_error="fail"``,
-or is skipped and counted per reason with ``on_error="skip"``. A BOM at the very start of a file is an
-encoding marker: it is stripped and counted, the row is kept. Valid rows are never dropped.
+missing / null / not a string or holding an unpaired UTF-16 surrogate escape such as ``"\\ud800"``, an empty
+line, a line over ``max_line_bytes``) raises :class:`BadRowError` ``"file:line: reason"`` with
+``on_error="fail"``, or is skipped and counted per reason with ``on_error="skip"``. A UTF-8 BOM at the start of
+a line is an encoding marker (at the start of the file, or of a file concatenated onto another): it is stripped
+and counted, and the row is kept. Valid rows are never dropped.
+
+Writing: :func:`encode_row` / :func:`write_jsonl_row` are the one way megaocto writes jsonl rows. They check
+every string of the row (keys and values, nested too) before anything is written, so a row that cannot be UTF-8
+encoded raises :class:`UnencodableRowError` naming the key, and never leaves half a line in the output.
 
 Byte ranges (``start``/``end``) let parallel workers each read a contiguous slice of a file: a worker owns
 every line whose first byte lies in ``[start, end)``.
@@ -50,7 +55,8 @@ class JsonlStats:
     rows_read: int = 0
     rows_ok: int = 0
     bytes_read: int = 0
-    bom_files: int = 0
+    bom_files: int = 0   # BOMs stripped at the start of a file
+    bom_lines: int = 0   # BOMs stripped at the start of a later line (files concatenated with cat)
     skipped: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)  # first few skipped rows, as BadRowError
     max_examples: int = 5
@@ -69,6 +75,7 @@ class JsonlStats:
         self.rows_ok += other.rows_ok
         self.bytes_read += other.bytes_read
         self.bom_files += other.bom_files
+        self.bom_lines += other.bom_lines
         self.skipped.update(other.skipped)
         self.examples.extend(other.examples[: max(0, self.max_examples - len(self.examples))])
 
@@ -82,6 +89,9 @@ class JsonlStats:
             text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")"
         if self.bom_files:
             text += f"; UTF-8 BOM stripped at the start of {self.bom_files} file(s)"
+        if self.bom_lines:
+            text += (f"; UTF-8 BOM stripped at the start of {self.bom_lines} later line(s) (files concatenated with "
+                     f"their BOMs?), rows kept")
         for ex in self.examples:
             text += f"\n  skipped {ex}"
         return text
@@ -105,10 +115,9 @@ def _check_keys(path, line, obj, keys, text):
                                   f"{k!r} has an unpaired UTF-16 surrogate escape at char {e.start}") from None
 
 
-def parse_line(raw: bytes, path: str, line: int, keys: Iterable[str] = (), file_start: bool = False) -> dict:
-    """Parse one raw line (without regard to the size limit); raises BadRowError."""
-    if raw.startswith(BOM) and not file_start:
-        raise BadRowError(path, line, "BOM", "UTF-8 byte-order mark at the start of a line (concatenated files?)")
+def parse_line(raw: bytes, path: str, line: int, keys: Iterable[str] = ()) -> dict:
+    """Parse one raw line (without regard to the size limit; a leading BOM already stripped); raises
+    BadRowError."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -192,12 +201,14 @@ class JsonlReader:
                     self._bad(BadRowError(path, lineno, "oversized",
                                           f"line is {pos - line_start} bytes, limit {limit} (--max-line-bytes)"))
                     continue
-                file_start = line_start == 0
-                if file_start and raw.startswith(BOM):
+                if raw.startswith(BOM):  # an encoding marker, not data: at a file's start or a concatenated one's
                     raw = raw[3:]
-                    stats.bom_files += 1
+                    if line_start == 0:
+                        stats.bom_files += 1
+                    else:
+                        stats.bom_lines += 1
                 try:
-                    obj = parse_line(raw, path, lineno, keys, file_start)
+                    obj = parse_line(raw, path, lineno, keys)
                 except BadRowError as e:
                     self._bad(e)
                     continue
@@ -212,7 +223,46 @@ def iter_jsonl(paths, required_keys=(), on_error="fail", **kw) -> Iterator[dict]
         yield row.data
 
 
+class UnencodableRowError(ValueError):
+    """A row to write holds a string that is not valid Unicode (an unpaired UTF-16 surrogate, e.g. from a
+    ``"\\ud800"`` escape or a ``surrogateescape``-decoded path). ``key`` names the column; ``category`` is the
+    counted skip reason."""
+
+    category = "lone surrogate"
+
+    def __init__(self, key: str, position: int):
+        self.key, self.position = key, position
+        super().__init__(f"{key!r} has an unpaired UTF-16 surrogate at char {position} (not valid UTF-8 text)")
+
+
+def _check_encodable(value, key: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UnencodableRowError(key, e.start) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_encodable(k, f"{key}.{k}" if key else str(k))
+            _check_encodable(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_encodable(v, f"{key}[{i}]")
+
+
+def encode_row(obj: dict) -> str:
+    """One row as CommitPack writes it (UTF-8, non-ASCII raw, LF-terminated), after checking every string in it
+    (keys and values, nested too); raises UnencodableRowError naming the first bad key."""
+    line = json.dumps(obj, ensure_ascii=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # rare: find the column to name it
+        _check_encodable(obj, "")
+        raise
+    return line
+
+
 def write_jsonl_row(f, obj: dict) -> None:
-    """One row as CommitPack writes it: UTF-8, non-ASCII raw, LF."""
-    f.write(json.dumps(obj, ensure_ascii=False))
-    f.write("\n")
+    """Write one row to a text file opened with ``encoding="utf-8"`` (see :func:`encode_row`); a row that
+    cannot be encoded raises UnencodableRowError before anything of it is written."""
+    f.write(encode_row(obj))

@@ -5,15 +5,18 @@ split's examples with RandomState(seed) (one shuffle per epoch, in order) and pa
 an example joins the current row while the row's tokens stay <= seq_length + 1, else the row is
 closed and the example opens the next one; a partly filled row carries over the epoch boundary
 (Megatron mtf). Unlike Megatron the split's document range is respected, the cache name includes
-seq_length, and over-long examples are truncated (and counted), not skipped:
+seq_length, and over-long examples (len(input) + len(target) > seq_length + 1) are by default truncated (and
+counted), not skipped; ``overlong="drop"`` leaves them out instead (counted too), as Megatron does:
 
     Truncation rule (L = seq_length + 1): an example with len(input) + len(target) > L keeps
-    k = min(len(input), max(L − len(target), L // 2)) input tokens and the FIRST L − k target tokens.
+    k = min(len(input), max(L − len(target), L // 2)) input tokens and L − k target tokens.
     The k input tokens are the input's HEAD and TAIL with the middle cut out: the first h = k − k // 2
     and the last t = k // 2 tokens (input_head_tail). Prompts put the instruction at the head
     (commits-finetune "Question: {subject}\n{old}...", qa, magicoder) and the answer cue at the tail
-    ("\n\nAnswer:\n", "@@ Response\n"), so both survive; keeping only the tail would drop the
+    ("\n\nAnswer: ", "@@ Response\n"), so both survive; keeping only the tail would drop the
     instruction of every long commit. An input that fits is kept whole (h + t = len(input)).
+    A cut target keeps its first L − k − 1 tokens and then its end-of-document token (when it ends with
+    ``eod_id``, as preprocessed targets do), so the model still learns to stop (truncated_targets counts them).
 
 Examples with an empty target carry no training signal and are left out; their count is reported.
 """
@@ -28,6 +31,7 @@ from megaocto.data.index_helpers import cached_arrays
 
 log = logging.getLogger(__name__)
 PACKING_VERSION = 1
+OVERLONG = ("truncate", "drop")  # what happens to an example longer than a row (data.packed_overlong)
 
 
 def kept_lengths(len_in: np.ndarray, len_tgt: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +46,22 @@ def input_head_tail(keep_in: int) -> tuple[int, int]:
     """(h, t): a kept input of keep_in tokens is input[:h] followed by input[len(input) - t:]."""
     keep_in = int(keep_in)
     return keep_in - keep_in // 2, keep_in // 2
+
+
+def truncated_target(tokens: np.ndarray, keep_tgt: int, eod_id: int | None) -> np.ndarray:
+    """The kept target tokens: all when it fits; else its first keep_tgt − 1 tokens and its final EOD (when the
+    target ends with ``eod_id``; without one, its first keep_tgt tokens)."""
+    tokens = np.asarray(tokens)
+    if keep_tgt >= len(tokens):
+        return tokens
+    if keep_tgt > 0 and eod_id is not None and int(tokens[-1]) == eod_id:
+        return np.concatenate([tokens[:keep_tgt - 1], tokens[-1:]])
+    return tokens[:keep_tgt]
+
+
+def overlong_examples(len_in: np.ndarray, len_tgt: np.ndarray, row_len: int) -> np.ndarray:
+    """Mask of the examples longer than a row."""
+    return np.asarray(len_in, np.int64) + np.asarray(len_tgt, np.int64) > row_len
 
 
 def truncated_input(tokens: np.ndarray, keep_in: int) -> np.ndarray:
@@ -84,11 +104,13 @@ def pack_order(lengths: np.ndarray, examples: np.ndarray, num_rows: int, row_len
 
 def packed_cache_paths(data_prefix: str, name: str, documents: tuple[int, int], len_in: np.ndarray,
                        len_tgt: np.ndarray, num_samples: int, seq_length: int, seed: int,
-                       cache_dir: str = "") -> dict[str, str]:
+                       cache_dir: str = "", overlong: str = "truncate") -> dict[str, str]:
     import hashlib
 
     h = hashlib.blake2b(digest_size=6)
     h.update(f"packed-v{PACKING_VERSION}:{len(len_in)}:".encode())
+    if overlong != "truncate":  # the default keeps the cache names it always had
+        h.update(f"overlong={overlong}:".encode())
     h.update(np.ascontiguousarray(len_in, np.int32).tobytes())
     h.update(np.ascontiguousarray(len_tgt, np.int32).tobytes())
     directory = cache_dir or os.path.dirname(os.path.abspath(data_prefix))
@@ -115,13 +137,15 @@ class PackedDataset:
 
     `inputs` / `targets` need `prefix`, `sizes` and `get(i)` (MMapIndexedDataset). Loss is on target
     tokens only (or on every token of an example after its first with loss_on_inputs); with
-    norm_target_loss each example's mask sums to 1 so every example weighs the same.
+    norm_target_loss each example's mask sums to 1 so every example weighs the same. ``overlong`` says what
+    happens to an example longer than a row: ``truncate`` (the rule above; a cut target keeps its final
+    ``eod_id``) or ``drop``; both are counted in ``summary()`` and logged.
     """
 
     def __init__(self, inputs, targets, *, name: str, documents: tuple[int, int], num_samples: int,
                  seq_length: int, seed: int, pad_id: int, loss_on_inputs: bool = False,
                  norm_target_loss: bool = False, cache_dir: str = "", may_build: bool = True,
-                 data_prefix: str | None = None):
+                 data_prefix: str | None = None, eod_id: int | None = None, overlong: str = "truncate"):
         if len(inputs.sizes) != len(targets.sizes):
             raise ValueError(f"{inputs.prefix} has {len(inputs.sizes)} rows but {targets.prefix} has "
                              f"{len(targets.sizes)}; inputs and targets must pair row by row (re-run preprocessing)")
@@ -129,7 +153,10 @@ class PackedDataset:
         if not 0 <= start < end <= len(inputs.sizes):
             raise ValueError(f"{inputs.prefix}: {name} document range [{start}, {end}) is empty or outside the "
                              f"{len(inputs.sizes)} examples; change data.split or add data")
+        if overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {OVERLONG} (data.packed_overlong), got {overlong!r}")
         self.inputs, self.targets, self.name, self.documents = inputs, targets, name, (start, end)
+        self.eod_id, self.overlong = (None if eod_id is None else int(eod_id)), overlong
         self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
         self.pad_id, self.loss_on_inputs, self.norm_target_loss = int(pad_id), loss_on_inputs, norm_target_loss
         self.row_len = self.seq_length + 1
@@ -138,20 +165,35 @@ class PackedDataset:
         self.keep_in, self.keep_tgt = kept_lengths(len_in, len_tgt, self.row_len)
         docs = np.arange(start, end, dtype=np.int64)
         empty = len_tgt[docs] == 0
-        self.examples = docs[~empty]
-        truncated = (len_in[docs] + len_tgt[docs] > self.row_len) & ~empty
+        long = overlong_examples(len_in[docs], len_tgt[docs], self.row_len) & ~empty
+        dropped = long if overlong == "drop" else np.zeros_like(long)
+        truncated = long & ~dropped
+        self.examples = docs[~empty & ~dropped]
+        cut = docs[truncated & (self.keep_tgt[docs] < len_tgt[docs])]
+        cut_without_eod = sum(1 for ex in cut.tolist()
+                              if self.eod_id is None or int(targets.get(int(ex))[-1]) != self.eod_id)
         self.stats = {"documents": int(end - start), "examples": int(len(self.examples)),
                       "skipped_empty_targets": int(empty.sum()), "truncated_examples": int(truncated.sum()),
-                      "truncated_tokens": int((len_in[docs] + len_tgt[docs] - self.row_len)[truncated].sum())}
-        if self.stats["truncated_examples"] or self.stats["skipped_empty_targets"]:
-            log.warning("packed dataset %s, %s split: %d of %d examples truncated to seq_length+1=%d tokens (%d "
-                        "tokens cut), %d skipped with an empty target", pair_name(inputs.prefix, targets.prefix,
-                                                                              data_prefix), name,
-                        self.stats["truncated_examples"], end - start, self.row_len, self.stats["truncated_tokens"],
+                      "truncated_tokens": int((len_in[docs] + len_tgt[docs] - self.row_len)[truncated].sum()),
+                      "truncated_targets": int(len(cut)), "truncated_targets_without_eod": int(cut_without_eod),
+                      "dropped_overlong_examples": int(dropped.sum())}
+        if truncated.any() or dropped.any() or empty.any():
+            what = (f"{self.stats['dropped_overlong_examples']} of {end - start} examples longer than "
+                    f"seq_length+1={self.row_len} tokens dropped (data.packed_overlong=drop)" if overlong == "drop"
+                    else f"{self.stats['truncated_examples']} of {end - start} examples truncated to "
+                         f"seq_length+1={self.row_len} tokens ({self.stats['truncated_tokens']} tokens cut; "
+                         f"{self.stats['truncated_targets']} targets cut, each keeping its end-of-document token"
+                         + (f" except {cut_without_eod} that do not end with one" if cut_without_eod else "") + ")")
+            log.warning("packed dataset %s, %s split: %s, %d skipped with an empty target",
+                        pair_name(inputs.prefix, targets.prefix, data_prefix), name, what,
                         self.stats["skipped_empty_targets"])
+        if len(self.examples) == 0 and dropped.any():
+            raise ValueError(f"{pair_name(inputs.prefix, targets.prefix, data_prefix)}: every example of the {name} "
+                             f"split is longer than seq_length+1={self.row_len} tokens and data.packed_overlong=drop "
+                             f"drops them; raise seq_length or use data.packed_overlong=truncate")
         lengths = self.keep_in + self.keep_tgt
         paths = packed_cache_paths(data_prefix or inputs.prefix, name, self.documents, len_in, len_tgt,
-                                   self.num_samples, self.seq_length, self.seed, cache_dir)
+                                   self.num_samples, self.seq_length, self.seed, cache_dir, overlong)
 
         def build():
             order, rows, _ = pack_order(lengths, self.examples, self.num_samples, self.row_len, self.seed)
@@ -180,7 +222,7 @@ class PackedDataset:
             ki, kt = int(self.keep_in[ex]), int(self.keep_tgt[ex])
             if ki:
                 tokens[at:at + ki] = truncated_input(self.inputs.get(ex), ki)
-            tokens[at + ki:at + ki + kt] = self.targets.get(ex)[:kt]
+            tokens[at + ki:at + ki + kt] = truncated_target(self.targets.get(ex), kt, self.eod_id)
             seg[at:at + ki + kt] = k
             pos[at:at + ki + kt] = np.arange(ki + kt)
             is_target[at + ki:at + ki + kt] = True
@@ -204,10 +246,13 @@ class PackedDataset:
 
 
 def packing_epoch_rows(inputs_sizes: np.ndarray, targets_sizes: np.ndarray, documents: tuple[int, int],
-                       seq_length: int, seed: int) -> int:
+                       seq_length: int, seed: int, overlong: str = "truncate") -> int:
     """Rows produced by packing one epoch of the document range (the last partial row included)."""
     keep_in, keep_tgt = kept_lengths(inputs_sizes, targets_sizes, seq_length + 1)
     docs = np.arange(int(documents[0]), int(documents[1]), dtype=np.int64)
-    docs = docs[np.asarray(targets_sizes)[docs] > 0]
+    keep = np.asarray(targets_sizes)[docs] > 0
+    if overlong == "drop":
+        keep &= ~overlong_examples(np.asarray(inputs_sizes)[docs], np.asarray(targets_sizes)[docs], seq_length + 1)
+    docs = docs[keep]
     _, rows, _ = pack_order(keep_in + keep_tgt, docs, 1 << 62, seq_length + 1, seed, max_epochs=1)
     return len(rows) - 1
