@@ -3,7 +3,33 @@
 The weight mapping is written out here on purpose (not taken from megaocto.convert.hf_llama), so the "matches
 transformers" tests stay independent of the converter they would otherwise be checking.
 """
+import io
+import json
+import os
+
 import torch
+
+CODE_TEXTS = ["def add(a, b):\n    return a + b\n", "print('hello world')", "for i in range(10):\n    x += i\n",
+              "class Foo:\n    pass\n", "import os\nos.path.join('a', 'b')\n"] * 20
+
+
+def write_codellama_tokenizer(directory: str, texts=CODE_TEXTS) -> str:
+    """A tiny CodeLlama-style tokenizer trained here (no network): ``tokenizer.model`` (sentencepiece BPE,
+    <unk>=0, <s>=1, </s>=2, byte fallback, as Llama's) + CodeLlama's ``tokenizer_config.json``."""
+    import sentencepiece as spm
+
+    os.makedirs(directory, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=400,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   hard_vocab_limit=False, minloglevel=2)
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "CodeLlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                   "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+    return directory
 
 
 def llama_hf_config(cfg, vocab: int, **extra):

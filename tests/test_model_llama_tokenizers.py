@@ -2,7 +2,6 @@
 tiny DeepSeek-Coder-style ``tokenizer.json`` (both built here, no network) give transformers' ids (BOS prepended),
 their BOS/EOS ids; preprocess and generation prompts start with BOS exactly when the tokenizer says so; and an
 exported HF folder (model + tokenizer) generates the same greedy tokens as ``megaocto generate``."""
-import io
 import json
 import os
 import shutil
@@ -11,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from llama_reference import CODE_TEXTS, write_codellama_tokenizer
 from megaocto.data.tokenizer import encode_prompt, load_tokenizer, train_bpe_tokenizer
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "print('hello world')", "for i in range(10):\n    x += i\n",
-         "class Foo:\n    pass\n", "import os\nos.path.join('a', 'b')\n"] * 20
+TEXTS = CODE_TEXTS
 SAMPLES = ["def add(a, b):", "print('hi')\n", "x = 1  # é\n  y", ""]
 # transformers 5's CodeLlamaTokenizer drops sentencepiece's dummy "▁" before a text that starts with spaces; megaocto
 # (like Meta's reference tokenizer, which the models were trained with) keeps sentencepiece's ids there.
@@ -29,20 +28,7 @@ def _added(content):
 
 @pytest.fixture(scope="module")
 def codellama_dir(tmp_path_factory):
-    """tokenizer.model (<unk>=0, <s>=1, </s>=2, byte fallback, as Llama's) + CodeLlama's tokenizer_config.json."""
-    import sentencepiece as spm
-
-    path = tmp_path_factory.mktemp("codellama")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_writer=model, vocab_size=400,
-                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   hard_vocab_limit=False, minloglevel=2)
-    (path / "tokenizer.model").write_bytes(model.getvalue())
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CodeLlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-         "eos_token": "</s>", "unk_token": "<unk>"}))
-    return str(path)
+    return write_codellama_tokenizer(str(tmp_path_factory.mktemp("codellama")))
 
 
 def _deepseek_tokenizer():
