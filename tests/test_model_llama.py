@@ -175,3 +175,25 @@ def test_kv_cache_generation_equals_no_cache_and_transformers():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                               pad_token_id=0)
         assert out == ref[0, len(prompt):].tolist()
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def test_triton_kernels_match_torch():
+    """``model.kernels: triton`` (rms_norm, swiglu, halves rotary, linear cross-entropy; interpreted on CPU) gives the
+    torch ops' loss and gradients."""
+    ids = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.roll(ids, -1, 1)
+    labels[0, :3] = -100
+    seg = torch.tensor([[1] * 9 + [2] * 7, [1] * 16])
+    out = {}
+    for kernels in ("torch", "triton"):
+        model = _model(kernels=kernels)
+        randomize_norms(model)
+        loss = model(ids, segment_ids=seg, labels=labels)
+        loss.sum().backward()
+        out[kernels] = loss.detach(), {k: p.grad for k, p in model.named_parameters()}
+        if kernels == "triton":
+            assert all(model.ops.impls[op] == "triton" for op in ("rms_norm", "swiglu", "rotary"))
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], atol=2e-5, rtol=1e-5)
+    for k, g in out["torch"][1].items():
+        torch.testing.assert_close(out["triton"][1][k], g, atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
