@@ -191,3 +191,24 @@ def test_exported_folder_with_tokenizer_generates_like_megaocto_generate(codella
             out = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
         new = out[0, ids.shape[1]:].tolist()
         assert text == tok.decode(ids[0, 1:].tolist() + new)[len(prompt):]
+
+
+def test_export_takes_bos_eos_ids_from_the_tokenizer(deepseek_dir, tmp_path):
+    """A llama checkpoint that was not converted from HF (e.g. trained from scratch) gets the tokenizer's BOS/EOS ids
+    in config.json when exported with --tokenizer (DeepSeek-Coder's are not Llama's default 1/2)."""
+    from megaocto.config.model import ModelConfig
+    from megaocto.convert.core import write_megaocto_checkpoint
+    from megaocto.convert.hf import to_hf
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+
+    tok = load_tokenizer(deepseek_dir)
+    cfg = ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size)
+    ck = str(tmp_path / "ck")
+    write_megaocto_checkpoint(ck, cfg, build_model(cfg, ParallelContext.single()).state_dict(), 1, progress=False)
+    to_hf(ck, str(tmp_path / "hf"), tokenizer=deepseek_dir, progress=False)
+    conf = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (tok.bos, tok.eod) != (1, 2)
+    to_hf(ck, str(tmp_path / "hf2"), progress=False)  # no tokenizer: Llama's defaults
+    conf = json.load(open(tmp_path / "hf2" / "config.json"))
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (1, 2)

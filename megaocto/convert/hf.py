@@ -182,6 +182,8 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     core.check_output_free(output)
     out_dtype = cast or core.checkpoint_dtype(directory, meta)
     token_ids = ((meta.get("converted_from") or {}).get("token_ids")) or {}
+    if tokenizer and not token_ids and cfg.family == "llama":  # e.g. trained from scratch with DeepSeek's tokenizer
+        token_ids = hf_llama.token_ids_from_tokenizer(tokenizer)
     hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
     _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
     bar = core.Progress(len(core.units(cfg)), "to-hf", progress)

@@ -27,7 +27,8 @@ max_position_embeddings, norm_epsilon, init_method_std``. Rotary: ``rope_theta``
 ``rope_parameters`` in transformers >= 5) -> ``rotary_base``; ``rope_scaling`` / ``rope_parameters`` of type
 ``linear`` -> ``rope_scaling_factor`` (``factor``); ``default`` / absent -> 1.0. Other RoPE types (``dynamic``,
 ``llama3``, ``yarn``, ...), ``hidden_act`` other than ``silu``, ``tie_word_embeddings``, ``attention_bias`` and
-``mlp_bias`` are refused before anything is written. ``rotary_emb.inv_freq`` buffers (old exports) are ignored.
+``mlp_bias`` are refused before anything is written. ``rotary_emb.inv_freq`` buffers (old exports) are ignored. bos/eos ids: the HF source's (``converted_from.token_ids``), else those of ``--tokenizer``, else
+Llama's 1/2.
 """
 from __future__ import annotations
 
@@ -126,6 +127,17 @@ def hf_config(cfg: ModelConfig, *, dtype: torch.dtype, token_ids: dict | None = 
     conf.architectures = [ARCHITECTURE]
     conf.dtype = dtype
     return conf
+
+
+def token_ids_from_tokenizer(path: str) -> dict:
+    """``{bos_token_id, eos_token_id}`` of the megaocto tokenizer at ``path`` (its ``bos`` and EOD)."""
+    from megaocto.data.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(path)
+    except TokenizerError as e:
+        raise ConversionError(f"--tokenizer: {e}") from None
+    return {"bos_token_id": tok.bos, "eos_token_id": tok.eod}
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
