@@ -1,6 +1,7 @@
 """Llama under tensor parallelism (gloo, 2 ranks): tp=2 reproduces tp=1 logits, per-token loss and gradients,
 with sequence parallelism off and on, for K/V heads split over TP (GQA, 2 groups) and replicated on every rank
-(1 K/V head < tp); and the check catches a replicated-K/V gradient that is not summed over TP."""
+(1 K/V head < tp); the check catches a replicated-K/V gradient that is not summed over TP; KV-cached greedy
+generation at tp=2 gives tp=1's tokens."""
 import torch
 import torch.distributed as dist
 
@@ -95,9 +96,27 @@ def _body_kv_bug(rank, world_size):
                                                          for i in range(cfg.num_layers)], bad
 
 
-def _body(rank, world_size):  # one spawn for both checks (process start-up dominates)
+def _body_generate(rank, world_size):
+    """KV-cached greedy decoding at tp=2 (sequence parallelism on for training, switched off by generate) gives
+    tp=1's tokens on both ranks, K/V split and replicated."""
+    from megaocto.generation.generate import GenerationConfig, generate
+
+    pc = ParallelContext.init(tp=2, sequence_parallel=True)
+    prompts = [[5, 17, 300, 42, 8], [9, 99], [7]]
+    gen = GenerationConfig(max_new_tokens=6)
+    for groups in (2, 1):
+        cfg = ModelConfig.from_preset("tiny-llama", num_query_groups=groups)
+        model, ref = _build(cfg, pc).eval(), _build(cfg, ParallelContext.single()).eval()
+        got = generate(model, prompts, gen, pc)
+        both = [None, None]
+        dist.all_gather_object(both, got, group=pc.tp_group)
+        assert both[0] == both[1] == generate(ref, prompts, gen), groups
+
+
+def _body(rank, world_size):  # one spawn for all checks (process start-up dominates)
     _body_tp(rank, world_size)
     _body_kv_bug(rank, world_size)
+    _body_generate(rank, world_size)
 
 
 def test_llama_tp2_matches_tp1_split_and_replicated_kv_and_catches_kv_grad_bug():
