@@ -268,9 +268,9 @@ def test_errors_are_raised_before_writing(hf_dirs, tmp_path):
     wrong = tmp_path / "wrong"
     shutil.copytree(src, wrong)
     conf = json.load(open(wrong / "config.json"))
-    conf.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    conf.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
     (wrong / "config.json").write_text(json.dumps(conf))
-    _expect_error(tmp_path, r"config.json: unsupported architecture \(model_type='llama'", from_hf, str(wrong))
+    _expect_error(tmp_path, r"config.json: unsupported architecture \(model_type='qwen2'", from_hf, str(wrong))
 
     mismatch = tmp_path / "mismatch"
     shutil.copytree(src, mismatch)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 NAME = "convert"
-HELP = "Convert checkpoints: HF GPTBigCode/GLM <-> megaocto, reshard TP, import bigcode Megatron-LM."
+HELP = "Convert checkpoints: HF GPTBigCode/GLM/Llama <-> megaocto, reshard TP, import bigcode Megatron-LM."
 
 _VERIFY_HELP = ("run source and result on a fixed random batch and print the max absolute logit difference "
                 "(fp32, one model in memory at a time); exit 1 when it is above --verify-tol")
@@ -51,7 +51,7 @@ def add_arguments(parser) -> None:
     dtypes = ["bf16", "fp16", "fp32"]
 
     p = sub.add_parser("from-hf",
-                       help="HF model directory (GPTBigCode, Glm, ChatGLM2/CodeGeeX2) -> megaocto checkpoint",
+                       help="HF model directory (GPTBigCode, Glm, ChatGLM2/CodeGeeX2, Llama) -> megaocto checkpoint",
                        description="Convert a Hugging Face model directory to a megaocto release checkpoint.")
     p.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors or pytorch_model*.bin)")
     p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")

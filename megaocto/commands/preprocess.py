@@ -26,6 +26,12 @@ def add_arguments(parser):
                              "(default: %(default)s)")
     parser.add_argument("--no-append-eod", dest="append_eod", action="store_false",
                         help="do not append the EOD token to each document")
+    bos = parser.add_mutually_exclusive_group()
+    bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None,
+                     help="put the BOS token in front of each document (default: when the tokenizer's add_bos is "
+                          "set, i.e. Llama-family tokenizers)")
+    bos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false",
+                     help="never put BOS in front of documents")
     parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
                         help="token dtype (default: %(default)s: uint16 below 65500 tokens)")
     parser.add_argument("--chunk-mb", type=float, default=1.0,
@@ -58,7 +64,8 @@ def _run(args) -> int:
         key_map[role] = key
     cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
                            format=args.format, json_key=args.json_key, key_map=key_map, workers=args.workers,
-                           on_error=args.on_error, append_eod=args.append_eod, dtype=args.dtype,
+                           on_error=args.on_error, append_eod=args.append_eod, prepend_bos=args.prepend_bos,
+                           dtype=args.dtype,
                            chunk_bytes=max(1, int(args.chunk_mb * 2**20)), join=args.join,
                            log_interval=args.log_interval)
     if args.max_line_bytes:

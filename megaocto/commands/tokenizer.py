@@ -52,7 +52,8 @@ def _run(args) -> int:
             print(f"  skipped {n}: {reason}")
         return 0
     tok = load_tokenizer(args.path)
-    print(f"{tok.path}: {type(tok).__name__}, vocab {tok.vocab_size}, eod {tok.eod}, pad {tok.pad}, bos {tok.bos}")
+    print(f"{tok.path}: {type(tok).__name__}, vocab {tok.vocab_size}, eod {tok.eod}, pad {tok.pad}, bos {tok.bos}, "
+          f"add_bos {tok.add_bos}")
     for t in STARCODER_SPECIAL_TOKENS:
         tid = tok.token_to_id(t)
         if tid is not None:

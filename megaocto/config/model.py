@@ -1,12 +1,15 @@
 """Model architecture configuration (importable without torch).
 
-Two families share one dataclass:
+Three families share one dataclass:
 
 * ``bigcode`` — GPT-2 style decoder used by SantaCoder / StarCoder(Base): pre-LayerNorm blocks, learned
   absolute positions, tied input/output embeddings, tanh-GELU MLP, multi-query (``num_query_groups=1``),
   grouped or multi-head attention.
 * ``glm2`` — ChatGLM2 / CodeGeeX2: RMSNorm, SwiGLU MLP, rotary embedding on part of each head (GLM's
   interleaved pairs), grouped K/V, bias on the QKV projection only, untied output layer.
+* ``llama`` — Llama architecture (CodeLlama, DeepSeek-Coder): RMSNorm, SwiGLU MLP, rotary embedding on the whole
+  head in GPT-NeoX "halves" style with ``rotary_base`` (rope_theta) and linear ``rope_scaling_factor``, MHA or GQA
+  (K/V heads split over TP, replicated when tp > K/V heads), no biases, untied output layer.
 
 ``ModelConfig.from_preset("starcoder-15b", seq_length=4096)`` builds a validated config from the data in
 :mod:`megaocto.config.presets`.
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 from megaocto.config.base import ConfigError, field
 
-FAMILIES = ("bigcode", "glm2")
+FAMILIES = ("bigcode", "glm2", "llama")
 ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")
 KERNEL_IMPLS = ("torch", "triton", "auto")  # megaocto.kernels.registry.IMPLS
 
@@ -54,13 +57,15 @@ def weight_shape_differences(saved: dict, configured: dict) -> list[str]:
 
 @dataclass
 class ModelConfig:
-    family: str = field("bigcode", "Model family: bigcode (GPT/StarCoder, MQA/MHA) or glm2 (ChatGLM2/CodeGeeX2).")
+    family: str = field("bigcode", "Model family: bigcode (GPT/StarCoder, MQA/MHA), glm2 (ChatGLM2/CodeGeeX2) or "
+                                   "llama (CodeLlama, DeepSeek-Coder).")
     num_layers: int = field(2, "Number of transformer blocks (Megatron --num-layers).")
     hidden_size: int = field(64, "Width of the residual stream h (Megatron --hidden-size).")
     num_attention_heads: int = field(4, "Number of query heads; must be divisible by the tensor-parallel size.")
     num_query_groups: int = field(
         1, "Number of K/V heads: 1 = multi-query (StarCoder), == num_attention_heads = multi-head, "
-           "otherwise grouped (CodeGeeX2 uses 2). With >1 group, groups must be divisible by tp.")
+           "otherwise grouped (CodeGeeX2 uses 2). With >1 group, groups must be divisible by tp (llama: or tp "
+           "divisible by groups, which replicates the K/V projection on every TP rank).")
     kv_channels: int | None = field(None, "Per-head dimension; None means hidden_size // num_attention_heads.")
     ffn_hidden_size: int | None = field(
         None, "MLP inner width; None means 4*hidden_size. For swiglu this is the width of each of gate/up.")
@@ -73,8 +78,8 @@ class ModelConfig:
               "(rotary positions have no table). None means seq_length.")
     activation: str = field(
         "gelu_tanh", "MLP activation: gelu_tanh (Megatron's fused bias-GELU, HF gelu_pytorch_tanh), gelu (exact erf) "
-                     "or swiglu (glm2: silu(gate) * up).")
-    norm_epsilon: float = field(1e-5, "Epsilon of LayerNorm (bigcode) / RMSNorm (glm2).")
+                     "or swiglu (glm2, llama: silu(gate) * up).")
+    norm_epsilon: float = field(1e-5, "Epsilon of LayerNorm (bigcode) / RMSNorm (glm2, llama).")
     init_method_std: float = field(
         0.02, "Std of the normal init of weights; output projections (attention dense, MLP down) use "
               "std / sqrt(2 * num_layers) (Megatron --init-method-std).")
@@ -86,8 +91,12 @@ class ModelConfig:
     tie_embeddings: bool = field(
         True, "Use the input word embedding as the output layer (bigcode); false adds an untied output_layer (glm2).")
     rotary_percent: float = field(
-        0.5, "glm2: fraction of each head's dims that get rotary position embedding (CodeGeeX2: 0.5).")
-    rotary_base: float = field(10000.0, "glm2: rotary frequency base theta.")
+        0.5, "glm2: fraction of each head's dims that get rotary position embedding (CodeGeeX2: 0.5); llama rotates "
+             "the whole head (must be 1.0).")
+    rotary_base: float = field(10000.0, "glm2, llama: rotary frequency base theta (HF rope_theta).")
+    rope_scaling_factor: float = field(
+        1.0, "llama: linear RoPE scaling (HF rope_scaling {type: linear, factor}): rotary angles use position / "
+             "factor. 1.0 = no scaling (DeepSeek-Coder uses 4.0).")
     kernels: str = field(
         "auto", "Fused-kernel implementation (megaocto.kernels): torch (plain torch, apex norms when installed), "
                 "triton (fused Triton kernels; on CPU only under TRITON_INTERPRET=1) or auto (triton on CUDA when "
@@ -112,8 +121,15 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """Number of rotated dims per head (glm2); 0 for bigcode."""
-        return int(self.head_dim * self.rotary_percent) if self.family == "glm2" else 0
+        """Number of rotated dims per head (glm2, llama); 0 for bigcode."""
+        return int(self.head_dim * self.rotary_percent) if self.family in ("glm2", "llama") else 0
+
+    def kv_split_over(self, tp: int) -> bool:
+        """Whether the K/V heads are split over ``tp`` ranks (False: every rank holds all of them — bigcode MQA,
+        or llama with tp > num_query_groups)."""
+        if self.family == "bigcode" and self.is_mqa:
+            return False
+        return self.num_query_groups % tp == 0
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         return pad_vocab(self.vocab_size, tp, self.make_vocab_size_divisible_by)
@@ -157,10 +173,11 @@ class ModelConfig:
             raise ConfigError(f"model.kernels must be one of {KERNEL_IMPLS} (got {self.kernels!r})")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"model.activation must be one of {ACTIVATIONS} (got {self.activation!r})")
-        if self.family == "glm2" and self.activation != "swiglu":
-            raise ConfigError(f"model.activation must be 'swiglu' for family glm2 (got {self.activation!r})")
+        if self.family in ("glm2", "llama") and self.activation != "swiglu":
+            raise ConfigError(f"model.activation must be 'swiglu' for family {self.family} (got {self.activation!r})")
         if self.family == "bigcode" and self.activation == "swiglu":
-            raise ConfigError("model.activation 'swiglu' is only supported by family glm2; use gelu_tanh for bigcode")
+            raise ConfigError("model.activation 'swiglu' is only supported by families glm2 and llama; use gelu_tanh "
+                              "for bigcode")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
@@ -175,7 +192,13 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by tp={tp}; "
                 f"pick a tensor-parallel size that divides the head count")
-        if self.num_query_groups > 1 and self.num_query_groups % tp:
+        if self.family == "llama":
+            if self.num_query_groups % tp and tp % self.num_query_groups:
+                raise ConfigError(
+                    f"model.num_query_groups={self.num_query_groups} and tp={tp}: llama splits the K/V heads over TP "
+                    f"when tp divides them, or replicates them on every rank when they divide tp; use a tp that "
+                    f"divides or is a multiple of {self.num_query_groups}")
+        elif self.num_query_groups > 1 and self.num_query_groups % tp:
             raise ConfigError(
                 f"model.num_query_groups={self.num_query_groups} is not divisible by tp={tp}: every TP rank must own "
                 f"whole K/V groups. Use tp in the divisors of {self.num_query_groups}, or multi-query "
@@ -209,3 +232,16 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.rotary_percent={self.rotary_percent} must give an even, non-zero number of rotated dims "
                     f"per head (head_dim={self.head_dim} -> {self.rotary_dim})")
+        if self.family == "llama":
+            for name in ("tie_embeddings", "add_qkv_bias", "add_bias_linear"):
+                if getattr(self, name):
+                    raise ConfigError(f"llama has no biases and an untied output layer; set model.{name}=false")
+            if self.rotary_percent != 1.0:
+                raise ConfigError(f"llama rotates the whole head; set model.rotary_percent=1.0 "
+                                  f"(got {self.rotary_percent})")
+            if self.head_dim % 2:
+                raise ConfigError(f"llama rotary needs an even head dim (got {self.head_dim})")
+            if self.rope_scaling_factor < 1.0:
+                raise ConfigError(f"model.rope_scaling_factor must be >= 1 (got {self.rope_scaling_factor})")
+            if self.rotary_base <= 0:
+                raise ConfigError(f"model.rotary_base must be > 0 (got {self.rotary_base})")

@@ -3,7 +3,7 @@ torch.save writer, progress lines and logit verification.
 
 Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
 
-``param_specs(cfg) -> dict[name, ParamSpec]``
+``param_specs(cfg, tp=1) -> dict[name, ParamSpec]``
     The megaocto parameter-name space: exactly the ``state_dict`` names of ``build_model(cfg,
     ParallelContext.single())`` (built on the meta device, so free), in that order, with the unsharded shape and
     how each name is split over TP (``partition_dim`` / ``partition_blocks``, taken from the layer tags of
@@ -132,8 +132,10 @@ class ParamSpec:
     vocab: bool  # rows are the (padded) vocabulary
 
 
-def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """Names (in ``state_dict`` order), shapes and TP layout of ``build_model(cfg, ParallelContext.single())``."""
+def param_specs(cfg: ModelConfig, tp: int = 1) -> dict[str, ParamSpec]:
+    """Names (in ``state_dict`` order), shapes and TP layout of ``build_model(cfg, ParallelContext.single())``;
+    a parameter tagged ``kv_groups`` (llama's ``key_value``) is split over ``tp`` only up to ``tp = kv_groups`` and
+    replicated above it."""
     from megaocto.model import build_model
     from megaocto.parallel.context import ParallelContext
 
@@ -141,7 +143,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     model = build_model(cfg, ParallelContext.single(), device="meta")
     specs = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        tp_split = bool(getattr(t, "tensor_parallel", False))
+        tp_split = bool(getattr(t, "tensor_parallel", False)) and tp <= getattr(t, "kv_groups", tp)
         specs[name] = ParamSpec(name, tuple(t.shape), t.partition_dim if tp_split else None,
                                 getattr(t, "partition_blocks", None) if tp_split else None, name in VOCAB_PARAMS)
     return specs
@@ -282,7 +284,7 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
     cast = parse_dtype(dtype)
     check_tp(cfg, tp)
     check_output_free(output)
-    specs = param_specs(cfg)
+    specs = param_specs(cfg, tp)
     rows = padded_vocab(cfg, tp)
     bar = Progress(len(units(cfg)), "convert", progress)
     seen: set[str] = set()
@@ -548,7 +550,7 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
     directory, meta, _ = checkpoint_info(load, iteration)
     cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
     tp = int(meta.get("tp", 1))
-    specs = param_specs(cfg)
+    specs = param_specs(cfg, tp)
     paths = [os.path.join(directory, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE) for r in range(tp)]
 
     def gen() -> Iterator[tuple[str, torch.Tensor]]:

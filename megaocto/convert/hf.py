@@ -2,7 +2,7 @@
 
 ``from_hf(hf_dir, output, *, tp=1, dtype=None, verify=False, progress=True) -> float | None``
     Detects the layout from ``config.json`` — ``gpt_bigcode`` (hf_bigcode.py), native ``glm`` or original
-    ``chatglm`` (hf_glm.py) — checks the config, the TP split, every weight's name, shape (against the family's
+    ``chatglm`` (hf_glm.py), ``llama`` (hf_llama.py) — checks the config, the TP split, every weight's name, shape (against the family's
     ``expected_hf_shapes``) and dtype, and that ``output`` does not exist, all before writing; then streams the
     tensors one layer at a time through :func:`megaocto.convert.core.write_megaocto_checkpoint`. With ``verify``
     returns (and prints) the max abs logit difference between the HF source (transformers; for ChatGLM2 a native
@@ -29,17 +29,17 @@ from types import ModuleType
 import torch
 
 from megaocto.config.model import ModelConfig
-from megaocto.convert import core, hf_bigcode, hf_glm
+from megaocto.convert import core, hf_bigcode, hf_glm, hf_llama
 from megaocto.convert.core import ConversionError
 from megaocto.convert.io import HFSource, SafetensorsShardWriter, copy_tokenizer, parse_size, tokenizer_files
 
-FAMILIES: dict[str, ModuleType] = {"bigcode": hf_bigcode, "glm2": hf_glm}
+FAMILIES: dict[str, ModuleType] = {"bigcode": hf_bigcode, "glm2": hf_glm, "llama": hf_llama}
 
 
 @dataclasses.dataclass
 class HFPlan:
     """What a from-hf conversion will do, decided (and checked) before writing."""
-    layout: str  # gpt_bigcode | glm | chatglm
+    layout: str  # gpt_bigcode | glm | chatglm | llama
     cfg: ModelConfig
     source: HFSource
     token_ids: dict
@@ -59,6 +59,10 @@ def plan_from_hf(hf_dir: str, tp: int) -> HFPlan:
         layout, cfg = "glm", hf_glm.config_from_hf(conf, where)
         shapes = hf_glm.expected_hf_shapes(cfg)
         ignorable = hf_glm.ignorable_hf_names(cfg, src.names())
+    elif hf_llama.detect(conf):
+        layout, cfg = "llama", hf_llama.config_from_hf(conf, where)
+        shapes = hf_llama.expected_hf_shapes(cfg)
+        ignorable = hf_llama.ignorable_hf_names(cfg, src.names())
     elif hf_glm.detect_chatglm(conf):
         layout, cfg = "chatglm", hf_glm.config_from_chatglm(conf, where)
         shapes, ignorable = hf_glm.chatglm_shapes(cfg), hf_glm.CHATGLM_IGNORABLE
@@ -66,7 +70,7 @@ def plan_from_hf(hf_dir: str, tp: int) -> HFPlan:
         raise ConversionError(
             f"{where}: unsupported architecture (model_type={conf.get('model_type')!r}, architectures="
             f"{conf.get('architectures')!r}); supported: gpt_bigcode (GPTBigCodeForCausalLM), glm (GlmForCausalLM), "
-            f"chatglm (ChatGLM2/CodeGeeX2)")
+            f"chatglm (ChatGLM2/CodeGeeX2), llama (LlamaForCausalLM)")
     core.check_tp(cfg, tp)
     src.check(list(shapes), ignorable, where=f"{layout} with {cfg.num_layers} layers")
     _check_shapes(shapes, src)
@@ -92,6 +96,8 @@ def _source_iter(plan: HFPlan):
         return hf_bigcode.iter_from_hf(plan.cfg, get)
     if plan.layout == "glm":
         return hf_glm.iter_from_hf(plan.cfg, get)
+    if plan.layout == "llama":
+        return hf_llama.iter_from_hf(plan.cfg, get)
     return hf_glm.iter_from_chatglm(plan.cfg, get)
 
 
@@ -176,6 +182,8 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     core.check_output_free(output)
     out_dtype = cast or core.checkpoint_dtype(directory, meta)
     token_ids = ((meta.get("converted_from") or {}).get("token_ids")) or {}
+    if tokenizer and not token_ids and cfg.family == "llama":  # e.g. trained from scratch with DeepSeek's tokenizer
+        token_ids = hf_llama.token_ids_from_tokenizer(tokenizer)
     hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
     _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
     bar = core.Progress(len(core.units(cfg)), "to-hf", progress)

@@ -49,6 +49,9 @@ class PreprocessConfig:
     on_error: str = field("fail", "Bad rows: 'fail' stops at the first with file:line: reason; 'skip' counts them.")
     append_eod: bool = field(True, "Append the tokenizer's EOD id to each document (every `text` key; only "
                                    "`targets` for input/target formats).")
+    prepend_bos: bool | None = field(None, "Put the tokenizer's BOS id in front of each document (every `text` key; "
+                                           "only `inputs` for input/target formats). None = the tokenizer's "
+                                           "add_bos (true for Llama-family tokenizers).")
     chunk_bytes: int = field(1 << 20, "Input bytes per work unit/shard. Output does not depend on it.")
     batch_bytes: int = field(1 << 20, "Text bytes per encode_batch call inside a worker (bounds memory).")
     max_line_bytes: int = field(DEFAULT_MAX_LINE_BYTES, "Longer jsonl lines are bad rows ('oversized').")
@@ -165,6 +168,8 @@ def _process_chunk(task: _Task) -> _ChunkResult:
     names = output_names(fmt, keys)
     dtype = _token_dtype(cfg, tok.vocab_size)
     eod = np.array([tok.eod], dtype=dtype) if cfg.append_eod else None
+    add_bos = tok.add_bos if cfg.prepend_bos is None else cfg.prepend_bos
+    bos = np.array([tok.bos], dtype=dtype) if add_bos else None
     # fail mode: the reader raises at the first bad row, so nothing after it is read or counted as skipped.
     reader = JsonlReader([task.path], keys, cfg.on_error, cfg.max_line_bytes, task.start, task.end)
     builders = [indexed.MMapIndexedDatasetBuilder(indexed.data_file_path(indexed.dataset_prefix(task.shard_prefix, n)),
@@ -192,6 +197,8 @@ def _process_chunk(task: _Task) -> _ChunkResult:
                 arr = np.array(ids[j], dtype=dtype)
                 if eod is not None and (fmt.eod_on_all or j == len(builders) - 1):
                     arr = np.concatenate([arr, eod])
+                if bos is not None and (fmt.eod_on_all or j == 0):
+                    arr = np.concatenate([bos, arr])
                 b.add_item(arr)
                 b.end_document()
                 result.tokens[names[j]] += arr.size
@@ -280,6 +287,8 @@ def preprocess(cfg: PreprocessConfig, log=None) -> PreprocessResult:
     keys = resolve_keys(fmt, cfg.json_key, cfg.key_map)
     names = output_names(fmt, keys)
     tok = load_tokenizer(cfg.tokenizer)  # fail fast here, not in every worker
+    if cfg.prepend_bos and tok.bos is None:
+        raise ConfigError(f"prepend_bos: tokenizer {cfg.tokenizer} has no BOS token")
     dtype = _token_dtype(cfg, tok.vocab_size)
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     os.makedirs(out_dir, exist_ok=True)

@@ -1,9 +1,18 @@
-"""Tokenizers: HF ``tokenizer.json`` (StarCoder style) and sentencepiece ``.model`` (ChatGLM2/CodeGeeX2 style).
+"""Tokenizers: HF ``tokenizer.json`` (StarCoder, DeepSeek-Coder, Llama fast) and sentencepiece ``.model``
+(ChatGLM2/CodeGeeX2, CodeLlama).
 
 ``load_tokenizer(path)`` returns an object with ``encode(text) -> list[int]``, ``encode_batch(texts)``,
-``decode(ids)``, ``vocab_size``, ``eod``, ``pad``, ``bos`` and ``token_to_id(token)``. ``encode`` never adds
-BOS/EOS: formats append EOD explicitly. Special-token strings in the text (``<commit_before>``, ``[gMASK]``)
-become their ids.
+``decode(ids)``, ``vocab_size``, ``eod``, ``pad``, ``bos``, ``add_bos`` and ``token_to_id(token)``. ``encode``
+never adds BOS/EOS. Special-token strings in the text (``<commit_before>``, ``[gMASK]``) become their ids.
+
+BOS protocol: ``add_bos`` says whether the model expects ``bos`` in front of every document and prompt (Llama
+family: CodeLlama ``<s>`` = 1, DeepSeek-Coder ``<｜begin▁of▁sentence｜>`` = 32013; StarCoder and ChatGLM2: no).
+Whoever starts a sequence adds it: :func:`encode_prompt` (generation, evaluation) and the preprocess formats
+(BOS before a document's first output, EOD after its last). ``add_bos`` comes from, in order: the caller
+(``add_bos=``), ``add_bos_token`` in a ``tokenizer_config.json`` next to the tokenizer file, and for a
+``tokenizer.json`` whether its post-processor prepends a special token; otherwise False. The same
+``tokenizer_config.json`` supplies ``bos_token`` / ``eos_token`` (the EOD) when present, and a ``tokenizer_class``
+naming a Llama tokenizer makes a sentencepiece ``.model`` load without ChatGLM2's extra special tokens.
 
 ``train_bpe_tokenizer`` trains a byte-level BPE whose ids 0..18 are StarCoder's 19 special tokens.
 """
@@ -22,7 +31,7 @@ STARCODER_SPECIAL_TOKENS = (
 # ChatGLM2 / CodeGeeX2 add these after the sentencepiece vocabulary (ids n_pieces + i).
 GLM2_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 
-_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>", "<｜end▁of▁sentence｜>")
 _PAD_CANDIDATES = ("<fim_pad>", "<pad>", "[PAD]", "<|pad|>")
 
 
@@ -30,10 +39,54 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing, unreadable, or lacks a token the caller needs."""
 
 
+def tokenizer_config(path: str) -> dict:
+    """The ``tokenizer_config.json`` next to tokenizer file ``path`` (HF's special-token settings), or {}."""
+    import json
+
+    conf_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+    if not os.path.isfile(conf_path):
+        return {}
+    try:
+        with open(conf_path, encoding="utf-8") as f:
+            conf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{conf_path}: cannot read tokenizer_config.json: {e}") from None
+    if not isinstance(conf, dict):
+        raise TokenizerError(f"{conf_path}: expected a JSON object")
+    return conf
+
+
+def _config_token(conf: dict, key: str) -> str | None:
+    """``bos_token`` / ``eos_token`` of a tokenizer_config.json: a string or ``{"content": ...}``."""
+    v = conf.get(key)
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) and v else None
+
+
+def is_llama_tokenizer_config(conf: dict) -> bool:
+    """A tokenizer_config.json of a Llama-family sentencepiece tokenizer (LlamaTokenizer, CodeLlamaTokenizer)."""
+    return "llama" in str(conf.get("tokenizer_class", "")).lower()
+
+
+def encode_prompt(tok, text: str, max_tokens: int | None = None) -> list[int]:
+    """Ids of a prompt that starts a sequence: ``encode(text)`` with ``bos`` in front when ``tok.add_bos``; an
+    empty text gives ``[bos]`` or ``[eod]``. ``max_tokens`` keeps the last tokens of a longer prompt (BOS kept)."""
+    ids = tok.encode(text)
+    bos = [tok.bos] if getattr(tok, "add_bos", False) else []
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
+        keep = max_tokens - len(bos)
+        ids = ids[len(ids) - keep:] if 0 < keep < len(ids) else ids if keep > 0 else []
+    return bos + ids if (bos or ids) else [tok.eod]
+
+
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` (what Megatron's TokenizerFromFile wraps)."""
 
-    def __init__(self, path: str, eod_token: str | None = None, pad_token: str | None = None):
+    def __init__(self, path: str, eod_token: str | None = None, pad_token: str | None = None,
+                 add_bos: bool | None = None):
         from tokenizers import Tokenizer
 
         self.path = path
@@ -43,10 +96,29 @@ class HFTokenizer:
             raise TokenizerError(f"{path}: cannot load tokenizer.json: {e}") from None
         self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.eod = _pick(self, eod_token, _EOD_CANDIDATES, path, "EOD")
+        conf = tokenizer_config(path)
+        self.eod = _pick(self, eod_token or _config_token(conf, "eos_token"), _EOD_CANDIDATES, path, "EOD")
         pad = _pick(self, pad_token, _PAD_CANDIDATES, path, "pad", required=False)
         self.pad = self.eod if pad is None else pad
-        self.bos = self.eod if self.token_to_id("<|endoftext|>") == self.eod else self.token_to_id("<s>")
+        prepended = self._prepended_special()
+        if _config_token(conf, "bos_token") is not None:
+            self.bos = _pick(self, _config_token(conf, "bos_token"), (), path, "BOS")
+        elif prepended is not None:
+            self.bos = prepended
+        else:
+            self.bos = self.eod if self.token_to_id("<|endoftext|>") == self.eod else self.token_to_id("<s>")
+        if add_bos is None:
+            add_bos = bool(conf.get("add_bos_token", prepended is not None))
+        self.add_bos = _check_add_bos(add_bos, self.bos, path)
+
+    def _prepended_special(self) -> int | None:
+        """The id the tokenizer.json's post-processor puts in front of a single sequence (Llama / DeepSeek
+        ``TemplateProcessing``), or None."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        if len(full) > len(plain) and full[len(full) - len(plain):] == plain and full[:1] != plain[:1]:
+            return full[0]
+        return None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -66,7 +138,7 @@ class SentencePieceTokenizer:
     (ChatGLM2/CodeGeeX2: ``[MASK] [gMASK] [sMASK] sop eop`` → vocab 64794)."""
 
     def __init__(self, path: str, special_tokens: Iterable[str] = GLM2_SPECIAL_TOKENS,
-                 eod_token: str | None = None, pad_token: str | None = None):
+                 eod_token: str | None = None, pad_token: str | None = None, add_bos: bool = False):
         import sentencepiece as spm
 
         self.path = path
@@ -98,6 +170,7 @@ class SentencePieceTokenizer:
         else:  # ChatGLM2 pads with unk (id 0)
             self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else max(self._sp.unk_id(), 0)
         self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.add_bos = _check_add_bos(add_bos, self.bos, path)
 
     def _require(self, token, what):
         tid = self.token_to_id(token)
@@ -142,6 +215,12 @@ class SentencePieceTokenizer:
         return pid
 
 
+def _check_add_bos(add_bos: bool, bos: int | None, path: str) -> bool:
+    if add_bos and bos is None:
+        raise TokenizerError(f"{path}: add_bos is set but the tokenizer has no BOS token")
+    return bool(add_bos)
+
+
 def _pick(tok, explicit, candidates, path, what, required=True):
     if explicit is not None:
         tid = tok.token_to_id(explicit)
@@ -159,8 +238,12 @@ def _pick(tok, explicit, candidates, path, what, required=True):
 
 
 def load_tokenizer(path: str, *, eod_token: str | None = None, pad_token: str | None = None,
-                   sp_special_tokens: Iterable[str] = GLM2_SPECIAL_TOKENS):
-    """Load ``tokenizer.json`` / a ``.model`` file, or a directory holding one of them."""
+                   sp_special_tokens: Iterable[str] | None = None, add_bos: bool | None = None):
+    """Load ``tokenizer.json`` / a ``.model`` file, or a directory holding one of them (``tokenizer.json`` first).
+
+    ``sp_special_tokens`` (sentencepiece only): extra tokens added after the pieces; None = ChatGLM2's
+    ``[MASK] [gMASK] [sMASK] sop eop`` unless the ``tokenizer_config.json`` next to the file names a Llama
+    tokenizer (then none). ``add_bos``: None = from the tokenizer files (see the module docstring)."""
     if os.path.isdir(path):
         for name in ("tokenizer.json", "tokenizer.model"):
             if os.path.isfile(os.path.join(path, name)):
@@ -174,8 +257,15 @@ def load_tokenizer(path: str, *, eod_token: str | None = None, pad_token: str | 
     if not os.path.isfile(path):
         raise TokenizerError(f"{path}: tokenizer file not found")
     if path.endswith(".model"):
-        return SentencePieceTokenizer(path, sp_special_tokens, eod_token, pad_token)
-    return HFTokenizer(path, eod_token, pad_token)
+        conf = tokenizer_config(path)
+        llama = is_llama_tokenizer_config(conf)
+        if sp_special_tokens is None:
+            sp_special_tokens = () if llama else GLM2_SPECIAL_TOKENS
+        if add_bos is None:
+            add_bos = bool(conf.get("add_bos_token", llama))
+        return SentencePieceTokenizer(path, sp_special_tokens, eod_token or _config_token(conf, "eos_token"),
+                                      pad_token, add_bos)
+    return HFTokenizer(path, eod_token, pad_token, add_bos)
 
 
 def iter_training_texts(paths: Iterable[str], json_keys: Iterable[str] = ("text",),

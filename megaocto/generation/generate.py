@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from megaocto.data.tokenizer import encode_prompt
 from megaocto.generation.kv_cache import KVCache
 from megaocto.generation.sampling import full_vocab_logits, sample_next
 
@@ -309,17 +310,16 @@ def generate_text(model, tokenizer, prompts: Sequence[str], gen: GenerationConfi
                   max_prompt_tokens: int | None = None) -> list[str]:
     """Completions (text after the prompt) for text prompts, × ``gen.num_samples`` in prompt-major order.
 
-    Prompts are encoded with ``tokenizer.encode`` (no special tokens added; an empty prompt becomes
-    ``[tokenizer.eod]``); ``max_prompt_tokens`` keeps only the last that many tokens of a longer prompt.
+    Prompts are encoded with :func:`megaocto.data.tokenizer.encode_prompt`: ``tokenizer.encode`` plus ``bos`` in
+    front when ``tokenizer.add_bos`` (Llama family), no other special tokens; an empty prompt becomes ``[bos]`` or
+    ``[tokenizer.eod]``; ``max_prompt_tokens`` keeps only the last that many tokens of a longer prompt (BOS kept).
     ``eos_id`` defaults to ``tokenizer.eod``. A completion is the text the new tokens add after the prompt
     (:func:`completion_text`, so a sentencepiece leading space is kept). A row stops as soon as its completion
     contains a stop string, and the text is cut at the earliest stop. Collective over TP like :func:`generate`.
     """
-    encoded = [tokenizer.encode(p) or [tokenizer.eod] for p in prompts]
-    if max_prompt_tokens is not None:
-        if max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1 (got {max_prompt_tokens})")
-        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1 (got {max_prompt_tokens})")
+    encoded = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
     if gen.eos_id is None:
         gen = dataclasses.replace(gen, eos_id=tokenizer.eod)
     strings = gen.stop_strings

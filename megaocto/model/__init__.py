@@ -1,4 +1,5 @@
-"""Models: ``build_model(cfg, pc)`` for the bigcode (GPT/StarCoder) and glm2 (CodeGeeX2) families.
+"""Models: ``build_model(cfg, pc)`` for the bigcode (GPT/StarCoder), glm2 (CodeGeeX2) and llama (CodeLlama,
+DeepSeek-Coder) families.
 
 ``megaocto.model.flops`` and ``megaocto.model.memory`` need no torch; the family modules are imported lazily.
 """
@@ -29,6 +30,8 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
     cfg.validate(pc.tp, sequence_parallel=getattr(pc, "sequence_parallel", False))
     if cfg.family == "bigcode":
         from megaocto.model.bigcode import BigCodeModel as cls
+    elif cfg.family == "llama":
+        from megaocto.model.llama import LlamaModel as cls
     else:
         from megaocto.model.glm2 import GLM2Model as cls
     return cls(cfg, pc, dtype=dtype if dtype is not None else torch.float32, device=device,

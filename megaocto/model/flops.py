@@ -25,7 +25,8 @@ from megaocto.config.model import ModelConfig
 class ParamSpec:
     name: str
     shape: tuple[int, ...]
-    partition_dim: int | None  # None = replicated on every TP rank (LayerNorm, MQA key_value, positions, row biases)
+    partition_dim: int | None  # None = replicated on every TP rank (norms, MQA key_value, positions, row biases,
+    #                            llama key_value when tp > K/V heads)
     kind: str  # "embedding" | "position" | "output" | "layer" | "norm"
 
     @property
@@ -39,14 +40,18 @@ class ParamSpec:
         return self.numel // tp if self.partition_dim is not None else self.numel
 
 
-def _layer_specs(cfg: ModelConfig, i: int) -> list[ParamSpec]:
+def _layer_specs(cfg: ModelConfig, i: int, tp: int = 1) -> list[ParamSpec]:
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
     q_width, kv_width = cfg.num_attention_heads * d, cfg.num_query_groups * d
     p = f"layers.{i}."
     out: list[ParamSpec] = []
     norm_names = ("weight", "bias") if cfg.family == "bigcode" else ("weight",)
     out += [ParamSpec(p + "input_layernorm." + n, (h,), None, "norm") for n in norm_names]
-    if cfg.family == "bigcode" and cfg.is_mqa:
+    if cfg.family == "llama":  # query column-parallel; key_value [k | v] split over TP, or replicated above groups
+        out.append(ParamSpec(p + "self_attention.query.weight", (q_width, h), 0, "layer"))
+        out.append(ParamSpec(p + "self_attention.key_value.weight", (2 * kv_width, h),
+                             0 if cfg.kv_split_over(tp) else None, "layer"))
+    elif cfg.family == "bigcode" and cfg.is_mqa:
         out.append(ParamSpec(p + "self_attention.query.weight", (q_width, h), 0, "layer"))
         if cfg.add_qkv_bias:
             out.append(ParamSpec(p + "self_attention.query.bias", (q_width,), 0, "layer"))
@@ -78,7 +83,7 @@ def param_table(cfg: ModelConfig, tp: int = 1) -> list[ParamSpec]:
     if cfg.family == "bigcode":
         specs.append(ParamSpec("embedding.position_embeddings.weight", (cfg.max_positions, h), None, "position"))
     for i in range(cfg.num_layers):
-        specs += _layer_specs(cfg, i)
+        specs += _layer_specs(cfg, i, tp)
     norm_names = ("weight", "bias") if cfg.family == "bigcode" else ("weight",)
     specs += [ParamSpec("final_layernorm." + n, (h,), None, "norm") for n in norm_names]
     if not cfg.tie_embeddings:

@@ -81,7 +81,11 @@ def activation_bytes_per_layer(cfg: ModelConfig, *, tp: int, micro_batch: int, s
     s, b, h = seq_len, micro_batch, cfg.hidden_size
     a, d, g, f = cfg.num_attention_heads, cfg.head_dim, cfg.num_query_groups, cfg.ffn_size
     rep = 1.0 / tp if sequence_parallel else 1.0  # tensors outside the TP region
-    kv_t = tp if (g > 1 or cfg.family == "glm2") else 1  # MQA K/V are replicated on every TP rank
+    # MQA K/V (and llama's K/V when tp > groups) are computed whole on every TP rank
+    if cfg.family == "llama":
+        kv_t = tp if cfg.kv_split_over(tp) else 1
+    else:
+        kv_t = tp if (g > 1 or cfg.family == "glm2") else 1
     sb = s * b
     total = 2 * elem * sb * h * rep  # inputs of the two norms
     total += elem * sb * h * rep  # QKV GEMM input (norm output)
