@@ -89,15 +89,15 @@ def test_reshard_errors_before_writing(tmp_path):
         reshard(src, out, tp=4, progress=False)
     with pytest.raises(ConversionError, match="unsupported dtype 'fp8'"):
         reshard(src, out, tp=1, dtype="fp8", progress=False)
-    with pytest.raises(ConversionError, match="not a directory"):
+    with pytest.raises(ckpt.CheckpointError, match="not a directory"):
         reshard(str(tmp_path / "nope"), out, tp=1, progress=False)
     with pytest.raises(ConversionError, match="already exists"):
         reshard(src, src, tp=1, progress=False)
     os.remove(ckpt.model_file(src, "release", 1))
-    with pytest.raises(ConversionError, match=r"mp_rank_01/model_optim_rng.pt: missing \(metadata says tp=2\)"):
+    with pytest.raises(ckpt.CheckpointError, match=r"mp_rank_01/model_optim_rng.pt: missing \(metadata says tp=2\)"):
         reshard(src, out, tp=1, progress=False)
     os.remove(os.path.join(src, "release", "metadata.json"))
-    with pytest.raises(ConversionError, match="metadata.json: missing.*from-megatron"):
+    with pytest.raises(ckpt.CheckpointError, match="metadata.json: missing.*from-megatron"):
         reshard(src, out, tp=1, progress=False)
     assert set(os.listdir(tmp_path)) == before
 

@@ -72,6 +72,7 @@ import torch
 from megaocto.config.base import ConfigError
 from megaocto.config.model import ModelConfig
 from megaocto import checkpoint as ckpt
+from megaocto.checkpoint.reader import checkpoint_info, config_from_metadata, saved_dtype  # noqa: F401 (API)
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -103,15 +104,6 @@ def parse_dtype(dtype: str | torch.dtype | None, where: str = "--dtype") -> torc
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, str(dtype))
-
-
-def saved_dtype(tensors: dict | Iterable[torch.Tensor], default: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype of the first floating-point tensor of a state dict (or an iterable of tensors): the dtype a
-    checkpoint's weights are stored in (``default`` when there is none)."""
-    for t in (tensors.values() if isinstance(tensors, dict) else tensors):
-        if torch.is_tensor(t) and t.is_floating_point():
-            return t.dtype
-    return default
 
 
 def check_source_dtype(dtype: torch.dtype, where: str) -> None:
@@ -485,37 +477,6 @@ class TorchStreamWriter:
 
 
 # ------------------------------------------------------------------------------------------ reader
-def checkpoint_info(load: str, iteration: int | str | None = None) -> tuple[str, dict, int | str]:
-    """``(iteration directory, metadata, iteration)`` of a megaocto checkpoint; ConversionError if unusable."""
-    if not os.path.isdir(load):
-        raise ConversionError(f"--load={load}: not a directory (expected a megaocto checkpoint directory holding "
-                              f"{ckpt.TRACKER})")
-    if iteration is None:
-        iteration = ckpt.read_tracker(load)
-        if iteration is None:
-            its = ckpt.list_checkpoints(load)
-            hint = f" (it has iter_* dirs {its[-3:]}; pass --iteration)" if its else ""
-            raise ConversionError(f"{os.path.join(load, ckpt.TRACKER)}: missing; {load} is not a megaocto "
-                                  f"checkpoint directory{hint}")
-    directory = ckpt.resolve_dir(load, iteration)
-    if not os.path.isdir(directory):
-        raise ConversionError(f"{directory}: missing (named by {os.path.join(load, ckpt.TRACKER)})")
-    meta = ckpt.read_metadata(load, iteration)
-    if meta is None:
-        raise ConversionError(f"{os.path.join(directory, ckpt.METADATA)}: missing; without it the model config is "
-                              f"unknown (a Megatron-LM checkpoint? use `megaocto convert from-megatron`)")
-    if not (meta.get("config") or {}).get("model"):
-        raise ConversionError(f"{os.path.join(directory, ckpt.METADATA)}: no config.model section")
-    if int(meta.get("pp", 1)) != 1:
-        raise ConversionError(f"{directory}: pipeline-parallel checkpoints (pp={meta['pp']}) are not supported")
-    tp = int(meta.get("tp", 1))
-    for r in range(tp):
-        path = os.path.join(directory, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE)
-        if not os.path.exists(path):
-            raise ConversionError(f"{path}: missing (metadata says tp={tp}); the checkpoint is incomplete")
-    return directory, meta, iteration
-
-
 def checkpoint_dtype(directory: str, meta: dict) -> torch.dtype:
     """The dtype of the weights stored in a megaocto checkpoint iteration directory (rank 0's file, mmap-ed: no
     tensor data is read). Training checkpoints do not record ``dtype`` in metadata.json, so the tensors decide."""
@@ -528,17 +489,6 @@ def checkpoint_dtype(directory: str, meta: dict) -> torch.dtype:
     if not isinstance(model, dict):
         raise ConversionError(f"{path}: no 'model' state dict")
     return saved_dtype(model, DTYPES.get(str(meta.get("dtype")), torch.float32))
-
-
-def config_from_metadata(meta: dict, where: str) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = {k: v for k, v in meta["config"]["model"].items() if k in known}
-    try:
-        cfg = ModelConfig(**values)
-        cfg.validate()
-    except (TypeError, ConfigError) as e:
-        raise ConversionError(f"{where}: config.model is not a valid model config: {e}") from None
-    return cfg
 
 
 def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, trim_vocab: bool = False

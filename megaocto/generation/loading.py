@@ -14,7 +14,6 @@ import os
 import torch
 
 from megaocto.config.base import ConfigError
-from megaocto.convert import core as convert_core
 from megaocto.data.tokenizer import load_tokenizer as _load_tokenizer
 from megaocto.model import build_model
 from megaocto.parallel.context import ParallelContext
@@ -29,8 +28,8 @@ def load_tokenizer(path: str):
 def checkpoint_metadata(load: str, iteration: int | str | None = None) -> tuple[dict, int | str]:
     """``(metadata.json contents, iteration)`` of the checkpoint in ``load`` (``iteration`` default: the
     tracker's); a ConfigError naming the file when the directory, tracker, metadata (with ``config.model``) or a
-    rank file is missing. The same checks as ``megaocto convert`` (:func:`megaocto.convert.core.checkpoint_info`)."""
-    _, meta, iteration = convert_core.checkpoint_info(load, iteration)
+    rank file is missing. The same checks as ``megaocto convert`` (:func:`megaocto.checkpoint.checkpoint_info`)."""
+    _, meta, iteration = ckpt.checkpoint_info(load, iteration)
     return meta, iteration
 
 
@@ -57,7 +56,7 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
         raise ConfigError(f"{where}: checkpoint saved with tp={saved_tp} but generation runs with tp={pc.tp}; run "
                           f"with tp={saved_tp} (torchrun --nproc_per_node {saved_tp}) or reshard it first: "
                           f"megaocto convert reshard --load {load} --tp {pc.tp} --output DIR")
-    cfg = convert_core.config_from_metadata(meta, where)
+    cfg = ckpt.config_from_metadata(meta, where)
     path = os.path.join(directory, ckpt.rank_dir_name(pc.tp_rank, 0, 1), ckpt.MODEL_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint file missing: {path} (incomplete or foreign checkpoint)")
@@ -72,7 +71,7 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
     if not isinstance(state, dict):
         raise ConfigError(f"{path}: no 'model' state dict")
     device = pc.device if device is None else torch.device(device)
-    dtype = convert_core.saved_dtype(state) if dtype is None else dtype
+    dtype = ckpt.saved_dtype(state) if dtype is None else dtype
     # Built on its device (the kernel ops are resolved from it at construction); the throwaway random init runs
     # on a forked RNG so the caller's RNG state is untouched.
     fork_devices = [device] if device.type == "cuda" else []
