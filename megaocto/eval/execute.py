@@ -2,8 +2,11 @@
 
 Contract: :func:`run_program(lang, program, ...)` writes one complete program (candidate + tests, as built by
 ``megaocto.eval.humanevalpack.build_program``) into a fresh temp dir, compiles it when the language needs to, runs
-it and returns an :class:`ExecResult` (``passed`` plus a short ``status``/``detail``). It never raises for a bad
-program; a missing toolchain raises :class:`~megaocto.eval.toolchains.ToolchainError` naming the package.
+it and returns an :class:`ExecResult` (``passed`` plus a short ``status``/``detail``), judged as the harness judges
+it (docs/eval.md, "What passes"): Python is exec()'d under the harness's reliability_guard by ``harness_python.py``
+and passes only when exec returns; JS passes iff it prints nothing; the others iff the run exits 0 (Go's test
+binary with ``-test.paniconexit0``, as ``go test`` runs it). It never raises for a bad program; a missing
+toolchain raises :class:`~megaocto.eval.toolchains.ToolchainError` naming the package.
 :func:`run_programs` runs many in parallel (a thread pool of subprocesses).
 
 Sandbox (every compile and run step):

@@ -10,9 +10,10 @@ Follows bigcode-evaluation-harness ``bigcode_eval/tasks/humanevalpack.py`` and t
   ``instruct`` and ``continue`` (the bare prompt, Synthesize only); the whole prompt is ``.strip()``-ped;
 - :func:`stop_words`, :func:`remove_last_block`, :func:`postprocess` — string-level: the generation is the full
   decoded text starting with the prompt;
-- :func:`build_program` — candidate + ``"\\n"`` + test, with each language's preamble (Python imports, Go import
-  block, Rust ``fn main(){}`` + declarations, Java ``Main`` clean-up, C++ ``int main`` cut; the C++ ``#include``
-  preamble is a precompiled header added by :mod:`megaocto.eval.execute`);
+- :func:`build_program` — candidate + ``"\\n"`` + test, with each language's preamble (Python imports, Rust
+  ``fn main(){}`` + declarations, Java ``Main`` clean-up, C++ ``int main`` cut; the C++ ``#include`` preamble is a
+  precompiled header added by :mod:`megaocto.eval.execute`); Go exactly as the harness builds it (test_setup, an
+  import block of the packages the whole program uses, the candidate as written, test);
 - :func:`evaluate` — runs every sample in the sandbox and returns per-problem results plus pass@k.
 """
 from __future__ import annotations
