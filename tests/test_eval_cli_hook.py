@@ -271,3 +271,28 @@ def test_progress_lines_show_done_total_rate_and_eta():
     assert lines == ["[eval generate] 1/10 samples (10%), 0.50 samples/s, elapsed 0:00:02, ETA 0:00:18",
                      "[eval generate] 8/10 samples (80%), 0.50 samples/s, elapsed 0:00:16, ETA 0:00:04",
                      "[eval generate] 10/10 samples (100%), 0.50 samples/s, elapsed 0:00:20, ETA 0:00:00"]
+
+
+def test_generate_samples_reports_progress_without_changing_the_samples(tokenizer_path):
+    """progress(done, total) after each decoded batch, in samples; the samples are the same with or without it."""
+    import torch
+
+    from megaocto.config.model import ModelConfig
+    from megaocto.eval.hook import SampleSettings, generate_samples
+    from megaocto.generation import load_tokenizer
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+
+    pc = ParallelContext.single()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("tiny-bigcode", init_method_std=0.2), pc)
+    tok = load_tokenizer(tokenizer_path)
+    problems = hep.load_problems("python", humanevalpack_dir())[:3]
+    settings = SampleSettings(n_samples=2, temperature=0.8, max_new_tokens=4, batch_size=4)
+    calls: list[tuple[int, int]] = []
+    with torch.no_grad():
+        plain = generate_samples(model, tok, "synthesize", "python", problems, settings, pc)
+        reported = generate_samples(model, tok, "synthesize", "python", problems, settings, pc,
+                                    progress=lambda done, total: calls.append((done, total)))
+    assert plain == reported
+    assert calls == [(4, 6), (6, 6)]
