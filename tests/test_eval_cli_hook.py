@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -157,12 +158,16 @@ def test_cli_load_explain_describe_then_synthesize(tmp_path, tokenizer_path):
     common = ["--lang", "python", "--load", save, "--data-dir", str(data), "--limit", "2", "--max-new-tokens", "4"]
     proc = _megaocto("eval", "humanevalpack", "--task", "explain-describe", *common, "--output", str(tmp_path / "d"))
     assert proc.returncode == 0, proc.stderr
+    # generation reports progress (done/total, rate, ETA) as execution does
+    assert re.search(r"\[eval generate\] 2/2 samples \(100%\), [0-9.]+ samples/s, elapsed \d:\d\d:\d\d, ETA 0:00:00",
+                     proc.stderr), proc.stderr
     descs = json.loads((tmp_path / "d" / "explain-describe-python.generations.json").read_text())
     assert len(descs) == 2 and all(len(d) == 1 and isinstance(d[0], str) for d in descs)
     proc = _megaocto("eval", "humanevalpack", "--task", "explain-synthesize", *common, "--n", "2", "--k", "1,2,10",
                      "--descriptions",
                      str(tmp_path / "d" / "explain-describe-python.generations.json"), "--output", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr
+    assert "[eval generate] 4/4 samples" in proc.stderr and "[eval execute] 4/4 programs" in proc.stderr, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["samples"] == 4 and 0.0 <= summary["pass@1"] <= summary["pass@2"] <= 1.0 and "pass@10" not in summary
     rows = [json.loads(line) for line in (tmp_path / "s" / "explain-synthesize-python.jsonl").read_text().splitlines()]
@@ -249,3 +254,45 @@ def test_demo_eval_step_falls_back_to_the_packaged_sample(monkeypatch, tmp_path)
     monkeypatch.setattr(demo, "find_humanevalpack", lambda cfg: "/data/hep")
     demo.run_eval_hook(cfg, str(tmp_path), "ckpt", "tok.json", lines.append, 8)
     assert calls[1][calls[1].index("--data-dir") + 1] == "/data/hep" and "--sample" not in calls[1]
+
+
+def test_progress_lines_show_done_total_rate_and_eta():
+    """The progress callback of generation and execution: first and last call always print, others at most once
+    per `every` seconds (a fake clock: no timing in the test)."""
+    from megaocto.eval.progress import Progress
+
+    now = [100.0]
+    out = io.StringIO()
+    bar = Progress("generate", "samples", every=10.0, stream=out, clock=lambda: now[0])
+    for done, t in ((1, 102.0), (2, 104.0), (5, 110.0), (8, 116.0), (10, 120.0)):
+        now[0] = t
+        bar(done, 10)
+    lines = out.getvalue().splitlines()
+    assert lines == ["[eval generate] 1/10 samples (10%), 0.50 samples/s, elapsed 0:00:02, ETA 0:00:18",
+                     "[eval generate] 8/10 samples (80%), 0.50 samples/s, elapsed 0:00:16, ETA 0:00:04",
+                     "[eval generate] 10/10 samples (100%), 0.50 samples/s, elapsed 0:00:20, ETA 0:00:00"]
+
+
+def test_generate_samples_reports_progress_without_changing_the_samples(tokenizer_path):
+    """progress(done, total) after each decoded batch, in samples; the samples are the same with or without it."""
+    import torch
+
+    from megaocto.config.model import ModelConfig
+    from megaocto.eval.hook import SampleSettings, generate_samples
+    from megaocto.generation import load_tokenizer
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+
+    pc = ParallelContext.single()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("tiny-bigcode", init_method_std=0.2), pc)
+    tok = load_tokenizer(tokenizer_path)
+    problems = hep.load_problems("python", humanevalpack_dir())[:3]
+    settings = SampleSettings(n_samples=2, temperature=0.8, max_new_tokens=4, batch_size=4)
+    calls: list[tuple[int, int]] = []
+    with torch.no_grad():
+        plain = generate_samples(model, tok, "synthesize", "python", problems, settings, pc)
+        reported = generate_samples(model, tok, "synthesize", "python", problems, settings, pc,
+                                    progress=lambda done, total: calls.append((done, total)))
+    assert plain == reported
+    assert calls == [(4, 6), (6, 6)]

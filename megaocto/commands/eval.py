@@ -106,6 +106,7 @@ def _humanevalpack(args) -> int:
 
     from megaocto.eval import humanevalpack as hep
     from megaocto.eval.hook import write_results
+    from megaocto.eval.progress import Progress
 
     ks = [int(k) for k in args.k.split(",") if k.strip()]
     for flag, value in (("--n", args.n), ("--workers", args.workers), ("--max-new-tokens", args.max_new_tokens),
@@ -142,12 +143,8 @@ def _humanevalpack(args) -> int:
         print(f"wrote {sum(len(s) for s in samples)} descriptions for {len(samples)} problems to {path}")
         return 0
 
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 50 == 0:
-            print(f"executed {done}/{total}", file=sys.stderr, flush=True)
-
     res = hep.evaluate(args.task, args.lang, samples, problems=problems, workers=args.workers, timeout=args.timeout,
-                       ks=ks, progress=progress)
+                       ks=ks, progress=Progress("execute", "programs"))
     summary = res.summary()
     if out is not None:
         write_results(out, res, raw)
@@ -162,6 +159,7 @@ def _generate(args, problems, descriptions):
 
     from megaocto.config.base import ConfigError
     from megaocto.eval.hook import SampleSettings, generate_samples
+    from megaocto.eval.progress import Progress
     from megaocto.generation import load_checkpoint_model, load_tokenizer
     from megaocto.generation.loading import checkpoint_metadata
     from megaocto.parallel.context import ParallelContext
@@ -183,6 +181,8 @@ def _generate(args, problems, descriptions):
                               max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                               template=args.template)
     with torch.no_grad():
+        # every TP rank generates (collective); rank 0 reports
         samples, raw = generate_samples(model, tokenizer, args.task, args.lang, problems, settings, pc,
-                                        descriptions=descriptions)
+                                        descriptions=descriptions,
+                                        progress=Progress("generate", "samples") if pc.rank == 0 else None)
     return samples, raw, pc.rank

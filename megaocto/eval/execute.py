@@ -2,8 +2,11 @@
 
 Contract: :func:`run_program(lang, program, ...)` writes one complete program (candidate + tests, as built by
 ``megaocto.eval.humanevalpack.build_program``) into a fresh temp dir, compiles it when the language needs to, runs
-it and returns an :class:`ExecResult` (``passed`` plus a short ``status``/``detail``). It never raises for a bad
-program; a missing toolchain raises :class:`~megaocto.eval.toolchains.ToolchainError` naming the package.
+it and returns an :class:`ExecResult` (``passed`` plus a short ``status``/``detail``), judged as the harness judges
+it (docs/eval.md, "What passes"): Python is exec()'d under the harness's reliability_guard by ``harness_python.py``
+and passes only when exec returns; JS passes iff it prints nothing; the others iff the run exits 0 (Go's test
+binary with ``-test.paniconexit0``, as ``go test`` runs it). It never raises for a bad program; a missing
+toolchain raises :class:`~megaocto.eval.toolchains.ToolchainError` naming the package.
 :func:`run_programs` runs many in parallel (a thread pool of subprocesses).
 
 Sandbox (every compile and run step):
@@ -34,6 +37,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -147,6 +151,14 @@ def _limits(memory: int, cpu_seconds: float) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     return apply
+
+
+_PY_HARNESS = "_megaocto_harness.py"
+
+
+@lru_cache(maxsize=1)
+def _py_harness_source() -> str:
+    return (Path(__file__).resolve().parent / "harness_python.py").read_text(encoding="utf-8")
 
 
 def _read_head(path: Path) -> str:
@@ -281,16 +293,14 @@ class Executor:
             self._chown(p)
         return None
 
-    def _finish(self, res: RunResult, *, quiet_required: bool = False, compile_s: float = 0.0) -> ExecResult:
+    def _finish(self, res: RunResult, *, compile_s: float = 0.0) -> ExecResult:
+        """The harness's verdict for java, cpp, go and rust: passed iff the run exits with status 0."""
         seconds = res.seconds + compile_s
         if res.timed_out:
             return ExecResult(False, "timeout", f"killed after {self.timeout:.0f}s", seconds)
         if res.returncode != 0:
             why = f"signal {-res.returncode}" if res.returncode < 0 else f"exit {res.returncode}"
             return ExecResult(False, "failed", f"{why}: {(res.stderr or res.stdout)[-1500:]}", seconds)
-        if quiet_required and (res.stdout.strip() or res.stderr.strip()):
-            return ExecResult(False, "failed", f"output (js passes only when silent): "
-                                               f"{(res.stderr or res.stdout)[-1500:]}", seconds)
         return ExecResult(True, "passed", "", seconds)
 
     def _exec(self, argv: list[str], tmp: Path, env: dict | None = None) -> RunResult:
@@ -298,8 +308,20 @@ class Executor:
 
     # -- languages -------------------------------------------------------------------------------------------
     def _run_python(self, program: str, tmp: Path) -> ExecResult:
-        self._write(tmp, "main.py", program)
-        return self._finish(self._exec([self.toolchain.tools["python"], "-I", "main.py"], tmp))
+        # as the harness: exec() under its reliability_guard, passed only when exec returns (harness_python.py)
+        token = secrets.token_hex(16)
+        for name, text in (("main.py", program), (_PY_HARNESS, _py_harness_source()), (".megaocto-token", token)):
+            self._chown(self._write(tmp, name, text))
+        res = self._exec([self.toolchain.tools["python"], "-I", _PY_HARNESS], tmp)
+        if res.timed_out:
+            return ExecResult(False, "timeout", f"killed after {self.timeout:.0f}s", res.seconds)
+        if _read_head(tmp / ".megaocto-result") == token:
+            return ExecResult(True, "passed", "", res.seconds)
+        if res.stderr.strip():
+            return ExecResult(False, "failed", res.stderr[-1500:], res.seconds)
+        why = f"signal {-res.returncode}" if res.returncode < 0 else f"exit {res.returncode}"
+        return ExecResult(False, "failed", f"{why} before the program finished (e.g. os._exit): the harness scores "
+                                           f"a program whose exec() does not return as a failure", res.seconds)
 
     def _run_js(self, program: str, tmp: Path) -> ExecResult:
         self._write(tmp, "test.js", program)
@@ -309,8 +331,17 @@ class Executor:
             shutil.copytree(modules, tmp / "node_modules", symlinks=False)
             for p in [tmp / "node_modules", *(tmp / "node_modules").rglob("*")]:
                 self._chown(p)
-        # console.assert prints "Assertion failed" and exits 0: the harness passes only silent programs.
-        return self._finish(self._exec([self.toolchain.tools["node"], "test.js"], tmp), quiet_required=True)
+        # The harness's rule: passed iff stdout and stderr are both empty, whatever the exit status (a failing
+        # console.assert prints "Assertion failed" and exits 0; a silent process.exit(1) passes there).
+        res = self._exec([self.toolchain.tools["node"], "test.js"], tmp)
+        if res.timed_out:
+            return ExecResult(False, "timeout", f"killed after {self.timeout:.0f}s", res.seconds)
+        if res.stderr or res.stdout:
+            return ExecResult(False, "failed", f"output (js passes only when silent): "
+                                               f"{(res.stderr or res.stdout)[-1500:]}", res.seconds)
+        if res.returncode < 0:  # killed by a signal of the sandbox's limits (e.g. SIGXCPU): not a harness verdict
+            return ExecResult(False, "failed", f"signal {-res.returncode} (a sandbox limit)", res.seconds)
+        return ExecResult(True, "passed", "", res.seconds)
 
     def _run_java(self, program: str, tmp: Path) -> ExecResult:
         # One JVM compiles (in memory) and runs: `java Main.java` (source-file mode, JDK 11+) costs about 60% of
@@ -349,7 +380,10 @@ class Executor:
         err = self._compile([self.toolchain.tools["go"], "test", "-c", "-o", "main.test", "main_test.go"], tmp, env)
         if err is not None:
             return err
-        res = self._exec(["./main.test", f"-test.timeout={int(self.timeout)}s"], tmp, {"GOMAXPROCS": "2"})
+        # the flags `go test -timeout=Ns` gives the test binary: -test.paniconexit0 turns os.Exit(0) during a test
+        # into a failure (a program must not pass by exiting before its asserts)
+        res = self._exec(["./main.test", "-test.paniconexit0", f"-test.timeout={int(self.timeout)}s"], tmp,
+                         {"GOMAXPROCS": "2"})
         return self._finish(res, compile_s=time.monotonic() - t0 - res.seconds)
 
     def _run_rust(self, program: str, tmp: Path) -> ExecResult:

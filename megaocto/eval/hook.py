@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from megaocto.eval import humanevalpack as hep
 
@@ -38,12 +38,14 @@ class SampleSettings:
 
 
 def generate_samples(model, tokenizer, task: str, lang: str, problems: Sequence[dict], settings: SampleSettings,
-                     pc=None, *, descriptions: Sequence[Sequence[str]] | None = None) -> tuple[list[list[str]], list[list[str]]]:
+                     pc=None, *, descriptions: Sequence[Sequence[str]] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[list[list[str]], list[list[str]]]:
     """(post-processed samples, raw completions) per problem; collective over TP (identical on every rank).
 
     Decoding is :func:`megaocto.generation.generate_text` (stop words as stop strings, the tokenizer's EOD as eos),
     so a raw completion is the text after the prompt cut at the earliest stop word.
-    For explain-synthesize, each description of a problem is its own prompt (n_samples each), as in the harness."""
+    For explain-synthesize, each description of a problem is its own prompt (n_samples each), as in the harness.
+    ``progress(done, total)`` counts generated samples, after each decoded batch."""
     from megaocto.generation import GenerationConfig, generate_text
 
     prompts: list[str] = []
@@ -61,7 +63,7 @@ def generate_samples(model, tokenizer, task: str, lang: str, problems: Sequence[
                            eos_id=tokenizer.eod, num_samples=settings.n_samples,
                            stop=tuple(hep.stop_words(task, lang)))
     completions = generate_text(model, tokenizer, prompts, gen, pc, batch_size=settings.batch_size,
-                                max_prompt_tokens=keep)
+                                max_prompt_tokens=keep, progress=progress)
     samples: list[list[str]] = [[] for _ in problems]
     raw: list[list[str]] = [[] for _ in problems]
     for j, completion in enumerate(completions):

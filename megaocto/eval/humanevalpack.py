@@ -10,9 +10,10 @@ Follows bigcode-evaluation-harness ``bigcode_eval/tasks/humanevalpack.py`` and t
   ``instruct`` and ``continue`` (the bare prompt, Synthesize only); the whole prompt is ``.strip()``-ped;
 - :func:`stop_words`, :func:`remove_last_block`, :func:`postprocess` — string-level: the generation is the full
   decoded text starting with the prompt;
-- :func:`build_program` — candidate + ``"\\n"`` + test, with each language's preamble (Python imports, Go import
-  block, Rust ``fn main(){}`` + declarations, Java ``Main`` clean-up, C++ ``int main`` cut; the C++ ``#include``
-  preamble is a precompiled header added by :mod:`megaocto.eval.execute`);
+- :func:`build_program` — candidate + ``"\\n"`` + test, with each language's preamble (Python imports, Rust
+  ``fn main(){}`` + declarations, Java ``Main`` clean-up, C++ ``int main`` cut; the C++ ``#include`` preamble is a
+  precompiled header added by :mod:`megaocto.eval.execute`); Go exactly as the harness builds it (test_setup, an
+  import block of the packages the whole program uses, the candidate as written, test);
 - :func:`evaluate` — runs every sample in the sandbox and returns per-problem results plus pass@k.
 """
 from __future__ import annotations
@@ -52,6 +53,7 @@ PYTHON_PREAMBLE = ("import math\nimport re\nimport sys\nimport copy\nimport date
                    "import string\nfrom typing import *\nfrom collections import *\n")
 PYTHON_PREAMBLE_NO_NUMPY = PYTHON_PREAMBLE.replace("try:\n    import numpy\n    import numpy as np\nexcept ImportError:\n"
                                                    "    pass\n", "")
+# the harness's IMPORT_HELPER["go"], in its order: packages the Go program construction may import
 GO_PACKAGES = ("math", "strings", "fmt", "strconv", "time", "bytes", "regexp", "sort", "math/rand", "crypto/md5")
 
 
@@ -259,42 +261,37 @@ def postprocess(task: str, lang: str, problem: dict, generation: str, *, templat
 
 # -------------------------------------------------------------------------------------------------- programs
 def _go_program(code: str, problem: dict) -> str:
-    """test_setup + one import block of the packages the code uses + the code without its imports + test."""
-    body_lines, imported = [], set()
-    lines = code.split("\n")
-    i = 0
-    while i < len(lines):
-        s = lines[i].strip()
-        if s.startswith("package "):
-            i += 1
-            continue
-        if s.startswith("import ("):
-            i += 1
-            while i < len(lines) and lines[i].strip() != ")":
-                imported.add(lines[i].strip().strip('"'))
-                i += 1
-            i += 1
-            continue
-        m = re.match(r'import\s+"([^"]+)"', s)
-        if m:
-            imported.add(m.group(1))
-            i += 1
-            continue
-        body_lines.append(lines[i])
-        i += 1
-    body = "\n".join(body_lines)
-    code_lines = [ln for ln in body.split("\n") if not ln.strip().startswith("//")]
-    used = []
-    for pkg in list(GO_PACKAGES) + sorted(imported - set(GO_PACKAGES)):
-        name = pkg.rsplit("/", 1)[-1]
-        if pkg and any(re.search(rf"(?<![\w.]){re.escape(name)}\.", ln) for ln in code_lines) and pkg not in used:
-            used.append(pkg)
-    # "math/rand" and "crypto/md5" are named rand/md5; a bare "math." use still needs "math"
-    setup = problem.get("test_setup") or 'package main\n\nimport (\n    "testing"\n    "github.com/stretchr/testify/assert"\n)\n'
-    already = set(re.findall(r'"([^"]+)"', setup))  # test_setup's own imports (some carry "math" etc.)
-    used = [p for p in used if p not in already]
-    imports = "import (\n" + "".join(f'    "{p}"\n' for p in used) + ")\n" if used else ""
-    return setup + "\n" + imports + "\n" + body + "\n" + problem["test"]
+    """The harness's Go program (``HumanEvalPack.process_results`` for "go", then the metric's candidate + "\\n" +
+    reference, the reference being "\\n" + test), built per sample:
+
+    1. ``test_setup + "\\n"`` minus each of its quoted import lines that occurs anywhere in the candidate;
+    2. an ``import (...)`` block of every package of :data:`GO_PACKAGES` whose quoted path is nowhere in
+       setup + candidate + "\\n" + reference and whose ``<last path element>.`` occurs in one of its lines not
+       starting with ``//`` (substring tests, as in the harness; math/rand and crypto/md5 are imported as "rand"
+       and "md5", which the harness does too and which do not compile);
+    3. the candidate as written — its own import block stays, so an unused import fails to compile there and
+       here — without ``package main`` when test_setup has it;
+    4. "\\n" + reference.
+    The harness removes test_setup lines cumulatively over a problem's samples; here each sample starts afresh."""
+    if "test_setup" not in problem:
+        raise DataError(f"{problem.get('task_id')}: a Go problem needs its `test_setup` field")
+    setup = problem["test_setup"] + "\n"
+    for line in setup.split("\n"):
+        quoted = line.replace("import", "").replace("(", "").replace(")", "").strip()
+        if quoted.startswith('"') and quoted in code:
+            setup = setup.replace(quoted, "")
+    reference = "\n" + problem["test"]
+    whole = setup + code + "\n" + reference
+    lines = whole.split("\n")
+    imports = []
+    for pkg in GO_PACKAGES:
+        name = pkg.split("/")[-1]
+        if f'"{pkg}"' not in whole and any(name + "." in ln and not ln.strip().startswith("//") for ln in lines):
+            imports.append(f'"{name}"')
+    block = "import (\n" + "\n".join(f"    {p}" for p in imports) + "\n)\n" if imports else ""
+    if "package main" in code and "package main" in setup:
+        code = code.replace("package main", "")
+    return setup + block + code + "\n" + reference
 
 
 def _rust_program(code: str, problem: dict) -> str:

@@ -131,7 +131,8 @@ def _cut(tokens: list[int], eos_id: int | None, stops: Sequence[tuple[int, ...]]
 
 # ---------------------------------------------------------------------------------------------- generate
 def generate(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig, pc=None, *, use_cache: bool = True,
-             batch_size: int | None = None, stop_fn: StopFn | None = None) -> list[list[int]]:
+             batch_size: int | None = None, stop_fn: StopFn | None = None,
+             progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """New tokens for every prompt (× ``gen.num_samples``), identical on every TP rank; see the module doc.
 
     Rows are decoded in batches of ``batch_size`` after sorting them by prompt length (less padding; the output
@@ -148,6 +149,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig, pc=
         stop_fn: ``stop_fn(row, new_tokens) -> bool`` called after each new token of an unfinished row (``row``
             indexes the returned list; under greedy decoding it is the prompt's first sample,
             ``prompt_index * num_samples``); True finishes that row. Must give the same answer on every TP rank.
+        progress: ``progress(done, total)`` after each batch, counting returned rows (prompts × num_samples).
     """
     pc = model.pc if pc is None else pc
     if any(len(p) == 0 for p in prompts):
@@ -176,6 +178,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig, pc=
                                         row_stop)
             for r, toks in zip(members, chunk_out):
                 decoded[r] = toks
+            if progress is not None:
+                progress(min(start + step, len(rows)) * repeats, len(rows) * repeats)
     return [list(t) for t in decoded for _ in range(repeats)]
 
 
@@ -307,7 +311,8 @@ _CONTEXT_TOKENS = 16
 
 def generate_text(model, tokenizer, prompts: Sequence[str], gen: GenerationConfig, pc=None, *,
                   use_cache: bool = True, batch_size: int | None = None,
-                  max_prompt_tokens: int | None = None) -> list[str]:
+                  max_prompt_tokens: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Completions (text after the prompt) for text prompts, × ``gen.num_samples`` in prompt-major order.
 
     Prompts are encoded with :func:`megaocto.data.tokenizer.encode_prompt`: ``tokenizer.encode`` plus ``bos`` in
@@ -316,6 +321,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str], gen: GenerationConfi
     ``eos_id`` defaults to ``tokenizer.eod``. A completion is the text the new tokens add after the prompt
     (:func:`completion_text`, so a sentencepiece leading space is kept). A row stops as soon as its completion
     contains a stop string, and the text is cut at the earliest stop. Collective over TP like :func:`generate`.
+    ``progress(done, total)`` is called after each batch (see :func:`generate`).
     """
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 (got {max_prompt_tokens})")
@@ -330,5 +336,5 @@ def generate_text(model, tokenizer, prompts: Sequence[str], gen: GenerationConfi
         return any(s in text for s in strings)
 
     tokens = generate(model, encoded, gen, pc, use_cache=use_cache, batch_size=batch_size,
-                      stop_fn=stop_fn if strings else None)
+                      stop_fn=stop_fn if strings else None, progress=progress)
     return [truncate_at_stop(completion_text(tokenizer, encoded[k // n], t), strings) for k, t in enumerate(tokens)]
