@@ -192,9 +192,12 @@ def _tp2_hook_body(rank, world_size, tok_path, data_dir, out_dir):
     model = build_model(ModelConfig.from_preset("tiny-bigcode", init_method_std=0.2), pc)
     cfg = EvalConfig(humanevalpack=HumanEvalPackConfig(enabled=True, limit=2, max_new_tokens=6, n_samples=2,
                                                        data_dir=data_dir, output_dir=out_dir, temperature=0.8))
-    hook = HumanEvalPackHook(cfg, tokenizer_path=tok_path, run_dir=out_dir, pc=pc, total_iters=1)
+    logged = []
+    hook = HumanEvalPackHook(cfg, tokenizer_path=tok_path, run_dir=out_dir, pc=pc, total_iters=1,
+                             log=lambda it, m, secs: logged.append((it, m, secs)))
     assert hook.due(1)
     metrics = hook.run(model, 1)
+    assert len(logged) == 1 and logged[0][0] == 1 and logged[0][1] == metrics and logged[0][2] >= 0
     if rank == 0:
         assert set(metrics) == {"synthesize/python/pass@1"}
     else:

@@ -9,7 +9,9 @@ Contract:
 - :class:`HumanEvalPackHook` — built once by the training loop; ``hook.due(iteration, last)`` says whether to run;
   ``hook.run(model, iteration)`` is collective (generation on every rank), executes on global rank 0 only and
   returns ``{"<task>/<lang>/pass@<k>": value}`` there (``{}`` on other ranks); per-problem results go to
-  ``<output_dir>/iter_<N>/<task>-<lang>.jsonl`` and a summary to ``.../summary.json``.
+  ``<output_dir>/iter_<N>/<task>-<lang>.jsonl`` and a summary to ``.../summary.json``. The caller's logging
+  callback ``log(iteration, metrics, elapsed_s)`` (e.g. the training loop's metrics sinks) is called by ``run`` on
+  every rank, so the eval package never imports the training loop or its loggers.
 Every data-parallel replica generates the same samples (simple and deterministic; only rank 0's are executed).
 Pipeline parallelism (pp > 1) is not supported by generation.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -92,8 +96,10 @@ def write_results(out_dir: Path, results: "hep.EvalResults", raw: Sequence[Seque
 class HumanEvalPackHook:
     """Runs ``eval.humanevalpack`` from the training loop (see the module docstring)."""
 
-    def __init__(self, eval_cfg, *, tokenizer_path: str, run_dir: str, pc, total_iters: int):
+    def __init__(self, eval_cfg, *, tokenizer_path: str, run_dir: str, pc, total_iters: int,
+                 log: Callable[[int, dict[str, float], float], None] | None = None):
         self.cfg = eval_cfg.humanevalpack
+        self.log = log
         self.interval = eval_cfg.humanevalpack_interval()
         self.pc = pc
         self.total_iters = total_iters
@@ -125,7 +131,9 @@ class HumanEvalPackHook:
         return iteration == self.total_iters or (self.interval > 0 and iteration % self.interval == 0)
 
     def run(self, model, iteration: int) -> dict[str, float]:
-        """Collective: generate on every rank, execute on rank 0; metrics on rank 0, {} elsewhere."""
+        """Collective: generate on every rank, execute on rank 0; metrics on rank 0, {} elsewhere; then the log
+        callback (every rank)."""
+        started = time.time()
         metrics: dict[str, float] = {}
         summary = {}
         for task in self.cfg.tasks:
@@ -144,4 +152,6 @@ class HumanEvalPackHook:
             out = self.output_dir / f"iter_{iteration:07d}"
             out.mkdir(parents=True, exist_ok=True)
             (out / "summary.json").write_text(json.dumps({"iteration": iteration, **summary}, indent=1))
+        if self.log is not None:
+            self.log(iteration, metrics, time.time() - started)
         return metrics

@@ -251,7 +251,8 @@ class Trainer:
 
             try:
                 self.humanevalpack = HumanEvalPackHook(cfg.eval, tokenizer_path=cfg.data.tokenizer,
-                                                       run_dir=cfg.logging.run_dir, pc=pc, total_iters=self.total_iters)
+                                                       run_dir=cfg.logging.run_dir, pc=pc, total_iters=self.total_iters,
+                                                       log=lambda it, m, secs: self.log.log_eval(it, m, elapsed=secs))
             except (DataError, ToolchainError, ValueError) as e:
                 raise ConfigError(f"eval.humanevalpack: {e}") from None
 
@@ -659,11 +660,10 @@ class Trainer:
         return result
 
     def _run_humanevalpack(self) -> None:
-        """Generation on every rank (collective over TP), execution on rank 0; logs eval/<task>/<lang>/pass@k."""
-        started = time.time()
-        metrics = self.humanevalpack.run(self.model, self.iteration)
-        # the same sinks as train/valid (JSONL kind "eval", TensorBoard/W&B group "eval"); {} on non-scoring ranks
-        self.log.log_eval(self.iteration, metrics, elapsed=time.time() - started)
+        """Generation on every rank (collective over TP), execution on rank 0; the hook logs eval/<task>/<lang>/pass@k
+        through the callback it was given (the same sinks as train/valid: JSONL kind "eval", TensorBoard/W&B group
+        "eval"; nothing on non-scoring ranks)."""
+        self.humanevalpack.run(self.model, self.iteration)
 
     def _log_interval(self, loss: float, norm: float, steps: int, elapsed: float) -> None:
         # tokens/s counts every position of every row (global batch x seq_length, padding of packed rows included:
