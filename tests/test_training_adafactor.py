@@ -92,7 +92,7 @@ def _cfg(tmp_path, *extra, iters=6):
     return load_run_config(None, [
         "--model.preset", "tiny-llama", "--model.seq_length", "32", "--train.iters", str(iters),
         "--train.micro_batch_size", "2", "--train.global_batch_size", "4", "--train.dtype", "bf16",
-        "--train.seed", "3", "--optimizer.name", "adafactor", "--optimizer.lr", "1e-2",
+        "--train.seed", "3", "--optimizer.name", "adafactor", "--optimizer.lr", "5e-3",
         "--optimizer.adafactor_scale_parameter", "false", "--optimizer.adafactor_eps1", "1e-15",
         "--optimizer.weight_decay", "0", "--optimizer.clip_grad", "0", "--schedule.style", "linear",
         "--schedule.warmup_iters", "2", "--model.hidden_dropout", "0.1",
@@ -129,5 +129,13 @@ def test_adafactor_refuses_zero1_and_tensor_parallel(tmp_path):
 def test_resuming_adamw_state_with_adafactor_is_a_clear_error(tmp_path):
     save = str(tmp_path / "ck")
     train(_cfg(tmp_path, "--checkpoint.save", save, "--optimizer.name", "adamw", iters=1), stream=io.StringIO())
-    with pytest.raises(ValueError, match="optimizer state is adamw's but optimizer.name=adafactor"):
+    with pytest.raises(ConfigError, match="optimizer state is adamw's but optimizer.name=adafactor"):
         train(_cfg(tmp_path, "--checkpoint.save", save, iters=2), stream=io.StringIO())
+
+
+def test_absolute_step_past_torchs_cap_is_counted_and_warned():
+    model, grads = _model_and_grads(2)
+    cfg = OptimizerConfig(name="adafactor", lr=0.9, weight_decay=0.0, adafactor_scale_parameter=False)
+    with pytest.warns(UserWarning, match="exceeds torch's cap"):
+        opt = _run_ours(model, cfg, grads, [0.9] * len(grads))
+    assert opt.adafactor_capped_steps >= 1

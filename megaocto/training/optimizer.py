@@ -39,11 +39,13 @@ every step, which cancels torch's relative step size exactly while ``lr / max(ep
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megaocto.config.base import ConfigError
 from megaocto.config.train import OptimizerConfig
 
 _TAGS = ("tensor_parallel", "partition_dim", "sequence_parallel", "shared")
@@ -274,6 +276,11 @@ class MixedPrecisionAdamW:
         step = float(state["step"]) + 1 if state else 1.0
         if any(g["lr"] > 1 / math.sqrt(step) for g in groups):
             self.adafactor_capped_steps += 1
+            if self.adafactor_capped_steps == 1:
+                warnings.warn(f"adafactor_scale_parameter=false: at step {step:.0f} lr / max(eps2, RMS(param)) exceeds "
+                              f"torch's cap 1/sqrt(step) for some tensor, so their step is smaller than HF's "
+                              f"absolute step (counted in adafactor_capped_steps); lower optimizer.lr or raise "
+                              f"optimizer.adafactor_eps2", stacklevel=2)
 
     # ------------------------------------------------------------------ checkpoint
     def _full_order(self) -> list[torch.Tensor]:
@@ -342,7 +349,7 @@ class MixedPrecisionAdamW:
         saved_name = None if not saved else "adafactor" if any("row_var" in st or "variance" in st for st in saved) \
             else "adamw"
         if saved_name is not None and saved_name != ("adafactor" if self.adafactor else "adamw"):
-            raise ValueError(f"the checkpoint's optimizer state is {saved_name}'s but optimizer.name="
+            raise ConfigError(f"the checkpoint's optimizer state is {saved_name}'s but optimizer.name="
                              f"{'adafactor' if self.adafactor else 'adamw'}; resume with optimizer.name={saved_name}, "
                              f"or load weights only (checkpoint.finetune=true / checkpoint.no_load_optim=true)")
         if not self.zero1:
