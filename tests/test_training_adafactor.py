@@ -16,15 +16,15 @@ from megaocto.training.loop import train
 from megaocto.training.optimizer import MixedPrecisionAdamW
 
 
-def _model_and_grads(seed=0):
+def _model_and_grads(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    model = build_model(ModelConfig.from_preset("tiny-llama", seq_length=16), ParallelContext.single())
-    grads = [[torch.randn_like(p) * 10 ** -(1 + i % 3) for p in model.parameters()] for i in range(4)]
+    model = build_model(ModelConfig.from_preset("tiny-llama", seq_length=16), ParallelContext.single(), dtype=dtype)
+    grads = [[torch.randn(p.shape) * 10 ** -(1 + i % 3) for p in model.parameters()] for i in range(4)]
     return model, grads
 
 
-def _run_ours(model, cfg, grads, lrs):
-    opt = MixedPrecisionAdamW(model, cfg, ParallelContext.single(), bf16=False)
+def _run_ours(model, cfg, grads, lrs, bf16=False):
+    opt = MixedPrecisionAdamW(model, cfg, ParallelContext.single(), bf16=bf16)
     for g, lr in zip(grads, lrs):
         opt.zero_grad()
         for p, gp in zip(opt.params, g):
@@ -33,12 +33,14 @@ def _run_ours(model, cfg, grads, lrs):
     return opt
 
 
-def test_adafactor_update_equals_torch_adafactor_on_a_plain_copy():
-    model, grads = _model_and_grads()
-    plain = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+@pytest.mark.parametrize("bf16", [False, True])
+def test_adafactor_update_equals_torch_adafactor_on_a_plain_copy(bf16):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model, grads = _model_and_grads(dtype=dtype)
+    plain = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]  # fp32 masters' start
     cfg = OptimizerConfig(name="adafactor", lr=3e-2, weight_decay=0.1)
     lrs = [3e-2, 2e-2, 1e-2, 5e-3]
-    opt = _run_ours(model, cfg, grads, lrs)
+    opt = _run_ours(model, cfg, grads, lrs, bf16=bf16)
     assert isinstance(opt.optimizer, torch.optim.Adafactor)
     ref = torch.optim.Adafactor([{"params": [p for p in plain if p.ndim >= 2], "weight_decay": 0.1},
                                  {"params": [p for p in plain if p.ndim < 2], "weight_decay": 0.0}], lr=3e-2)
@@ -49,8 +51,10 @@ def test_adafactor_update_equals_torch_adafactor_on_a_plain_copy():
             group["lr"] = lr
         ref.step()
     moved = 0
-    for (name, p), q, p0 in zip(model.named_parameters(), plain, _model_and_grads()[0].parameters()):
-        assert torch.equal(p.detach(), q.detach()), name  # bitwise: the same torch update on the same masters
+    start = _model_and_grads(dtype=dtype)[0].parameters()
+    for (name, p), m, q, p0 in zip(model.named_parameters(), opt.masters, plain, start):
+        assert torch.equal(m.detach(), q.detach()), name  # bitwise: the same torch update on the same fp32 masters
+        assert torch.equal(p.detach(), q.detach().to(dtype)), name  # bf16: the params are the rounded masters
         moved += not torch.equal(p.detach(), p0.detach())
     assert moved == len(plain)
     assert {k for st in opt.optimizer.state.values() for k in st} == {"step", "row_var", "col_var", "variance"}
