@@ -101,6 +101,3 @@ def test_recipe_configs_are_the_papers_settings():
     i1, i2 = (load_run_config(str(ROOT / "launch" / "configs" / f"inversecoder-ds-6.7b-stage{k}.yaml")) for k in (1, 2))
     assert (i1.train.epochs, i2.train.epochs) == (1, 2) and i2.checkpoint.load == i1.checkpoint.save
     assert i2.data.paths == s.data.paths  # stage 2 = the original Evol-Instruct data
-    # a run length on the command line replaces the file's (a smoke run of a recipe)
-    short = load_run_config(str(ROOT / "launch" / "configs" / "magicoder-ds-6.7b.yaml"), ["--train.iters", "3"])
-    assert (short.train.iters, short.train.epochs) == (3, None)

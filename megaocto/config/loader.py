@@ -413,10 +413,6 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
 # moves along. An explicit `--checkpoint.load` still wins; a file whose load differs (base weights) is untouched.
 RUN_CONFIG_FOLLOWS = {"checkpoint.load": "checkpoint.save"}
 
-# The run length is one of these: one given on the command line replaces another one set in the file
-# (`--train.iters 10` on a config with train.epochs: 2 runs 10 steps instead of being an error).
-RUN_LENGTH_KEYS = ("train.iters", "train.samples", "train.epochs")
-
 # ModelConfig fields that are choices of the run, not of the architecture: use_checkpoint_args never takes these.
 RUN_MODEL_FIELDS = ("seq_length", "attention_dropout", "hidden_dropout", "init_method_std", "kernels")
 
@@ -431,12 +427,6 @@ def load_run_config(path: str | None, overrides: list[str] | None = None):
     from megaocto.config.train import CheckpointConfig, RunConfig
 
     tree, origin = _read_tree(path, overrides, RUN_CONFIG_FOLLOWS)
-    given = [key for key, _ in parse_overrides(overrides or []) if key in RUN_LENGTH_KEYS]
-    if len(set(given)) == 1:
-        for key in RUN_LENGTH_KEYS:
-            if key != given[0] and _get_dotted(tree, key) is not None and not origin.get(key, "").startswith("command"):
-                _set_dotted(tree, key, None)
-                origin[key] = f"unset by command line --{given[0]}"
     ckpt_cfg = _build(CheckpointConfig, tree.get("checkpoint") or {}, "checkpoint.", origin, RunConfig)
     saved = checkpoint_model_args(ckpt_cfg) if ckpt_cfg.use_checkpoint_args else None
     if saved:
