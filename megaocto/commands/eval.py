@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    sub = parser.add_subparsers(dest="eval_command", metavar="{humanevalpack,setup-toolchains}")
+    sub = parser.add_subparsers(dest="eval_command", metavar="{humanevalpack,magicoder,setup-toolchains}")
     hp = sub.add_parser("humanevalpack", help="score a task x language", epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     hp.add_argument("--task", required=True, choices=TASKS)
@@ -63,6 +63,9 @@ def add_arguments(parser) -> None:
                     "language: python/js 10, java 30 incl. compiling, go 20, cpp/rust 10 after compiling)")
     hp.add_argument("--k", default="1,10,100", help="pass@k values, reported when k <= n (default: %(default)s)")
     hp.add_argument("--output", default=None, help="directory for results (default: print the summary only)")
+    from megaocto.eval.magicoder import add_subparser as add_magicoder  # Magicoder prompt, HumanEval(+)/MBPP(+)
+
+    add_magicoder(sub)
     st = sub.add_parser("setup-toolchains", help="apt-get install go, boost, testify and rust crates; write the "
                         "cargo config (runs launch/setup_toolchains.sh)")
     st.add_argument("--skip-apt", action="store_true", help="only write the cargo config and npm js-md5")
@@ -76,6 +79,10 @@ def _fail(message: str, code: int = 2) -> int:
 def run(args) -> int:
     if args.eval_command == "setup-toolchains":
         return _setup(args)
+    if args.eval_command == "magicoder":
+        from megaocto.eval.magicoder import run_subcommand
+
+        return run_subcommand(args)
     if args.eval_command != "humanevalpack":
         return _fail("choose a subcommand: humanevalpack or setup-toolchains (megaocto eval --help)")
     from megaocto.eval.humanevalpack import DataError

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from megaocto.config.base import ConfigError, field
 
 DATA_KINDS = ("synthetic", "gpt", "packed")
-PACKED_OVERLONG = ("truncate", "drop")
+PACKED_OVERLONG = ("truncate", "drop", "head")
 
 
 @dataclass
@@ -44,7 +44,12 @@ class DataConfig:
                                    "(Megatron mtf --norm-target-loss).")
     packed_overlong: str = field("truncate", "packed: an example longer than seq_length+1 tokens is 'truncate'd (its "
                                  "input keeps head and tail, its target its start and its end-of-document token) "
-                                 "or 'drop'ped (Megatron mtf); either way counted in the dataset summary and log.")
+                                 "or 'drop'ped (Megatron mtf); 'head' is Magicoder's rule: an example longer than "
+                                 "seq_length tokens keeps its first seq_length tokens. Always counted in the "
+                                 "dataset summary and log.")
+    packing: bool = field(True, "packed: pack several examples per row (segment-isolated attention, positions "
+                                "restart per example). false = one example per row, right-padded (Magicoder's "
+                                "batching); see docs/data-datasets.md for how the loss normalisation differs.")
     cache_dir: str = field("", "Directory for the index-mapping caches (.npy). Empty = beside each data prefix.")
     num_workers: int = field(2, "DataLoader worker processes per rank.")
     synthetic_vocab_size: int = field(256, "synthetic: token ids are drawn from [0, this); must be <= model vocab.")

@@ -18,10 +18,14 @@ from megaocto.config.model import ModelConfig
 from megaocto.config.parallel import ParallelConfig
 
 LR_STYLES = ("constant", "linear", "cosine", "inverse_sqrt")
+OPTIMIZERS = ("adamw", "adafactor")
+ADAFACTOR_MIN_EPS1 = 1e-19  # eps1**2 must stay a normal fp32 number (torch clamps the variance at eps1**2)
 
 
 @dataclass
 class OptimizerConfig:
+    name: str = field("adamw", "adamw (torch.optim.AdamW) or adafactor (torch.optim.Adafactor, as Magicoder and "
+                               "InverseCoder train; see docs/training.md). Both run on the fp32 master weights.")
     lr: float = field(1e-4, "Peak learning rate (Megatron --lr).")
     weight_decay: float = field(0.01, "AdamW decoupled weight decay; never applied to biases and norm weights (1-D params).")
     beta1: float = field(0.9, "Adam beta1.")
@@ -29,6 +33,17 @@ class OptimizerConfig:
     eps: float = field(1e-8, "Adam epsilon.")
     clip_grad: float = field(1.0, "Global L2 grad-norm clipping threshold over all ranks; 0 disables clipping.")
     fused: str = field("auto", "torch AdamW implementation: auto (fused on CUDA and CPU), fused, foreach or single (per-tensor loop).")
+    adafactor_scale_parameter: bool = field(True, "adafactor: true = torch's step, lr x max(eps2, RMS(param)) x "
+                                                  "update (relative step size); false = the step is lr x update, as "
+                                                  "HF transformers' Adafactor(scale_parameter=False, "
+                                                  "relative_step=False) that Magicoder's Trainer used.")
+    adafactor_beta2_decay: float = field(-0.8, "adafactor: second-moment decay, beta2_t = 1 - t^beta2_decay (<= 0).")
+    adafactor_eps1: float | None = field(None, "adafactor: floor of the second-moment estimate (torch's eps[0]); "
+                                               "None = the fp32 machine epsilon (torch's default). HF uses 1e-30 "
+                                               "added to grad^2; 1e-15 is the closest torch equivalent (eps1^2 must "
+                                               "be a normal fp32 number, so >= 1e-19).")
+    adafactor_eps2: float = field(1e-3, "adafactor: floor of RMS(param) in the relative step size (torch's eps[1]).")
+    adafactor_d: float = field(1.0, "adafactor: update clipping threshold: the update's RMS is clipped to d (>= 1).")
 
     def validate(self) -> None:
         if self.lr < 0 or self.weight_decay < 0 or self.clip_grad < 0 or self.eps <= 0:
@@ -38,6 +53,15 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.beta1/beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if self.fused not in ("auto", "fused", "foreach", "single"):
             raise ConfigError(f"optimizer.fused must be auto, fused, foreach or single (got {self.fused!r})")
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)} (got {self.name!r})")
+        if self.adafactor_beta2_decay > 0 or self.adafactor_d < 1 or self.adafactor_eps2 < 0:
+            raise ConfigError(f"optimizer.adafactor_beta2_decay must be <= 0, adafactor_d >= 1 and adafactor_eps2 >= 0 "
+                              f"(got {self.adafactor_beta2_decay}, {self.adafactor_d}, {self.adafactor_eps2})")
+        if self.adafactor_eps1 is not None and not ADAFACTOR_MIN_EPS1 <= self.adafactor_eps1:
+            raise ConfigError(f"optimizer.adafactor_eps1={self.adafactor_eps1} is below {ADAFACTOR_MIN_EPS1:g}: torch "
+                              f"clamps the variance at eps1^2, which would round to 0 in fp32 and make the update of "
+                              f"a zero gradient NaN; use 1e-15 (closest to HF's 1e-30) or leave it unset")
 
 
 @dataclass
@@ -196,6 +220,13 @@ class RunConfig:
     def validate(self) -> None:
         for name in ("optimizer", "schedule", "checkpoint", "logging", "eval", "train"):
             getattr(self, name).validate()
+        if self.optimizer.name == "adafactor" and self.train.zero1:
+            raise ConfigError("train.zero1 does not support optimizer.name=adafactor (its factored second moment and "
+                              "RMS-based step are per whole tensor, not elementwise); set train.zero1=false")
+        if self.optimizer.name == "adafactor" and self.parallel.tp > 1:
+            raise ConfigError("optimizer.name=adafactor needs parallel.tp=1 (its factored second moment and RMS-based "
+                              "step are per whole tensor, and tp>1 would give each rank a shard); use tp=1 with "
+                              "train.recompute=full, or optimizer.name=adamw")
         self.parallel.validate()
         self.model.validate(tp=self.parallel.tp)
         self.data.validate()

@@ -102,7 +102,7 @@ def _make(cfg: DataConfig, src: _Sources, split: str, path: str, salt: int, docu
     return PackedDataset(inputs, targets, name=split, documents=documents, num_samples=n, seq_length=seq_length,
                          seed=seed, pad_id=src.pad, loss_on_inputs=cfg.loss_on_inputs,
                          norm_target_loss=cfg.norm_target_loss, cache_dir=cfg.cache_dir, may_build=may_build,
-                         data_prefix=path, eod_id=src.eod, overlong=cfg.packed_overlong)
+                         data_prefix=path, eod_id=src.eod, overlong=cfg.packed_overlong, packing=cfg.packing)
 
 
 def build_datasets(cfg: DataConfig, *, seq_length: int, num_samples: dict, seed: int,
@@ -173,5 +173,5 @@ def epoch_num_samples(cfg: DataConfig, *, seq_length: int, seed: int) -> int:
     from megaocto.data.packed import packing_epoch_rows
 
     return sum(packing_epoch_rows(d[0].sizes, d[1].sizes, r, seq_length, _data_seed(cfg, seed),
-                                  cfg.packed_overlong)
+                                  cfg.packed_overlong, cfg.packing)
                for d, r in zip(data, ranges) if r[1] > r[0])

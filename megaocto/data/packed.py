@@ -18,7 +18,16 @@ counted), not skipped; ``overlong="drop"`` leaves them out instead (counted too)
     A cut target keeps its first L − k − 1 tokens and then its end-of-document token (when it ends with
     ``eod_id``, as preprocessed targets do), so the model still learns to stop (truncated_targets counts them).
 
+    ``overlong="head"`` is Magicoder's rule instead (its train.py truncates ``input_ids`` and ``labels`` to
+    ``max_training_seq_length``): an example longer than seq_length tokens keeps its first seq_length tokens —
+    the input's head, then as much of the target's head as fits (no EOD kept; a prompt of seq_length tokens or
+    more keeps no target token at all and the example carries no loss, as in Magicoder). Counted as well.
+
 Examples with an empty target carry no training signal and are left out; their count is reported.
+
+``packing=False`` puts one example per row (Magicoder's batching: no packing, right padding — the padding of a
+row is masked out of attention and loss, so padding to seq_length equals padding to the batch maximum); each
+epoch is still one shuffle of the split's examples, every example its own row.
 """
 from __future__ import annotations
 
@@ -31,12 +40,22 @@ from megaocto.data.index_helpers import cached_arrays
 
 log = logging.getLogger(__name__)
 PACKING_VERSION = 1
-OVERLONG = ("truncate", "drop")  # what happens to an example longer than a row (data.packed_overlong)
+OVERLONG = ("truncate", "drop", "head")  # what happens to an example longer than a row (data.packed_overlong)
 
 
-def kept_lengths(len_in: np.ndarray, len_tgt: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input tokens kept, target tokens kept) per example under the truncation rule."""
+def example_limit(row_len: int, overlong: str = "truncate") -> int:
+    """Most tokens an example keeps: the row (seq_length + 1), or seq_length for Magicoder's ``head`` rule."""
+    return row_len - 1 if overlong == "head" else row_len
+
+
+def kept_lengths(len_in: np.ndarray, len_tgt: np.ndarray, row_len: int,
+                 overlong: str = "truncate") -> tuple[np.ndarray, np.ndarray]:
+    """(input tokens kept, target tokens kept) per example under the truncation rule (``overlong``)."""
     len_in, len_tgt = np.asarray(len_in, np.int64), np.asarray(len_tgt, np.int64)
+    if overlong == "head":
+        limit = example_limit(row_len, overlong)
+        keep_in = np.minimum(len_in, limit)
+        return keep_in, np.minimum(len_tgt, limit - keep_in)
     keep_in = np.minimum(len_in, np.maximum(row_len - len_tgt, row_len // 2))
     keep_tgt = np.minimum(len_tgt, row_len - keep_in)
     return keep_in, keep_tgt
@@ -59,16 +78,19 @@ def truncated_target(tokens: np.ndarray, keep_tgt: int, eod_id: int | None) -> n
     return tokens[:keep_tgt]
 
 
-def overlong_examples(len_in: np.ndarray, len_tgt: np.ndarray, row_len: int) -> np.ndarray:
-    """Mask of the examples longer than a row."""
-    return np.asarray(len_in, np.int64) + np.asarray(len_tgt, np.int64) > row_len
+def overlong_examples(len_in: np.ndarray, len_tgt: np.ndarray, row_len: int, overlong: str = "truncate") -> np.ndarray:
+    """Mask of the examples longer than an example may be (a row; seq_length for ``head``)."""
+    return np.asarray(len_in, np.int64) + np.asarray(len_tgt, np.int64) > example_limit(row_len, overlong)
 
 
-def truncated_input(tokens: np.ndarray, keep_in: int) -> np.ndarray:
-    """The kept input tokens under the truncation rule: head and tail, middle cut (whole when it fits)."""
+def truncated_input(tokens: np.ndarray, keep_in: int, overlong: str = "truncate") -> np.ndarray:
+    """The kept input tokens under the truncation rule: head and tail, middle cut (whole when it fits); the head
+    only for ``head``."""
     tokens = np.asarray(tokens)
     if keep_in >= len(tokens):
         return tokens
+    if overlong == "head":
+        return tokens[:keep_in]
     h, t = input_head_tail(keep_in)
     return np.concatenate([tokens[:h], tokens[len(tokens) - t:]])
 
@@ -104,13 +126,15 @@ def pack_order(lengths: np.ndarray, examples: np.ndarray, num_rows: int, row_len
 
 def packed_cache_paths(data_prefix: str, name: str, documents: tuple[int, int], len_in: np.ndarray,
                        len_tgt: np.ndarray, num_samples: int, seq_length: int, seed: int,
-                       cache_dir: str = "", overlong: str = "truncate") -> dict[str, str]:
+                       cache_dir: str = "", overlong: str = "truncate", packing: bool = True) -> dict[str, str]:
     import hashlib
 
     h = hashlib.blake2b(digest_size=6)
     h.update(f"packed-v{PACKING_VERSION}:{len(len_in)}:".encode())
     if overlong != "truncate":  # the default keeps the cache names it always had
         h.update(f"overlong={overlong}:".encode())
+    if not packing:
+        h.update(b"one-per-row:")
     h.update(np.ascontiguousarray(len_in, np.int32).tobytes())
     h.update(np.ascontiguousarray(len_tgt, np.int32).tobytes())
     directory = cache_dir or os.path.dirname(os.path.abspath(data_prefix))
@@ -133,7 +157,8 @@ def pair_name(inputs_prefix: str, targets_prefix: str, data_prefix: str | None =
 
 
 class PackedDataset:
-    """Rows of packed (input, target) examples in the design.md sample format with segment_ids.
+    """Rows of packed (input, target) examples in the design.md sample format with segment_ids (one example
+    per row with ``packing=False``).
 
     `inputs` / `targets` need `prefix`, `sizes` and `get(i)` (MMapIndexedDataset). Loss is on target
     tokens only (or on every token of an example after its first with loss_on_inputs); with
@@ -145,7 +170,8 @@ class PackedDataset:
     def __init__(self, inputs, targets, *, name: str, documents: tuple[int, int], num_samples: int,
                  seq_length: int, seed: int, pad_id: int, loss_on_inputs: bool = False,
                  norm_target_loss: bool = False, cache_dir: str = "", may_build: bool = True,
-                 data_prefix: str | None = None, eod_id: int | None = None, overlong: str = "truncate"):
+                 data_prefix: str | None = None, eod_id: int | None = None, overlong: str = "truncate",
+                 packing: bool = True):
         if len(inputs.sizes) != len(targets.sizes):
             raise ValueError(f"{inputs.prefix} has {len(inputs.sizes)} rows but {targets.prefix} has "
                              f"{len(targets.sizes)}; inputs and targets must pair row by row (re-run preprocessing)")
@@ -156,16 +182,17 @@ class PackedDataset:
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {OVERLONG} (data.packed_overlong), got {overlong!r}")
         self.inputs, self.targets, self.name, self.documents = inputs, targets, name, (start, end)
-        self.eod_id, self.overlong = (None if eod_id is None else int(eod_id)), overlong
+        self.eod_id, self.overlong, self.packing = (None if eod_id is None else int(eod_id)), overlong, bool(packing)
         self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
         self.pad_id, self.loss_on_inputs, self.norm_target_loss = int(pad_id), loss_on_inputs, norm_target_loss
         self.row_len = self.seq_length + 1
         len_in = np.asarray(inputs.sizes, np.int64)
         len_tgt = np.asarray(targets.sizes, np.int64)
-        self.keep_in, self.keep_tgt = kept_lengths(len_in, len_tgt, self.row_len)
+        self.keep_in, self.keep_tgt = kept_lengths(len_in, len_tgt, self.row_len, overlong)
+        limit = example_limit(self.row_len, overlong)
         docs = np.arange(start, end, dtype=np.int64)
         empty = len_tgt[docs] == 0
-        long = overlong_examples(len_in[docs], len_tgt[docs], self.row_len) & ~empty
+        long = overlong_examples(len_in[docs], len_tgt[docs], self.row_len, overlong) & ~empty
         dropped = long if overlong == "drop" else np.zeros_like(long)
         truncated = long & ~dropped
         self.examples = docs[~empty & ~dropped]
@@ -174,12 +201,17 @@ class PackedDataset:
                               if self.eod_id is None or int(targets.get(int(ex))[-1]) != self.eod_id)
         self.stats = {"documents": int(end - start), "examples": int(len(self.examples)),
                       "skipped_empty_targets": int(empty.sum()), "truncated_examples": int(truncated.sum()),
-                      "truncated_tokens": int((len_in[docs] + len_tgt[docs] - self.row_len)[truncated].sum()),
+                      "truncated_tokens": int((len_in[docs] + len_tgt[docs] - limit)[truncated].sum()),
                       "truncated_targets": int(len(cut)), "truncated_targets_without_eod": int(cut_without_eod),
-                      "dropped_overlong_examples": int(dropped.sum())}
+                      "dropped_overlong_examples": int(dropped.sum()),
+                      "truncated_to_no_target": int((truncated & (self.keep_tgt[docs] == 0)).sum())}
         if truncated.any() or dropped.any() or empty.any():
             what = (f"{self.stats['dropped_overlong_examples']} of {end - start} examples longer than "
                     f"seq_length+1={self.row_len} tokens dropped (data.packed_overlong=drop)" if overlong == "drop"
+                    else f"{self.stats['truncated_examples']} of {end - start} examples truncated to their first "
+                         f"seq_length={limit} tokens (data.packed_overlong=head, Magicoder's rule; "
+                         f"{self.stats['truncated_tokens']} tokens cut; {self.stats['truncated_to_no_target']} keep "
+                         f"no target token and carry no loss)" if overlong == "head"
                     else f"{self.stats['truncated_examples']} of {end - start} examples truncated to "
                          f"seq_length+1={self.row_len} tokens ({self.stats['truncated_tokens']} tokens cut; "
                          f"{self.stats['truncated_targets']} targets cut, each keeping its end-of-document token"
@@ -191,9 +223,10 @@ class PackedDataset:
             raise ValueError(f"{pair_name(inputs.prefix, targets.prefix, data_prefix)}: every example of the {name} "
                              f"split is longer than seq_length+1={self.row_len} tokens and data.packed_overlong=drop "
                              f"drops them; raise seq_length or use data.packed_overlong=truncate")
-        lengths = self.keep_in + self.keep_tgt
+        # packing=False: every example "fills" a row, so the greedy packer closes a row after each one
+        lengths = self.keep_in + self.keep_tgt if self.packing else np.full(len(len_in), self.row_len, np.int64)
         paths = packed_cache_paths(data_prefix or inputs.prefix, name, self.documents, len_in, len_tgt,
-                                   self.num_samples, self.seq_length, self.seed, cache_dir, overlong)
+                                   self.num_samples, self.seq_length, self.seed, cache_dir, overlong, self.packing)
 
         def build():
             order, rows, _ = pack_order(lengths, self.examples, self.num_samples, self.row_len, self.seed)
@@ -221,8 +254,9 @@ class PackedDataset:
         for k, ex in enumerate(self.row_examples(idx).tolist(), start=1):
             ki, kt = int(self.keep_in[ex]), int(self.keep_tgt[ex])
             if ki:
-                tokens[at:at + ki] = truncated_input(self.inputs.get(ex), ki)
-            tokens[at + ki:at + ki + kt] = truncated_target(self.targets.get(ex), kt, self.eod_id)
+                tokens[at:at + ki] = truncated_input(self.inputs.get(ex), ki, self.overlong)
+            tokens[at + ki:at + ki + kt] = truncated_target(self.targets.get(ex), kt,
+                                                            None if self.overlong == "head" else self.eod_id)
             seg[at:at + ki + kt] = k
             pos[at:at + ki + kt] = np.arange(ki + kt)
             is_target[at + ki:at + ki + kt] = True
@@ -239,20 +273,24 @@ class PackedDataset:
 
     def summary(self) -> dict:
         used = int(self.rows[self.num_samples]) if self.num_samples else 0
-        return {"kind": "packed", "prefix": self.inputs.prefix, "split": self.name,
+        return {"kind": "packed" if self.packing else "one_example_per_row", "prefix": self.inputs.prefix,
+                "split": self.name,
                 "document_range": list(self.documents), **self.stats, "rows": self.num_samples,
                 "epochs": self.epochs, "examples_per_row": used / max(self.num_samples, 1),
                 "index_built_here": self.built}
 
 
 def packing_epoch_rows(inputs_sizes: np.ndarray, targets_sizes: np.ndarray, documents: tuple[int, int],
-                       seq_length: int, seed: int, overlong: str = "truncate") -> int:
-    """Rows produced by packing one epoch of the document range (the last partial row included)."""
-    keep_in, keep_tgt = kept_lengths(inputs_sizes, targets_sizes, seq_length + 1)
+                       seq_length: int, seed: int, overlong: str = "truncate", packing: bool = True) -> int:
+    """Rows produced by packing one epoch of the document range (the last partial row included); with
+    packing=False one row per kept example."""
+    keep_in, keep_tgt = kept_lengths(inputs_sizes, targets_sizes, seq_length + 1, overlong)
     docs = np.arange(int(documents[0]), int(documents[1]), dtype=np.int64)
     keep = np.asarray(targets_sizes)[docs] > 0
     if overlong == "drop":
         keep &= ~overlong_examples(np.asarray(inputs_sizes)[docs], np.asarray(targets_sizes)[docs], seq_length + 1)
     docs = docs[keep]
+    if not packing:
+        return int(len(docs))
     _, rows, _ = pack_order(keep_in + keep_tgt, docs, 1 << 62, seq_length + 1, seed, max_epochs=1)
     return len(rows) - 1

@@ -26,13 +26,26 @@ AdamW state of the plain optimizer, gathered onto DP rank 0 as Megatron's distri
 can resume at another DP size, with or without ``zero1``, and the converters never see optimizer shards.
 
 No weight decay on 1-D parameters (biases, norm weights), as in Megatron.
+
+``optimizer.name: adafactor`` runs ``torch.optim.Adafactor`` on the same fp32 masters instead of AdamW (its
+state — step, row/column factors of the second moment, or the full second moment of 1-D params — is what the
+checkpoint holds then). Its factored second moment and its RMS-based step size are per whole tensor, so it is
+refused with ``zero1`` and with TP shards (config validation). ``adafactor_scale_parameter=False`` gives HF
+transformers' absolute step (``lr x update``, Magicoder's Trainer): each tensor is its own param group whose lr
+is ``lr / max(eps2, RMS(master))`` and whose weight decay is ``weight_decay x max(eps2, RMS(master))``, set before
+every step, which cancels torch's relative step size exactly while ``lr / max(eps2, RMS) <= 1/sqrt(step)``
+(torch caps the relative step at ``1/sqrt(step)``; a step past that cap is counted in ``adafactor_capped_steps``).
 """
 from __future__ import annotations
+
+import math
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megaocto.config.base import ConfigError
 from megaocto.config.train import OptimizerConfig
 
 _TAGS = ("tensor_parallel", "partition_dim", "sequence_parallel", "shared")
@@ -101,6 +114,19 @@ class MixedPrecisionAdamW:
             [p.ndim >= 2 for p, _, _ in self.shards]
         groups = [{"params": [m for m, d in zip(self.masters, self._decays) if d], "weight_decay": cfg.weight_decay},
                   {"params": [m for m, d in zip(self.masters, self._decays) if not d], "weight_decay": 0.0}]
+        self.adafactor = getattr(cfg, "name", "adamw") == "adafactor"
+        self.adafactor_capped_steps = 0
+        if self.adafactor:
+            if self.zero1:
+                raise ValueError("optimizer.name=adafactor does not support zero1 (per-tensor statistics)")
+            self._groups_used = [i for i, g in enumerate(groups) if g["params"]]
+            if not cfg.adafactor_scale_parameter:  # one group per tensor: its lr and decay are rescaled every step
+                groups = [{"params": [m], "weight_decay": g["weight_decay"], "base_weight_decay": g["weight_decay"]}
+                          for g in groups for m in g["params"]]
+            self.optimizer = torch.optim.Adafactor([g for g in groups if g["params"]], lr=cfg.lr,
+                                                   beta2_decay=cfg.adafactor_beta2_decay,
+                                                   eps=(cfg.adafactor_eps1, cfg.adafactor_eps2), d=cfg.adafactor_d)
+            return
         impl = cfg.fused
         if impl == "auto":  # torch's fused AdamW exists for CUDA and CPU (on CPU ~10x faster than foreach)
             impl = "fused" if device.type in ("cuda", "cpu") else "foreach"
@@ -215,8 +241,11 @@ class MixedPrecisionAdamW:
     # ------------------------------------------------------------------ update
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.adafactor and not self.cfg.adafactor_scale_parameter:
+            self._set_absolute_adafactor_lr(lr)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
         if self.zero1:
             if self.bf16:
@@ -230,6 +259,28 @@ class MixedPrecisionAdamW:
         elif self.bf16:
             for p, m in zip(self.params, self.masters):
                 p.copy_(m)
+
+    def _set_absolute_adafactor_lr(self, lr: float) -> None:
+        """torch's Adafactor steps by max(eps2, RMS(p)) x min(lr_g, 1/sqrt(t)) x update and decays by lr_g x wd_g:
+        lr_g = lr / scale and wd_g = wd x scale (scale = max(eps2, RMS(p)), p before this step) give HF's
+        lr x update and lr x wd."""
+        groups = self.optimizer.param_groups
+        masters = [g["params"][0] for g in groups]
+        norms = torch.stack(torch._foreach_norm(masters)).tolist()  # one host sync for all tensors
+        eps2 = self.cfg.adafactor_eps2
+        for g, m, norm in zip(groups, masters, norms):
+            scale = max(eps2, norm / math.sqrt(m.numel()))
+            g["lr"] = lr / scale
+            g["weight_decay"] = g["base_weight_decay"] * scale
+        state = self.optimizer.state.get(masters[0])
+        step = float(state["step"]) + 1 if state else 1.0
+        if any(g["lr"] > 1 / math.sqrt(step) for g in groups):
+            self.adafactor_capped_steps += 1
+            if self.adafactor_capped_steps == 1:
+                warnings.warn(f"adafactor_scale_parameter=false: at step {step:.0f} lr / max(eps2, RMS(param)) exceeds "
+                              f"torch's cap 1/sqrt(step) for some tensor, so their step is smaller than HF's "
+                              f"absolute step (counted in adafactor_capped_steps); lower optimizer.lr or raise "
+                              f"optimizer.adafactor_eps2", stacklevel=2)
 
     # ------------------------------------------------------------------ checkpoint
     def _full_order(self) -> list[torch.Tensor]:
@@ -294,6 +345,13 @@ class MixedPrecisionAdamW:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        saved = [st for st in state["optimizer"]["state"].values()]
+        saved_name = None if not saved else "adafactor" if any("row_var" in st or "variance" in st for st in saved) \
+            else "adamw"
+        if saved_name is not None and saved_name != ("adafactor" if self.adafactor else "adamw"):
+            raise ConfigError(f"the checkpoint's optimizer state is {saved_name}'s but optimizer.name="
+                             f"{'adafactor' if self.adafactor else 'adamw'}; resume with optimizer.name={saved_name}, "
+                             f"or load weights only (checkpoint.finetune=true / checkpoint.no_load_optim=true)")
         if not self.zero1:
             self.optimizer.load_state_dict(state["optimizer"])
             saved = state.get("fp32_from_fp16_params")
