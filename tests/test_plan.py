@@ -144,3 +144,30 @@ def test_cli_errors(capsys, argv, msg):
     base = ["plan", "--preset", "starcoder-15b", "--gpus", "8", "--global-batch", "8"]
     rc = main(base + argv)
     assert rc == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["octocoder-15b", "octogeex-6b", "santacoderpack-1b", "starcoder-15b-octopack"])
+def test_launch_configs_use_the_planners_recommendation(capsys, name):
+    """Each GPU run config names the `megaocto plan` command for its hardware and sets the layout it ranks first."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from megaocto.config.loader import load_run_config
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "configs" / f"{name}.yaml"
+    text = path.read_text()
+    m = re.search(r"`megaocto (plan [^`]+)`", text)
+    assert m, f"{path} names no `megaocto plan ...` command"
+    argv = shlex.split(m.group(1))
+    assert argv[argv.index("--config") + 1] == f"launch/configs/{name}.yaml"
+    argv[argv.index("--config") + 1] = str(path)
+    assert main(argv) == 0
+    rec = re.search(r"recommended for megaocto \(pp = 1, rank 1\): (.*?)  \(", capsys.readouterr().out).group(1)
+    want = dict(zip(rec.split()[::2], rec.split()[1::2]))
+    cfg = load_run_config(str(path))
+    got = {"--parallel.tp": str(cfg.parallel.tp), "--train.micro_batch_size": str(cfg.train.micro_batch_size),
+           "--train.zero1": str(cfg.train.zero1).lower(), "--train.recompute": cfg.train.recompute}
+    if cfg.parallel.tp > 1:
+        got["--parallel.sequence_parallel"] = str(cfg.parallel.sequence_parallel).lower()
+    assert got == want
