@@ -38,6 +38,14 @@ def test_starcoder_pretraining_layout_tp4_pp4_is_recovered():
     assert q.best().layout.pp == 1 and q.best().layout.zero1
 
 
+def test_octopack_megatron_finetune_layout_tp4_pp4_is_near_the_top():
+    # octopack finetune_starcoderbase.sh: 8 nodes x 8 A100, tp 4 pp 4, mbs 1, gbs 128 (seq 8192: the architecture's);
+    # same network and Megatron generation as StarCoder's pretraining
+    p = _plan("starcoder-15b", "a100", 64, 8192, 128, node_network_gbit=400, overlap_grad_reduce=False)
+    known = p.by_shape()[p.shape_rank(4, 4) - 1]
+    assert p.shape_rank(4, 4) <= 2 and known.step_s <= 1.05 * p.feasible[0].step_s
+
+
 def test_octogeex_tp2_is_ranked_first():
     for gpu in ("a100", "h100"):
         p = _plan("codegeex2-6b", gpu, 8, 8192, 48)
@@ -171,3 +179,52 @@ def test_launch_configs_use_the_planners_recommendation(capsys, name):
     if cfg.parallel.tp > 1:
         got["--parallel.sequence_parallel"] = str(cfg.parallel.sequence_parallel).lower()
     assert got == want
+
+
+def _saved_full_sequence_inputs(rank, world_size, out_file):
+    """tp=2 + SP, one tiny-glm2 block: which saved activations are full-sequence [b, s, h] (all-gathered)."""
+    import torch
+
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+
+    pc = ParallelContext.init(tp=2, sequence_parallel=True)
+    cfg = ModelConfig.from_preset("tiny-glm2", num_layers=1, ffn_hidden_size=96)  # no width equal to hidden
+    torch.manual_seed(0)
+    model = build_model(cfg, pc)
+    b, s, h = 2, cfg.seq_length, cfg.hidden_size
+    params = {p.data_ptr() for p in model.parameters()}
+    seen, inside = {}, [False]
+    model.layers[0].register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    model.layers[0].register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(t):
+        if inside[0] and t.data_ptr() not in params:
+            seen[t.data_ptr()] = t.numel()
+        return t
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids).sum().backward()
+    full = [n for n in seen.values() if n == b * s * h]  # [b, s, h] (or flattened); SP shards hold b*s*h/2
+    if rank == 0:
+        with open(out_file, "w") as f:
+            f.write(str(len(full)))
+
+
+def test_sequence_parallel_keeps_the_gathered_gemm_inputs(tmp_path):
+    """What megaocto.model.memory counts at full size under SP: the QKV and fc1 inputs, all-gathered and saved by
+    F.linear for the weight gradient (2 tensors of [b, s, h] per layer; Korthikanti's SP would keep s/tp)."""
+    from dist_utils import run_distributed
+
+    from megaocto.model.memory import activation_bytes_per_layer
+
+    out = tmp_path / "n"
+    run_distributed(_saved_full_sequence_inputs, 2, str(out))
+    assert int(out.read_text()) == 2
+    cfg = ModelConfig.from_preset("tiny-glm2")
+    kw = dict(micro_batch=2, seq_len=64, elem=2, flash_attention=True, selective=False)
+    sp = activation_bytes_per_layer(cfg, tp=2, sequence_parallel=True, **kw)
+    no_sp = activation_bytes_per_layer(cfg, tp=2, sequence_parallel=False, **kw)
+    h = cfg.hidden_size
+    # SP halves only the two norms' inputs (bf16 [b, s, h] each) here; the 2 gathered GEMM inputs stay whole
+    assert no_sp - sp == 2 * (2 * 2 * 64 * h) / 2
