@@ -85,12 +85,19 @@ def part_tests(dry: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------- kernels
 def _max_rel_err(got, want) -> float:
-    scale = want.float().abs().max().clamp(min=1e-6)
+    """max |got - want| / max(1, max |want|): tests/test_kernels_attention.py's scale-aware error."""
+    scale = want.float().abs().max().clamp(min=1.0)
     return float((got.float() - want.float()).abs().max() / scale)
 
 
 def kernel_cases(device, dry: bool):
-    """(name, triton fn, reference fn, make(dtype) -> (args, kwargs)) for every Triton kernel."""
+    """(name, triton fn, reference fn, make(dtype) -> (args, kwargs), dtypes) for every Triton kernel.
+
+    On the GPU flash attention is checked in bf16 only (each dtype autotunes 5 configs x 3 kernels per variant, which
+    is most of this part's compile time; fp32 is covered on CPU by tests/test_kernels_attention.py), at seq 1024
+    (the same divisibility specialisation as the benchmark's 8192, so the attention part reuses the compiled kernels
+    from Triton's cache) and, packed, at the odd seq 1027 (ragged last block).
+    """
     import torch
 
     from megaocto.kernels import registry
@@ -105,6 +112,7 @@ def kernel_cases(device, dry: bool):
 
     rows, hid = (19, 96) if dry else (4099, 4096)  # odd row counts: a ragged last block
     b, h, s, d = (1, 2, 21, 16) if dry else (2, 8, 1027, 128)
+    s_attn = s if dry else 1024
     vocab = 67 if dry else 32771
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -116,17 +124,21 @@ def kernel_cases(device, dry: bool):
         return ang.cos().to(device), ang.sin().to(device)
 
     def attn(hkv, causal, packed):
+        n = s if packed else s_attn
+
         def make(dt):
             seg = None
             if packed:
-                seg = (torch.arange(s) // max(1, s // 3) + 1).expand(b, s).contiguous().to(device)
-            return [t(b, h, s, d, dtype=dt), t(b, hkv, s, d, dtype=dt), t(b, hkv, s, d, dtype=dt)], \
+                seg = (torch.arange(n) // max(1, n // 3) + 1).expand(b, n).contiguous().to(device)
+            return [t(b, h, n, d, dtype=dt), t(b, hkv, n, d, dtype=dt), t(b, hkv, n, d, dtype=dt)], \
                 {"causal": causal, "segment_ids": seg}
         return make
 
     pc = ParallelContext.single(device)
     tri = lambda op: registry.get(op, "triton")  # noqa: E731
-    return [
+    both = (torch.float32, torch.bfloat16)
+    flash_dtypes = both if dry else (torch.bfloat16,)
+    cases = [
         ("layer_norm", tri("layer_norm"), reference_layer_norm,
          lambda dt: ([t(rows, hid, dtype=dt, scale=2, shift=0.5), t(hid, dtype=dt), t(hid, dtype=dt), 1e-5], {})),
         ("rms_norm", tri("rms_norm"), reference_rms_norm,
@@ -144,21 +156,24 @@ def kernel_cases(device, dry: bool):
         ("linear_cross_entropy", tri("linear_cross_entropy"), reference_linear_cross_entropy,
          lambda dt: ([t(b, s, hid // 4, dtype=dt), t(vocab, hid // 4, dtype=dt, scale=0.05),
                       torch.randint(0, vocab, (b, s), generator=gen).to(device), pc], {"vocab_size": vocab})),
+    ]
+    flash = [
         ("flash_attn_causal", flash_attention, reference_attention, attn(h, True, False)),
         ("flash_attn_full", flash_attention, reference_attention, attn(h, False, False)),
         ("flash_attn_mqa", flash_attention, reference_attention, attn(1, True, False)),
         ("flash_attn_packed", flash_attention, reference_attention, attn(h, True, True)),
     ]
+    return [(*c, both) for c in cases] + [(*c, flash_dtypes) for c in flash]
 
 
 def part_kernels(dry: bool) -> dict:
     import torch
 
     device = _device(dry)
-    tol = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # max |err| / max |reference| (fp32: TF32 GEMMs on GPU)
+    tol = {torch.float32: 1e-3, torch.bfloat16: 3e-2}  # _max_rel_err; reference in fp32 on the same inputs
     bad, worst, n = [], {}, 0
-    for name, fn, ref, make in kernel_cases(device, dry):
-        for dt in (torch.float32, torch.bfloat16):
+    for name, fn, ref, make, dtypes in kernel_cases(device, dry):
+        for dt in dtypes:
             try:
                 args, kw = make(dt)
                 mine = [a.detach().clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a

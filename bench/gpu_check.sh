@@ -7,17 +7,19 @@
 #   DRY_RUN=1 bash bench/gpu_check.sh    # the same
 #
 # Parts (bench/gpu_check.py has the details):        default limit (s)
-#   tests      CUDA-only tests in tests/ (prebuilt CUDA kernels vs torch)      45
-#   kernels    every Triton kernel on the GPU vs its torch reference, fwd+bwd  90
+#   tests      CUDA-only tests in tests/ (prebuilt CUDA kernels vs torch)      40
+#   kernels    every Triton kernel on the GPU vs its torch reference, fwd+bwd 120
 #   train      bf16 training steps of tiny-bigcode / tiny-glm2 / tiny-llama    60
-#   nccl       single-rank NCCL process group + megaocto ParallelContext       30
-#   attention  flash attention fwd+bwd, seq 8192, head dim 128: TFLOP/s vs SDPA (and flash-attn when installed)  100
+#   nccl       single-rank NCCL process group + megaocto ParallelContext       25
+#   attention  flash attention fwd+bwd, seq 8192, head dim 128: TFLOP/s vs SDPA (and flash-attn when installed)  90
 #   train1b    starcoderbase-1b (1.1B BigCode) training step at seq 8192: tokens/s, MFU (6N + 12*L*H*Q*T)      120
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), OUT_DIR (results, logs; default a new /tmp folder),
 # BUDGET_S (total, default 480 = 8 min; a part never gets more than what is left), LIMIT_<PART> (e.g.
 # LIMIT_ATTENTION=150), BUILD_CUDA=1 (first build megaocto._cuda_kernels in place, limit LIMIT_BUILD=150, counted in
-# the budget; otherwise the `tests` part reports skip when the module is not built).
+# the budget; otherwise the `tests` part reports skip when the module is not built). Triton kernels compile (and
+# flash attention autotunes) on first use; the compiled kernels stay in Triton's cache (~/.triton/cache), so a second
+# run of the check is faster and later parts reuse what earlier ones compiled.
 # Exit status: 0 when every part is ok or skip, 1 otherwise, 2 on a usage error.
 set -u
 cd "$(dirname "$0")/.."
@@ -53,8 +55,8 @@ else
   DEVICE=${DEVICE:-"no nvidia-smi"}
 fi
 
-declare -A LIMIT=([build]=${LIMIT_BUILD:-150} [tests]=${LIMIT_TESTS:-45} [kernels]=${LIMIT_KERNELS:-90}
-                  [train]=${LIMIT_TRAIN:-60} [nccl]=${LIMIT_NCCL:-30} [attention]=${LIMIT_ATTENTION:-100}
+declare -A LIMIT=([build]=${LIMIT_BUILD:-150} [tests]=${LIMIT_TESTS:-40} [kernels]=${LIMIT_KERNELS:-120}
+                  [train]=${LIMIT_TRAIN:-60} [nccl]=${LIMIT_NCCL:-25} [attention]=${LIMIT_ATTENTION:-90}
                   [train1b]=${LIMIT_TRAIN1B:-120})
 START=$(date +%s)
 echo "[gpu_check] $DEVICE; results and logs in $OUT; budget $BUDGET s"
