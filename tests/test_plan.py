@@ -228,3 +228,16 @@ def test_sequence_parallel_keeps_the_gathered_gemm_inputs(tmp_path):
     h = cfg.hidden_size
     # SP halves only the two norms' inputs (bf16 [b, s, h] each) here; the 2 gathered GEMM inputs stay whole
     assert no_sp - sp == 2 * (2 * 2 * 64 * h) / 2
+
+
+def test_cli_starcoder_published_cluster(capsys):
+    rc = main(["plan", "--preset", "starcoder-15b", "--gpus", "512", "--gpu", "a100", "--gpu-memory", "80GB",
+               "--seq-length", "8192", "--global-batch", "512", "--network-gbit", "400", "--no-overlap-grad-reduce",
+               "--top", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "network 400 Gbit/s per node" in out and "after the backward (not overlapped)" in out
+    shape_table = out.split("best layout of each tp x pp shape")[1].splitlines()
+    tp4pp4 = [ln for ln in shape_table if ln.split()[1:3] == ["4", "4"]]
+    assert tp4pp4 and int(tp4pp4[0].split()[0]) <= 4 and PP_NOT_RUNNABLE in tp4pp4[0]
+    assert "recommended for megaocto (pp = 1" in out

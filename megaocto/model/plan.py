@@ -99,16 +99,24 @@ class Hardware:
         return self.memory_bytes * (1 - self.headroom)
 
     @property
+    def nvlink(self) -> float:
+        """NVLink GB/s per GPU per direction."""
+        return self.nvlink_gbs if self.nvlink_gbs is not None else self.gpu.nvlink_gbs
+
+    @property
+    def network(self) -> float:
+        """Inter-node Gbit/s per node."""
+        return self.node_network_gbit if self.node_network_gbit is not None else self.gpu.node_network_gbit
+
+    @property
     def intra_bw(self) -> float:
         """Bytes/s one GPU moves over NVLink in a ring collective."""
-        return (self.nvlink_gbs if self.nvlink_gbs is not None else self.gpu.nvlink_gbs) * 1e9 * self.link_efficiency
+        return self.nvlink * 1e9 * self.link_efficiency
 
     @property
     def inter_bw(self) -> float:
         """Bytes/s one GPU moves over the network (its share of the node's links) in a ring collective."""
-        gbit = self.node_network_gbit if self.node_network_gbit is not None else self.gpu.node_network_gbit
-        per_gpu = gbit / 8 * 1e9 / min(self.gpus_per_node, self.gpus)
-        return per_gpu * self.link_efficiency
+        return self.network / 8 * 1e9 / self.gpus_per_node * self.link_efficiency
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,7 @@ class Plan:
     global_batch: int
     estimates: list[Estimate]  # every layout that was estimated, best first (fitting ones before the others)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count of candidate layouts not estimated
+    overlap_grad_reduce: bool = True  # as estimated (see estimate())
 
     @property
     def feasible(self) -> list[Estimate]:
@@ -340,10 +349,10 @@ def plan(cfg: ModelConfig, hw: Hardware, *, seq_len: int, global_batch: int, dty
                                             overlap_grad_reduce=overlap_grad_reduce))
     out.sort(key=lambda e: (not e.fits, e.step_s if e.fits else e.memory.total, e.memory.total))
     return Plan(model=model or cfg.family, hardware=hw, seq_len=seq_len, global_batch=global_batch, estimates=out,
-                skipped=skipped)
+                skipped=skipped, overlap_grad_reduce=overlap_grad_reduce)
 
 
-def assumptions(hw: Hardware) -> list[str]:
+def assumptions(hw: Hardware, *, overlap_grad_reduce: bool = True) -> list[str]:
     g = hw.gpu
     return [
         f"GPU {g.name}: {g.peak_tflops:g} TFLOP/s bf16 dense peak, achievable {100 * g.efficiency:.0f}% of peak on "
@@ -353,14 +362,15 @@ def assumptions(hw: Hardware) -> list[str]:
         f"memory {hw.memory_bytes / GIB:g} GiB per GPU, {100 * hw.headroom:g}% kept free (fragmentation, NCCL "
         f"buffers, CUDA context) -> a layout fits at <= {hw.usable_bytes / GIB:.1f} GiB of megaocto.model.memory's "
         f"estimate (bf16 weights, fp32 grads, fp32 masters + Adam, activations with flash attention)",
-        f"links: NVLink {hw.intra_bw / hw.link_efficiency / 1e9:g} GB/s per GPU per direction inside a node of "
-        f"{hw.gpus_per_node} GPUs; network {hw.inter_bw / hw.link_efficiency * 8 * min(hw.gpus_per_node, hw.gpus) / 1e9:g} "
-        f"Gbit/s per node shared by its GPUs; collectives reach {100 * hw.link_efficiency:.0f}% of link rate",
+        f"links: NVLink {hw.nvlink:g} GB/s per GPU per direction inside a node of {hw.gpus_per_node} GPUs; network "
+        f"{hw.network:g} Gbit/s per node shared by its GPUs; collectives reach {100 * hw.link_efficiency:.0f}% of "
+        f"link rate",
         "step time = compute (6N + 12*L*H*Q*T per token, + recompute: full = one more layer forward, selective = "
         "attention forward) + TP collectives (2 all-reduce equivalents of [seq, mb, hidden] per layer forward, 2 "
         "backward, +2 with full recompute; not overlapped) + DP grad reduction (fp32; all-reduce, or ZeRO-1 "
-        "reduce-scatter + bf16 param all-gather) beyond the last micro batch's backward it overlaps + pipeline "
-        "bubble (p-1)/m and p2p",
+        "reduce-scatter + bf16 param all-gather) " + ("beyond the last micro batch's backward it overlaps"
+                                                        if overlap_grad_reduce else "after the backward (not overlapped)")
+        + " + pipeline bubble (p-1)/m and p2p",
         "rank order TP, DP, PP (Megatron): TP within a node; DP over NVLink only when tp*dp <= GPUs per node",
         "sequence parallelism on whenever tp > 1 (same communication volume as TP without it, less activation "
         "memory); flash attention assumed",
@@ -372,7 +382,7 @@ def format_plan(p: Plan, *, top: int = 10) -> str:
     hw = p.hardware
     lines = [f"plan for {p.model} on {hw.gpus} x {hw.gpu.name} ({hw.memory_bytes / GIB:g} GiB), seq {p.seq_len}, "
              f"global batch {p.global_batch} ({p.global_batch * p.seq_len:,} tokens/step)", "assumptions:"]
-    lines += [f"  - {a}" for a in assumptions(hw)]
+    lines += [f"  - {a}" for a in assumptions(hw, overlap_grad_reduce=p.overlap_grad_reduce)]
     feas = p.feasible
     lines.append(f"{len(p.estimates)} layouts estimated, {len(feas)} fit in memory"
                  + "".join(f"; {n} skipped: {r}" for r, n in sorted(p.skipped.items())))
