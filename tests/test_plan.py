@@ -241,3 +241,10 @@ def test_cli_starcoder_published_cluster(capsys):
     tp4pp4 = [ln for ln in shape_table if ln.split()[1:3] == ["4", "4"]]
     assert tp4pp4 and int(tp4pp4[0].split()[0]) <= 4 and PP_NOT_RUNNABLE in tp4pp4[0]
     assert "recommended for megaocto (pp = 1" in out
+
+
+def test_no_layout_when_the_batch_does_not_split(capsys):
+    # 6 GPUs: tiny-bigcode splits over tp 1 or 2 (4 heads) and pp 1 or 2 (2 layers), so dp is 6 or 3; 7 sequences
+    p = _plan("tiny-bigcode", "a100", 6, 64, 7)
+    assert p.estimates == [] and p.skipped["global batch not divisible by dp"] > 0
+    assert "no layout can be formed" in format_plan(p)

@@ -412,17 +412,19 @@ def format_plan(p: Plan, *, top: int = 10) -> str:
         else:
             lines.append(f"recommended for megaocto (pp = 1, rank {feas.index(best) + 1}): {best.layout.overrides()}"
                          f"  (~{best.memory_gib:.1f} GiB/GPU, ~{best.step_s:.2f} s/step, MFU ~{100 * best.mfu:.0f}%)")
+    elif not p.estimates:
+        lines.append("no layout can be formed from these GPUs and this global batch (see the skipped counts above): "
+                     "the global batch must be divisible by dp = gpus / (tp * pp) for some tp and pp")
     else:
-        least = p.estimates[0] if p.estimates else None
+        least = p.estimates[0]
         lines.append("no layout fits in memory.")
-        if least is not None:
-            lines.append("smallest estimate:")
-            lines.append(head)
-            lines.append(row(1, least))
-            need = math.ceil(least.memory.total / (1 - hw.headroom) / GIB)
-            hints = ["more GPUs (ZeRO-1 divides only the optimizer states by dp; weights and grads are divided "
-                     "only by tp * pp)", "a shorter sequence"]
-            if least.layout.recompute != "full":
-                hints.append("full recompute")
-            lines.append(f"it needs ~{need} GiB per GPU; try {', '.join(hints)}")
+        lines.append("smallest estimate:")
+        lines.append(head)
+        lines.append(row(1, least))
+        need = math.ceil(least.memory.total / (1 - hw.headroom) / GIB)
+        hints = ["more GPUs (ZeRO-1 divides only the optimizer states by dp; weights and grads are divided "
+                 "only by tp * pp)", "a shorter sequence"]
+        if least.layout.recompute != "full":
+            hints.append("full recompute")
+        lines.append(f"it needs ~{need} GiB per GPU; try {', '.join(hints)}")
     return "\n".join(lines)
