@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
                         help="GPU kind: peak TFLOP/s, achievable fraction, NVLink and network defaults "
                              "(default: %(default)s)")
     parser.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB (default: the GPU kind's)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node sharing NVLink (default: 8)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node sharing NVLink (default: %(default)s)")
     parser.add_argument("--network-gbit", type=float, default=None,
                         help="inter-node network per node in Gbit/s, all NICs together (default: the GPU kind's "
                              "DGX node: a100 1600, h100/h200 3200)")
