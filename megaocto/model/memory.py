@@ -8,7 +8,8 @@ moments are sharded over data parallelism.
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
 generalised to grouped/multi-query K/V, SwiGLU and any element size. For the standard case (MHA, 4h GELU MLP,
 16-bit, dropout on) one layer stores ``s*b*h*(34 + 5*a*s/h)`` bytes, divided by t where TP (and, with sequence
-parallelism, SP) shards it. Flash attention and selective recompute drop the ``a*s^2`` terms; full recompute keeps
+parallelism, SP) shards it — except the inputs of the two column-parallel GEMMs, which megaocto keeps all-gathered
+(``4*s*b*h`` bytes at 16 bits, not divided by t: Korthikanti's SP re-gathers them in backward instead). Flash attention and selective recompute drop the ``a*s^2`` terms; full recompute keeps
 only each chunk's input plus one chunk recomputed at a time. The first pipeline stage holds ``min(pp,
 num_microbatches)`` microbatches in flight (1F1B). Allocator fragmentation, communication buffers and the CUDA
 context are not counted: leave 10-20% headroom.
@@ -88,7 +89,10 @@ def activation_bytes_per_layer(cfg: ModelConfig, *, tp: int, micro_batch: int, s
         kv_t = tp if (g > 1 or cfg.family == "glm2") else 1
     sb = s * b
     total = 2 * elem * sb * h * rep  # inputs of the two norms
-    total += elem * sb * h * rep  # QKV GEMM input (norm output)
+    # The two column-parallel GEMM inputs (QKV, fc1): megaocto's ColumnParallelLinear all-gathers the sequence-parallel
+    # input and F.linear keeps the gathered [s, b, h] tensor for the weight gradient (no re-gather in backward, unlike
+    # Korthikanti's SP), so they are full size on every TP rank with or without sequence parallelism.
+    total += elem * sb * h  # QKV GEMM input (norm output, gathered)
     total += elem * sb * a * d / tp + 2 * elem * sb * g * d / kv_t  # Q, K, V
     if not (flash_attention or selective):
         total += elem * a * s * s * b / tp  # softmax output
@@ -97,7 +101,7 @@ def activation_bytes_per_layer(cfg: ModelConfig, *, tp: int, micro_batch: int, s
     elif flash_attention and not selective:
         total += 4 * a * s * b / tp  # fp32 log-sum-exp kept by flash attention
     total += elem * sb * a * d / tp  # context = dense input
-    total += elem * sb * h * rep  # MLP input
+    total += elem * sb * h  # MLP input (gathered, as the QKV input)
     fc1 = 2 * f if cfg.activation == "swiglu" else f
     total += elem * sb * fc1 / tp + elem * sb * f / tp  # fc1 output, activation output
     if cfg.hidden_dropout > 0:
