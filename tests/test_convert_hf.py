@@ -255,7 +255,7 @@ def test_sharded_export_with_tokenizer_loads_offline(hf_dirs, tmp_path):
 def _expect_error(tmp_path, match, fn, *args, **kw):
     out = tmp_path / "out"
     before = set(os.listdir(tmp_path))
-    with pytest.raises(ConversionError, match=match):
+    with pytest.raises((ConversionError, ckpt.CheckpointError), match=match):  # checkpoint reading: CheckpointError
         fn(*args, str(out), **kw)
     assert not out.exists() and set(os.listdir(tmp_path)) == before  # nothing written, no partial directory
 

@@ -121,8 +121,13 @@ def test_huggingface_tokenizer_directory(data, tmp_path):
     assert main(["preprocess", "--input", data["input"], "--output-prefix", str(tmp_path / "b"), "--tokenizer",
                  data["tok"], "--json-keys", "targets", "--log-interval", "0"]) == 0
     assert _files(tmp_path / "a_targets_document") == _files(tmp_path / "b_targets_document")
-    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<fim_pad>"}))  # Megatron's EOD differs
-    assert main(args + ["--output-prefix", str(tmp_path / "c")]) == 2
+    # another eos_token in tokenizer_config.json: Megatron's EOD, and megaocto's tokenizer protocol reads the same
+    # eos from the folder, so every document ends with that id in both
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<fim_pad>"}))
+    assert main(args + ["--output-prefix", str(tmp_path / "c")]) == 0
+    fim_pad = load_tokenizer(str(hf)).token_to_id("<fim_pad>")
+    ds = MMapIndexedDataset(str(tmp_path / "c_targets_document"))
+    assert len(ds) == 40 and all(int(ds[i][-1]) == fim_pad for i in range(len(ds)))
 
 
 def test_gpt2_bpe_vocab_and_merges_as_megatron(data, tmp_path):
