@@ -1,9 +1,12 @@
-"""Training-step throughput: megaocto's training step vs HF GPTBigCodeForCausalLM, same shape, one process.
+"""Training-step throughput: megaocto's training step vs HF GPTBigCodeForCausalLM / LlamaForCausalLM, same shape.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/train_bench.py [--steps 5] [--warmup 2] [--compile] [--threads 2]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_bench.py [--family bigcode|llama] [--steps 5] [--warmup 2]
+        [--compile] [--threads 2] [--megaocto-dtype bf16 --hf-autocast]
 
-Shape (reference machine-feasibility.md §8): 6 layers x hidden 512 x 8 heads, multi-query, vocab 32768,
-batch 4 x seq 512, fp32, AdamW(lr 1e-4, wd 0.1), dropout 0. One step = forward + loss + backward + optimizer.
+Shape (reference machine-feasibility.md §8): 6 layers x hidden 512 x 8 heads, vocab 32768, batch 4 x seq 512,
+fp32, AdamW(lr 1e-4, wd 0.1), dropout 0; bigcode: multi-query, MLP 4h; llama: 2 K/V heads (GQA), SwiGLU 1408
+(DeepSeek-Coder's 2.69 h), RMSNorm, rope theta 1e5 with linear scaling 4, untied head, no biases.
+One step = forward + loss + backward + optimizer.
 megaocto's step is the real `Trainer.train_step` (data collate, fp32 grad buffer, grad clipping, AdamW);
 HF's is the usual `model(input_ids, labels=...)`, `loss.backward()`, `opt.step()`, `opt.zero_grad()`.
 Steps of the two models alternate (so both see the same load on a shared machine); reports the median
@@ -20,6 +23,7 @@ import time
 import torch
 
 B, S, LAYERS, HIDDEN, HEADS, VOCAB = 4, 512, 6, 512, 8, 32768
+KV_HEADS, LLAMA_FFN = 2, 1408
 
 
 def _timed(step) -> float:
@@ -40,13 +44,16 @@ def _interleaved(steps_by_name: dict, steps: int, warmup: int) -> dict[str, list
     return times
 
 
-def megaocto_step(compile_model: bool, dtype: str = "fp32"):
+def megaocto_step(compile_model: bool, dtype: str = "fp32", family: str = "bigcode"):
     from megaocto.config.loader import load_run_config
     from megaocto.training.loop import Trainer
 
+    arch = ["--model.family", "bigcode", "--model.num_query_groups", "1"] if family == "bigcode" else [
+        "--model.preset", "deepseek-coder-1.3b", "--model.num_query_groups", str(KV_HEADS),
+        "--model.ffn_hidden_size", str(LLAMA_FFN), "--model.max_position_embeddings", str(S)]
     cfg = load_run_config(None, [
-        "--model.family", "bigcode", "--model.num_layers", str(LAYERS), "--model.hidden_size", str(HIDDEN),
-        "--model.num_attention_heads", str(HEADS), "--model.num_query_groups", "1", "--model.vocab_size", str(VOCAB),
+        *arch, "--model.num_layers", str(LAYERS), "--model.hidden_size", str(HIDDEN),
+        "--model.num_attention_heads", str(HEADS), "--model.vocab_size", str(VOCAB),
         "--model.seq_length", str(S), "--model.attention_dropout", "0", "--model.hidden_dropout", "0",
         "--data.kind", "synthetic", "--data.num_workers", "0", "--train.micro_batch_size", str(B), "--train.iters", "1000",
         "--train.dtype", dtype, "--train.compile", str(compile_model).lower(),
@@ -62,13 +69,23 @@ def megaocto_step(compile_model: bool, dtype: str = "fp32"):
     return step, n_params
 
 
-def hf_step(compile_model: bool, autocast: bool = False):
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+def hf_step(compile_model: bool, autocast: bool = False, family: str = "bigcode"):
+    if family == "bigcode":
+        from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-    cfg = GPTBigCodeConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, multi_query=True, vocab_size=VOCAB,
-                           n_positions=S, n_inner=4 * HIDDEN, activation_function="gelu_pytorch_tanh",
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = GPTBigCodeForCausalLM(cfg)
+        cfg = GPTBigCodeConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, multi_query=True, vocab_size=VOCAB,
+                               n_positions=S, n_inner=4 * HIDDEN, activation_function="gelu_pytorch_tanh",
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        model = GPTBigCodeForCausalLM(cfg)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                          num_key_value_heads=KV_HEADS, intermediate_size=LLAMA_FFN, vocab_size=VOCAB,
+                          max_position_embeddings=S, rms_norm_eps=1e-6, rope_theta=100000.0,
+                          rope_scaling={"type": "linear", "factor": 4.0}, tie_word_embeddings=False,
+                          attention_dropout=0.0, bos_token_id=0, eos_token_id=1)
+        model = LlamaForCausalLM(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     fwd = torch.compile(model) if compile_model else model
@@ -95,15 +112,19 @@ def main() -> None:
     ap.add_argument("--megaocto-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="megaocto compute dtype (bf16 = bf16 params/activations + fp32 masters/grads)")
     ap.add_argument("--hf-autocast", action="store_true", help="run HF under torch.autocast(cpu, bfloat16)")
+    ap.add_argument("--family", choices=("bigcode", "llama"), default="bigcode",
+                    help="bigcode (vs GPTBigCodeForCausalLM) or llama (vs LlamaForCausalLM)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()}")
-    print(f"shape: {LAYERS} layers x {HIDDEN} hidden x {HEADS} heads MQA, vocab {VOCAB}, batch {B} x seq {S}; "
+    attn = "MQA" if args.family == "bigcode" else f"GQA {KV_HEADS} K/V, SwiGLU {LLAMA_FFN}"
+    print(f"{args.family}: {LAYERS} layers x {HIDDEN} hidden x {HEADS} heads {attn}, vocab {VOCAB}, batch {B} x seq {S}; "
           f"megaocto {args.megaocto_dtype}, HF {'bf16 autocast' if args.hf_autocast else 'fp32'}")
     modes = [False, True] if args.compile else [False]
     results = {}
     for compiled in modes:
-        builders = {"megaocto": lambda c: megaocto_step(c, args.megaocto_dtype), "hf": lambda c: hf_step(c, args.hf_autocast)}
+        builders = {"megaocto": lambda c: megaocto_step(c, args.megaocto_dtype, args.family),
+                    "hf": lambda c: hf_step(c, args.hf_autocast, args.family)}
         if args.only:
             builders = {args.only: builders[args.only]}
         steps, sizes = {}, {}
