@@ -33,8 +33,9 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
     typically one layer); each byte is written once. Tensors may arrive in any order; a per-layer progress line
     (``[convert] layers.3 (5/42) ... GB/s, ETA``) is printed on stderr when the layer changes.
 
-    Atomicity: everything is written under ``{parent}/.{basename}.partial-{pid}/`` and renamed to ``output`` when
-    complete; any exception removes the partial directory. ``output`` must not exist (checked before writing).
+    Atomicity: everything is written under ``{parent}/.{basename}.partial-{host}-{pid}/`` and renamed to ``output``
+    when complete; any exception (also SIGTERM/SIGINT in the CLI) removes the partial directory, and partials of dead
+    processes (SIGKILL) are removed by the next conversion into the same parent (:class:`AtomicDir`). ``output`` must not exist (checked before writing).
 
 ``read_megaocto_checkpoint(load, *, iteration=None, trim_vocab=False) -> (cfg, iterator)``
     Reads a megaocto checkpoint saved at any TP (its metadata.json must carry ``config.model``), and yields
@@ -86,6 +87,19 @@ class ConversionError(ConfigError):
 
 class VerifyError(Exception):
     """``--verify``: the result's logits differ from the source's by more than the tolerance."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) arrived while converting; raised by the CLI's signal handler. A BaseException, like
+    KeyboardInterrupt, so no ``except Exception`` on the way swallows it; :class:`AtomicDir` removes the partial
+    output on the way out."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
 
 
 # ------------------------------------------------------------------------------------------ dtypes
@@ -225,15 +239,84 @@ def check_output_free(output: str, flag: str = "--output") -> None:
         raise ConversionError(f"{flag}={output}: parent directory {parent} does not exist")
 
 
+_PARTIAL_RE = re.compile(r"^\.(?P<base>.+)\.partial-(?:(?P<host>[^/]+)-)?(?P<pid>\d+)$")
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "localhost"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def remove_stale_partials(parent: str, *, log: bool = True) -> list[str]:
+    """Remove the ``.{name}.partial-{host}-{pid}`` directories in ``parent`` left by converters on this host whose
+    process is gone (killed with SIGKILL, or a node crash); a line on stderr names each one and its size.
+
+    Kept: partials of live processes, partials of other hosts (a shared file system: their PIDs cannot be checked
+    here). Names without a host (``.{name}.partial-{pid}``, written before host names were added) count as this
+    host's. Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    host = _host()
+    for name in sorted(names):
+        m = _PARTIAL_RE.match(name)
+        path = os.path.join(parent, name)
+        if not m or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if m.group("host") not in (None, host):
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        size = _du(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            removed.append(path)
+            if log:
+                print(f"[convert] removed stale partial output {path} ({size / 1e9:.2f} GB) of process {pid}, "
+                      f"which is no longer running (a killed earlier conversion)", file=sys.stderr, flush=True)
+    return removed
+
+
 class AtomicDir:
-    """``with AtomicDir(output) as tmp:`` write into ``tmp``; renamed to ``output`` on success, removed on error."""
+    """``with AtomicDir(output) as tmp:`` write into ``tmp``; renamed to ``output`` on success, removed on error.
+
+    ``tmp`` is ``{parent}/.{basename}.partial-{host}-{pid}``. Any exception — also :class:`Interrupted` (SIGTERM)
+    and KeyboardInterrupt (SIGINT) — removes it. A SIGKILL-ed run cannot clean up: the next ``AtomicDir`` in the
+    same parent directory removes such partials of dead processes (:func:`remove_stale_partials`)."""
 
     def __init__(self, output: str):
         self.output = os.path.abspath(output)
         parent, base = os.path.split(self.output)
-        self.tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+        self.parent = parent
+        self.tmp = os.path.join(parent, f".{base}.partial-{_host()}-{os.getpid()}")
 
     def __enter__(self) -> str:
+        remove_stale_partials(self.parent)
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
         return self.tmp
