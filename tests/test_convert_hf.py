@@ -489,3 +489,58 @@ def test_to_hf_from_tp2_many_layers_is_bit_exact(tmp_path):
     got = _safetensors(str(tmp_path / "hf"))
     want = {n: t.clone() for n, t in hf_bigcode.iter_to_hf(cfg, iter(full.items()))}
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def _starcoder_like_tokenizer(path):
+    """A tiny word-level tokenizer.json whose ids 0..18 are StarCoder's special tokens (as train_bpe_tokenizer's)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from megaocto.data.tokenizer import STARCODER_SPECIAL_TOKENS
+
+    vocab = {t: i for i, t in enumerate(STARCODER_SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": len(STARCODER_SPECIAL_TOKENS) + i for i in range(60)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in STARCODER_SPECIAL_TOKENS])
+    tok.save(path)
+    return path
+
+
+def test_exported_tokenizer_has_special_tokens_and_falls_back_to_data_tokenizer(tmp_path, capsys):
+    """AutoTokenizer of the export knows eos/bos/pad/unk (StarCoder's <|endoftext|>, <fim_pad>) and the 19 special
+    tokens; without --tokenizer, to-hf exports the checkpoint's data.tokenizer (as `megaocto generate` uses it)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from megaocto.data.tokenizer import STARCODER_SPECIAL_TOKENS
+
+    tok_path = _starcoder_like_tokenizer(str(tmp_path / "my_tok.json"))
+    cfg = ModelConfig.from_preset("tiny-bigcode", vocab_size=V)
+    torch.manual_seed(0)
+    src = str(tmp_path / "ck")
+    write_megaocto_checkpoint(src, cfg, build_model(cfg, ParallelContext.single()).state_dict(), 1, progress=False)
+    meta_path = os.path.join(src, "release", "metadata.json")  # as a training run records it
+    meta = json.load(open(meta_path))
+    meta["config"]["data"] = {"tokenizer": tok_path}
+    json.dump(meta, open(meta_path, "w"))
+
+    for out, kw in ((str(tmp_path / "hf_flag"), {"tokenizer": tok_path}), (str(tmp_path / "hf_fallback"), {})):
+        to_hf(src, out, progress=False, **kw)
+        tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+        assert (tok.eos_token, tok.bos_token, tok.unk_token, tok.pad_token) == (
+            "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", "<fim_pad>")
+        assert (tok.eos_token_id, tok.pad_token_id) == (0, 4)
+        assert set(STARCODER_SPECIAL_TOKENS) <= set(tok.all_special_tokens)
+        assert tok("w3 <fim_prefix> w5")["input_ids"] == [22, 1, 24]
+        smap = json.load(open(os.path.join(out, "special_tokens_map.json")))
+        assert smap["eos_token"] == "<|endoftext|>" and smap["additional_special_tokens"] == list(
+            STARCODER_SPECIAL_TOKENS)
+        conf = AutoConfig.from_pretrained(out, local_files_only=True)
+        assert (conf.eos_token_id, conf.bos_token_id, conf.pad_token_id) == (0, 0, 4)
+        assert GenerationConfig.from_pretrained(out).eos_token_id == 0
+    assert f"[to-hf] tokenizer: {tok_path} (the checkpoint's data.tokenizer" in capsys.readouterr().err
+
+    meta["config"]["data"] = {"tokenizer": str(tmp_path / "gone.json")}
+    json.dump(meta, open(meta_path, "w"))
+    to_hf(src, str(tmp_path / "hf_none"), progress=False)
+    assert "no tokenizer exported: no --tokenizer and the checkpoint's data.tokenizer" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf_none" / "tokenizer.json")

@@ -31,7 +31,8 @@ import torch
 from megaocto.config.model import ModelConfig
 from megaocto.convert import core, hf_bigcode, hf_glm
 from megaocto.convert.core import ConversionError
-from megaocto.convert.io import HFSource, SafetensorsShardWriter, copy_tokenizer, parse_size, tokenizer_files
+from megaocto.convert.io import (HFSource, SafetensorsShardWriter, copy_tokenizer, parse_size, special_tokens,
+                                 tokenizer_files)
 
 FAMILIES: dict[str, ModuleType] = {"bigcode": hf_bigcode, "glm2": hf_glm}
 
@@ -170,12 +171,18 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     cfg = core.config_from_metadata(meta, os.path.join(directory, "metadata.json"))
     family = FAMILIES[cfg.family]
     family.check_exportable(cfg, os.path.join(directory, "metadata.json"))
+    tokenizer = _tokenizer_or_fallback(tokenizer, meta, os.path.join(directory, "metadata.json"))
     tok_files = tokenizer_files(tokenizer) if tokenizer else []
+    tok_json = next((f for f in tok_files if f.endswith(".json") and (len(tok_files) == 1 or
+                                                                      os.path.basename(f) == "tokenizer.json")), None)
     if tokenizer:
         _check_tokenizer_vocab(tokenizer, cfg)
     core.check_output_free(output)
     out_dtype = cast or core.checkpoint_dtype(directory, meta)
+    # ids from the HF source a checkpoint was converted from win; else the exported tokenizer's eos/bos/pad
     token_ids = ((meta.get("converted_from") or {}).get("token_ids")) or {}
+    if not token_ids and tok_json:
+        token_ids = special_tokens(tok_json)[1]
     hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
     _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
     bar = core.Progress(len(core.units(cfg)), "to-hf", progress)
@@ -216,6 +223,25 @@ def hf_plan(cfg: ModelConfig, family: ModuleType, dtype: torch.dtype) -> list[tu
     trimmed by the mapping, so the padding of the meta shapes does not matter)."""
     meta = ((name, torch.empty(spec.shape, dtype=dtype, device="meta")) for name, spec in core.param_specs(cfg).items())
     return [(name, dtype, tuple(t.shape)) for name, t in family.iter_to_hf(cfg, meta)]
+
+
+def _tokenizer_or_fallback(tokenizer: str | None, meta: dict, where: str) -> str | None:
+    """``--tokenizer``, else the checkpoint's ``config.data.tokenizer`` (as ``megaocto generate`` does); a line on
+    stderr says which one is exported, or why none is."""
+    import sys
+
+    if tokenizer:
+        return tokenizer
+    saved = ((meta.get("config") or {}).get("data") or {}).get("tokenizer")
+    if saved and os.path.exists(saved):
+        print(f"[to-hf] tokenizer: {saved} (the checkpoint's data.tokenizer; --tokenizer overrides it)",
+              file=sys.stderr, flush=True)
+        return saved
+    why = (f"the checkpoint's data.tokenizer {saved} does not exist here" if saved
+           else f"{where} names no data.tokenizer")
+    print(f"[to-hf] no tokenizer exported: no --tokenizer and {why}; pass --tokenizer PATH to include one",
+          file=sys.stderr, flush=True)
+    return None
 
 
 def _write_generation_config(hf_conf, directory: str) -> None:

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -332,14 +333,86 @@ def tokenizer_files(path: str, flag: str = "--tokenizer") -> list[str]:
     return files
 
 
+def special_tokens(tokenizer_json: str) -> tuple[dict, dict[str, int]]:
+    """``(special_tokens_map, token_ids)`` of a ``tokenizer.json`` as megaocto uses it
+    (:func:`megaocto.data.tokenizer.load_tokenizer`): ``eos_token`` = the EOD token (StarCoder's ``<|endoftext|>``),
+    ``bos_token`` (StarCoder: ``<|endoftext|>`` too), ``pad_token`` (``<fim_pad>`` when present, else EOD),
+    ``unk_token`` (the BPE model's own unk token, else EOD, as StarCoder's tokenizer files say) and
+    ``additional_special_tokens`` (every added token marked special, in id order: StarCoder's 19).
+    ``token_ids`` holds ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for config.json."""
+    from tokenizers import Tokenizer
+
+    from megaocto.data.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        raw = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions; name the file
+        raise ConversionError(f"--tokenizer: {tokenizer_json}: cannot load ({e})") from None
+    try:
+        ours = load_tokenizer(tokenizer_json)
+    except TokenizerError as e:  # no EOD token: export it anyway, without eos/bos/pad, and say so
+        print(f"[to-hf] {e}: the exported tokenizer_config.json names no eos/bos/pad token", file=sys.stderr,
+              flush=True)
+        ours = None
+    eos = raw.id_to_token(ours.eod) if ours is not None else None
+    unk = json.loads(raw.to_str()).get("model", {}).get("unk_token") or eos
+    tokens = {"bos_token": raw.id_to_token(ours.bos) if ours is not None and ours.bos is not None else None,
+              "eos_token": eos, "unk_token": unk, "pad_token": raw.id_to_token(ours.pad) if ours is not None else None}
+    tokens = {k: v for k, v in tokens.items() if v is not None}
+    added = sorted(raw.get_added_tokens_decoder().items())
+    extra = [t.content for _, t in added if t.special]
+    if extra:
+        tokens["additional_special_tokens"] = extra
+    ids = {}
+    if ours is not None:
+        ids = {"eos_token_id": ours.eod, "pad_token_id": ours.pad}
+        if ours.bos is not None:
+            ids["bos_token_id"] = ours.bos
+    return tokens, ids
+
+
 def copy_tokenizer(files: list[str], directory: str, *, model_max_length: int | None = None) -> None:
-    """Copy tokenizer files; a bare tokenizer.json gets a minimal tokenizer_config.json so AutoTokenizer loads it."""
+    """Copy tokenizer files. With a ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+    are written as transformers writes them (``tokenizer_class: PreTrainedTokenizerFast``, the special tokens of
+    :func:`special_tokens`, ``model_max_length``), so ``AutoTokenizer.from_pretrained`` knows eos/bos/pad/unk;
+    when those files were copied, the keys they already set are kept and only missing ones are added."""
+    names = {}
     for f in files:
-        shutil.copy2(f, os.path.join(directory, os.path.basename(f)))
-    names = {os.path.basename(f) for f in files}
-    if "tokenizer.json" in names and "tokenizer_config.json" not in names:
-        conf = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        if model_max_length:
-            conf["model_max_length"] = model_max_length
-        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(conf, f, indent=2)
+        name = os.path.basename(f)
+        if len(files) == 1 and name.endswith(".json"):
+            name = "tokenizer.json"  # a bare --tokenizer my_tok.json: HF looks for tokenizer.json
+        shutil.copy2(f, os.path.join(directory, name))
+        names[name] = f
+    if "tokenizer.json" not in names:
+        return
+    tokens, _ = special_tokens(names["tokenizer.json"])
+    conf_path = os.path.join(directory, "tokenizer_config.json")
+    conf = _read_json(conf_path) if "tokenizer_config.json" in names else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if model_max_length and "model_max_length" not in conf:
+        conf["model_max_length"] = model_max_length
+    conf.setdefault("clean_up_tokenization_spaces", False)
+    map_path = os.path.join(directory, "special_tokens_map.json")
+    smap = _read_json(map_path) if "special_tokens_map.json" in names else {}
+    for key, value in tokens.items():
+        have = conf.get(key) if key in conf else smap.get(key)
+        if have is None or have == []:
+            conf[key] = value
+            smap[key] = value
+        else:
+            conf.setdefault(key, have)
+            smap.setdefault(key, have)
+    for path, obj in ((conf_path, conf), (map_path, smap)):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"--tokenizer: {path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"--tokenizer: {path}: expected a JSON object")
+    return obj
