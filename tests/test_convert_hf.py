@@ -544,3 +544,78 @@ def test_exported_tokenizer_has_special_tokens_and_falls_back_to_data_tokenizer(
     to_hf(src, str(tmp_path / "hf_none"), progress=False)
     assert "no tokenizer exported: no --tokenizer and the checkpoint's data.tokenizer" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hf_none" / "tokenizer.json")
+
+
+def test_verify_runs_a_tp2_checkpoint_sharded_at_tp2(hf_dirs, tmp_path, capsys):
+    """--verify of a tp=2 result runs it as 2 gloo processes, each loading only its own rank file (not a merged
+    tp=1 model): a rank-1 copy of a replicated weight that differs from rank 0's — invisible to a merge, which reads
+    replicated tensors from rank 0 — is caught."""
+    from megaocto.convert.core import VerifyError
+
+    path = hf_dirs["mqa"][0]
+    out = str(tmp_path / "tp2")
+    assert from_hf(path, out, tp=2, verify=True, progress=False) < TOL
+    assert "max abs logit difference (HF gpt_bigcode vs megaocto tp=2 (2 gloo processes, one rank file each))" in \
+        capsys.readouterr().out
+    rank1 = ckpt.model_file(out, "release", 1)
+    state = torch.load(rank1, weights_only=True)
+    state["model"]["layers.0.input_layernorm.weight"] += 0.5  # replicated: a merge never reads rank 1's copy
+    torch.save(state, rank1)
+    with pytest.raises(VerifyError, match=r"megaocto tp=2 \(2 gloo processes, one rank file each\) vs HF"):
+        to_hf(out, str(tmp_path / "hf"), verify=True, progress=False)
+    assert os.path.isdir(tmp_path / "hf")  # written (from the merge) before the check failed
+
+
+def _fake_hub_cache(cache, repo, src_dir, commit="0123456789abcdef0123456789abcdef01234567"):
+    """``cache`` laid out as huggingface_hub lays out HF_HUB_CACHE: blobs, snapshots/<commit>/ symlinks, refs/main."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    (base / "blobs").mkdir(parents=True)
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in os.listdir(src_dir):
+        blob = base / "blobs" / f"blob_{name}"
+        shutil.copy(os.path.join(src_dir, name), blob)
+        os.symlink(os.path.relpath(blob, snap), snap / name)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_from_hf_hub_id_uses_the_cache_offline_and_says_it_needs_the_network(hf_dirs, tmp_path, monkeypatch, capsys):
+    from megaocto.cli import main
+
+    cache = tmp_path / "hub"
+    commit = _fake_hub_cache(cache, "tiny-org/tiny-mqa", hf_dirs["mqa"][0])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = str(tmp_path / "from_hub")
+    from_hf("tiny-org/tiny-mqa", out, tp=1, progress=False)
+    local = str(tmp_path / "from_dir")
+    from_hf(hf_dirs["mqa"][0], local, tp=1, progress=False)
+    for a, b in zip(_rank_files(out, 1), _rank_files(local, 1)):
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    src = json.load(open(os.path.join(out, "release", "metadata.json")))["converted_from"]
+    assert (src["hub_id"], src["revision"], src["commit"]) == ("tiny-org/tiny-mqa", "main", commit)
+
+    # not cached + offline: one line, exit 2, nothing written
+    code = main(["convert", "from-hf", "--hf", "tiny-org/not-cached", "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--hf=tiny-org/not-cached: not a local directory and not in the Hugging Face cache" in err
+    assert "needs the network (HF_HUB_OFFLINE is set)" in err
+    assert not os.path.exists(tmp_path / "x")
+    # a path that is neither a directory nor a hub id
+    with pytest.raises(ConversionError, match=r"--hf=\./missing: no such directory \(and not a Hugging Face hub id"):
+        from_hf("./missing", str(tmp_path / "y"), progress=False)
+    # online, only the needed files would be fetched: one set of top-level weights, config, tokenizer
+    from megaocto.convert.io import hub_files_needed
+
+    files = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "README.md",
+             "onnx/model.safetensors", "flax_model.msgpack", "generation_config.json"]
+    assert hub_files_needed(files) == ["config.json", "tokenizer.json", "generation_config.json", "model.safetensors"]
+    assert hub_files_needed(["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]) == [
+        "config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]
+
+
+def _rank_files(path, tp):
+    return [torch.load(ckpt.model_file(path, "release", r), weights_only=True)["model"] for r in range(tp)]

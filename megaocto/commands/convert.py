@@ -53,7 +53,10 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("from-hf",
                        help="HF model directory (GPTBigCode, Glm, ChatGLM2/CodeGeeX2) -> megaocto checkpoint",
                        description="Convert a Hugging Face model directory to a megaocto release checkpoint.")
-    p.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors or pytorch_model*.bin)")
+    p.add_argument("--hf", required=True,
+                   help="HF model directory (config.json + *.safetensors or pytorch_model*.bin), or a hub id such as "
+                        "bigcode/starcoderbase-1b[@revision] (downloaded into the HF cache: needs the network unless "
+                        "already cached; HF_HUB_OFFLINE=1 uses the cache only)")
     p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")
     p.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel size to shard for (default: %(default)s)")

@@ -35,7 +35,8 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
 
     Atomicity: everything is written under ``{parent}/.{basename}.partial-{host}-{pid}/`` and renamed to ``output``
     when complete; any exception (also SIGTERM/SIGINT in the CLI) removes the partial directory, and partials of dead
-    processes (SIGKILL) are removed by the next conversion into the same parent (:class:`AtomicDir`). ``output`` must not exist (checked before writing).
+    processes (SIGKILL) are removed by the next conversion into the same parent (:class:`AtomicDir`). ``output``
+    must not exist (checked before writing).
 
 ``read_megaocto_checkpoint(load, *, iteration=None, trim_vocab=False) -> (cfg, iterator)``
     Reads a megaocto checkpoint saved at any TP (its metadata.json must carry ``config.model``), and yields
@@ -44,7 +45,8 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
     ``checkpoint_info(load, iteration=None)`` returns ``(directory, metadata, iteration)`` without loading tensors.
 
 Verification: ``random_batch(vocab_size, ...)`` (fixed seed), ``megaocto_logits_fn(cfg, tensors)`` (a tp=1 fp32
-model filled tensor by tensor: one fp32 copy of the model), ``max_abs_logit_diff(fn_a, fn_b, vocab_size)``,
+model filled tensor by tensor: one fp32 copy of the model), ``checkpoint_logits_fn(load)`` (a checkpoint run at the
+TP it was saved at: tp gloo processes each loading its own rank file; what every ``--verify`` runs), ``max_abs_logit_diff(fn_a, fn_b, vocab_size)``,
 ``verify_logits(fn_a, fn_b, vocab_size, label=..., tol=None, cast=None)`` and ``verify_lazy(make_a, make_b, ...)``
 (builds, runs and drops the first model before building the second, so only one model is alive at a time); both
 print ``max abs logit difference (<label>): <value>``, return the value, and raise :class:`VerifyError` when it is
@@ -505,6 +507,56 @@ class TensorRef:
                 (self.storage, 0, torch.Size(self.shape), self.stride, False, collections.OrderedDict()))
 
 
+# Why private torch APIs (torch._C.PyTorchFileWriter, torch.serialization._get_storage_alignment,
+# torch._utils._rebuild_tensor_v2): the rank files must be what torch.save writes (the training loop, generation and
+# Megatron tools read them with torch.load, also mmap=True and weights_only=True), and a converter must not hold a
+# whole rank's state dict in RAM (14 GB for one 7B tp=1 rank) to call torch.save. The public alternatives do not
+# stream: torch.save pickles the whole object at once; safetensors is another format; the stdlib zipfile cannot place
+# records at torch's storage alignment (needed for mmap loading) without hand-made extra fields and always pays
+# CRC32. torch.save itself writes through PyTorchFileWriter.write_record, so the records here are byte for byte
+# what torch.save writes (data first). The price is a pin: TESTED_TORCH lists the versions the writer is tested with
+# (tests/test_convert_reshard.py loads its files with plain torch.load(weights_only=True) and mmap=True); on any other
+# version the first writer of a process writes a small file and loads it back with torch.load first, and refuses to
+# go on, naming the tested versions, when that round trip fails.
+TESTED_TORCH = ("2.13",)
+_TORCH_WRITER_CHECKED: list[bool] = []
+
+
+def _torch_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def check_stream_writer_torch(directory: str) -> None:
+    """Once per process: on a torch outside :data:`TESTED_TORCH`, a round trip through :class:`TorchStreamWriter`
+    and ``torch.load(weights_only=True)`` (plain and mmap) in ``directory``; ConversionError when it fails, else one
+    stderr line saying the version is untested but the check passed."""
+    if _TORCH_WRITER_CHECKED or _torch_minor(torch.__version__) in TESTED_TORCH:
+        return
+    path = os.path.join(directory, ".torch_writer_check.pt")
+    sample = {"f32": torch.arange(12, dtype=torch.float32).view(3, 4)[1:], "bf16": torch.randn(5).bfloat16(),
+              "f16": torch.randn(2, 2).half()}
+    try:
+        w = TorchStreamWriter(path, _checked=True)
+        refs = {k: w.add(v) for k, v in sample.items()}
+        w.close({"model": refs, "iteration": 0})
+        for mmap in (False, True):
+            got = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)["model"]
+            if any(got[k].dtype != v.dtype or not torch.equal(got[k], v) for k, v in sample.items()):
+                raise ValueError("the tensors loaded back differ from those written")
+    except Exception as e:  # noqa: BLE001 - any failure means this torch's private writer API changed
+        raise ConversionError(
+            f"torch {torch.__version__}: megaocto's streaming checkpoint writer (torch's private "
+            f"torch._C.PyTorchFileWriter; tested with torch {', '.join(TESTED_TORCH)}) does not work with this "
+            f"version ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); install a "
+            f"tested torch for the conversion") from None
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    print(f"[convert] torch {torch.__version__} is not among the versions the streaming checkpoint writer is tested "
+          f"with ({', '.join(TESTED_TORCH)}); its write/load self-check passed", file=sys.stderr, flush=True)
+    _TORCH_WRITER_CHECKED.append(True)
+
+
 class TorchStreamWriter:
     """Write a file that ``torch.load`` (also ``weights_only=True`` and ``mmap=True``) reads exactly like a
     ``torch.save``-d object, but streaming: ``add(tensor)`` appends the tensor's bytes to the archive at once and
@@ -515,9 +567,11 @@ class TorchStreamWriter:
     first), which ``torch.load`` does not depend on (it reads records by name). Heap: one tensor at a time.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, _checked: bool = False):
         import torch.serialization as ts
 
+        if not _checked:
+            check_stream_writer_torch(os.path.dirname(os.path.abspath(path)))
         self.path = path
         self._alignment = str(ts._get_storage_alignment())
         # No CRC32 (torch.serialization.set_crc32_options(False) semantics): computing it costs more than the
@@ -714,6 +768,83 @@ def megaocto_logits_fn(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tens
         return model(ids)[..., :cfg.vocab_size].float()
 
     return run
+
+
+def _sharded_worker(rank: int, tp: int, init_file: str, load: str, iteration, ids: torch.Tensor, out: str,
+                    threads: int) -> None:
+    """One TP rank of :func:`checkpoint_logits_fn`: this rank's file into a model built at the checkpoint's TP."""
+    import torch.distributed as dist
+
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+    from megaocto.parallel.mappings import gather_from_tp
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(tp), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=tp)
+    try:
+        pc = ParallelContext.init(tp=tp, backend="gloo")
+        directory, meta, _ = checkpoint_info(load, iteration)
+        cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(dataclasses.replace(cfg, attention_dropout=0.0, hidden_dropout=0.0), pc,
+                                dtype=torch.float32, device="cpu").eval()
+        path = os.path.join(directory, ckpt.rank_dir_name(rank, 0, 1), ckpt.MODEL_FILE)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["model"]
+        try:
+            model.load_state_dict(state, strict=True)  # copies (and casts to fp32) tensor by tensor
+        except RuntimeError as e:
+            raise ConversionError(f"{path}: does not fit a tp={tp} model of {directory}/metadata.json's config "
+                                  f"({str(e).strip().splitlines()[0]})") from None
+        del state
+        with torch.no_grad():
+            logits = gather_from_tp(model(ids), pc, dim=-1)[..., :cfg.vocab_size].float()
+        if rank == 0:
+            torch.save(logits, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def checkpoint_logits_fn(load: str, *, iteration: int | str | None = None
+                         ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """``(fn, description)``: ``fn(ids)`` = fp32 logits ``[b, s, vocab_size]`` of the megaocto checkpoint in
+    ``load`` run **at the TP it was saved at**: for tp > 1, tp fresh gloo processes (spawned for each call) each
+    load their own rank file (no merge) into a tp-sharded model — the real vocab-parallel embedding, column/row
+    parallel layers and all-reduces — and rank 0's all-gathered logits come back. tp = 1 runs in this process
+    (:func:`megaocto_logits_fn`). Memory: about one fp32 model in total over the ranks. ``description`` says what
+    runs (``megaocto tp=2 (2 gloo processes, one rank file each)``) for the ``--verify`` label."""
+    directory, meta, it = checkpoint_info(load, iteration)
+    tp = int(meta.get("tp", 1))
+    if tp == 1:
+        def single(ids: torch.Tensor) -> torch.Tensor:
+            return megaocto_logits_fn(*read_megaocto_checkpoint(load, iteration=it))(ids)
+
+        return single, "megaocto tp=1"
+
+    def sharded(ids: torch.Tensor) -> torch.Tensor:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory(prefix="megaocto_verify_") as tmp:
+            init_file, out = os.path.join(tmp, "store"), os.path.join(tmp, "logits.pt")
+            threads = max(1, (os.cpu_count() or 1) // tp)
+            ctx = mp.start_processes(_sharded_worker, args=(tp, init_file, load, it, ids, out, threads),
+                                     nprocs=tp, join=False, start_method="spawn")
+            try:
+                while not ctx.join():
+                    pass
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+                last = str(e).strip().splitlines()[-1]
+                raise VerifyError(f"--verify: running {load} at tp={tp} failed on a rank: {last}") from None
+            finally:
+                for p in ctx.processes:  # also on SIGTERM/SIGINT in this process: no orphaned ranks
+                    if p.is_alive():
+                        p.terminate()
+                        p.join()
+            return torch.load(out, weights_only=True)
+
+    return sharded, f"megaocto tp={tp} ({tp} gloo processes, one rank file each)"
 
 
 def max_abs_logit_diff(fn_a: Callable[[torch.Tensor], torch.Tensor], fn_b: Callable[[torch.Tensor], torch.Tensor],

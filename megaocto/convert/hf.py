@@ -1,7 +1,8 @@
 """``from_hf`` / ``to_hf``: Hugging Face model directory <-> megaocto checkpoint, any TP, streaming, verified.
 
 ``from_hf(hf_dir, output, *, tp=1, dtype=None, verify=False, progress=True) -> float | None``
-    Detects the layout from ``config.json`` — ``gpt_bigcode`` (hf_bigcode.py), native ``glm`` or original
+    ``hf_dir`` is a local directory or a hub id ``owner/name[@revision]`` (:func:`megaocto.convert.io.resolve_hf`:
+    huggingface_hub's cache, only the needed files downloaded, a cached snapshot also offline). Detects the layout from ``config.json`` — ``gpt_bigcode`` (hf_bigcode.py), native ``glm`` or original
     ``chatglm`` (hf_glm.py) — checks the config, the TP split, every weight's name, shape (against the family's
     ``expected_hf_shapes``) and dtype, and that ``output`` does not exist, all before writing; then streams the
     tensors one layer at a time through :func:`megaocto.convert.core.write_megaocto_checkpoint`. With ``verify``
@@ -31,8 +32,8 @@ import torch
 from megaocto.config.model import ModelConfig
 from megaocto.convert import core, hf_bigcode, hf_glm
 from megaocto.convert.core import ConversionError
-from megaocto.convert.io import (HFSource, SafetensorsShardWriter, copy_tokenizer, parse_size, special_tokens,
-                                 tokenizer_files)
+from megaocto.convert.io import (HFSource, SafetensorsShardWriter, copy_tokenizer, parse_size, resolve_hf,
+                                 special_tokens, tokenizer_files)
 
 FAMILIES: dict[str, ModuleType] = {"bigcode": hf_bigcode, "glm2": hf_glm}
 
@@ -141,13 +142,14 @@ def from_hf(hf_dir: str, output: str, *, tp: int = 1, dtype=None, verify: bool =
             progress: bool = True, verify_tol: float | None = None) -> float | None:
     """HF directory -> megaocto release checkpoint at ``tp``; see the module docstring."""
     cast = core.parse_dtype(dtype)
+    hf_dir, hub = resolve_hf(hf_dir)
     plan = plan_from_hf(hf_dir, tp)
     if verify and plan.layout == "chatglm" and plan.cfg.add_bias_linear:
         raise ConversionError(f"{plan.source.config_path}: --verify needs add_bias_linear=false (the native Glm "
                               f"reference has no dense/MLP bias)")
     core.check_output_free(output)
     meta = {"converted_from": {"kind": "hf", "layout": plan.layout, "path": os.path.abspath(hf_dir),
-                               "token_ids": plan.token_ids}}
+                               "token_ids": plan.token_ids, **(hub or {})}}
     core.write_megaocto_checkpoint(output, plan.cfg, _source_iter(plan), tp, dtype=cast, metadata_extra=meta,
                                    progress=progress)
     if not verify:
@@ -155,10 +157,8 @@ def from_hf(hf_dir: str, output: str, *, tp: int = 1, dtype=None, verify: bool =
     def make_src():
         return _chatglm_reference_fn(plan) if plan.layout == "chatglm" else hf_logits_fn(hf_dir)
 
-    def make_ours():
-        return core.megaocto_logits_fn(*core.read_megaocto_checkpoint(output))
-
-    return core.verify_lazy(make_src, make_ours, plan.cfg.vocab_size, label=f"HF {plan.layout} vs megaocto tp={tp}",
+    ours, what = core.checkpoint_logits_fn(output)
+    return core.verify_lazy(make_src, lambda: ours, plan.cfg.vocab_size, label=f"HF {plan.layout} vs {what}",
                             seq=_verify_seq(plan.cfg), tol=verify_tol, cast=cast)
 
 
@@ -209,11 +209,9 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     if not verify:
         return None
 
-    def make_ours():
-        return core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(load, iteration=iteration)[1])
-
-    return core.verify_lazy(make_ours, lambda: hf_logits_fn(output), cfg.vocab_size,
-                            label=f"megaocto vs HF {hf_conf.model_type}", seq=_verify_seq(cfg), tol=verify_tol,
+    ours, what = core.checkpoint_logits_fn(load, iteration=iteration)
+    return core.verify_lazy(lambda: ours, lambda: hf_logits_fn(output), cfg.vocab_size,
+                            label=f"{what} vs HF {hf_conf.model_type}", seq=_verify_seq(cfg), tol=verify_tol,
                             cast=cast)
 
 

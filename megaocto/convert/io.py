@@ -69,6 +69,90 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     return size
 
 
+_HUB_ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, but at call time (so it can be set after import)."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_files_needed(files: Sequence[str]) -> list[str]:
+    """The files of a hub repo (its file list) that a conversion reads: config.json, generation_config.json, the
+    tokenizer files and ONE set of top-level weights — safetensors (``model.safetensors`` or its index + shards) when
+    the repo has them, else ``pytorch_model*.bin`` (+ index). Subfolders (onnx/, original/...) are never fetched."""
+    top = [f for f in files if "/" not in f]
+    want = [f for f in top if f in (CONFIG, "generation_config.json", *TOKENIZER_FILES)]
+    st = [f for f in top if f.endswith(".safetensors") or f == "model.safetensors.index.json"]
+    pt = [f for f in top if re.fullmatch(r"pytorch_model.*\.bin(\.index\.json)?", f)]
+    return want + (st or pt)
+
+
+def resolve_hf(hf: str, flag: str = "--hf") -> tuple[str, dict | None]:
+    """``(local directory, hub info or None)`` for ``--hf``: a local directory as is; else a hub id
+    ``owner/name[@revision]`` through huggingface_hub's cache (``HF_HUB_CACHE`` / ``HF_HOME``, read at call time):
+    online, only :func:`hub_files_needed` are downloaded (``snapshot_download`` with those names); with
+    ``HF_HUB_OFFLINE=1``, or when the hub cannot be reached, an already cached snapshot is used. Anything else is a
+    one-line ConversionError saying what is missing (the network, a login for gated/private repos, the repo)."""
+    if os.path.isdir(hf):
+        return hf, None
+    m = _HUB_ID_RE.match(hf)
+    if m is None or os.path.exists(hf) or hf.startswith((".", "/", "~")):
+        raise ConversionError(f"{flag}={hf}: no such directory (and not a Hugging Face hub id such as "
+                              f"bigcode/starcoderbase-1b)")
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    repo, rev = m.group("repo"), m.group("rev")
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    where = f"the Hugging Face cache{f' (HF_HUB_CACHE={cache})' if cache else ''}"
+    offline = _hub_offline()
+    unreachable: str | None = "HF_HUB_OFFLINE is set" if offline else None
+    path = None
+    try:
+        if not offline:
+            try:
+                files = HfApi().list_repo_files(repo, revision=rev)
+            except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+                raise
+            except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:  # no network / hub down: try the cache
+                unreachable = f"the hub cannot be reached ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            else:
+                patterns = hub_files_needed(files)
+                if CONFIG not in patterns:
+                    raise ConversionError(f"{flag}={hf}: the hub repo has no top-level config.json (not a "
+                                          f"transformers model?)")
+                print(f"[from-hf] {repo}: fetching {len(patterns)} file(s) into {where} (skipped if cached): "
+                      f"{', '.join(patterns[:6])}{' ...' if len(patterns) > 6 else ''}", file=sys.stderr, flush=True)
+                path = snapshot_download(repo, revision=rev, cache_dir=cache, allow_patterns=patterns)
+        if path is None:
+            path = snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=True)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise ConversionError(f"{flag}={hf}: not a local directory and not in {where}; downloading it needs the "
+                              f"network ({unreachable}): run once online, or pass a local model directory") from None
+    except GatedRepoError:
+        raise ConversionError(f"{flag}={hf}: a gated repo: accept its licence on huggingface.co/{repo} and log in "
+                              f"(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ConversionError(f"{flag}={hf}: no such model on the hub (or a private one: log in with "
+                              f"`hf auth login` or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ConversionError(f"{flag}={hf}: revision {rev!r} not found in {repo}") from None
+    except HfHubHTTPError as e:
+        raise ConversionError(f"{flag}={hf}: the hub refused the download ({str(e).splitlines()[0][:200]})") from None
+    if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES) or not os.path.isfile(
+            os.path.join(path, CONFIG)):
+        raise ConversionError(f"{flag}={hf}: the cached snapshot {path} lacks config.json or weights (a partial "
+                              f"download?); run once online to complete it")
+    return path, {"hub_id": repo, "revision": rev or "main", "commit": os.path.basename(os.path.normpath(path))}
+
+
 class HFSource:
     """A Hugging Face model directory read lazily; see the module docstring."""
 

@@ -176,7 +176,7 @@ def _saved_layout(directory: str, meta: dict | None) -> tuple[int, int]:
 def load_checkpoint(load: str, pc, *, iteration: int | str | None = None) -> tuple[dict, dict | None, int | str] | None:
     """(this rank's state, metadata or None, iteration) of the tracker's checkpoint; None if `load` has none.
 
-    Refuses a checkpoint saved with a different tp/pp (there is no resharding tool yet).
+    Refuses a checkpoint saved with a different tp/pp (reshard it first: ``megaocto convert reshard``).
     """
     if iteration is None:
         iteration = read_tracker(load)
@@ -188,7 +188,8 @@ def load_checkpoint(load: str, pc, *, iteration: int | str | None = None) -> tup
     if (tp, pp) != (pc.tp, pc.pp):
         raise ConfigError(
             f"checkpoint {directory} was saved with tp={tp}, pp={pp} but this run uses tp={pc.tp}, pp={pc.pp}; "
-            f"run with the same parallel.tp/pp (megaocto has no resharding tool yet)")
+            f"run with the same parallel.tp/pp, or reshard its weights: megaocto convert reshard --load {load} "
+            f"--tp {pc.tp} --output DIR (then checkpoint.load DIR, checkpoint.finetune true)")
     path = os.path.join(directory, rank_dir_name(pc.tp_rank, pc.pp_rank, pc.pp), MODEL_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint file missing: {path} (incomplete or foreign checkpoint)")
