@@ -475,19 +475,24 @@ def test_writer_passes_presharded_tensors_through_bit_exactly(tmp_path, monkeypa
     assert not (tmp_path / "dup").exists()
 
 
-def test_to_hf_from_tp2_many_layers_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("preset,kw", [("tiny-bigcode", {}), ("tiny-bigcode", {"num_query_groups": 4}),
+                                       ("tiny-glm2", {})], ids=["mqa", "mha", "glm"])
+def test_to_hf_from_tp2_many_layers_is_bit_exact(tmp_path, preset, kw):
     """to-hf from a tp=2 checkpoint with 5 layers, several streamed shards: every exported tensor equals the
-    mapping of the full tensor (the TP merge and the streaming writer keep no stale or shared buffers)."""
-    from megaocto.convert import hf_bigcode
+    mapping of the full tensor. The TP-split tensors are written straight from the rank files (core.Parts): row
+    shards one after the other, column shards of row-parallel weights interleaved row by row (os.writev), fused
+    blocks (MHA q|k|v, GLM gate|up, GLM q/k/v split) by their block slices."""
+    from megaocto.convert import hf_bigcode, hf_glm
 
-    cfg = ModelConfig.from_preset("tiny-bigcode", vocab_size=V, num_layers=5)
+    cfg = ModelConfig.from_preset(preset, vocab_size=V, num_layers=5, **kw)
     torch.manual_seed(3)
     full = build_model(cfg, ParallelContext.single()).state_dict()
     write_megaocto_checkpoint(str(tmp_path / "ck"), cfg, full, 2, progress=False)
     to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"), max_shard_size="40KB", progress=False)
     assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
     got = _safetensors(str(tmp_path / "hf"))
-    want = {n: t.clone() for n, t in hf_bigcode.iter_to_hf(cfg, iter(full.items()))}
+    family = hf_glm if preset == "tiny-glm2" else hf_bigcode
+    want = {n: t.clone() for n, t in family.iter_to_hf(cfg, iter(full.items()))}
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
 
 

@@ -353,6 +353,78 @@ class Sharded:
         return torch.cat(self.shards, dim=self.dim) if len(self.shards) > 1 else self.shards[0]
 
 
+class Parts:
+    """A tensor given lazily as ``parts`` concatenated along ``dim`` (0, or 1 of a 2-D tensor), never materialised
+    unless asked (:meth:`full`): what :func:`read_megaocto_checkpoint` with ``lazy=True`` yields for a TP-split
+    tensor (its shards, or for fused blocks the per-rank block slices, as views of the mmap-ed rank files), so an
+    exporter can write the bytes straight from the rank files (:class:`megaocto.convert.io.SafetensorsShardWriter`
+    takes it) instead of copying them into a merged tensor first. Supports what the HF family mappings do to a
+    tensor: ``t[:n]`` / ``t.split(sizes)`` along dim 0, :func:`cat_rows`, ``shape``, ``dtype``, ``numel()``,
+    ``element_size()``; anything else goes through :meth:`full`."""
+
+    def __init__(self, parts: Iterable[torch.Tensor], dim: int):
+        self.parts = tuple(parts)
+        self.dim = dim
+        first = self.parts[0]
+        if dim not in (0, 1) or (dim == 1 and first.dim() != 2):
+            raise ValueError(f"Parts: dim must be 0, or 1 of 2-D tensors (got dim={dim}, {first.dim()}-D)")
+        shape = list(first.shape)
+        shape[dim] = sum(p.shape[dim] for p in self.parts)
+        self.shape = torch.Size(shape)
+        self.dtype = first.dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def full(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=self.dim) if len(self.parts) > 1 else self.parts[0]
+
+    def _rows(self, start: int, stop: int) -> "Parts | torch.Tensor":
+        if self.dim != 0:
+            return self.full()[start:stop]
+        out, pos = [], 0
+        for p in self.parts:
+            lo, hi = max(start - pos, 0), min(stop - pos, p.shape[0])
+            if lo < hi:
+                out.append(p[lo:hi])
+            pos += p.shape[0]
+        return Parts(out, 0) if len(out) != 1 else out[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice) and index.step in (None, 1):
+            start, stop, _ = index.indices(self.shape[0])
+            return self._rows(start, max(start, stop))
+        return self.full()[index]
+
+    def split(self, sizes: list[int]) -> list["Parts | torch.Tensor"]:
+        out, pos = [], 0
+        for n in sizes:
+            out.append(self._rows(pos, pos + n))
+            pos += n
+        return out
+
+
+def cat_rows(items: list) -> "torch.Tensor | Parts":
+    """``torch.cat(items)`` along dim 0, lazily (a :class:`Parts`) when any item is a dim-0 ``Parts``."""
+    if not any(isinstance(t, Parts) for t in items):
+        return torch.cat(items)
+    parts: list[torch.Tensor] = []
+    for t in items:
+        if isinstance(t, Parts) and t.dim == 0:
+            parts.extend(t.parts)
+        else:
+            parts.append(t.full() if isinstance(t, Parts) else t)
+    return Parts(parts, 0)
+
+
+def materialize(t: "torch.Tensor | Parts") -> torch.Tensor:
+    """The tensor itself, or a :class:`Parts` concatenated."""
+    return t.full() if isinstance(t, Parts) else t
+
+
 def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]] | dict,
                               tp: int, *, dtype: str | torch.dtype | None = None,
                               metadata_extra: dict | None = None, progress: bool = True) -> str:
@@ -676,11 +748,13 @@ def config_from_metadata(meta: dict, where: str) -> ModelConfig:
     return cfg
 
 
-def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, trim_vocab: bool = False
-                             ) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, trim_vocab: bool = False,
+                             lazy: bool = False) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
     """``(cfg, iterator of (name, full tensor))`` of a megaocto checkpoint at any TP; see the module docstring.
 
-    The checks (files present, metadata valid) run before this returns; the iterator loads lazily.
+    The checks (files present, metadata valid) run before this returns; the iterator loads lazily. ``lazy=True``
+    yields each TP-split tensor of a tp > 1 checkpoint as a :class:`Parts` of views of the mmap-ed rank files
+    instead of merging it (no copy; the caller writes or merges it).
     """
     directory, meta, _ = checkpoint_info(load, iteration)
     cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
@@ -703,6 +777,8 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
                                       f"does not match the saved weights)")
             if spec.partition_dim is None or tp == 1:
                 t = states[0][name]
+            elif lazy:
+                t = _shard_parts([s[name] for s in states], spec.partition_dim, spec.partition_blocks)
             else:
                 t = merge_shards([s[name] for s in states], spec.partition_dim, spec.partition_blocks)
             if spec.vocab and trim_vocab:
@@ -710,6 +786,15 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
             yield name, t
 
     return cfg, gen()
+
+
+def _shard_parts(shards: list[torch.Tensor], dim: int, blocks) -> Parts:
+    """The :class:`Parts` whose concatenation is ``merge_shards(shards, dim, blocks)`` (each rank's block slices in
+    merge order), without copying."""
+    tp = len(shards)
+    local = [n // tp for n in ([shards[0].shape[dim] * tp] if blocks is None else blocks)]
+    per_rank = [s.split(local, dim=dim) for s in shards]
+    return Parts([per_rank[r][b] for b in range(len(local)) for r in range(tp)], dim)
 
 
 def iter_units(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:

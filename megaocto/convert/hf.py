@@ -184,7 +184,8 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     if not token_ids and tok_json:
         token_ids = special_tokens(tok_json)[1]
     hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
-    _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
+    # lazy: TP-split tensors arrive as views of the mmap-ed rank files (core.Parts) and are written from there
+    _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration, lazy=True)
     bar = core.Progress(len(core.units(cfg)), "to-hf", progress)
     plan = hf_plan(cfg, family, out_dtype)
     with core.AtomicDir(output) as tmp:
@@ -193,7 +194,7 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
             for unit, group in core.iter_units(tensors):
                 nbytes = 0
                 for name, t in family.iter_to_hf(cfg, iter(group)):
-                    t = t.to(out_dtype) if t.dtype != out_dtype else t
+                    t = core.materialize(t).to(out_dtype) if t.dtype != out_dtype else t
                     writer.add(name, t)
                     nbytes += t.numel() * t.element_size()
                     del t

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megaocto.convert.core import ConversionError, check_source_dtype
+from megaocto.convert.core import ConversionError, Parts, check_source_dtype
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -326,6 +326,28 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def tensor_bytes_2d(t: torch.Tensor):
+    """A zero-copy ``[rows, row_bytes]`` uint8 numpy view of a 2-D CPU tensor whose rows are each contiguous (e.g. a
+    column slice of a contiguous matrix); a copy only when they are not."""
+    t = t.detach()
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.view(torch.uint8).numpy()
+
+
+def _writev_all(fd: int, buffers: list) -> None:
+    """``os.writev`` until every byte of ``buffers`` is written (a call may write fewer bytes than asked)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i:i + 1024])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
+
+
 class SafetensorsShardWriter:
     """Streaming, size-capped safetensors shards in HF naming, planned up front; see the module docstring."""
 
@@ -344,15 +366,16 @@ class SafetensorsShardWriter:
 
     def _open_shard(self) -> None:
         path = os.path.join(self.directory, self.files[self._shard])
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in _close_shard / abort
-        self._file.write(safetensors_header(self.shards[self._shard], self.metadata))
+        self._file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # closed in _close_shard / abort
+        _writev_all(self._file, [safetensors_header(self.shards[self._shard], self.metadata)])
 
     def _close_shard(self) -> None:
-        f, self._file = self._file, None
-        assert f is not None
-        f.flush()
-        os.fsync(f.fileno())  # durable before the directory is renamed into place
-        f.close()
+        fd, self._file = self._file, None
+        assert fd is not None
+        try:
+            os.fsync(fd)  # durable before the directory is renamed into place
+        finally:
+            os.close(fd)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor``'s bytes now; it must be the next tensor of the plan, with the planned dtype and shape."""
@@ -367,15 +390,35 @@ class SafetensorsShardWriter:
                                   f"the planned {dtype} {shape}")
         if self._file is None:
             self._open_shard()
-        data = tensor_bytes(tensor)
-        # Bounded write() calls: one syscall per multi-hundred-MB tensor cost 20-40% more kernel time per byte here
-        # than 4 MiB pieces (measured on the 1B to-hf benchmark, 4 of 4 alternating pairs; see RESULTS_convert.md).
-        for start in range(0, len(data), WRITE_CHUNK):
-            self._file.write(data[start:start + WRITE_CHUNK])
+        if isinstance(tensor, Parts) and tensor.dim == 1:
+            self._write_interleaved(tensor)
+        else:
+            for part in (tensor.parts if isinstance(tensor, Parts) else (tensor,)):
+                data = tensor_bytes(part)
+                # Bounded write() calls: one syscall per multi-hundred-MB tensor cost 20-40% more kernel time per
+                # byte here than 4 MiB pieces (1B to-hf benchmark, 4 of 4 alternating pairs; RESULTS_convert.md).
+                for start in range(0, len(data), WRITE_CHUNK):
+                    _writev_all(self._file, [data[start:start + WRITE_CHUNK]])
         self._pos += 1
         if self._pos == len(self.shards[self._shard]):
             self._close_shard()
             self._shard, self._pos = self._shard + 1, 0
+
+    def _write_interleaved(self, t: Parts) -> None:
+        """A dim-1 :class:`Parts` (column blocks, e.g. the TP shards of a row-parallel weight): each output row is
+        the rows of the parts side by side, written straight from the parts' memory with ``os.writev`` (no merged
+        copy), up to 1024 row pieces per call."""
+        import numpy as np
+
+        rows = [np.asarray(tensor_bytes_2d(p)) for p in t.parts]
+        iov: list = []
+        for r in range(t.shape[0]):
+            iov.extend(a[r] for a in rows)
+            if len(iov) >= 1024:
+                _writev_all(self._file, iov)
+                iov = []
+        if iov:
+            _writev_all(self._file, iov)
 
     def finish(self) -> list[str]:
         """Check every planned tensor was written, write the index (more than one shard); return the file names."""
@@ -399,7 +442,7 @@ class SafetensorsShardWriter:
     def abort(self) -> None:
         """Close an unfinished shard file (the caller removes the directory)."""
         if self._file is not None:
-            self._file.close()
+            os.close(self._file)
             self._file = None
 
 
