@@ -148,8 +148,21 @@ class ParamSpec:
     vocab: bool  # rows are the (padded) vocabulary
 
 
+_SPECS_CACHE: dict[str, dict[str, ParamSpec]] = {}
+
+
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """Names (in ``state_dict`` order), shapes and TP layout of ``build_model(cfg, ParallelContext.single())``."""
+    """Names (in ``state_dict`` order), shapes and TP layout of ``build_model(cfg, ParallelContext.single())``.
+
+    Cached per config (building even a meta-device model runs every init through torch's Python meta kernels:
+    about 0.5 s for a 1B model, and a conversion asks several times)."""
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if key not in _SPECS_CACHE:
+        _SPECS_CACHE[key] = _build_param_specs(cfg)
+    return dict(_SPECS_CACHE[key])
+
+
+def _build_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     from megaocto.model import build_model
     from megaocto.parallel.context import ParallelContext
 

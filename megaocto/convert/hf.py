@@ -220,7 +220,9 @@ def hf_plan(cfg: ModelConfig, family: ModuleType, dtype: torch.dtype) -> list[tu
     """``(HF name, dtype, shape)`` of every tensor ``family.iter_to_hf`` yields for ``cfg``, in that order, without
     reading any data: the family mapping runs on meta-device tensors of the megaocto shapes (vocabulary rows are
     trimmed by the mapping, so the padding of the meta shapes does not matter)."""
-    meta = ((name, torch.empty(spec.shape, dtype=dtype, device="meta")) for name, spec in core.param_specs(cfg).items())
+    # as core.Parts (what to_hf streams): row concatenations and slices stay shape arithmetic, no meta kernels
+    meta = ((name, core.Parts([torch.empty(spec.shape, dtype=dtype, device="meta")], 0))
+            for name, spec in core.param_specs(cfg).items())
     return [(name, dtype, tuple(t.shape)) for name, t in family.iter_to_hf(cfg, meta)]
 
 
