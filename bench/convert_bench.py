@@ -13,6 +13,11 @@ inside the child, so interpreter/torch start-up is excluded from every row alike
   from-megatron  ``megaocto.convert.megatron.convert_megatron(meg, ckpt2)`` of a tp=--tp bigcode Megatron-LM copy
              of the same weights (written untimed by gen-megatron; skip with --no-megatron)
 
+``--baseline-ref REF`` also runs to-hf with megaocto of git ref REF (``git archive`` into the workdir), interleaved
+with the other steps in every repeat, so a change is measured against its baseline under the same load; ``--only
+to-hf`` times only io and to-hf (from-hf still runs once, untimed, to make the checkpoint). The table lists every
+run's wall time besides the best, and the last line the load average at the start and the end.
+
 The ratio column is time / io time (issue 5 target: <= 1.5). GPTBigCode tensors are generated directly (no
 transformers model is instantiated). ``--profile`` reruns from-hf and to-hf under cProfile and prints where the
 time goes. Everything lives under --workdir and is deleted at the end unless --keep.
