@@ -624,3 +624,29 @@ def test_from_hf_hub_id_uses_the_cache_offline_and_says_it_needs_the_network(hf_
 
 def _rank_files(path, tp):
     return [torch.load(ckpt.model_file(path, "release", r), weights_only=True)["model"] for r in range(tp)]
+
+
+def test_to_hf_from_tp2_copies_no_tp_shard_into_a_merged_tensor(tmp_path, monkeypatch):
+    """The to-hf speed-up (bench/RESULTS_convert.md, item 20): the TP shards of an MQA GPTBigCode checkpoint go from
+    the mmap-ed rank files to the safetensors files without any torch.cat (no merged copy, flat memory)."""
+    cfg = ModelConfig.from_preset("tiny-bigcode", vocab_size=V, num_layers=3)
+    torch.manual_seed(4)
+    full = build_model(cfg, ParallelContext.single()).state_dict()
+    write_megaocto_checkpoint(str(tmp_path / "ck"), cfg, full, 2, progress=False)
+    cats = []
+    real_cat = torch.cat
+
+    def counting_cat(tensors, *args, **kwargs):
+        if any(t.device.type != "meta" for t in tensors):
+            cats.append([tuple(t.shape) for t in tensors])
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", counting_cat)
+    to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"), progress=False)
+    monkeypatch.setattr(torch, "cat", real_cat)
+    assert cats == []
+    got = _safetensors(str(tmp_path / "hf"))
+    from megaocto.convert import hf_bigcode
+
+    want = dict(hf_bigcode.iter_to_hf(cfg, iter(full.items())))
+    assert all(torch.equal(got[n], want[n]) for n in want)
