@@ -13,6 +13,11 @@ inside the child, so interpreter/torch start-up is excluded from every row alike
   from-megatron  ``megaocto.convert.megatron.convert_megatron(meg, ckpt2)`` of a tp=--tp bigcode Megatron-LM copy
              of the same weights (written untimed by gen-megatron; skip with --no-megatron)
 
+``--baseline-ref REF`` also runs to-hf with megaocto of git ref REF (``git archive`` into the workdir), interleaved
+with the other steps in every repeat, so a change is measured against its baseline under the same load; ``--only
+to-hf`` times only io and to-hf (from-hf still runs once, untimed, to make the checkpoint). The table lists every
+run's wall time besides the best, and the last line the load average at the start and the end.
+
 The ratio column is time / io time (issue 5 target: <= 1.5). GPTBigCode tensors are generated directly (no
 transformers model is instantiated). ``--profile`` reruns from-hf and to-hf under cProfile and prints where the
 time goes. Everything lives under --workdir and is deleted at the end unless --keep.
@@ -325,12 +330,17 @@ def _child_main(name: str, args_json: str, profile: bool) -> None:
     print("RESULT " + json.dumps(info), flush=True)
 
 
-def run_child(name: str, profile: bool = False, **kwargs) -> dict:
-    """Run one step in a fresh interpreter; returns its result (seconds, peak_rss_gib, ...)."""
+def run_child(name: str, profile: bool = False, pythonpath: str | None = None, **kwargs) -> dict:
+    """Run one step in a fresh interpreter; returns its result (seconds, peak_rss_gib, ...). ``pythonpath`` puts
+    another megaocto tree first on the path (the --baseline-ref step)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--child-args", json.dumps(kwargs)]
     if profile:
         cmd.append("--profile")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if profile else subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if profile else subprocess.PIPE, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise SystemExit(f"step {name} failed (exit {proc.returncode}):\n{proc.stderr or ''}{proc.stdout}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -351,6 +361,12 @@ def main() -> None:
     ap.add_argument("--no-megatron", action="store_true",
                     help="skip the from-megatron step (a tp=2 bigcode Megatron-LM copy of the same weights)")
     ap.add_argument("--profile", action="store_true", help="also profile from-hf and to-hf (cProfile, to stderr)")
+    ap.add_argument("--baseline-ref", default=None,
+                    help="git ref (e.g. a commit before a change): also run to-hf with megaocto of that ref "
+                         "(git archive into the workdir), interleaved with the other steps, as 'to-hf @REF'")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated steps to time besides io (from-hf is always run, untimed if not listed): "
+                         "e.g. to-hf")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-args", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -361,6 +377,7 @@ def main() -> None:
     from megaocto.convert.io import parse_size
 
     shard = parse_size(args.shard_size)
+    load0 = os.getloadavg()
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -374,7 +391,10 @@ def main() -> None:
               f"{gen['seconds']:.1f} s", flush=True)
         best: dict[str, dict] = {}
 
+        runs: dict[str, list[float]] = {}
+
         def keep_best(label: str, info: dict) -> None:
+            runs.setdefault(label, []).append(info["seconds"])
             if label not in best or info["seconds"] < best[label]["seconds"]:
                 best[label] = info
 
@@ -383,6 +403,21 @@ def main() -> None:
             run_child("gen-megatron", hf_dir=hf, meg_dir=meg, tp=args.tp)
         else:
             labels = labels[:3]
+        base_tree = None
+        if args.baseline_ref:
+            base_tree = os.path.join(work, "baseline_tree")
+            os.makedirs(base_tree)
+            repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            archive = subprocess.run(["git", "-C", repo, "archive", args.baseline_ref, "megaocto"],
+                                     stdout=subprocess.PIPE, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", base_tree], input=archive, check=True)
+            helpers = [f for f in os.listdir(os.path.join(repo, "megaocto")) if f.startswith("_helpers")]
+            for f in helpers:  # the compiled index helpers are build outputs, not in git
+                shutil.copy(os.path.join(repo, "megaocto", f), os.path.join(base_tree, "megaocto", f))
+            labels = (*labels, f"to-hf @{args.baseline_ref}")
+        only = set(args.only.split(",")) if args.only else None
+        if only:
+            labels = tuple(lb for lb in labels if lb == labels[0] or lb.split(" ")[0] in only or "@" in lb)
         # Interleaved, so load changes on a shared machine hit every step alike. Each step first deletes its own
         # output of the previous repeat (if any) and nothing else: writing new files into memory that was just freed
         # costs far less kernel time on this VM than writing into memory not touched for a while (measured: the same
@@ -392,31 +427,44 @@ def main() -> None:
             shutil.rmtree(path, ignore_errors=True)
             return path
 
+        timed = set(labels)
         for rep in range(args.repeats):
             keep_best(labels[0], run_child("io", hf_dir=hf, out_dir=fresh(io_out)))
-            keep_best(labels[1], run_child("from-hf", hf_dir=hf, ckpt=fresh(ckpt), tp=args.tp))
-            keep_best(labels[2], run_child("to-hf", ckpt=ckpt, out_dir=fresh(hf2), shard_size=shard))
-            if not args.no_megatron:
-                keep_best(labels[3], run_child("from-megatron", meg_dir=meg, ckpt=fresh(ckpt_meg)))
+            if rep == 0 or f"from-hf tp={args.tp}" in timed:
+                info = run_child("from-hf", hf_dir=hf, ckpt=fresh(ckpt), tp=args.tp)
+                if f"from-hf tp={args.tp}" in timed:
+                    keep_best(f"from-hf tp={args.tp}", info)
+            if base_tree and rep % 2 == 1:  # alternate which of the two to-hf runs first
+                keep_best(f"to-hf @{args.baseline_ref}", run_child("to-hf", pythonpath=base_tree, ckpt=ckpt,
+                                                                    out_dir=fresh(hf2), shard_size=shard))
+            if "to-hf" in timed:
+                keep_best("to-hf", run_child("to-hf", ckpt=ckpt, out_dir=fresh(hf2), shard_size=shard))
+            if base_tree and rep % 2 == 0:
+                keep_best(f"to-hf @{args.baseline_ref}", run_child("to-hf", pythonpath=base_tree, ckpt=ckpt,
+                                                                    out_dir=fresh(hf2), shard_size=shard))
+            if not args.no_megatron and f"from-megatron tp={args.tp}" in timed:
+                keep_best(f"from-megatron tp={args.tp}", run_child("from-megatron", meg_dir=meg,
+                                                                   ckpt=fresh(ckpt_meg)))
         shutil.rmtree(io_out, ignore_errors=True)
         rows = [(label, best[label]) for label in labels]
         base = rows[0][1]["seconds"]
         cpu_base = rows[0][1]["cpu_s"]
         print("\n| step | wall s | GiB/s | x io wall | CPU s | x io CPU | peak RSS GiB | peak heap (anon) GiB "
-              "| peak file-backed GiB | imports s (untimed) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| peak file-backed GiB | imports s (untimed) | every run, wall s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for label, info in rows:
             print(f"| {label} | {info['seconds']:.2f} | {gib / info['seconds']:.2f} | "
                   f"{info['seconds'] / base:.2f} | {info['cpu_s']:.2f} | {info['cpu_s'] / cpu_base:.2f} | "
                   f"{info['peak_rss_gib']:.2f} | {info['peak_anon_gib']:.2f} | {info['peak_file_gib']:.2f} | "
-                  f"{info['import_s']:.1f} |")
+                  f"{info['import_s']:.1f} | {' '.join(f'{x:.2f}' for x in runs[label])} |")
         print("\npeak RSS: the step's ru_maxrss (interpreter + torch included); heap/file-backed: peaks of RssAnon / "
               "RssFile sampled every 20 ms (file-backed = mmap-ed reads, reclaimable page cache). CPU s: user+sys of "
               "the timed part (less sensitive to other load on a shared machine than wall time)")
-        worst = max(info["seconds"] / base for _, info in rows[1:])
+        worst = max(info["seconds"] / base for label, info in rows[1:] if "@" not in label)  # not the baseline
         verdict = "met" if worst <= 1.5 else f"missed by {worst / 1.5:.2f}x"
         print(f"target (each conversion <= 1.5x the io time): {verdict}; machine: {platform.node()}, "
-              f"{os.cpu_count()} cpu, python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+              f"{os.cpu_count()} cpu, python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}; "
+              f"load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
         if args.profile:
             shutil.rmtree(ckpt)
             shutil.rmtree(hf2)

@@ -506,17 +506,178 @@ def test_writer_passes_presharded_tensors_through_bit_exactly(tmp_path, monkeypa
     assert not (tmp_path / "dup").exists()
 
 
-def test_to_hf_from_tp2_many_layers_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("preset,kw", [("tiny-bigcode", {}), ("tiny-bigcode", {"num_query_groups": 4}),
+                                       ("tiny-glm2", {})], ids=["mqa", "mha", "glm"])
+def test_to_hf_from_tp2_many_layers_is_bit_exact(tmp_path, preset, kw):
     """to-hf from a tp=2 checkpoint with 5 layers, several streamed shards: every exported tensor equals the
-    mapping of the full tensor (the TP merge and the streaming writer keep no stale or shared buffers)."""
-    from megaocto.convert import hf_bigcode
+    mapping of the full tensor. The TP-split tensors are written straight from the rank files (core.Parts): row
+    shards one after the other, column shards of row-parallel weights interleaved row by row (os.writev), fused
+    blocks (MHA q|k|v, GLM gate|up, GLM q/k/v split) by their block slices."""
+    from megaocto.convert import hf_bigcode, hf_glm
 
-    cfg = ModelConfig.from_preset("tiny-bigcode", vocab_size=V, num_layers=5)
+    cfg = ModelConfig.from_preset(preset, vocab_size=V, num_layers=5, **kw)
     torch.manual_seed(3)
     full = build_model(cfg, ParallelContext.single()).state_dict()
     write_megaocto_checkpoint(str(tmp_path / "ck"), cfg, full, 2, progress=False)
     to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"), max_shard_size="40KB", progress=False)
     assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
     got = _safetensors(str(tmp_path / "hf"))
-    want = {n: t.clone() for n, t in hf_bigcode.iter_to_hf(cfg, iter(full.items()))}
+    family = hf_glm if preset == "tiny-glm2" else hf_bigcode
+    want = {n: t.clone() for n, t in family.iter_to_hf(cfg, iter(full.items()))}
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def _starcoder_like_tokenizer(path):
+    """A tiny word-level tokenizer.json whose ids 0..18 are StarCoder's special tokens (as train_bpe_tokenizer's)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from megaocto.data.tokenizer import STARCODER_SPECIAL_TOKENS
+
+    vocab = {t: i for i, t in enumerate(STARCODER_SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": len(STARCODER_SPECIAL_TOKENS) + i for i in range(60)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in STARCODER_SPECIAL_TOKENS])
+    tok.save(path)
+    return path
+
+
+def test_exported_tokenizer_has_special_tokens_and_falls_back_to_data_tokenizer(tmp_path, capsys):
+    """AutoTokenizer of the export knows eos/bos/pad/unk (StarCoder's <|endoftext|>, <fim_pad>) and the 19 special
+    tokens; without --tokenizer, to-hf exports the checkpoint's data.tokenizer (as `megaocto generate` uses it)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from megaocto.data.tokenizer import STARCODER_SPECIAL_TOKENS
+
+    tok_path = _starcoder_like_tokenizer(str(tmp_path / "my_tok.json"))
+    cfg = ModelConfig.from_preset("tiny-bigcode", vocab_size=V)
+    torch.manual_seed(0)
+    src = str(tmp_path / "ck")
+    write_megaocto_checkpoint(src, cfg, build_model(cfg, ParallelContext.single()).state_dict(), 1, progress=False)
+    meta_path = os.path.join(src, "release", "metadata.json")  # as a training run records it
+    meta = json.load(open(meta_path))
+    meta["config"]["data"] = {"tokenizer": tok_path}
+    json.dump(meta, open(meta_path, "w"))
+
+    for out, kw in ((str(tmp_path / "hf_flag"), {"tokenizer": tok_path}), (str(tmp_path / "hf_fallback"), {})):
+        to_hf(src, out, progress=False, **kw)
+        tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+        assert (tok.eos_token, tok.bos_token, tok.unk_token, tok.pad_token) == (
+            "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", "<fim_pad>")
+        assert (tok.eos_token_id, tok.pad_token_id) == (0, 4)
+        assert set(STARCODER_SPECIAL_TOKENS) <= set(tok.all_special_tokens)
+        assert tok("w3 <fim_prefix> w5")["input_ids"] == [22, 1, 24]
+        smap = json.load(open(os.path.join(out, "special_tokens_map.json")))
+        assert smap["eos_token"] == "<|endoftext|>" and smap["additional_special_tokens"] == list(
+            STARCODER_SPECIAL_TOKENS)
+        conf = AutoConfig.from_pretrained(out, local_files_only=True)
+        assert (conf.eos_token_id, conf.bos_token_id, conf.pad_token_id) == (0, 0, 4)
+        assert GenerationConfig.from_pretrained(out).eos_token_id == 0
+    assert f"[to-hf] tokenizer: {tok_path} (the checkpoint's data.tokenizer" in capsys.readouterr().err
+
+    meta["config"]["data"] = {"tokenizer": str(tmp_path / "gone.json")}
+    json.dump(meta, open(meta_path, "w"))
+    to_hf(src, str(tmp_path / "hf_none"), progress=False)
+    assert "no tokenizer exported: no --tokenizer and the checkpoint's data.tokenizer" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf_none" / "tokenizer.json")
+
+
+def test_verify_runs_a_tp2_checkpoint_sharded_at_tp2(hf_dirs, tmp_path, capsys):
+    """--verify of a tp=2 result runs it as 2 gloo processes, each loading only its own rank file (not a merged
+    tp=1 model): a rank-1 copy of a replicated weight that differs from rank 0's — invisible to a merge, which reads
+    replicated tensors from rank 0 — is caught."""
+    from megaocto.convert.core import VerifyError
+
+    path = hf_dirs["mqa"][0]
+    out = str(tmp_path / "tp2")
+    assert from_hf(path, out, tp=2, verify=True, progress=False) < TOL
+    assert "max abs logit difference (HF gpt_bigcode vs megaocto tp=2 (2 gloo processes, one rank file each))" in \
+        capsys.readouterr().out
+    rank1 = ckpt.model_file(out, "release", 1)
+    state = torch.load(rank1, weights_only=True)
+    state["model"]["layers.0.input_layernorm.weight"] += 0.5  # replicated: a merge never reads rank 1's copy
+    torch.save(state, rank1)
+    with pytest.raises(VerifyError, match=r"megaocto tp=2 \(2 gloo processes, one rank file each\) vs HF"):
+        to_hf(out, str(tmp_path / "hf"), verify=True, progress=False)
+    assert os.path.isdir(tmp_path / "hf")  # written (from the merge) before the check failed
+
+
+def _fake_hub_cache(cache, repo, src_dir, commit="0123456789abcdef0123456789abcdef01234567"):
+    """``cache`` laid out as huggingface_hub lays out HF_HUB_CACHE: blobs, snapshots/<commit>/ symlinks, refs/main."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    (base / "blobs").mkdir(parents=True)
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in os.listdir(src_dir):
+        blob = base / "blobs" / f"blob_{name}"
+        shutil.copy(os.path.join(src_dir, name), blob)
+        os.symlink(os.path.relpath(blob, snap), snap / name)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_from_hf_hub_id_uses_the_cache_offline_and_says_it_needs_the_network(hf_dirs, tmp_path, monkeypatch, capsys):
+    from megaocto.cli import main
+
+    cache = tmp_path / "hub"
+    commit = _fake_hub_cache(cache, "tiny-org/tiny-mqa", hf_dirs["mqa"][0])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = str(tmp_path / "from_hub")
+    from_hf("tiny-org/tiny-mqa", out, tp=1, progress=False)
+    local = str(tmp_path / "from_dir")
+    from_hf(hf_dirs["mqa"][0], local, tp=1, progress=False)
+    for a, b in zip(_rank_files(out, 1), _rank_files(local, 1)):
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    src = json.load(open(os.path.join(out, "release", "metadata.json")))["converted_from"]
+    assert (src["hub_id"], src["revision"], src["commit"]) == ("tiny-org/tiny-mqa", "main", commit)
+
+    # not cached + offline: one line, exit 2, nothing written
+    code = main(["convert", "from-hf", "--hf", "tiny-org/not-cached", "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--hf=tiny-org/not-cached: not a local directory and not in the Hugging Face cache" in err
+    assert "needs the network (HF_HUB_OFFLINE is set)" in err
+    assert not os.path.exists(tmp_path / "x")
+    # a path that is neither a directory nor a hub id
+    with pytest.raises(ConversionError, match=r"--hf=\./missing: no such directory \(and not a Hugging Face hub id"):
+        from_hf("./missing", str(tmp_path / "y"), progress=False)
+    # online, only the needed files would be fetched: one set of top-level weights, config, tokenizer
+    from megaocto.convert.io import hub_files_needed
+
+    files = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "README.md",
+             "onnx/model.safetensors", "flax_model.msgpack", "generation_config.json"]
+    assert hub_files_needed(files) == ["config.json", "tokenizer.json", "generation_config.json", "model.safetensors"]
+    assert hub_files_needed(["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]) == [
+        "config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]
+
+
+def _rank_files(path, tp):
+    return [torch.load(ckpt.model_file(path, "release", r), weights_only=True)["model"] for r in range(tp)]
+
+
+def test_to_hf_from_tp2_copies_no_tp_shard_into_a_merged_tensor(tmp_path, monkeypatch):
+    """The to-hf speed-up (bench/RESULTS_convert.md, item 20): the TP shards of an MQA GPTBigCode checkpoint go from
+    the mmap-ed rank files to the safetensors files without any torch.cat (no merged copy, flat memory)."""
+    cfg = ModelConfig.from_preset("tiny-bigcode", vocab_size=V, num_layers=3)
+    torch.manual_seed(4)
+    full = build_model(cfg, ParallelContext.single()).state_dict()
+    write_megaocto_checkpoint(str(tmp_path / "ck"), cfg, full, 2, progress=False)
+    cats = []
+    real_cat = torch.cat
+
+    def counting_cat(tensors, *args, **kwargs):
+        if any(t.device.type != "meta" for t in tensors):
+            cats.append([tuple(t.shape) for t in tensors])
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", counting_cat)
+    to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"), progress=False)
+    monkeypatch.setattr(torch, "cat", real_cat)
+    assert cats == []
+    got = _safetensors(str(tmp_path / "hf"))
+    from megaocto.convert import hf_bigcode
+
+    want = dict(hf_bigcode.iter_to_hf(cfg, iter(full.items())))
+    assert all(torch.equal(got[n], want[n]) for n in want)

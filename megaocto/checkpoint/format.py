@@ -200,8 +200,8 @@ def load_checkpoint(load: str, pc, *, iteration: int | str | None = None) -> tup
     if (tp, pp) != (pc.tp, pc.pp):
         raise ConfigError(
             f"checkpoint {directory} was saved with tp={tp}, pp={pp} but this run uses tp={pc.tp}, pp={pc.pp}; "
-            f"run with the same parallel.tp/pp, or change the checkpoint's layout first with `megaocto convert reshard "
-            f"--load {load} --output NEW_DIR --tp {pc.tp}`")
+            f"run with the same parallel.tp/pp, or reshard its weights: megaocto convert reshard --load {load} "
+            f"--tp {pc.tp} --output DIR (then checkpoint.load DIR, checkpoint.finetune true)")
     path = os.path.join(directory, rank_dir_name(pc.tp_rank, pc.pp_rank, pc.pp), MODEL_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint file missing: {path} (incomplete or foreign checkpoint)")

@@ -53,7 +53,10 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("from-hf",
                        help="HF model directory (GPTBigCode, Glm, ChatGLM2/CodeGeeX2, Llama) -> megaocto checkpoint",
                        description="Convert a Hugging Face model directory to a megaocto release checkpoint.")
-    p.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors or pytorch_model*.bin)")
+    p.add_argument("--hf", required=True,
+                   help="HF model directory (config.json + *.safetensors or pytorch_model*.bin), or a hub id such as "
+                        "bigcode/starcoderbase-1b[@revision] (downloaded into the HF cache: needs the network unless "
+                        "already cached; HF_HUB_OFFLINE=1 uses the cache only)")
     p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")
     p.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel size to shard for (default: %(default)s)")
@@ -95,19 +98,66 @@ def add_arguments(parser) -> None:
     _add_verify_and_quiet(p)
 
 
+EXIT_SIGINT = 130  # 128 + SIGINT: Ctrl-C
+EXIT_SIGTERM = 143  # 128 + SIGTERM: scancel, a job's time limit, kill
+
+
+def _interrupt_handlers():
+    """SIGTERM and SIGINT raise :class:`megaocto.convert.core.Interrupted` (the converters' AtomicDir then removes
+    the partial output); a second signal during that cleanup is ignored so the cleanup finishes. Returns the
+    previous handlers (restored by the caller)."""
+    import signal
+
+    from megaocto.convert.core import Interrupted
+
+    def handler(signum, frame):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
 def run(args) -> int:
     """Exit codes: 0 done; 2 a user error (bad arguments, files, config; nothing written); 1 ``--verify`` found the
-    result above ``--verify-tol`` (the output is written), or an internal error (a bug: please report it)."""
+    result above ``--verify-tol`` (the output is written), or an internal error (a bug: please report it);
+    130 / 143 interrupted by SIGINT / SIGTERM (the partial output is removed; one line on stderr says so)."""
+    import os
+    import signal
     import sys
+    import threading
 
-    from megaocto.config.base import ConfigError
-    from megaocto.convert.core import VerifyError
+    from megaocto.convert.core import Interrupted
 
     cmd = args.convert_command
     if args.verify_tol is not None and not args.verify:
         print(f"megaocto {NAME} {cmd}: error: --verify-tol needs --verify", file=sys.stderr)
         return 2
     tol = args.verify_tol
+    existed = os.path.lexists(args.output)
+    previous = _interrupt_handlers() if threading.current_thread() is threading.main_thread() else {}
+    try:
+        return _run(args, cmd, tol)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        if not existed and os.path.lexists(args.output):
+            what = f"{args.output} was written completely before the signal (--verify did not finish)"
+        else:
+            what = f"nothing was written to {args.output} (the partial output was removed)"
+        print(f"megaocto {NAME} {cmd}: interrupted by {signal.Signals(signum).name}; {what}", file=sys.stderr,
+              flush=True)
+        return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run(args, cmd: str, tol: float | None) -> int:
+    import sys
+
+    from megaocto.config.base import ConfigError
+    from megaocto.convert.core import VerifyError
+
     try:
         if cmd == "from-hf":
             from megaocto.convert.hf import from_hf

@@ -33,8 +33,10 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
     typically one layer); each byte is written once. Tensors may arrive in any order; a per-layer progress line
     (``[convert] layers.3 (5/42) ... GB/s, ETA``) is printed on stderr when the layer changes.
 
-    Atomicity: everything is written under ``{parent}/.{basename}.partial-{pid}/`` and renamed to ``output`` when
-    complete; any exception removes the partial directory. ``output`` must not exist (checked before writing).
+    Atomicity: everything is written under ``{parent}/.{basename}.partial-{host}-{pid}/`` and renamed to ``output``
+    when complete; any exception (also SIGTERM/SIGINT in the CLI) removes the partial directory, and partials of dead
+    processes (SIGKILL) are removed by the next conversion into the same parent (:class:`AtomicDir`). ``output``
+    must not exist (checked before writing).
 
 ``read_megaocto_checkpoint(load, *, iteration=None, trim_vocab=False) -> (cfg, iterator)``
     Reads a megaocto checkpoint saved at any TP (its metadata.json must carry ``config.model``), and yields
@@ -43,7 +45,8 @@ Public API (used by hf_bigcode.py, hf_glm.py, reshard.py and megatron.py):
     ``checkpoint_info(load, iteration=None)`` returns ``(directory, metadata, iteration)`` without loading tensors.
 
 Verification: ``random_batch(vocab_size, ...)`` (fixed seed), ``megaocto_logits_fn(cfg, tensors)`` (a tp=1 fp32
-model filled tensor by tensor: one fp32 copy of the model), ``max_abs_logit_diff(fn_a, fn_b, vocab_size)``,
+model filled tensor by tensor: one fp32 copy of the model), ``checkpoint_logits_fn(load)`` (a checkpoint run at the
+TP it was saved at: tp gloo processes each loading its own rank file; what every ``--verify`` runs), ``max_abs_logit_diff(fn_a, fn_b, vocab_size)``,
 ``verify_logits(fn_a, fn_b, vocab_size, label=..., tol=None, cast=None)`` and ``verify_lazy(make_a, make_b, ...)``
 (builds, runs and drops the first model before building the second, so only one model is alive at a time); both
 print ``max abs logit difference (<label>): <value>``, return the value, and raise :class:`VerifyError` when it is
@@ -89,6 +92,19 @@ class VerifyError(Exception):
     """``--verify``: the result's logits differ from the source's by more than the tolerance."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) arrived while converting; raised by the CLI's signal handler. A BaseException, like
+    KeyboardInterrupt, so no ``except Exception`` on the way swallows it; :class:`AtomicDir` removes the partial
+    output on the way out."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+
 # ------------------------------------------------------------------------------------------ dtypes
 def parse_dtype(dtype: str | torch.dtype | None, where: str = "--dtype") -> torch.dtype | None:
     """``None`` / a supported torch dtype / one of ``bf16, fp16, fp32`` -> torch dtype (None stays None)."""
@@ -124,10 +140,23 @@ class ParamSpec:
     vocab: bool  # rows are the (padded) vocabulary
 
 
+_SPECS_CACHE: dict[str, dict[str, ParamSpec]] = {}
+
+
 def param_specs(cfg: ModelConfig, tp: int = 1) -> dict[str, ParamSpec]:
     """Names (in ``state_dict`` order), shapes and TP layout of ``build_model(cfg, ParallelContext.single())``;
     a parameter tagged ``kv_groups`` (llama's ``key_value``) is split over ``tp`` only up to ``tp = kv_groups`` and
-    replicated above it."""
+    replicated above it.
+
+    Cached per (config, tp) (building even a meta-device model runs every init through torch's Python meta kernels:
+    about 0.5 s for a 1B model, and a conversion asks several times)."""
+    key = json.dumps([cfg.to_dict(), tp], sort_keys=True, default=str)
+    if key not in _SPECS_CACHE:
+        _SPECS_CACHE[key] = _build_param_specs(cfg, tp)
+    return dict(_SPECS_CACHE[key])
+
+
+def _build_param_specs(cfg: ModelConfig, tp: int) -> dict[str, ParamSpec]:
     from megaocto.model import build_model
     from megaocto.parallel.context import ParallelContext
 
@@ -219,15 +248,84 @@ def check_output_free(output: str, flag: str = "--output") -> None:
         raise ConversionError(f"{flag}={output}: parent directory {parent} does not exist")
 
 
+_PARTIAL_RE = re.compile(r"^\.(?P<base>.+)\.partial-(?:(?P<host>[^/]+)-)?(?P<pid>\d+)$")
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "localhost"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def remove_stale_partials(parent: str, *, log: bool = True) -> list[str]:
+    """Remove the ``.{name}.partial-{host}-{pid}`` directories in ``parent`` left by converters on this host whose
+    process is gone (killed with SIGKILL, or a node crash); a line on stderr names each one and its size.
+
+    Kept: partials of live processes, partials of other hosts (a shared file system: their PIDs cannot be checked
+    here). Names without a host (``.{name}.partial-{pid}``, written before host names were added) count as this
+    host's. Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    host = _host()
+    for name in sorted(names):
+        m = _PARTIAL_RE.match(name)
+        path = os.path.join(parent, name)
+        if not m or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if m.group("host") not in (None, host):
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        size = _du(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            removed.append(path)
+            if log:
+                print(f"[convert] removed stale partial output {path} ({size / 1e9:.2f} GB) of process {pid}, "
+                      f"which is no longer running (a killed earlier conversion)", file=sys.stderr, flush=True)
+    return removed
+
+
 class AtomicDir:
-    """``with AtomicDir(output) as tmp:`` write into ``tmp``; renamed to ``output`` on success, removed on error."""
+    """``with AtomicDir(output) as tmp:`` write into ``tmp``; renamed to ``output`` on success, removed on error.
+
+    ``tmp`` is ``{parent}/.{basename}.partial-{host}-{pid}``. Any exception — also :class:`Interrupted` (SIGTERM)
+    and KeyboardInterrupt (SIGINT) — removes it. A SIGKILL-ed run cannot clean up: the next ``AtomicDir`` in the
+    same parent directory removes such partials of dead processes (:func:`remove_stale_partials`)."""
 
     def __init__(self, output: str):
         self.output = os.path.abspath(output)
         parent, base = os.path.split(self.output)
-        self.tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+        self.parent = parent
+        self.tmp = os.path.join(parent, f".{base}.partial-{_host()}-{os.getpid()}")
 
     def __enter__(self) -> str:
+        remove_stale_partials(self.parent)
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
         return self.tmp
@@ -260,6 +358,78 @@ class Sharded:
 
     def full(self) -> torch.Tensor:
         return torch.cat(self.shards, dim=self.dim) if len(self.shards) > 1 else self.shards[0]
+
+
+class Parts:
+    """A tensor given lazily as ``parts`` concatenated along ``dim`` (0, or 1 of a 2-D tensor), never materialised
+    unless asked (:meth:`full`): what :func:`read_megaocto_checkpoint` with ``lazy=True`` yields for a TP-split
+    tensor (its shards, or for fused blocks the per-rank block slices, as views of the mmap-ed rank files), so an
+    exporter can write the bytes straight from the rank files (:class:`megaocto.convert.io.SafetensorsShardWriter`
+    takes it) instead of copying them into a merged tensor first. Supports what the HF family mappings do to a
+    tensor: ``t[:n]`` / ``t.split(sizes)`` along dim 0, :func:`cat_rows`, ``shape``, ``dtype``, ``numel()``,
+    ``element_size()``; anything else goes through :meth:`full`."""
+
+    def __init__(self, parts: Iterable[torch.Tensor], dim: int):
+        self.parts = tuple(parts)
+        self.dim = dim
+        first = self.parts[0]
+        if dim not in (0, 1) or (dim == 1 and first.dim() != 2):
+            raise ValueError(f"Parts: dim must be 0, or 1 of 2-D tensors (got dim={dim}, {first.dim()}-D)")
+        shape = list(first.shape)
+        shape[dim] = sum(p.shape[dim] for p in self.parts)
+        self.shape = torch.Size(shape)
+        self.dtype = first.dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def full(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=self.dim) if len(self.parts) > 1 else self.parts[0]
+
+    def _rows(self, start: int, stop: int) -> "Parts | torch.Tensor":
+        if self.dim != 0:
+            return self.full()[start:stop]
+        out, pos = [], 0
+        for p in self.parts:
+            lo, hi = max(start - pos, 0), min(stop - pos, p.shape[0])
+            if lo < hi:
+                out.append(p[lo:hi])
+            pos += p.shape[0]
+        return Parts(out, 0) if len(out) != 1 else out[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice) and index.step in (None, 1):
+            start, stop, _ = index.indices(self.shape[0])
+            return self._rows(start, max(start, stop))
+        return self.full()[index]
+
+    def split(self, sizes: list[int]) -> list["Parts | torch.Tensor"]:
+        out, pos = [], 0
+        for n in sizes:
+            out.append(self._rows(pos, pos + n))
+            pos += n
+        return out
+
+
+def cat_rows(items: list) -> "torch.Tensor | Parts":
+    """``torch.cat(items)`` along dim 0, lazily (a :class:`Parts`) when any item is a dim-0 ``Parts``."""
+    if not any(isinstance(t, Parts) for t in items):
+        return torch.cat(items)
+    parts: list[torch.Tensor] = []
+    for t in items:
+        if isinstance(t, Parts) and t.dim == 0:
+            parts.extend(t.parts)
+        else:
+            parts.append(t.full() if isinstance(t, Parts) else t)
+    return Parts(parts, 0)
+
+
+def materialize(t: "torch.Tensor | Parts") -> torch.Tensor:
+    """The tensor itself, or a :class:`Parts` concatenated."""
+    return t.full() if isinstance(t, Parts) else t
 
 
 def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]] | dict,
@@ -416,6 +586,56 @@ class TensorRef:
                 (self.storage, 0, torch.Size(self.shape), self.stride, False, collections.OrderedDict()))
 
 
+# Why private torch APIs (torch._C.PyTorchFileWriter, torch.serialization._get_storage_alignment,
+# torch._utils._rebuild_tensor_v2): the rank files must be what torch.save writes (the training loop, generation and
+# Megatron tools read them with torch.load, also mmap=True and weights_only=True), and a converter must not hold a
+# whole rank's state dict in RAM (14 GB for one 7B tp=1 rank) to call torch.save. The public alternatives do not
+# stream: torch.save pickles the whole object at once; safetensors is another format; the stdlib zipfile cannot place
+# records at torch's storage alignment (needed for mmap loading) without hand-made extra fields and always pays
+# CRC32. torch.save itself writes through PyTorchFileWriter.write_record, so the records here are byte for byte
+# what torch.save writes (data first). The price is a pin: TESTED_TORCH lists the versions the writer is tested with
+# (tests/test_convert_reshard.py loads its files with plain torch.load(weights_only=True) and mmap=True); on any other
+# version the first writer of a process writes a small file and loads it back with torch.load first, and refuses to
+# go on, naming the tested versions, when that round trip fails.
+TESTED_TORCH = ("2.13",)
+_TORCH_WRITER_CHECKED: list[bool] = []
+
+
+def _torch_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def check_stream_writer_torch(directory: str) -> None:
+    """Once per process: on a torch outside :data:`TESTED_TORCH`, a round trip through :class:`TorchStreamWriter`
+    and ``torch.load(weights_only=True)`` (plain and mmap) in ``directory``; ConversionError when it fails, else one
+    stderr line saying the version is untested but the check passed."""
+    if _TORCH_WRITER_CHECKED or _torch_minor(torch.__version__) in TESTED_TORCH:
+        return
+    path = os.path.join(directory, ".torch_writer_check.pt")
+    sample = {"f32": torch.arange(12, dtype=torch.float32).view(3, 4)[1:], "bf16": torch.randn(5).bfloat16(),
+              "f16": torch.randn(2, 2).half()}
+    try:
+        w = TorchStreamWriter(path, _checked=True)
+        refs = {k: w.add(v) for k, v in sample.items()}
+        w.close({"model": refs, "iteration": 0})
+        for mmap in (False, True):
+            got = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)["model"]
+            if any(got[k].dtype != v.dtype or not torch.equal(got[k], v) for k, v in sample.items()):
+                raise ValueError("the tensors loaded back differ from those written")
+    except Exception as e:  # noqa: BLE001 - any failure means this torch's private writer API changed
+        raise ConversionError(
+            f"torch {torch.__version__}: megaocto's streaming checkpoint writer (torch's private "
+            f"torch._C.PyTorchFileWriter; tested with torch {', '.join(TESTED_TORCH)}) does not work with this "
+            f"version ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); install a "
+            f"tested torch for the conversion") from None
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    print(f"[convert] torch {torch.__version__} is not among the versions the streaming checkpoint writer is tested "
+          f"with ({', '.join(TESTED_TORCH)}); its write/load self-check passed", file=sys.stderr, flush=True)
+    _TORCH_WRITER_CHECKED.append(True)
+
+
 class TorchStreamWriter:
     """Write a file that ``torch.load`` (also ``weights_only=True`` and ``mmap=True``) reads exactly like a
     ``torch.save``-d object, but streaming: ``add(tensor)`` appends the tensor's bytes to the archive at once and
@@ -426,9 +646,11 @@ class TorchStreamWriter:
     first), which ``torch.load`` does not depend on (it reads records by name). Heap: one tensor at a time.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, _checked: bool = False):
         import torch.serialization as ts
 
+        if not _checked:
+            check_stream_writer_torch(os.path.dirname(os.path.abspath(path)))
         self.path = path
         self._alignment = str(ts._get_storage_alignment())
         # No CRC32 (torch.serialization.set_crc32_options(False) semantics): computing it costs more than the
@@ -491,11 +713,13 @@ def checkpoint_dtype(directory: str, meta: dict) -> torch.dtype:
     return saved_dtype(model, DTYPES.get(str(meta.get("dtype")), torch.float32))
 
 
-def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, trim_vocab: bool = False
-                             ) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, trim_vocab: bool = False,
+                             lazy: bool = False) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
     """``(cfg, iterator of (name, full tensor))`` of a megaocto checkpoint at any TP; see the module docstring.
 
-    The checks (files present, metadata valid) run before this returns; the iterator loads lazily.
+    The checks (files present, metadata valid) run before this returns; the iterator loads lazily. ``lazy=True``
+    yields each TP-split tensor of a tp > 1 checkpoint as a :class:`Parts` of views of the mmap-ed rank files
+    instead of merging it (no copy; the caller writes or merges it).
     """
     directory, meta, _ = checkpoint_info(load, iteration)
     cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
@@ -518,6 +742,8 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
                                       f"does not match the saved weights)")
             if spec.partition_dim is None or tp == 1:
                 t = states[0][name]
+            elif lazy:
+                t = _shard_parts([s[name] for s in states], spec.partition_dim, spec.partition_blocks)
             else:
                 t = merge_shards([s[name] for s in states], spec.partition_dim, spec.partition_blocks)
             if spec.vocab and trim_vocab:
@@ -525,6 +751,15 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
             yield name, t
 
     return cfg, gen()
+
+
+def _shard_parts(shards: list[torch.Tensor], dim: int, blocks) -> Parts:
+    """The :class:`Parts` whose concatenation is ``merge_shards(shards, dim, blocks)`` (each rank's block slices in
+    merge order), without copying."""
+    tp = len(shards)
+    local = [n // tp for n in ([shards[0].shape[dim] * tp] if blocks is None else blocks)]
+    per_rank = [s.split(local, dim=dim) for s in shards]
+    return Parts([per_rank[r][b] for b in range(len(local)) for r in range(tp)], dim)
 
 
 def iter_units(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
@@ -583,6 +818,83 @@ def megaocto_logits_fn(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tens
         return model(ids)[..., :cfg.vocab_size].float()
 
     return run
+
+
+def _sharded_worker(rank: int, tp: int, init_file: str, load: str, iteration, ids: torch.Tensor, out: str,
+                    threads: int) -> None:
+    """One TP rank of :func:`checkpoint_logits_fn`: this rank's file into a model built at the checkpoint's TP."""
+    import torch.distributed as dist
+
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
+    from megaocto.parallel.mappings import gather_from_tp
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(tp), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=tp)
+    try:
+        pc = ParallelContext.init(tp=tp, backend="gloo")
+        directory, meta, _ = checkpoint_info(load, iteration)
+        cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(dataclasses.replace(cfg, attention_dropout=0.0, hidden_dropout=0.0), pc,
+                                dtype=torch.float32, device="cpu").eval()
+        path = os.path.join(directory, ckpt.rank_dir_name(rank, 0, 1), ckpt.MODEL_FILE)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["model"]
+        try:
+            model.load_state_dict(state, strict=True)  # copies (and casts to fp32) tensor by tensor
+        except RuntimeError as e:
+            raise ConversionError(f"{path}: does not fit a tp={tp} model of {directory}/metadata.json's config "
+                                  f"({str(e).strip().splitlines()[0]})") from None
+        del state
+        with torch.no_grad():
+            logits = gather_from_tp(model(ids), pc, dim=-1)[..., :cfg.vocab_size].float()
+        if rank == 0:
+            torch.save(logits, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def checkpoint_logits_fn(load: str, *, iteration: int | str | None = None
+                         ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """``(fn, description)``: ``fn(ids)`` = fp32 logits ``[b, s, vocab_size]`` of the megaocto checkpoint in
+    ``load`` run **at the TP it was saved at**: for tp > 1, tp fresh gloo processes (spawned for each call) each
+    load their own rank file (no merge) into a tp-sharded model — the real vocab-parallel embedding, column/row
+    parallel layers and all-reduces — and rank 0's all-gathered logits come back. tp = 1 runs in this process
+    (:func:`megaocto_logits_fn`). Memory: about one fp32 model in total over the ranks. ``description`` says what
+    runs (``megaocto tp=2 (2 gloo processes, one rank file each)``) for the ``--verify`` label."""
+    directory, meta, it = checkpoint_info(load, iteration)
+    tp = int(meta.get("tp", 1))
+    if tp == 1:
+        def single(ids: torch.Tensor) -> torch.Tensor:
+            return megaocto_logits_fn(*read_megaocto_checkpoint(load, iteration=it))(ids)
+
+        return single, "megaocto tp=1"
+
+    def sharded(ids: torch.Tensor) -> torch.Tensor:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory(prefix="megaocto_verify_") as tmp:
+            init_file, out = os.path.join(tmp, "store"), os.path.join(tmp, "logits.pt")
+            threads = max(1, (os.cpu_count() or 1) // tp)
+            ctx = mp.start_processes(_sharded_worker, args=(tp, init_file, load, it, ids, out, threads),
+                                     nprocs=tp, join=False, start_method="spawn")
+            try:
+                while not ctx.join():
+                    pass
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+                last = str(e).strip().splitlines()[-1]
+                raise VerifyError(f"--verify: running {load} at tp={tp} failed on a rank: {last}") from None
+            finally:
+                for p in ctx.processes:  # also on SIGTERM/SIGINT in this process: no orphaned ranks
+                    if p.is_alive():
+                        p.terminate()
+                        p.join()
+            return torch.load(out, weights_only=True)
+
+    return sharded, f"megaocto tp={tp} ({tp} gloo processes, one rank file each)"
 
 
 def max_abs_logit_diff(fn_a: Callable[[torch.Tensor], torch.Tensor], fn_b: Callable[[torch.Tensor], torch.Tensor],

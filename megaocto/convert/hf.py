@@ -1,8 +1,10 @@
 """``from_hf`` / ``to_hf``: Hugging Face model directory <-> megaocto checkpoint, any TP, streaming, verified.
 
 ``from_hf(hf_dir, output, *, tp=1, dtype=None, verify=False, progress=True) -> float | None``
-    Detects the layout from ``config.json`` — ``gpt_bigcode`` (hf_bigcode.py), native ``glm`` or original
-    ``chatglm`` (hf_glm.py), ``llama`` (hf_llama.py) — checks the config, the TP split, every weight's name, shape (against the family's
+    ``hf_dir`` is a local directory or a hub id ``owner/name[@revision]`` (:func:`megaocto.convert.io.resolve_hf`:
+    huggingface_hub's cache, only the needed files downloaded, a cached snapshot also offline). Detects the layout
+    from ``config.json`` — ``gpt_bigcode`` (hf_bigcode.py), native ``glm`` or original ``chatglm`` (hf_glm.py),
+    ``llama`` (hf_llama.py) — checks the config, the TP split, every weight's name, shape (against the family's
     ``expected_hf_shapes``) and dtype, and that ``output`` does not exist, all before writing; then streams the
     tensors one layer at a time through :func:`megaocto.convert.core.write_megaocto_checkpoint`. With ``verify``
     returns (and prints) the max abs logit difference between the HF source (transformers; for ChatGLM2 a native
@@ -31,7 +33,8 @@ import torch
 from megaocto.config.model import ModelConfig
 from megaocto.convert import core, hf_bigcode, hf_glm, hf_llama
 from megaocto.convert.core import ConversionError
-from megaocto.convert.io import HFSource, SafetensorsShardWriter, copy_tokenizer, parse_size, tokenizer_files
+from megaocto.convert.io import (HFSource, SafetensorsShardWriter, copy_tokenizer, parse_size, resolve_hf,
+                                 special_tokens, tokenizer_files)
 
 FAMILIES: dict[str, ModuleType] = {"bigcode": hf_bigcode, "glm2": hf_glm, "llama": hf_llama}
 
@@ -146,13 +149,14 @@ def from_hf(hf_dir: str, output: str, *, tp: int = 1, dtype=None, verify: bool =
             progress: bool = True, verify_tol: float | None = None) -> float | None:
     """HF directory -> megaocto release checkpoint at ``tp``; see the module docstring."""
     cast = core.parse_dtype(dtype)
+    hf_dir, hub = resolve_hf(hf_dir)
     plan = plan_from_hf(hf_dir, tp)
     if verify and plan.layout == "chatglm" and plan.cfg.add_bias_linear:
         raise ConversionError(f"{plan.source.config_path}: --verify needs add_bias_linear=false (the native Glm "
                               f"reference has no dense/MLP bias)")
     core.check_output_free(output)
     meta = {"converted_from": {"kind": "hf", "layout": plan.layout, "path": os.path.abspath(hf_dir),
-                               "token_ids": plan.token_ids}}
+                               "token_ids": plan.token_ids, **(hub or {})}}
     core.write_megaocto_checkpoint(output, plan.cfg, _source_iter(plan), tp, dtype=cast, metadata_extra=meta,
                                    progress=progress)
     if not verify:
@@ -160,10 +164,8 @@ def from_hf(hf_dir: str, output: str, *, tp: int = 1, dtype=None, verify: bool =
     def make_src():
         return _chatglm_reference_fn(plan) if plan.layout == "chatglm" else hf_logits_fn(hf_dir)
 
-    def make_ours():
-        return core.megaocto_logits_fn(*core.read_megaocto_checkpoint(output))
-
-    return core.verify_lazy(make_src, make_ours, plan.cfg.vocab_size, label=f"HF {plan.layout} vs megaocto tp={tp}",
+    ours, what = core.checkpoint_logits_fn(output)
+    return core.verify_lazy(make_src, lambda: ours, plan.cfg.vocab_size, label=f"HF {plan.layout} vs {what}",
                             seq=_verify_seq(plan.cfg), tol=verify_tol, cast=cast)
 
 
@@ -176,16 +178,23 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     cfg = core.config_from_metadata(meta, os.path.join(directory, "metadata.json"))
     family = FAMILIES[cfg.family]
     family.check_exportable(cfg, os.path.join(directory, "metadata.json"))
+    tokenizer = _tokenizer_or_fallback(tokenizer, meta, os.path.join(directory, "metadata.json"))
     tok_files = tokenizer_files(tokenizer) if tokenizer else []
+    tok_json = next((f for f in tok_files if f.endswith(".json") and (len(tok_files) == 1 or
+                                                                      os.path.basename(f) == "tokenizer.json")), None)
     if tokenizer:
         _check_tokenizer_vocab(tokenizer, cfg)
     core.check_output_free(output)
     out_dtype = cast or core.checkpoint_dtype(directory, meta)
+    # ids from the HF source a checkpoint was converted from win; else the exported tokenizer's eos/bos/pad
     token_ids = ((meta.get("converted_from") or {}).get("token_ids")) or {}
     if tokenizer and not token_ids and cfg.family == "llama":  # e.g. trained from scratch with DeepSeek's tokenizer
         token_ids = hf_llama.token_ids_from_tokenizer(tokenizer)
+    elif not token_ids and tok_json:
+        token_ids = special_tokens(tok_json)[1]
     hf_conf = family.hf_config(cfg, dtype=out_dtype, token_ids=token_ids)
-    _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration)
+    # lazy: TP-split tensors arrive as views of the mmap-ed rank files (core.Parts) and are written from there
+    _, tensors = core.read_megaocto_checkpoint(load, iteration=iteration, lazy=True)
     bar = core.Progress(len(core.units(cfg)), "to-hf", progress)
     plan = hf_plan(cfg, family, out_dtype)
     with core.AtomicDir(output) as tmp:
@@ -194,7 +203,7 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
             for unit, group in core.iter_units(tensors):
                 nbytes = 0
                 for name, t in family.iter_to_hf(cfg, iter(group)):
-                    t = t.to(out_dtype) if t.dtype != out_dtype else t
+                    t = core.materialize(t).to(out_dtype) if t.dtype != out_dtype else t
                     writer.add(name, t)
                     nbytes += t.numel() * t.element_size()
                     del t
@@ -210,11 +219,9 @@ def to_hf(load: str, output: str, *, dtype=None, tokenizer: str | None = None, m
     if not verify:
         return None
 
-    def make_ours():
-        return core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(load, iteration=iteration)[1])
-
-    return core.verify_lazy(make_ours, lambda: hf_logits_fn(output), cfg.vocab_size,
-                            label=f"megaocto vs HF {hf_conf.model_type}", seq=_verify_seq(cfg), tol=verify_tol,
+    ours, what = core.checkpoint_logits_fn(load, iteration=iteration)
+    return core.verify_lazy(lambda: ours, lambda: hf_logits_fn(output), cfg.vocab_size,
+                            label=f"{what} vs HF {hf_conf.model_type}", seq=_verify_seq(cfg), tol=verify_tol,
                             cast=cast)
 
 
@@ -222,8 +229,29 @@ def hf_plan(cfg: ModelConfig, family: ModuleType, dtype: torch.dtype) -> list[tu
     """``(HF name, dtype, shape)`` of every tensor ``family.iter_to_hf`` yields for ``cfg``, in that order, without
     reading any data: the family mapping runs on meta-device tensors of the megaocto shapes (vocabulary rows are
     trimmed by the mapping, so the padding of the meta shapes does not matter)."""
-    meta = ((name, torch.empty(spec.shape, dtype=dtype, device="meta")) for name, spec in core.param_specs(cfg).items())
+    # as core.Parts (what to_hf streams): row concatenations and slices stay shape arithmetic, no meta kernels
+    meta = ((name, core.Parts([torch.empty(spec.shape, dtype=dtype, device="meta")], 0))
+            for name, spec in core.param_specs(cfg).items())
     return [(name, dtype, tuple(t.shape)) for name, t in family.iter_to_hf(cfg, meta)]
+
+
+def _tokenizer_or_fallback(tokenizer: str | None, meta: dict, where: str) -> str | None:
+    """``--tokenizer``, else the checkpoint's ``config.data.tokenizer`` (as ``megaocto generate`` does); a line on
+    stderr says which one is exported, or why none is."""
+    import sys
+
+    if tokenizer:
+        return tokenizer
+    saved = ((meta.get("config") or {}).get("data") or {}).get("tokenizer")
+    if saved and os.path.exists(saved):
+        print(f"[to-hf] tokenizer: {saved} (the checkpoint's data.tokenizer; --tokenizer overrides it)",
+              file=sys.stderr, flush=True)
+        return saved
+    why = (f"the checkpoint's data.tokenizer {saved} does not exist here" if saved
+           else f"{where} names no data.tokenizer")
+    print(f"[to-hf] no tokenizer exported: no --tokenizer and {why}; pass --tokenizer PATH to include one",
+          file=sys.stderr, flush=True)
+    return None
 
 
 def _write_generation_config(hf_conf, directory: str) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 import torch
 
 from megaocto.config.model import ModelConfig
+from megaocto.convert import core
 from megaocto.convert.core import ConversionError
 
 FAMILY = "bigcode"
@@ -222,7 +223,8 @@ def iter_from_hf(cfg: ModelConfig, get) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def iter_to_hf(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) from megaocto (name, full tensor) pairs in megaocto order; vocab padding dropped."""
+    """(HF name, tensor) from megaocto (name, full tensor) pairs in megaocto order; vocab padding dropped.
+    A :class:`megaocto.convert.core.Parts` input stays lazy where the mapping only concatenates or slices rows."""
     n, d, V = cfg.num_attention_heads, cfg.head_dim, cfg.vocab_size
     pending: dict[str, torch.Tensor] = {}
     for name, t in tensors:
@@ -240,9 +242,9 @@ def iter_to_hf(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) ->
             if rest.startswith("self_attention.query."):
                 pending[kind] = t
             elif rest.startswith("self_attention.key_value."):
-                yield q + f"attn.c_attn.{kind}", torch.cat([pending.pop(kind), t])
+                yield q + f"attn.c_attn.{kind}", core.cat_rows([pending.pop(kind), t])  # lazy for core.Parts
             elif rest.startswith("self_attention.query_key_value."):
-                yield q + f"attn.c_attn.{kind}", blocks_qkv_to_per_head(t, n, d)
+                yield q + f"attn.c_attn.{kind}", blocks_qkv_to_per_head(core.materialize(t), n, d)
             else:
                 part = {"input_layernorm": "ln_1", "self_attention.dense": "attn.c_proj",
                         "post_attention_layernorm": "ln_2", "mlp.dense_h_to_4h": "mlp.c_fc",

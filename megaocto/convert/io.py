@@ -33,11 +33,12 @@ import os
 import re
 import shutil
 import struct
+import sys
 from collections.abc import Sequence
 
 import torch
 
-from megaocto.convert.core import ConversionError, check_source_dtype
+from megaocto.convert.core import ConversionError, Parts, check_source_dtype
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -66,6 +67,90 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     if size < 1:
         raise ConversionError(f"{flag}={text!r} must be positive")
     return size
+
+
+_HUB_ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, but at call time (so it can be set after import)."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_files_needed(files: Sequence[str]) -> list[str]:
+    """The files of a hub repo (its file list) that a conversion reads: config.json, generation_config.json, the
+    tokenizer files and ONE set of top-level weights — safetensors (``model.safetensors`` or its index + shards) when
+    the repo has them, else ``pytorch_model*.bin`` (+ index). Subfolders (onnx/, original/...) are never fetched."""
+    top = [f for f in files if "/" not in f]
+    want = [f for f in top if f in (CONFIG, "generation_config.json", *TOKENIZER_FILES)]
+    st = [f for f in top if f.endswith(".safetensors") or f == "model.safetensors.index.json"]
+    pt = [f for f in top if re.fullmatch(r"pytorch_model.*\.bin(\.index\.json)?", f)]
+    return want + (st or pt)
+
+
+def resolve_hf(hf: str, flag: str = "--hf") -> tuple[str, dict | None]:
+    """``(local directory, hub info or None)`` for ``--hf``: a local directory as is; else a hub id
+    ``owner/name[@revision]`` through huggingface_hub's cache (``HF_HUB_CACHE`` / ``HF_HOME``, read at call time):
+    online, only :func:`hub_files_needed` are downloaded (``snapshot_download`` with those names); with
+    ``HF_HUB_OFFLINE=1``, or when the hub cannot be reached, an already cached snapshot is used. Anything else is a
+    one-line ConversionError saying what is missing (the network, a login for gated/private repos, the repo)."""
+    if os.path.isdir(hf):
+        return hf, None
+    m = _HUB_ID_RE.match(hf)
+    if m is None or os.path.exists(hf) or hf.startswith((".", "/", "~")):
+        raise ConversionError(f"{flag}={hf}: no such directory (and not a Hugging Face hub id such as "
+                              f"bigcode/starcoderbase-1b)")
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    repo, rev = m.group("repo"), m.group("rev")
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    where = f"the Hugging Face cache{f' (HF_HUB_CACHE={cache})' if cache else ''}"
+    offline = _hub_offline()
+    unreachable: str | None = "HF_HUB_OFFLINE is set" if offline else None
+    path = None
+    try:
+        if not offline:
+            try:
+                files = HfApi().list_repo_files(repo, revision=rev)
+            except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+                raise
+            except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:  # no network / hub down: try the cache
+                unreachable = f"the hub cannot be reached ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            else:
+                patterns = hub_files_needed(files)
+                if CONFIG not in patterns:
+                    raise ConversionError(f"{flag}={hf}: the hub repo has no top-level config.json (not a "
+                                          f"transformers model?)")
+                print(f"[from-hf] {repo}: fetching {len(patterns)} file(s) into {where} (skipped if cached): "
+                      f"{', '.join(patterns[:6])}{' ...' if len(patterns) > 6 else ''}", file=sys.stderr, flush=True)
+                path = snapshot_download(repo, revision=rev, cache_dir=cache, allow_patterns=patterns)
+        if path is None:
+            path = snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=True)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise ConversionError(f"{flag}={hf}: not a local directory and not in {where}; downloading it needs the "
+                              f"network ({unreachable}): run once online, or pass a local model directory") from None
+    except GatedRepoError:
+        raise ConversionError(f"{flag}={hf}: a gated repo: accept its licence on huggingface.co/{repo} and log in "
+                              f"(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ConversionError(f"{flag}={hf}: no such model on the hub (or a private one: log in with "
+                              f"`hf auth login` or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ConversionError(f"{flag}={hf}: revision {rev!r} not found in {repo}") from None
+    except HfHubHTTPError as e:
+        raise ConversionError(f"{flag}={hf}: the hub refused the download ({str(e).splitlines()[0][:200]})") from None
+    if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES) or not os.path.isfile(
+            os.path.join(path, CONFIG)):
+        raise ConversionError(f"{flag}={hf}: the cached snapshot {path} lacks config.json or weights (a partial "
+                              f"download?); run once online to complete it")
+    return path, {"hub_id": repo, "revision": rev or "main", "commit": os.path.basename(os.path.normpath(path))}
 
 
 class HFSource:
@@ -241,6 +326,28 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def tensor_bytes_2d(t: torch.Tensor):
+    """A zero-copy ``[rows, row_bytes]`` uint8 numpy view of a 2-D CPU tensor whose rows are each contiguous (e.g. a
+    column slice of a contiguous matrix); a copy only when they are not."""
+    t = t.detach()
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.view(torch.uint8).numpy()
+
+
+def _writev_all(fd: int, buffers: list) -> None:
+    """``os.writev`` until every byte of ``buffers`` is written (a call may write fewer bytes than asked)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i:i + 1024])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
+
+
 class SafetensorsShardWriter:
     """Streaming, size-capped safetensors shards in HF naming, planned up front; see the module docstring."""
 
@@ -259,15 +366,16 @@ class SafetensorsShardWriter:
 
     def _open_shard(self) -> None:
         path = os.path.join(self.directory, self.files[self._shard])
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in _close_shard / abort
-        self._file.write(safetensors_header(self.shards[self._shard], self.metadata))
+        self._file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # closed in _close_shard / abort
+        _writev_all(self._file, [safetensors_header(self.shards[self._shard], self.metadata)])
 
     def _close_shard(self) -> None:
-        f, self._file = self._file, None
-        assert f is not None
-        f.flush()
-        os.fsync(f.fileno())  # durable before the directory is renamed into place
-        f.close()
+        fd, self._file = self._file, None
+        assert fd is not None
+        try:
+            os.fsync(fd)  # durable before the directory is renamed into place
+        finally:
+            os.close(fd)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor``'s bytes now; it must be the next tensor of the plan, with the planned dtype and shape."""
@@ -282,15 +390,35 @@ class SafetensorsShardWriter:
                                   f"the planned {dtype} {shape}")
         if self._file is None:
             self._open_shard()
-        data = tensor_bytes(tensor)
-        # Bounded write() calls: one syscall per multi-hundred-MB tensor cost 20-40% more kernel time per byte here
-        # than 4 MiB pieces (measured on the 1B to-hf benchmark, 4 of 4 alternating pairs; see RESULTS_convert.md).
-        for start in range(0, len(data), WRITE_CHUNK):
-            self._file.write(data[start:start + WRITE_CHUNK])
+        if isinstance(tensor, Parts) and tensor.dim == 1:
+            self._write_interleaved(tensor)
+        else:
+            for part in (tensor.parts if isinstance(tensor, Parts) else (tensor,)):
+                data = tensor_bytes(part)
+                # Bounded write() calls: one syscall per multi-hundred-MB tensor cost 20-40% more kernel time per
+                # byte here than 4 MiB pieces (1B to-hf benchmark, 4 of 4 alternating pairs; RESULTS_convert.md).
+                for start in range(0, len(data), WRITE_CHUNK):
+                    _writev_all(self._file, [data[start:start + WRITE_CHUNK]])
         self._pos += 1
         if self._pos == len(self.shards[self._shard]):
             self._close_shard()
             self._shard, self._pos = self._shard + 1, 0
+
+    def _write_interleaved(self, t: Parts) -> None:
+        """A dim-1 :class:`Parts` (column blocks, e.g. the TP shards of a row-parallel weight): each output row is
+        the rows of the parts side by side, written straight from the parts' memory with ``os.writev`` (no merged
+        copy), up to 1024 row pieces per call."""
+        import numpy as np
+
+        rows = [np.asarray(tensor_bytes_2d(p)) for p in t.parts]
+        iov: list = []
+        for r in range(t.shape[0]):
+            iov.extend(a[r] for a in rows)
+            if len(iov) >= 1024:
+                _writev_all(self._file, iov)
+                iov = []
+        if iov:
+            _writev_all(self._file, iov)
 
     def finish(self) -> list[str]:
         """Check every planned tensor was written, write the index (more than one shard); return the file names."""
@@ -314,7 +442,7 @@ class SafetensorsShardWriter:
     def abort(self) -> None:
         """Close an unfinished shard file (the caller removes the directory)."""
         if self._file is not None:
-            self._file.close()
+            os.close(self._file)
             self._file = None
 
 
@@ -332,14 +460,86 @@ def tokenizer_files(path: str, flag: str = "--tokenizer") -> list[str]:
     return files
 
 
+def special_tokens(tokenizer_json: str) -> tuple[dict, dict[str, int]]:
+    """``(special_tokens_map, token_ids)`` of a ``tokenizer.json`` as megaocto uses it
+    (:func:`megaocto.data.tokenizer.load_tokenizer`): ``eos_token`` = the EOD token (StarCoder's ``<|endoftext|>``),
+    ``bos_token`` (StarCoder: ``<|endoftext|>`` too), ``pad_token`` (``<fim_pad>`` when present, else EOD),
+    ``unk_token`` (the BPE model's own unk token, else EOD, as StarCoder's tokenizer files say) and
+    ``additional_special_tokens`` (every added token marked special, in id order: StarCoder's 19).
+    ``token_ids`` holds ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for config.json."""
+    from tokenizers import Tokenizer
+
+    from megaocto.data.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        raw = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions; name the file
+        raise ConversionError(f"--tokenizer: {tokenizer_json}: cannot load ({e})") from None
+    try:
+        ours = load_tokenizer(tokenizer_json)
+    except TokenizerError as e:  # no EOD token: export it anyway, without eos/bos/pad, and say so
+        print(f"[to-hf] {e}: the exported tokenizer_config.json names no eos/bos/pad token", file=sys.stderr,
+              flush=True)
+        ours = None
+    eos = raw.id_to_token(ours.eod) if ours is not None else None
+    unk = json.loads(raw.to_str()).get("model", {}).get("unk_token") or eos
+    tokens = {"bos_token": raw.id_to_token(ours.bos) if ours is not None and ours.bos is not None else None,
+              "eos_token": eos, "unk_token": unk, "pad_token": raw.id_to_token(ours.pad) if ours is not None else None}
+    tokens = {k: v for k, v in tokens.items() if v is not None}
+    added = sorted(raw.get_added_tokens_decoder().items())
+    extra = [t.content for _, t in added if t.special]
+    if extra:
+        tokens["additional_special_tokens"] = extra
+    ids = {}
+    if ours is not None:
+        ids = {"eos_token_id": ours.eod, "pad_token_id": ours.pad}
+        if ours.bos is not None:
+            ids["bos_token_id"] = ours.bos
+    return tokens, ids
+
+
 def copy_tokenizer(files: list[str], directory: str, *, model_max_length: int | None = None) -> None:
-    """Copy tokenizer files; a bare tokenizer.json gets a minimal tokenizer_config.json so AutoTokenizer loads it."""
+    """Copy tokenizer files. With a ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+    are written as transformers writes them (``tokenizer_class: PreTrainedTokenizerFast``, the special tokens of
+    :func:`special_tokens`, ``model_max_length``), so ``AutoTokenizer.from_pretrained`` knows eos/bos/pad/unk;
+    when those files were copied, the keys they already set are kept and only missing ones are added."""
+    names = {}
     for f in files:
-        shutil.copy2(f, os.path.join(directory, os.path.basename(f)))
-    names = {os.path.basename(f) for f in files}
-    if "tokenizer.json" in names and "tokenizer_config.json" not in names:
-        conf = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        if model_max_length:
-            conf["model_max_length"] = model_max_length
-        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(conf, f, indent=2)
+        name = os.path.basename(f)
+        if len(files) == 1 and name.endswith(".json"):
+            name = "tokenizer.json"  # a bare --tokenizer my_tok.json: HF looks for tokenizer.json
+        shutil.copy2(f, os.path.join(directory, name))
+        names[name] = f
+    if "tokenizer.json" not in names:
+        return
+    tokens, _ = special_tokens(names["tokenizer.json"])
+    conf_path = os.path.join(directory, "tokenizer_config.json")
+    conf = _read_json(conf_path) if "tokenizer_config.json" in names else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if model_max_length and "model_max_length" not in conf:
+        conf["model_max_length"] = model_max_length
+    conf.setdefault("clean_up_tokenization_spaces", False)
+    map_path = os.path.join(directory, "special_tokens_map.json")
+    smap = _read_json(map_path) if "special_tokens_map.json" in names else {}
+    for key, value in tokens.items():
+        have = conf.get(key) if key in conf else smap.get(key)
+        if have is None or have == []:
+            conf[key] = value
+            smap[key] = value
+        else:
+            conf.setdefault(key, have)
+            smap.setdefault(key, have)
+    for path, obj in ((conf_path, conf), (map_path, smap)):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"--tokenizer: {path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"--tokenizer: {path}: expected a JSON object")
+    return obj

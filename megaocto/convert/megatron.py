@@ -684,8 +684,9 @@ def convert_megatron(load: str, output: str, *, tp: int | None = None, iteration
     checked (rank files, args, every tensor's name and shape) before anything is written; the writer puts the
     result in a temporary directory and renames it when complete. ``verify`` reruns the merged Megatron tensors
     through an independent reference forward and the written checkpoint through megaocto's model on
-    the fixed random batch and reports the max absolute logit difference (tp=1, fp32; holds the whole megaocto
-    model once, the reference one layer at a time); above ``verify_tol`` (default:
+    the fixed random batch and reports the max absolute logit difference (fp32; the megaocto checkpoint runs at its
+    own TP, as tp gloo processes each loading its rank file, about one model in total; the reference one layer at a
+    time); above ``verify_tol`` (default:
     :func:`megaocto.convert.core.default_verify_tol`) it raises :class:`megaocto.convert.core.VerifyError` (the
     output stays written). ``progress=False`` also silences the ``from-megatron:`` notes on stderr.
     """
@@ -722,13 +723,13 @@ def convert_megatron(load: str, output: str, *, tp: int | None = None, iteration
 
 def _verify(src: MegatronSource, cfg: ModelConfig, output: str, *, tol: float | None,
             dtype: torch.dtype | None) -> float:
-    from megaocto.convert.core import megaocto_logits_fn, read_megaocto_checkpoint, verify_logits
+    from megaocto.convert.core import checkpoint_logits_fn, verify_logits
 
     one_p = bool(_get(src.args, "apply_layernorm_1p", False))
 
     def megatron_fn(ids: torch.Tensor) -> torch.Tensor:
         return megatron_reference_logits(iter_megatron_full(src, cfg), cfg, ids, layernorm_1p=one_p)
 
-    saved_cfg, tensors = read_megaocto_checkpoint(output)
-    return verify_logits(megatron_fn, megaocto_logits_fn(saved_cfg, tensors), cfg.vocab_size,
-                         label="Megatron reference vs megaocto", seq=min(16, cfg.seq_length), tol=tol, cast=dtype)
+    ours, what = checkpoint_logits_fn(output)
+    return verify_logits(megatron_fn, ours, cfg.vocab_size, label=f"Megatron reference vs {what}",
+                         seq=min(16, cfg.seq_length), tol=tol, cast=dtype)

@@ -10,7 +10,8 @@
     semantics): optimizer moments and RNG states are TP-layout specific. Vocabulary padding rows are kept when the
     padded size does not change, otherwise trimmed to ``vocab_size`` and zero-padded, so tp=2 -> 1 -> 2 of a
     converted checkpoint is bit-exact. ``verify`` prints the max abs logit difference between source and result
-    (both merged to tp=1, fp32, one model in memory at a time) and raises
+    (each run at its own TP: tp > 1 as tp gloo processes loading their own rank files, see
+    :func:`megaocto.convert.core.checkpoint_logits_fn`; fp32, one model in memory at a time) and raises
     :class:`megaocto.convert.core.VerifyError` above ``verify_tol`` (default
     :func:`megaocto.convert.core.default_verify_tol`).
 """
@@ -37,11 +38,7 @@ def reshard(load: str, output: str, *, tp: int, iteration=None, dtype=None, veri
     if not verify:
         return None
 
-    def make_src():
-        return core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(load, iteration=it)[1])
-
-    def make_dst():
-        return core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(output)[1])
-
-    return core.verify_lazy(make_src, make_dst, cfg.vocab_size, label=f"tp={meta.get('tp', 1)} vs tp={tp}",
+    src_fn, src_what = core.checkpoint_logits_fn(load, iteration=it)
+    dst_fn, dst_what = core.checkpoint_logits_fn(output)
+    return core.verify_lazy(lambda: src_fn, lambda: dst_fn, cfg.vocab_size, label=f"{src_what} vs {dst_what}",
                             seq=min(16, cfg.max_positions), tol=verify_tol, cast=cast)
