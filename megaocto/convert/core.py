@@ -366,7 +366,7 @@ class Parts:
     tensor (its shards, or for fused blocks the per-rank block slices, as views of the mmap-ed rank files), so an
     exporter can write the bytes straight from the rank files (:class:`megaocto.convert.io.SafetensorsShardWriter`
     takes it) instead of copying them into a merged tensor first. Supports what the HF family mappings do to a
-    tensor: ``t[:n]`` / ``t.split(sizes)`` along dim 0, :func:`cat_rows`, ``shape``, ``dtype``, ``numel()``,
+    tensor: ``t[:n]`` / ``t.split(sizes)`` / ``t.chunk(n)`` along dim 0, :func:`cat_rows`, ``shape``, ``dtype``, ``numel()``,
     ``element_size()``; anything else goes through :meth:`full`."""
 
     def __init__(self, parts: Iterable[torch.Tensor], dim: int):
@@ -412,6 +412,12 @@ class Parts:
             out.append(self._rows(pos, pos + n))
             pos += n
         return out
+
+    def chunk(self, chunks: int) -> list["Parts | torch.Tensor"]:
+        """``torch.chunk`` along dim 0 for sizes that divide evenly (fused [k, v] / [gate, up] blocks)."""
+        if self.shape[0] % chunks:
+            return list(self.full().chunk(chunks))
+        return self.split([self.shape[0] // chunks] * chunks)
 
 
 def cat_rows(items: list) -> "torch.Tensor | Parts":
