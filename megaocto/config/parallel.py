@@ -10,6 +10,7 @@ from megaocto.config.base import ConfigError, field
 class ParallelConfig:
     tp: int = field(1, "Tensor-parallel size: ranks that split every layer (Megatron --tensor-model-parallel-size).")
     pp: int = field(1, "Pipeline-parallel size: ranks that split the layer stack (Megatron --pipeline-model-parallel-size).")
+    pp_layers: list[int] = field(None, "Transformer blocks per pipeline stage, e.g. [3, 5, 5, 3] (one count per stage, summing to model.num_layers); empty: an even split (num_layers divisible by pp).", default_factory=list)
     sequence_parallel: bool = field(False, "Shard norm/dropout activations along the sequence over the TP group (needs tp > 1 to have effect).")
     backend: str = field("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU), nccl or gloo.")
     timeout_minutes: int = field(10, "Collective timeout in minutes (raise for slow index builds on huge corpora).")
