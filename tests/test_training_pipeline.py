@@ -10,6 +10,7 @@
 """
 import dataclasses
 import io
+import json
 import os
 
 import pytest
@@ -108,3 +109,51 @@ def _body_resume(rank, world_size, root):
 
 def test_pp2_exact_resume(tmp_path):
     run_distributed(_body_resume, 4, str(tmp_path))
+
+
+def _pp2_copy(root, preset):
+    """A pp=1 release checkpoint (from the converter's writer) and the same weights saved as a pp=2 checkpoint in
+    mp_rank_00_00{0,1}, each stage's file holding the names of build_model's stage."""
+    from megaocto.convert.core import write_megaocto_checkpoint
+
+    cfg = ModelConfig.from_preset(preset, num_layers=4)
+    torch.manual_seed(5)
+    full = build_model(cfg, ParallelContext.single())
+    src, dst = os.path.join(root, "pp1"), os.path.join(root, "pp2")
+    write_megaocto_checkpoint(src, cfg, full.state_dict(), 1, progress=False)
+    with open(os.path.join(src, "release", "metadata.json")) as f:
+        meta = {**json.load(f), "pp": 2, "world_size": 2}
+    for rank in range(2):
+        pc = dataclasses.replace(ParallelContext.single(), pp=2, pp_rank=rank, pp_ranks=(0, 1))
+        names = build_model(cfg, pc).state_dict().keys()
+        os.makedirs(os.path.join(dst, "release", f"mp_rank_00_{rank:03d}"))
+        torch.save({"model": {n: full.state_dict()[n] for n in names}},
+                   os.path.join(dst, "release", f"mp_rank_00_{rank:03d}", "model_optim_rng.pt"))
+    with open(os.path.join(dst, "release", "metadata.json"), "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(dst, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("release\n")
+    return cfg, full, src, dst
+
+
+@pytest.mark.parametrize("preset", ["tiny-bigcode", "tiny-llama"])
+def test_pp2_checkpoints_are_read_by_convert_and_generation(tmp_path, preset):
+    from megaocto.convert.core import read_megaocto_checkpoint
+    from megaocto.generation.loading import load_checkpoint_model
+
+    cfg, full, src, dst = _pp2_copy(str(tmp_path), preset)
+    one, two = dict(read_megaocto_checkpoint(src)[1]), dict(read_megaocto_checkpoint(dst)[1])
+    assert one.keys() == two.keys() and all(torch.equal(one[n], two[n]) for n in one)
+    model, _ = load_checkpoint_model(dst)  # generation merges the stages into the whole model
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    assert torch.equal(model(ids), full.eval()(ids))
+    from megaocto.convert.hf import to_hf
+    from safetensors.torch import load_file
+
+    for ckpt_dir in (src, dst):
+        to_hf(ckpt_dir, ckpt_dir + "_hf", progress=False)
+    hf_one, hf_two = (load_file(os.path.join(d + "_hf", "model.safetensors")) for d in (src, dst))
+    assert hf_one.keys() == hf_two.keys() and all(torch.equal(hf_one[n], hf_two[n]) for n in hf_one)
+    os.remove(os.path.join(dst, "release", "mp_rank_00_001", "model_optim_rng.pt"))
+    with pytest.raises(ConfigError, match="mp_rank_00_001/model_optim_rng.pt: missing .*pp=2"):
+        read_megaocto_checkpoint(dst)

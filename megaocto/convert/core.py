@@ -480,7 +480,7 @@ class TorchStreamWriter:
 def checkpoint_dtype(directory: str, meta: dict) -> torch.dtype:
     """The dtype of the weights stored in a megaocto checkpoint iteration directory (rank 0's file, mmap-ed: no
     tensor data is read). Training checkpoints do not record ``dtype`` in metadata.json, so the tensors decide."""
-    path = os.path.join(directory, ckpt.rank_dir_name(0, 0, 1), ckpt.MODEL_FILE)
+    path = os.path.join(directory, ckpt.rank_dir_name(0, 0, int(meta.get("pp", 1))), ckpt.MODEL_FILE)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - report which file is broken
@@ -501,20 +501,16 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
     cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
     tp = int(meta.get("tp", 1))
     specs = param_specs(cfg, tp)
-    paths = [os.path.join(directory, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE) for r in range(tp)]
+    paths = ckpt.stage_model_files(directory, meta, 0)
 
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
         from megaocto.parallel.layers import merge_shards
 
-        states = []
-        for p in paths:
-            try:
-                states.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True)["model"])
-            except Exception as e:  # noqa: BLE001 - report which file is broken
-                raise ConversionError(f"{p}: cannot read the model state ({type(e).__name__}: {e})") from None
+        # one state per TP rank, its pipeline stages (pp > 1) merged by name (mmap-ed: read as used)
+        states = [ckpt.load_model_state(directory, meta, r) for r in range(tp)]
         for name, spec in specs.items():
             if name not in states[0]:
-                raise ConversionError(f"{paths[0]}: parameter {name!r} missing (config.model in metadata.json "
+                raise ConversionError(f"{', '.join(paths)}: parameter {name!r} missing (config.model in metadata.json "
                                       f"does not match the saved weights)")
             if spec.partition_dim is None or tp == 1:
                 t = states[0][name]
