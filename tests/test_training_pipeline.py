@@ -157,3 +157,26 @@ def test_pp2_checkpoints_are_read_by_convert_and_generation(tmp_path, preset):
     os.remove(os.path.join(dst, "release", "mp_rank_00_001", "model_optim_rng.pt"))
     with pytest.raises(ConfigError, match="mp_rank_00_001/model_optim_rng.pt: missing .*pp=2"):
         read_megaocto_checkpoint(dst)
+
+
+@pytest.mark.parametrize("preset", ["tiny-bigcode", "tiny-glm2"])
+def test_reshard_changes_pp(tmp_path, preset):
+    from megaocto.convert.core import ConversionError, read_megaocto_checkpoint
+    from megaocto.convert.reshard import reshard
+
+    cfg, full, src, dst = _pp2_copy(str(tmp_path), preset)
+    out = str(tmp_path / "tp2pp2")
+    reshard(src, out, tp=2, pp=2, progress=False)  # pp 1 -> 2 (and tp 1 -> 2)
+    meta = json.load(open(os.path.join(out, "release", "metadata.json")))
+    assert (meta["tp"], meta["pp"], meta["converted_from"]["pp"]) == (2, 2, 1)
+    back = str(tmp_path / "back")
+    reshard(out, back, tp=1, pp=2, progress=False)  # tp 2 -> 1 at pp=2: the files build_model's stages load
+    for rank in range(2):
+        want = torch.load(os.path.join(dst, "release", f"mp_rank_00_{rank:03d}", "model_optim_rng.pt"))["model"]
+        got = torch.load(os.path.join(back, "release", f"mp_rank_00_{rank:03d}", "model_optim_rng.pt"))["model"]
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    one = dict(read_megaocto_checkpoint(src)[1])
+    merged = dict(read_megaocto_checkpoint(out)[1])
+    assert all(torch.equal(one[n], merged[n]) for n in one)
+    with pytest.raises(ConversionError, match="--pp=3: model.num_layers=4 does not split evenly"):
+        reshard(src, str(tmp_path / "bad"), tp=1, pp=3, progress=False)

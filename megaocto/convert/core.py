@@ -149,6 +149,21 @@ def layer_of(name: str) -> str:
     return "pre" if name.startswith("embedding.") else "post"
 
 
+def stages_of(name: str, cfg: ModelConfig, pp: int) -> list[int]:
+    """The pipeline stages whose model holds parameter ``name`` (build_model's split, even over ``pp``): a block's
+    stage, the embedding on the first, final norm and output layer on the last; the tied word embedding on both."""
+    from megaocto.model.common import stage_layers
+
+    unit = layer_of(name)
+    if unit.startswith("layers."):
+        i = int(unit.split(".")[1])
+        return [s for s in range(pp) if i in stage_layers(cfg.num_layers, pp, s)]
+    if unit == "pre":
+        tied_copy = cfg.tie_embeddings and name == "embedding.word_embeddings.weight" and pp > 1
+        return [0, pp - 1] if tied_copy else [0]
+    return [pp - 1]
+
+
 def units(cfg: ModelConfig) -> list[str]:
     """Streaming units in order: pre, layers.0 .. layers.L-1, post."""
     return ["pre", *(f"layers.{i}" for i in range(cfg.num_layers)), "post"]
@@ -264,8 +279,9 @@ class Sharded:
 
 def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]] | dict,
                               tp: int, *, dtype: str | torch.dtype | None = None,
-                              metadata_extra: dict | None = None, progress: bool = True) -> str:
-    """Write a release megaocto checkpoint of ``tensors`` sharded for ``tp``; see the module docstring.
+                              metadata_extra: dict | None = None, progress: bool = True, pp: int = 1) -> str:
+    """Write a release megaocto checkpoint of ``tensors`` sharded for ``tp``; see the module docstring. With
+    ``pp > 1`` the layers are split evenly over ``pp`` stages (files ``mp_rank_XX_YYY``, see :func:`stages_of`).
 
     Returns the absolute output path. Raises ConversionError before creating anything when ``output`` exists,
     ``tp`` does not divide the model or ``dtype`` is unsupported; a bad tensor stream (unknown / missing /
@@ -275,6 +291,13 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
 
     cast = parse_dtype(dtype)
     check_tp(cfg, tp)
+    if pp > 1:
+        from megaocto.model.common import stage_layers
+
+        try:
+            stage_layers(cfg.num_layers, pp, 0)
+        except ConfigError as e:
+            raise ConversionError(f"--pp={pp}: {e}") from None
     check_output_free(output)
     specs = param_specs(cfg, tp)
     rows = padded_vocab(cfg, tp)
@@ -323,12 +346,13 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
 
     with AtomicDir(output) as tmp:
         rel = os.path.join(tmp, ckpt.iter_dir_name("release"))
-        paths = []
-        for r in range(tp):
-            os.makedirs(os.path.join(rel, ckpt.rank_dir_name(r, 0, 1)))
-            paths.append(os.path.join(rel, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE))
+        paths = []  # file index = stage * tp + tp rank
+        for stage in range(pp):
+            for r in range(tp):
+                os.makedirs(os.path.join(rel, ckpt.rank_dir_name(r, stage, pp)))
+                paths.append(os.path.join(rel, ckpt.rank_dir_name(r, stage, pp), ckpt.MODEL_FILE))
         writers = [TorchStreamWriter(p + ".part") for p in paths]
-        refs: list[dict[str, TensorRef]] = [{} for _ in range(tp)]
+        refs: list[dict[str, TensorRef]] = [{} for _ in paths]
         current, nbytes = None, 0
         try:
             for name, t in _iter_items(tensors):
@@ -350,8 +374,9 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
                         shard = t.chunk(tp, 0)[r]  # = shard_tensor(t, tp, r, 0), as a zero-copy row view
                     else:
                         shard = shard_tensor(t, tp, r, spec.partition_dim, spec.partition_blocks)
-                    refs[r][name] = writers[r].add(shard)
-                    nbytes += shard.numel() * shard.element_size()
+                    for stage in stages_of(name, cfg, pp):
+                        refs[stage * tp + r][name] = writers[stage * tp + r].add(shard)
+                        nbytes += shard.numel() * shard.element_size()
                     del shard
                 del t, given
             if current is not None:
@@ -360,11 +385,11 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
             if missing:
                 raise ConversionError(f"{len(missing)} parameter(s) missing from the source, e.g. {missing[:4]}; "
                                       f"the source checkpoint is incomplete or of another architecture")
-            for r in range(tp):
-                writers[r].close({"checkpoint_version": 3.0, "iteration": 0,
-                                  "model": {n: refs[r][n] for n in specs}})
-                _fsync_file(paths[r] + ".part")
-                os.replace(paths[r] + ".part", paths[r])
+            for f in range(len(paths)):
+                writers[f].close({"checkpoint_version": 3.0, "iteration": 0,
+                                  "model": {n: refs[f][n] for n in specs if n in refs[f]}})
+                _fsync_file(paths[f] + ".part")
+                os.replace(paths[f] + ".part", paths[f])
         finally:
             for w in writers:
                 w.abort()
@@ -372,7 +397,7 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
         import megaocto
 
         meta = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "iteration": "release", "tp": tp,
-                "pp": 1, "dp": 1, "world_size": tp, "time": time.time(), "torch_version": torch.__version__,
+                "pp": pp, "dp": 1, "world_size": tp * pp, "time": time.time(), "torch_version": torch.__version__,
                 "megaocto_version": megaocto.__version__, "reason": "converted",
                 "dtype": dtype_name(final_dtype) if final_dtype is not None else "mixed",
                 "config": {"model": cfg.to_dict()}, **(metadata_extra or {})}
