@@ -45,5 +45,8 @@ def reshard(load: str, output: str, *, tp: int, iteration=None, dtype=None, veri
     def make_dst():
         return core.megaocto_logits_fn(cfg, core.read_megaocto_checkpoint(output)[1])
 
-    return core.verify_lazy(make_src, make_dst, cfg.vocab_size, label=f"tp={meta.get('tp', 1)} pp={meta.get('pp', 1)} vs tp={tp} pp={pp}",
+    src_pp = int(meta.get("pp", 1))
+    label = (f"tp={meta.get('tp', 1)} vs tp={tp}" if src_pp == pp == 1 else
+             f"tp={meta.get('tp', 1)} pp={src_pp} vs tp={tp} pp={pp}")
+    return core.verify_lazy(make_src, make_dst, cfg.vocab_size, label=label,
                             seq=min(16, cfg.max_positions), tol=verify_tol, cast=cast)
