@@ -64,7 +64,7 @@ def _cfg(save, preset, *extra, iters=10):
         "--train.micro_batch_size", "2", "--train.global_batch_size", "16", "--train.dtype", "fp32",
         "--train.seed", "7", "--optimizer.lr", "2e-3", "--schedule.warmup_iters", "2", "--optimizer.clip_grad", "1.0",
         "--checkpoint.save", save, "--logging.run_dir", save + "_run", "--logging.jsonl", "false",
-        "--data.num_workers", "0", *extra])
+        "--data.num_workers", "0", "--eval.interval", "5", "--eval.iters", "1", *extra])
 
 
 def _close(a, b, tol, what):
@@ -76,6 +76,7 @@ def _close(a, b, tol, what):
 def _body_equivalence(rank, world_size, root):
     for preset in ("tiny-bigcode", "tiny-llama"):
         ref = train(_cfg(os.path.join(root, preset, "pp1"), preset), stream=io.StringIO())
+        assert len(ref.val_losses) == 2
         variants = {
             "pp2": ("--parallel.pp", "2"),
             "pp2_zero1_recompute_uneven": ("--parallel.pp", "2", "--train.zero1", "true", "--train.recompute",
@@ -86,6 +87,7 @@ def _body_equivalence(rank, world_size, root):
             got = train(_cfg(os.path.join(root, preset, name), preset, *extra), stream=io.StringIO())
             _close(got.losses, ref.losses, 1e-5, f"{preset} {name} loss")
             _close(got.grad_norms, ref.grad_norms, 1e-5, f"{preset} {name} grad norm")
+            _close(got.val_losses, ref.val_losses, 1e-5, f"{preset} {name} validation loss")
         assert ref.losses[10] < ref.losses[1] - 0.05  # the model learns (the comparison is not of constants)
 
 

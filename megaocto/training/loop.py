@@ -228,6 +228,8 @@ class Trainer:
             with torch.random.fork_rng(devices=[pc.device] if pc.device.type == "cuda" else []):
                 torch.manual_seed(cfg.train.seed)
                 self.model = build_model(cfg.model, pc, pp_layers=cfg.parallel.pp_layers, **build)
+        if pc.pp > 1:  # a collective over the whole PP group first: NCCL then has the group's communicator before
+            dist.barrier(group=pc.pp_group)  # the first batch_isend_irecv (where not every rank talks to every one)
         # tied word embeddings under pp: the first and last stage hold a copy each, kept equal by summing their grads
         self._tied_stage = pc.pp > 1 and cfg.model.tie_embeddings and (pc.is_first_stage or pc.is_last_stage)
         self._p2p_shape = (cfg.train.micro_batch_size,
