@@ -4,8 +4,8 @@
   parameter names (global layer indices) and, built from the same seed, its values; bigcode's tied word embedding
   has a copy on the last stage tagged `shared`;
 - pp=2 (dp=2, 4 micro batches: warmup, steady state and cooldown) and tp=2 x pp=2 with sequence parallelism
-  (dp=1, 8 micro batches) give pp=1's losses and grad norms over 10 fp32 steps (<= 1e-5), for bigcode (tied) and
-  llama (untied); also with zero1, recompute and an uneven split;
+  (dp=1, 8 micro batches) give pp=1's losses, grad norms and validation losses over 10 fp32 steps (<= 1e-5), for
+  bigcode (tied) and llama (untied); also with zero1, recompute and an uneven split, and on packed SFT rows;
 - exact resume at pp=2 (bf16, dropout on), checkpoints in mp_rank_XX_YYY dirs.
 """
 import dataclasses
@@ -91,7 +91,32 @@ def _body_equivalence(rank, world_size, root):
         assert ref.losses[10] < ref.losses[1] - 0.05  # the model learns (the comparison is not of constants)
 
 
+    # packed SFT rows (segment_ids: attention stays inside each example; every stage gets them)
+    packed = ("--data.kind", "packed", "--data.paths", os.path.join(root, "sft"), "--data.eod_id", "0",
+              "--data.pad_id", "3", "--data.split", "100,0,0")
+    ref = train(_cfg(os.path.join(root, "packed_pp1"), "tiny-bigcode", *packed), stream=io.StringIO())
+    got = train(_cfg(os.path.join(root, "packed_tp2_pp2"), "tiny-bigcode", *packed, "--parallel.pp", "2",
+                     "--parallel.tp", "2", "--parallel.sequence_parallel", "true"), stream=io.StringIO())
+    _close(got.losses, ref.losses, 1e-5, "packed tp2_pp2_sp loss")
+    _close(got.grad_norms, ref.grad_norms, 1e-5, "packed tp2_pp2_sp grad norm")
+
+
+def _write_sft(root):
+    import numpy as np
+
+    from megaocto.data.indexed import MMapIndexedDatasetBuilder, dataset_prefix
+
+    r = np.random.RandomState(0)
+    for part, base, longest in (("inputs", 100, 12), ("targets", 500, 8)):
+        prefix = dataset_prefix(os.path.join(root, "sft"), part)
+        b = MMapIndexedDatasetBuilder(prefix + ".bin", np.uint16)
+        for i in range(600):
+            b.add_document(r.randint(base, base + 300, size=r.randint(1, longest)))
+        b.finalize(prefix + ".idx")
+
+
 def test_pp2_and_tp2_pp2_equal_pp1(tmp_path):
+    _write_sft(str(tmp_path))
     run_distributed(_body_equivalence, 4, str(tmp_path))
 
 
