@@ -207,3 +207,10 @@ def test_reshard_changes_pp(tmp_path, preset):
     assert all(torch.equal(one[n], merged[n]) for n in one)
     with pytest.raises(ConversionError, match="--pp=3: model.num_layers=4 does not split evenly"):
         reshard(src, str(tmp_path / "bad"), tp=1, pp=3, progress=False)
+
+
+def test_pp_layers_must_fit_pp(tmp_path):
+    with pytest.raises(ConfigError, match=r"parallel.pp_layers=\[1, 1\] must give one count >= 1 per pipeline stage "
+                                          r"\(pp=1\)"):
+        Trainer(_cfg(str(tmp_path / "x"), "tiny-bigcode", "--parallel.pp_layers", "1,1", "--model.num_layers", "2"),
+                stream=io.StringIO())

@@ -220,14 +220,15 @@ class Trainer:
 
         seed_everything(cfg.train.seed, pc)
         build = dict(dtype=torch.bfloat16 if self.bf16 else torch.float32, device=pc.device,
-                     recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers)
+                     recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers,
+                     pp_layers=cfg.parallel.pp_layers)  # checked against pp at every pp (one count per stage)
         if pc.pp == 1:
             self.model = build_model(cfg.model, pc, **build)
         else:  # every stage draws the weights from train.seed as pp=1 does (the same model at every pp); the
             # per-stage RNG streams (seed + 100·pp_rank, dropout) stay as seeded above
             with torch.random.fork_rng(devices=[pc.device] if pc.device.type == "cuda" else []):
                 torch.manual_seed(cfg.train.seed)
-                self.model = build_model(cfg.model, pc, pp_layers=cfg.parallel.pp_layers, **build)
+                self.model = build_model(cfg.model, pc, **build)
         if pc.pp > 1:  # a collective over the whole PP group first: NCCL then has the group's communicator before
             dist.barrier(group=pc.pp_group)  # the first batch_isend_irecv (where not every rank talks to every one)
         # tied word embeddings under pp: the first and last stage hold a copy each, kept equal by summing their grads
