@@ -214,3 +214,22 @@ def test_pp_layers_must_fit_pp(tmp_path):
                                           r"\(pp=1\)"):
         Trainer(_cfg(str(tmp_path / "x"), "tiny-bigcode", "--parallel.pp_layers", "1,1", "--model.num_layers", "2"),
                 stream=io.StringIO())
+
+
+def _body_interleaved(rank, world_size, root):
+    # 8 layers, pp=2 x 2 chunks per stage: stage 0 runs layers 0-1 and 4-5, stage 1 layers 2-3 and 6-7 (the ring);
+    # dp=2 with 4 micro batches (warmup, steady, cooldown); tp=2 x pp=2 with SP: 8 micro batches
+    for preset in ("tiny-bigcode", "tiny-llama"):
+        common = ("--model.num_layers", "8", "--parallel.pp", "2")
+        plain = train(_cfg(os.path.join(root, preset, "plain"), preset, *common), stream=io.StringIO())
+        for name, extra in {"v2": ("--parallel.virtual_pp", "2"),
+                            "v2_tp2_sp": ("--parallel.virtual_pp", "2", "--parallel.tp", "2",
+                                                "--parallel.sequence_parallel", "true")}.items():
+            got = train(_cfg(os.path.join(root, preset, name), preset, *common, *extra), stream=io.StringIO())
+            _close(got.losses, plain.losses, 1e-5, f"{preset} {name} loss")
+            _close(got.grad_norms, plain.grad_norms, 1e-5, f"{preset} {name} grad norm")
+            _close(got.val_losses, plain.val_losses, 1e-5, f"{preset} {name} validation loss")
+
+
+def test_interleaved_equals_plain_1f1b(tmp_path):
+    run_distributed(_body_interleaved, 4, str(tmp_path))

@@ -9,7 +9,7 @@ RECOMPUTE_MODES = ("none", "full", "selective")
 
 
 def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", recompute_num_layers: int = 1,
-                pp_layers=None):
+                pp_layers=None, virtual_pp: int = 1):
     """Build the model of ``cfg.family`` sharded for ``pc`` (a ParallelContext).
 
     Every rank draws the full weights from the default torch RNG and keeps its shard, so one seed gives the same
@@ -21,7 +21,9 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
     ``megaocto.model.common.stage_layers(cfg.num_layers, pc.pp, pc.pp_rank, pp_layers)`` under the unsplit model's
     parameter names (the embedding on the first stage, final norm + LM head on the last; see the family modules);
     ``model(..., hidden_states=x)`` runs a later stage, and stages before the last return their output activation.
-    Build it with the default RNG seeded as for pp = 1 to get the unsplit model's weights.
+    Build it with the default RNG seeded as for pp = 1 to get the unsplit model's weights. ``virtual_pp > 1``
+    (interleaved schedule) gives the stage that many model chunks (``megaocto.model.common.stage_chunks``), run as
+    ``model(..., chunk=c)``.
     """
     import torch
 
@@ -39,4 +41,5 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
     else:
         from megaocto.model.glm2 import GLM2Model as cls
     return cls(cfg, pc, dtype=dtype if dtype is not None else torch.float32, device=device,
-               recompute=recompute, recompute_num_layers=recompute_num_layers, pp_layers=pp_layers)
+               recompute=recompute, recompute_num_layers=recompute_num_layers, pp_layers=pp_layers,
+               virtual_pp=virtual_pp)

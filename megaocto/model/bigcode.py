@@ -26,7 +26,7 @@ from megaocto.model.common import (LayerNorm, begin_kv_cache_step, check_input_i
                                    default_position_ids, dropout,
                                    kernel_ops, lm_head_input, linear_loss, normal_init, run_layers,
                                    scaled_init, stage_input, tag_sequence_parallel)
-from megaocto.model.common import build_stage_layers, stage_layers
+from megaocto.model.common import build_stage_layers, chunk_blocks, stage_chunks
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megaocto.parallel.mappings import copy_to_tp, gather_from_sp, scatter_to_sp
 
@@ -163,7 +163,7 @@ class BigCodeModel(nn.Module):
     """GPT/BigCode decoder; see the module docstring. Built by :func:`megaocto.model.build_model`."""
 
     def __init__(self, cfg: ModelConfig, pc, *, dtype=torch.float32, device=None, recompute: str = "none",
-                 recompute_num_layers: int = 1, pp_layers=None):
+                 recompute_num_layers: int = 1, pp_layers=None, virtual_pp: int = 1):
         super().__init__()
         cfg.validate(pc.tp, sequence_parallel=pc.sequence_parallel)
         self.cfg, self.pc = cfg, pc
@@ -175,7 +175,10 @@ class BigCodeModel(nn.Module):
         # init), whose grad the loop all-reduces with the first stage's over pc.embedding_group (as Megatron).
         pp, pp_rank = getattr(pc, "pp", 1), getattr(pc, "pp_rank", 0)
         self.first_stage, self.last_stage = pp_rank == 0, pp_rank == pp - 1
-        self.layer_range = stage_layers(cfg.num_layers, pp, pp_rank, pp_layers)
+        # interleaved (virtual_pp > 1): this stage runs several model chunks; chunk 0 of the first stage embeds,
+        # the last chunk of the last stage has the head
+        self.layer_ranges = stage_chunks(cfg.num_layers, pp, pp_rank, pp_layers, virtual_pp)
+        self.layer_range = self.layer_ranges[0] if virtual_pp == 1 else None
         embedding = BigCodeEmbedding(cfg, pc, self.padded_vocab_size, **kw)  # every stage draws it (same RNG)
         if self.first_stage:
             self.embedding = embedding
@@ -185,7 +188,7 @@ class BigCodeModel(nn.Module):
             self.embedding.word_embeddings.weight.shared = True
         del embedding
         self.layers = build_stage_layers(
-            lambda: BigCodeBlock(cfg, pc, selective_recompute=(recompute == "selective"), **kw), self.layer_range)
+            lambda: BigCodeBlock(cfg, pc, selective_recompute=(recompute == "selective"), **kw), self.layer_ranges)
         self.ops = kernel_ops(cfg, pc, device)
         if self.last_stage:
             self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, ops=self.ops, **kw)
@@ -199,7 +202,7 @@ class BigCodeModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                kv_cache=None, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache=None, hidden_states: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
         """``kv_cache``: a :class:`megaocto.generation.kv_cache.KVCache`; this call appends its tokens' K/V and
         attends over the cache (positions from the cache unless given). Pipeline stages after the first take the
         previous stage's output as ``hidden_states``; stages before the last return their output ``[b, s(/tp), h]``."""
@@ -213,7 +216,8 @@ class BigCodeModel(nn.Module):
             position_ids = begin_kv_cache_step(kv_cache, input_ids, position_ids, segment_ids, pc)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, segment_ids)
-        if self.first_stage:
+        first, last = self.first_stage and chunk == 0, self.last_stage and chunk == len(self.layer_ranges) - 1
+        if first:
             x = self.embedding(input_ids, position_ids)  # [b, s, h], full on every TP rank
             if pc.sequence_parallel:
                 x = scatter_to_sp(x, pc, dim=1)
@@ -221,9 +225,9 @@ class BigCodeModel(nn.Module):
         else:
             stage_input(hidden_states, pc)
             x = hidden_states
-        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers,
+        x = run_layers(chunk_blocks(self.layers, self.layer_ranges, chunk), x, pc, self.recompute, self.recompute_num_layers,
                        dropout_on=self._dropout_on(), segment_ids=segment_ids, kv_cache=kv_cache)
-        if not self.last_stage:
+        if not last:
             return x
         if kv_cache is not None:
             kv_cache.commit()

@@ -295,21 +295,41 @@ def stage_layers(num_layers: int, pp: int = 1, pp_rank: int = 0, pp_layers=None)
     return range(start, start + counts[pp_rank])
 
 
-def build_stage_layers(make_block: Callable[[], nn.Module], layers: range) -> nn.Module:
-    """The blocks of ``layers`` (global indices), built by ``make_block()`` in layer order.
+def stage_chunks(num_layers: int, pp: int = 1, pp_rank: int = 0, pp_layers=None, virtual: int = 1) -> list[range]:
+    """The blocks of each model chunk on stage ``pp_rank`` with ``virtual`` interleaved chunks per stage
+    (parallel.virtual_pp): the layers are cut into pp·virtual virtual stages by :func:`stage_layers` (``pp_layers``
+    then has pp·virtual counts) and chunk c of stage r is virtual stage c·pp + r, as Megatron's interleaving."""
+    if virtual < 1:
+        from megaocto.config.base import ConfigError
+
+        raise ConfigError(f"parallel.virtual_pp must be >= 1 (got {virtual})")
+    return [stage_layers(num_layers, pp * virtual, c * pp + pp_rank, pp_layers) for c in range(virtual)]
+
+
+def chunk_blocks(layers: nn.Module, ranges: list[range], chunk: int):
+    """The blocks of model chunk ``chunk`` (``layers`` itself when the stage has one chunk)."""
+    if len(ranges) == 1:
+        return layers
+    return [layers[str(i)] for i in ranges[chunk]]
+
+
+def build_stage_layers(make_block: Callable[[], nn.Module], layers: range | list[range]) -> nn.Module:
+    """The blocks of ``layers`` (global indices; a list of ranges for interleaved chunks), built by ``make_block()``
+    in layer order.
 
     The blocks before ``layers.start`` are built and dropped, so the default RNG draws the same weights as in the
     unsplit model (one seed gives one model at every pp; peak memory one extra block). A stage starting at block 0
     gets an ``nn.ModuleList``; later stages an ``nn.ModuleDict`` keyed by the global index, so parameter names
     (``layers.7.mlp...``) are those of the unsplit model and checkpoints map 1:1.
     """
+    ranges = [layers] if isinstance(layers, range) else list(layers)
     kept = {}
-    for i in range(layers.stop):
+    for i in range(max(r.stop for r in ranges)):
         block = make_block()
-        if i in layers:
+        if any(i in r for r in ranges):
             kept[i] = block
         del block
-    if layers.start == 0:
+    if len(ranges) == 1 and ranges[0].start == 0:
         return nn.ModuleList(kept.values())
     return nn.ModuleDict({str(i): b for i, b in kept.items()})
 

@@ -24,7 +24,7 @@ from megaocto.model.common import (RMSNorm, begin_kv_cache_step, check_input_ids
                                    dropout,
                                    kernel_ops, linear_loss, normal_init, run_layers, scaled_init,
                                    tag_sequence_parallel)
-from megaocto.model.common import build_stage_layers, stage_input, stage_layers
+from megaocto.model.common import build_stage_layers, chunk_blocks, stage_chunks, stage_input
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megaocto.parallel.mappings import scatter_to_sp
 
@@ -131,7 +131,7 @@ class GLM2Model(nn.Module):
     """GLM2 / CodeGeeX2 decoder; see the module docstring. Built by :func:`megaocto.model.build_model`."""
 
     def __init__(self, cfg: ModelConfig, pc, *, dtype=torch.float32, device=None, recompute: str = "none",
-                 recompute_num_layers: int = 1, pp_layers=None):
+                 recompute_num_layers: int = 1, pp_layers=None, virtual_pp: int = 1):
         super().__init__()
         cfg.validate(pc.tp, sequence_parallel=pc.sequence_parallel)
         self.cfg, self.pc = cfg, pc
@@ -142,13 +142,16 @@ class GLM2Model(nn.Module):
         # (untied: nothing is shared). Every stage draws the embedding so the blocks get the unsplit model's weights.
         pp, pp_rank = getattr(pc, "pp", 1), getattr(pc, "pp_rank", 0)
         self.first_stage, self.last_stage = pp_rank == 0, pp_rank == pp - 1
-        self.layer_range = stage_layers(cfg.num_layers, pp, pp_rank, pp_layers)
+        # interleaved (virtual_pp > 1): this stage runs several model chunks; chunk 0 of the first stage embeds,
+        # the last chunk of the last stage has the head
+        self.layer_ranges = stage_chunks(cfg.num_layers, pp, pp_rank, pp_layers, virtual_pp)
+        self.layer_range = self.layer_ranges[0] if virtual_pp == 1 else None
         embedding = GLM2Embedding(cfg, pc, self.padded_vocab_size, **kw)
         if self.first_stage:
             self.embedding = embedding
         del embedding
         self.layers = build_stage_layers(
-            lambda: GLM2Block(cfg, pc, selective_recompute=(recompute == "selective"), **kw), self.layer_range)
+            lambda: GLM2Block(cfg, pc, selective_recompute=(recompute == "selective"), **kw), self.layer_ranges)
         self.ops = kernel_ops(cfg, pc, device)
         if self.last_stage:
             self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, ops=self.ops, **kw)
@@ -161,7 +164,7 @@ class GLM2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                kv_cache=None, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache=None, hidden_states: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
         """``kv_cache``: a :class:`megaocto.generation.kv_cache.KVCache`; this call appends its tokens' rotated K
         and V and attends over the cache (positions from the cache unless given). Pipeline stages after the first
         take the previous stage's output as ``hidden_states``; stages before the last return their output."""
@@ -172,17 +175,18 @@ class GLM2Model(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, segment_ids)
         cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_base)
-        if self.first_stage:
+        first, last = self.first_stage and chunk == 0, self.last_stage and chunk == len(self.layer_ranges) - 1
+        if first:
             x = self.embedding(input_ids)
             if pc.sequence_parallel:
                 x = scatter_to_sp(x, pc, dim=1)
         else:
             stage_input(hidden_states, pc)
             x = hidden_states
-        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers,
+        x = run_layers(chunk_blocks(self.layers, self.layer_ranges, chunk), x, pc, self.recompute, self.recompute_num_layers,
                        dropout_on=self._dropout_on(), cos=cos, sin=sin, segment_ids=segment_ids,
                        kv_cache=kv_cache)
-        if not self.last_stage:
+        if not last:
             return x
         if kv_cache is not None:
             kv_cache.commit()

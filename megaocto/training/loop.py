@@ -11,6 +11,7 @@ step k (1-based) is schedule.lr_at(k); a skipped (NaN/inf) step still consumes i
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -221,7 +222,12 @@ class Trainer:
         seed_everything(cfg.train.seed, pc)
         build = dict(dtype=torch.bfloat16 if self.bf16 else torch.float32, device=pc.device,
                      recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers,
-                     pp_layers=cfg.parallel.pp_layers)  # checked against pp at every pp (one count per stage)
+                     pp_layers=cfg.parallel.pp_layers,  # checked against pp at every pp (one count per stage)
+                     virtual_pp=cfg.parallel.virtual_pp)
+        self.virtual_pp = cfg.parallel.virtual_pp
+        if self.virtual_pp > 1 and (pc.pp == 1 or self.num_micro % pc.pp):
+            raise ConfigError(f"parallel.virtual_pp={self.virtual_pp} (interleaved pipeline) needs parallel.pp > 1 and "
+                              f"the micro batches per DP rank ({self.num_micro}) divisible by pp={pc.pp}")
         if pc.pp == 1:
             self.model = build_model(cfg.model, pc, **build)
         else:  # every stage draws the weights from train.seed as pp=1 does (the same model at every pp); the
@@ -541,10 +547,13 @@ class Trainer:
             # The tied embedding's grads are summed over the first and last stage before the DP reduction, so
             # those two stages start no DP bucket reduction from inside the backward (no overlap there).
             overlap = not self._tied_stage
-            forward_backward_1f1b(
-                self.forward_model, micro, self.pc, shape=self._p2p_shape, dtype=self._model_dtype(),
-                loss_fn=lambda per_token, batch: scaled_loss(*masked_loss_sum(per_token, batch)),
-                before_backward=lambda last: self.optimizer.before_backward(last_micro_batch=last and overlap))
+            from megaocto.training.pipeline import forward_backward_interleaved
+
+            schedule = forward_backward_1f1b if self.virtual_pp == 1 else \
+                functools.partial(forward_backward_interleaved, virtual=self.virtual_pp)
+            schedule(self.forward_model, micro, self.pc, shape=self._p2p_shape, dtype=self._model_dtype(),
+                     loss_fn=lambda per_token, batch: scaled_loss(*masked_loss_sum(per_token, batch)),
+                     before_backward=lambda last: self.optimizer.before_backward(last_micro_batch=last and overlap))
             if self._tied_stage:
                 allreduce_embedding_grads(self.model, self.pc)
         # Finalize the grads in Megatron's finalize_model_grads order: first wait for the DP all-reduces (with
@@ -581,10 +590,12 @@ class Trainer:
             else:
                 micro.append(collate(ds, indices, self.pc.device))
         if micro:
-            from megaocto.training.pipeline import forward_only
+            from megaocto.training.pipeline import forward_only, forward_only_interleaved
 
-            forward_only(self.forward_model, micro, self.pc, shape=self._p2p_shape, dtype=self._model_dtype(),
-                         loss_fn=lambda per_token, batch: sums.add_(torch.stack(masked_loss_sum(per_token, batch))))
+            run = forward_only if self.virtual_pp == 1 else \
+                functools.partial(forward_only_interleaved, virtual=self.virtual_pp)
+            run(self.forward_model, micro, self.pc, shape=self._p2p_shape, dtype=self._model_dtype(),
+                loss_fn=lambda per_token, batch: sums.add_(torch.stack(masked_loss_sum(per_token, batch))))
         self.model.train()
         sums = self._from_last_stage(self._sum_dp(sums))
         return float(sums[0] / sums[1].clamp(min=1.0))

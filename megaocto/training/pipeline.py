@@ -163,3 +163,112 @@ def allreduce_embedding_grads(model, pc) -> None:
     weight = model.embedding.word_embeddings.weight
     grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
     dist.all_reduce(grad, group=pc.embedding_group)
+
+
+# ---------------------------------------------------------------------------------------------- interleaved
+_FWD_TAG, _BWD_TAG = 1, 2  # with pp = 2 the ring carries activations and grads between the same two ranks
+
+
+def forward_backward_interleaved(model, micro_batches: list[dict], pc, *, virtual: int, shape: tuple[int, ...],
+                                 dtype: torch.dtype, loss_fn: Callable[[torch.Tensor, dict], torch.Tensor],
+                                 before_backward: Callable[[bool], None] = lambda last: None) -> None:
+    """Interleaved 1F1B (Megatron's virtual pipeline): each stage runs ``virtual`` model chunks
+    (``model(..., chunk=c)``); chunk c of stage r is virtual stage c·pp + r, so activations go round the PP ring
+    (stage pp - 1 feeds chunk c + 1 of stage 0). The bubble shrinks to (p - 1) / (m · virtual).
+
+    Order of work items k = 0 .. m·virtual - 1 (Megatron's): groups of pp micro batches, chunk by chunk; forward k
+    runs chunk (k mod p·v) // p of micro batch (k // p·v)·p + k mod p, backward k the same micro batch in the
+    reversed chunk. Warmup (p - r - 1)·2 + (v - 1)·p forwards (all of them when m == p), then one forward and one
+    backward, then the remaining backwards. Sends are asynchronous (waited at the end), receives blocking; tags
+    keep activations and grads apart on the ring. Needs m divisible by pp.
+    """
+    from megaocto.config.base import ConfigError
+
+    p, r, v, m = pc.pp, pc.pp_rank, virtual, len(micro_batches)
+    if m % p:
+        raise ConfigError(f"the interleaved pipeline (parallel.virtual_pp={v}) needs the micro batches per DP rank "
+                          f"({m}) divisible by parallel.pp={p}; change train.global_batch_size")
+    total = m * v
+    warmup = total if m == p else min((p - r - 1) * 2 + (v - 1) * p, total)
+    nxt, prv = pc.pp_ranks[(r + 1) % p], pc.pp_ranks[(r - 1) % p]
+    pending: list = []  # (work, tensor): the tensor must live until its send completes
+    inputs = [deque() for _ in range(v)]
+    outputs = [deque() for _ in range(v)]
+
+    def chunk_of(k: int, forward: bool) -> int:
+        c = (k % (p * v)) // p
+        return c if forward else v - 1 - c
+
+    def micro_of(k: int) -> int:
+        return (k // (p * v)) * p + k % p
+
+    def send(t: torch.Tensor, peer: int, tag: int) -> None:
+        t = t.detach().contiguous()
+        pending.append((dist.isend(t, peer, group=pc.pp_group, tag=tag), t))
+
+    def recv(peer: int, tag: int, requires_grad: bool) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=pc.device)
+        dist.recv(buf, peer, group=pc.pp_group, tag=tag)
+        return buf.requires_grad_(requires_grad)
+
+    def forward(k: int) -> None:
+        c, batch = chunk_of(k, True), micro_batches[micro_of(k)]
+        first, last = r == 0 and c == 0, r == p - 1 and c == v - 1
+        x = None if first else recv(prv, _FWD_TAG, True)
+        kwargs = {key: batch[key] for key in ("position_ids", "segment_ids") if key in batch}
+        out = model(batch["input_ids"], labels=batch["labels"] if last else None, hidden_states=x, chunk=c,
+                    **kwargs)
+        if last:
+            out = loss_fn(out, batch)
+        else:
+            send(out, nxt, _FWD_TAG)
+        inputs[c].append(x)
+        outputs[c].append(out)
+
+    def backward(k: int) -> None:
+        c = chunk_of(k, False)
+        first, last = r == 0 and c == 0, r == p - 1 and c == v - 1
+        x, y = inputs[c].popleft(), outputs[c].popleft()
+        before_backward(k == total - 1)
+        if last:
+            y.backward()
+        else:
+            torch.autograd.backward(y, grad_tensors=recv(nxt, _BWD_TAG, False))
+        if not first:
+            send(x.grad, prv, _BWD_TAG)
+
+    for k in range(warmup):
+        forward(k)
+    for k in range(total - warmup):
+        forward(warmup + k)
+        backward(k)
+    for k in range(total - warmup, total):
+        backward(k)
+    for work, _ in pending:
+        work.wait()
+
+
+@torch.no_grad()
+def forward_only_interleaved(model, micro_batches: list[dict], pc, *, virtual: int, shape: tuple[int, ...],
+                             dtype: torch.dtype, loss_fn: Callable[[torch.Tensor, dict], None]) -> None:
+    """Forward of all micro batches through the interleaved pipeline (validation), micro batch by micro batch."""
+    p, r = pc.pp, pc.pp_rank
+    nxt, prv = pc.pp_ranks[(r + 1) % p], pc.pp_ranks[(r - 1) % p]
+    pending = []
+    for batch in micro_batches:
+        kwargs = {key: batch[key] for key in ("position_ids", "segment_ids") if key in batch}
+        for c in range(virtual):
+            first, last = r == 0 and c == 0, r == p - 1 and c == virtual - 1
+            x = None
+            if not first:
+                x = torch.empty(shape, dtype=dtype, device=pc.device)
+                dist.recv(x, prv, group=pc.pp_group, tag=_FWD_TAG)
+            out = model(batch["input_ids"], labels=batch["labels"] if last else None, hidden_states=x, chunk=c,
+                        **kwargs)
+            if last:
+                loss_fn(out, batch)
+            else:
+                out = out.contiguous()
+                pending.append((dist.isend(out, nxt, group=pc.pp_group, tag=_FWD_TAG), out))
+    for work, _ in pending:
+        work.wait()
