@@ -21,7 +21,7 @@ from megaocto.config.base import ConfigError
 from megaocto.config.loader import load_run_config
 from megaocto.config.model import ModelConfig
 from megaocto.model import build_model
-from megaocto.model.common import stage_layers
+from megaocto.model.common import stage_chunks, stage_layers
 from megaocto.parallel.context import ParallelContext
 from megaocto.training.loop import Trainer, train
 
@@ -32,6 +32,9 @@ def test_stage_layers_split():
     assert stage_layers(5, 1, 0) == range(0, 5)
     with pytest.raises(ConfigError, match="pp_layers"):
         stage_layers(6, 4, 0)
+    # interleaved: chunk c of stage r is virtual stage c*pp + r
+    assert stage_chunks(8, 2, 0, virtual=2) == [range(0, 2), range(4, 6)]
+    assert stage_chunks(8, 2, 1, virtual=2) == [range(2, 4), range(6, 8)]
     with pytest.raises(ConfigError, match="summing to model.num_layers=8"):
         stage_layers(8, 2, 0, [3, 4])
 
@@ -47,6 +50,11 @@ def test_stages_have_the_unsplit_names_and_weights(preset):
         torch.manual_seed(3)
         stage = build_model(cfg, pc, pp_layers=[3, 1])
         assert stage.layer_range == (range(0, 3) if rank == 0 else range(3, 4))
+        torch.manual_seed(3)
+        chunks = build_model(cfg, pc, virtual_pp=2)  # interleaved: layers 0, 2 on stage 0; 1, 3 on stage 1
+        assert sorted({n.split(".")[1] for n in chunks.state_dict() if n.startswith("layers.")}) == \
+            (["0", "2"] if rank == 0 else ["1", "3"])
+        assert all(torch.equal(t, full[n]) for n, t in chunks.state_dict().items())
         shared += [n for n, p in stage.named_parameters() if getattr(p, "shared", False)]
         for name, t in stage.state_dict().items():
             if name in merged:  # the tied embedding's copy

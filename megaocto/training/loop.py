@@ -228,6 +228,9 @@ class Trainer:
         if self.virtual_pp > 1 and (pc.pp == 1 or self.num_micro % pc.pp):
             raise ConfigError(f"parallel.virtual_pp={self.virtual_pp} (interleaved pipeline) needs parallel.pp > 1 and "
                               f"the micro batches per DP rank ({self.num_micro}) divisible by pp={pc.pp}")
+        if self.virtual_pp > 1 and pc.pp == 2 and pc.backend == "nccl":
+            raise ConfigError("parallel.virtual_pp > 1 at pp=2 sends activations and grads between the same two ranks "
+                              "and tells them apart by P2P tags, which NCCL ignores; use pp >= 3 or virtual_pp=1")
         if pc.pp == 1:
             self.model = build_model(cfg.model, pc, **build)
         else:  # every stage draws the weights from train.seed as pp=1 does (the same model at every pp); the
