@@ -6,7 +6,9 @@
 - pp=2 (dp=2, 4 micro batches: warmup, steady state and cooldown) and tp=2 x pp=2 with sequence parallelism
   (dp=1, 8 micro batches) give pp=1's losses, grad norms and validation losses over 10 fp32 steps (<= 1e-5), for
   bigcode (tied) and llama (untied); also with zero1, recompute and an uneven split, and on packed SFT rows;
-- exact resume at pp=2 (bf16, dropout on), checkpoints in mp_rank_XX_YYY dirs.
+- exact resume at pp=2 (bf16, dropout on), also interleaved, checkpoints in mp_rank_XX_YYY dirs;
+- interleaved virtual stages (parallel.virtual_pp=2) == plain 1F1B;
+- pp > 1 checkpoints read by convert (to-hf, reshard) and generation, and `reshard --pp` writing them.
 """
 import dataclasses
 import io
@@ -140,6 +142,13 @@ def _body_resume(rank, world_size, root):
     assert {**first.val_losses, **second.val_losses} == straight.val_losses
     assert sorted(os.listdir(os.path.join(save, "iter_0000003"))) == ["metadata.json", "mp_rank_00_000",
                                                                       "mp_rank_00_001"]
+    # interleaved (2 chunks per stage): a stage's checkpoint holds both chunks; exact resume too
+    v = (*z, "--parallel.virtual_pp", "2")
+    straight = train(_cfg(os.path.join(root, "v_straight"), "tiny-bigcode", *v, iters=4), stream=io.StringIO())
+    save = os.path.join(root, "v_resumed")
+    first = train(_cfg(save, "tiny-bigcode", *v, "--train.exit_interval", "2", iters=4), stream=io.StringIO())
+    second = train(_cfg(save, "tiny-bigcode", *v, iters=4), stream=io.StringIO())
+    assert {**first.losses, **second.losses} == straight.losses, "interleaved resume is not exact"
 
 
 def test_pp2_exact_resume(tmp_path):
