@@ -51,14 +51,38 @@ def checkpoint_info(load: str, iteration: int | str | None = None) -> tuple[str,
                               f"unknown (a Megatron-LM checkpoint? use `megaocto convert from-megatron`)")
     if not (meta.get("config") or {}).get("model"):
         raise CheckpointError(f"{os.path.join(directory, ckpt.METADATA)}: no config.model section")
-    if int(meta.get("pp", 1)) != 1:
-        raise CheckpointError(f"{directory}: pipeline-parallel checkpoints (pp={meta['pp']}) are not supported")
     tp = int(meta.get("tp", 1))
     for r in range(tp):
-        path = os.path.join(directory, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: missing (metadata says tp={tp}); the checkpoint is incomplete")
+        for path in stage_model_files(directory, meta, r):
+            if not os.path.exists(path):
+                pp = int(meta.get("pp", 1))
+                raise CheckpointError(f"{path}: missing (metadata says tp={tp}{f', pp={pp}' if pp > 1 else ''}); the "
+                                      f"checkpoint is incomplete")
     return directory, meta, iteration
+
+
+def stage_model_files(directory: str, meta: dict, tp_rank: int) -> list[str]:
+    """The model files of TP rank ``tp_rank``, one per pipeline stage (``mp_rank_XX_YYY`` when pp > 1)."""
+    pp = int(meta.get("pp", 1))
+    return [os.path.join(directory, ckpt.rank_dir_name(tp_rank, s, pp), ckpt.MODEL_FILE) for s in range(pp)]
+
+
+def load_model_state(directory: str, meta: dict, tp_rank: int) -> dict[str, torch.Tensor]:
+    """TP rank ``tp_rank``'s model state dict, its pipeline stages merged (memory-mapped: tensors are read when
+    used). Stages hold the unsplit model's parameter names (global layer indices), so merging is a dict union; the
+    last stage's copy of a tied word embedding equals the first stage's, whose copy is kept."""
+    merged: dict[str, torch.Tensor] = {}
+    for path in stage_model_files(directory, meta, tp_rank):
+        try:
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - report which file is broken
+            raise CheckpointError(f"{path}: cannot read the model state ({type(e).__name__}: {e})") from None
+        state = saved.get("model") if isinstance(saved, dict) else None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: no 'model' state dict")
+        for name, t in state.items():
+            merged.setdefault(name, t)
+    return merged
 
 
 

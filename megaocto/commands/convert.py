@@ -76,11 +76,14 @@ def add_arguments(parser) -> None:
                    help="split model.safetensors above this size, with an index (default: %(default)s)")
     _add_verify_and_quiet(p)
 
-    p = sub.add_parser("reshard", help="megaocto checkpoint -> the same weights at another TP size",
-                       description="Reshard a megaocto checkpoint to another tensor-parallel size (weights only).")
+    p = sub.add_parser("reshard", help="megaocto checkpoint -> the same weights at another TP/PP size",
+                       description="Reshard a megaocto checkpoint to another tensor- and pipeline-parallel size "
+                                   "(weights only).")
     p.add_argument("--load", required=True, help="megaocto checkpoint directory")
     p.add_argument("--output", required=True, help="new megaocto checkpoint directory (must not exist)")
     p.add_argument("--tp", type=_positive_int, required=True, help="target tensor-parallel size")
+    p.add_argument("--pp", type=_positive_int, default=1,
+                   help="target pipeline-parallel size (layers split evenly; default: %(default)s)")
     p.add_argument("--iteration", type=_iteration, default=None, help="iteration to reshard (default: the tracker's)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep)")
     _add_verify_and_quiet(p)
@@ -173,7 +176,7 @@ def _run(args, cmd: str, tol: float | None) -> int:
         elif cmd == "reshard":
             from megaocto.convert.reshard import reshard
 
-            reshard(args.load, args.output, tp=args.tp, iteration=args.iteration, dtype=args.dtype,
+            reshard(args.load, args.output, tp=args.tp, pp=args.pp, iteration=args.iteration, dtype=args.dtype,
                     verify=args.verify, progress=not args.quiet, verify_tol=tol)
         else:
             from megaocto.convert.megatron import convert_megatron

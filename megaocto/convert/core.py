@@ -178,6 +178,21 @@ def layer_of(name: str) -> str:
     return "pre" if name.startswith("embedding.") else "post"
 
 
+def stages_of(name: str, cfg: ModelConfig, pp: int) -> list[int]:
+    """The pipeline stages whose model holds parameter ``name`` (build_model's split, even over ``pp``): a block's
+    stage, the embedding on the first, final norm and output layer on the last; the tied word embedding on both."""
+    from megaocto.model.common import stage_layers
+
+    unit = layer_of(name)
+    if unit.startswith("layers."):
+        i = int(unit.split(".")[1])
+        return [s for s in range(pp) if i in stage_layers(cfg.num_layers, pp, s)]
+    if unit == "pre":
+        tied_copy = cfg.tie_embeddings and name == "embedding.word_embeddings.weight" and pp > 1
+        return [0, pp - 1] if tied_copy else [0]
+    return [pp - 1]
+
+
 def units(cfg: ModelConfig) -> list[str]:
     """Streaming units in order: pre, layers.0 .. layers.L-1, post."""
     return ["pre", *(f"layers.{i}" for i in range(cfg.num_layers)), "post"]
@@ -440,8 +455,9 @@ def materialize(t: "torch.Tensor | Parts") -> torch.Tensor:
 
 def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]] | dict,
                               tp: int, *, dtype: str | torch.dtype | None = None,
-                              metadata_extra: dict | None = None, progress: bool = True) -> str:
-    """Write a release megaocto checkpoint of ``tensors`` sharded for ``tp``; see the module docstring.
+                              metadata_extra: dict | None = None, progress: bool = True, pp: int = 1) -> str:
+    """Write a release megaocto checkpoint of ``tensors`` sharded for ``tp``; see the module docstring. With
+    ``pp > 1`` the layers are split evenly over ``pp`` stages (files ``mp_rank_XX_YYY``, see :func:`stages_of`).
 
     Returns the absolute output path. Raises ConversionError before creating anything when ``output`` exists,
     ``tp`` does not divide the model or ``dtype`` is unsupported; a bad tensor stream (unknown / missing /
@@ -451,6 +467,13 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
 
     cast = parse_dtype(dtype)
     check_tp(cfg, tp)
+    if pp > 1:
+        from megaocto.model.common import stage_layers
+
+        try:
+            stage_layers(cfg.num_layers, pp, 0)
+        except ConfigError as e:
+            raise ConversionError(f"--pp={pp}: {e}") from None
     check_output_free(output)
     specs = param_specs(cfg, tp)
     rows = padded_vocab(cfg, tp)
@@ -499,12 +522,13 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
 
     with AtomicDir(output) as tmp:
         rel = os.path.join(tmp, ckpt.iter_dir_name("release"))
-        paths = []
-        for r in range(tp):
-            os.makedirs(os.path.join(rel, ckpt.rank_dir_name(r, 0, 1)))
-            paths.append(os.path.join(rel, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE))
+        paths = []  # file index = stage * tp + tp rank
+        for stage in range(pp):
+            for r in range(tp):
+                os.makedirs(os.path.join(rel, ckpt.rank_dir_name(r, stage, pp)))
+                paths.append(os.path.join(rel, ckpt.rank_dir_name(r, stage, pp), ckpt.MODEL_FILE))
         writers = [TorchStreamWriter(p + ".part") for p in paths]
-        refs: list[dict[str, TensorRef]] = [{} for _ in range(tp)]
+        refs: list[dict[str, TensorRef]] = [{} for _ in paths]
         current, nbytes = None, 0
         try:
             for name, t in _iter_items(tensors):
@@ -526,8 +550,9 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
                         shard = t.chunk(tp, 0)[r]  # = shard_tensor(t, tp, r, 0), as a zero-copy row view
                     else:
                         shard = shard_tensor(t, tp, r, spec.partition_dim, spec.partition_blocks)
-                    refs[r][name] = writers[r].add(shard)
-                    nbytes += shard.numel() * shard.element_size()
+                    for stage in stages_of(name, cfg, pp):
+                        refs[stage * tp + r][name] = writers[stage * tp + r].add(shard)
+                        nbytes += shard.numel() * shard.element_size()
                     del shard
                 del t, given
             if current is not None:
@@ -536,11 +561,11 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
             if missing:
                 raise ConversionError(f"{len(missing)} parameter(s) missing from the source, e.g. {missing[:4]}; "
                                       f"the source checkpoint is incomplete or of another architecture")
-            for r in range(tp):
-                writers[r].close({"checkpoint_version": 3.0, "iteration": 0,
-                                  "model": {n: refs[r][n] for n in specs}})
-                _fsync_file(paths[r] + ".part")
-                os.replace(paths[r] + ".part", paths[r])
+            for f in range(len(paths)):
+                writers[f].close({"checkpoint_version": 3.0, "iteration": 0,
+                                  "model": {n: refs[f][n] for n in specs if n in refs[f]}})
+                _fsync_file(paths[f] + ".part")
+                os.replace(paths[f] + ".part", paths[f])
         finally:
             for w in writers:
                 w.abort()
@@ -548,7 +573,7 @@ def write_megaocto_checkpoint(output: str, cfg: ModelConfig, tensors: Iterable[t
         import megaocto
 
         meta = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "iteration": "release", "tp": tp,
-                "pp": 1, "dp": 1, "world_size": tp, "time": time.time(), "torch_version": torch.__version__,
+                "pp": pp, "dp": 1, "world_size": tp * pp, "time": time.time(), "torch_version": torch.__version__,
                 "megaocto_version": megaocto.__version__, "reason": "converted",
                 "dtype": dtype_name(final_dtype) if final_dtype is not None else "mixed",
                 "config": {"model": cfg.to_dict()}, **(metadata_extra or {})}
@@ -708,7 +733,7 @@ class TorchStreamWriter:
 def checkpoint_dtype(directory: str, meta: dict) -> torch.dtype:
     """The dtype of the weights stored in a megaocto checkpoint iteration directory (rank 0's file, mmap-ed: no
     tensor data is read). Training checkpoints do not record ``dtype`` in metadata.json, so the tensors decide."""
-    path = os.path.join(directory, ckpt.rank_dir_name(0, 0, 1), ckpt.MODEL_FILE)
+    path = os.path.join(directory, ckpt.rank_dir_name(0, 0, int(meta.get("pp", 1))), ckpt.MODEL_FILE)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - report which file is broken
@@ -731,20 +756,16 @@ def read_megaocto_checkpoint(load: str, *, iteration: int | str | None = None, t
     cfg = config_from_metadata(meta, os.path.join(directory, ckpt.METADATA))
     tp = int(meta.get("tp", 1))
     specs = param_specs(cfg, tp)
-    paths = [os.path.join(directory, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE) for r in range(tp)]
+    paths = ckpt.stage_model_files(directory, meta, 0)
 
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
         from megaocto.parallel.layers import merge_shards
 
-        states = []
-        for p in paths:
-            try:
-                states.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True)["model"])
-            except Exception as e:  # noqa: BLE001 - report which file is broken
-                raise ConversionError(f"{p}: cannot read the model state ({type(e).__name__}: {e})") from None
+        # one state per TP rank, its pipeline stages (pp > 1) merged by name (mmap-ed: read as used)
+        states = [ckpt.load_model_state(directory, meta, r) for r in range(tp)]
         for name, spec in specs.items():
             if name not in states[0]:
-                raise ConversionError(f"{paths[0]}: parameter {name!r} missing (config.model in metadata.json "
+                raise ConversionError(f"{', '.join(paths)}: parameter {name!r} missing (config.model in metadata.json "
                                       f"does not match the saved weights)")
             if spec.partition_dim is None or tp == 1:
                 t = states[0][name]

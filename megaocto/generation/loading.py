@@ -48,28 +48,16 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
     meta, iteration = checkpoint_metadata(load, iteration)
     directory = ckpt.resolve_dir(load, iteration)
     where = os.path.join(directory, ckpt.METADATA)
-    saved_tp, saved_pp = int(meta.get("tp", 1)), int(meta.get("pp", 1))
-    if saved_pp != 1:
-        raise ConfigError(f"{where}: saved with pp={saved_pp}; generation builds the whole layer stack on every "
-                          f"rank and needs a pp=1 checkpoint")
+    saved_tp = int(meta.get("tp", 1))
     if saved_tp != pc.tp:
         raise ConfigError(f"{where}: checkpoint saved with tp={saved_tp} but generation runs with tp={pc.tp}; run "
                           f"with tp={saved_tp} (torchrun --nproc_per_node {saved_tp}) or reshard it first: "
                           f"megaocto convert reshard --load {load} --tp {pc.tp} --output DIR")
     cfg = ckpt.config_from_metadata(meta, where)
-    path = os.path.join(directory, ckpt.rank_dir_name(pc.tp_rank, 0, 1), ckpt.MODEL_FILE)
-    if not os.path.exists(path):
-        raise ConfigError(f"checkpoint file missing: {path} (incomplete or foreign checkpoint)")
-    # Memory-mapped: only the model tensors are read (copied into the model below); the optimizer state that
-    # shares the file is never paged in.
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:  # mmap needs the zipfile format torch.save writes by default
-        raise ConfigError(f"{path}: cannot be memory-mapped ({str(e).strip().splitlines()[0]}); re-save it with "
-                          f"torch.save's default (zipfile) format, e.g. via megaocto convert") from None
-    state = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{path}: no 'model' state dict")
+    # A pp > 1 checkpoint's stages are merged by name (they hold the unsplit model's names): generation builds the
+    # whole layer stack. Memory-mapped: only the model tensors are read (copied into the model below); the
+    # optimizer state that shares the files is never paged in.
+    state = ckpt.load_model_state(directory, meta, pc.tp_rank)
     device = pc.device if device is None else torch.device(device)
     dtype = ckpt.saved_dtype(state) if dtype is None else dtype
     # Built on its device (the kernel ops are resolved from it at construction); the throwaway random init runs

@@ -8,13 +8,22 @@ from __future__ import annotations
 RECOMPUTE_MODES = ("none", "full", "selective")
 
 
-def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", recompute_num_layers: int = 1):
+def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", recompute_num_layers: int = 1,
+                pp_layers=None, virtual_pp: int = 1):
     """Build the model of ``cfg.family`` sharded for ``pc`` (a ParallelContext).
 
     Every rank draws the full weights from the default torch RNG and keeps its shard, so one seed gives the same
     model at every TP size. ``recompute``: none | full (checkpoint every ``recompute_num_layers``-layer chunk) |
     selective (core attention only). Forward: ``model(input_ids, *, position_ids=None, segment_ids=None,
     labels=None)`` -> fp32 per-token loss [b, s] with labels, else vocab-parallel logits [b, s, V_pad/tp].
+
+    With ``pc.pp > 1`` it builds this rank's pipeline stage only: the blocks of
+    ``megaocto.model.common.stage_layers(cfg.num_layers, pc.pp, pc.pp_rank, pp_layers)`` under the unsplit model's
+    parameter names (the embedding on the first stage, final norm + LM head on the last; see the family modules);
+    ``model(..., hidden_states=x)`` runs a later stage, and stages before the last return their output activation.
+    Build it with the default RNG seeded as for pp = 1 to get the unsplit model's weights. ``virtual_pp > 1``
+    (interleaved schedule) gives the stage that many model chunks (``megaocto.model.common.stage_chunks``), run as
+    ``model(..., chunk=c)``.
     """
     import torch
 
@@ -24,9 +33,6 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
         raise ConfigError(f"recompute must be one of {RECOMPUTE_MODES} (got {recompute!r})")
     if recompute_num_layers < 1:
         raise ConfigError(f"recompute_num_layers must be >= 1 (got {recompute_num_layers})")
-    if getattr(pc, "pp", 1) > 1:
-        raise ConfigError(f"build_model builds the whole layer stack on every rank; pipeline parallelism (pp={pc.pp}) "
-                          f"is not supported by the model builders: use parallel.pp=1 with tp/dp (and recompute)")
     cfg.validate(pc.tp, sequence_parallel=getattr(pc, "sequence_parallel", False))
     if cfg.family == "bigcode":
         from megaocto.model.bigcode import BigCodeModel as cls
@@ -35,4 +41,5 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
     else:
         from megaocto.model.glm2 import GLM2Model as cls
     return cls(cfg, pc, dtype=dtype if dtype is not None else torch.float32, device=device,
-               recompute=recompute, recompute_num_layers=recompute_num_layers)
+               recompute=recompute, recompute_num_layers=recompute_num_layers, pp_layers=pp_layers,
+               virtual_pp=virtual_pp)

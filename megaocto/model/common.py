@@ -248,6 +248,8 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk
     ``kv_cache`` (a :class:`megaocto.generation.kv_cache.KVCache` between ``begin`` and ``commit``): block ``i``
     gets ``kv_cache=kv_cache.layer(i)`` and nothing is recomputed (inference).
     """
+    if isinstance(layers, nn.ModuleDict):  # a pipeline stage's blocks, keyed by their global layer index
+        layers = list(layers.values())
     if kv_cache is not None:
         for i, layer in enumerate(layers):
             x = layer(x, kv_cache=kv_cache.layer(i), **kwargs)
@@ -267,3 +269,72 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, pc, recompute: str, chunk
     for start in range(0, len(layers), chunk):
         x = checkpoint(make(layers[start:start + chunk]), pc, x, replay_rng=dropout_on)
     return x
+
+
+# ---------------------------------------------------------------------------------------------- pipeline stages
+def stage_layers(num_layers: int, pp: int = 1, pp_rank: int = 0, pp_layers=None) -> range:
+    """The global indices of the blocks on pipeline stage ``pp_rank`` of ``pp``: the one place that decides the split.
+
+    ``pp_layers`` (parallel.pp_layers): blocks per stage, e.g. ``[3, 5, 5, 3]``; empty or None splits evenly, which
+    needs ``num_layers`` divisible by ``pp`` (as Megatron).
+    """
+    from megaocto.config.base import ConfigError
+
+    if pp_layers:
+        counts = [int(n) for n in pp_layers]
+        if len(counts) != pp or sum(counts) != num_layers or min(counts) < 1:
+            raise ConfigError(f"parallel.pp_layers={list(pp_layers)} must give one count >= 1 per pipeline stage "
+                              f"(pp={pp}) summing to model.num_layers={num_layers}")
+    else:
+        if num_layers % pp or num_layers < pp:
+            raise ConfigError(f"model.num_layers={num_layers} does not split evenly over parallel.pp={pp} stages; "
+                              f"choose a pp that divides it or give the blocks per stage in parallel.pp_layers "
+                              f"(e.g. {[num_layers // pp + (1 if i < num_layers % pp else 0) for i in range(pp)]})")
+        counts = [num_layers // pp] * pp
+    start = sum(counts[:pp_rank])
+    return range(start, start + counts[pp_rank])
+
+
+def stage_chunks(num_layers: int, pp: int = 1, pp_rank: int = 0, pp_layers=None, virtual: int = 1) -> list[range]:
+    """The blocks of each model chunk on stage ``pp_rank`` with ``virtual`` interleaved chunks per stage
+    (parallel.virtual_pp): the layers are cut into pp·virtual virtual stages by :func:`stage_layers` (``pp_layers``
+    then has pp·virtual counts) and chunk c of stage r is virtual stage c·pp + r, as Megatron's interleaving."""
+    if virtual < 1:
+        from megaocto.config.base import ConfigError
+
+        raise ConfigError(f"parallel.virtual_pp must be >= 1 (got {virtual})")
+    return [stage_layers(num_layers, pp * virtual, c * pp + pp_rank, pp_layers) for c in range(virtual)]
+
+
+def chunk_blocks(layers: nn.Module, ranges: list[range], chunk: int):
+    """The blocks of model chunk ``chunk`` (``layers`` itself when the stage has one chunk)."""
+    if len(ranges) == 1:
+        return layers
+    return [layers[str(i)] for i in ranges[chunk]]
+
+
+def build_stage_layers(make_block: Callable[[], nn.Module], layers: range | list[range]) -> nn.Module:
+    """The blocks of ``layers`` (global indices; a list of ranges for interleaved chunks), built by ``make_block()``
+    in layer order.
+
+    The blocks before ``layers.start`` are built and dropped, so the default RNG draws the same weights as in the
+    unsplit model (one seed gives one model at every pp; peak memory one extra block). A stage starting at block 0
+    gets an ``nn.ModuleList``; later stages an ``nn.ModuleDict`` keyed by the global index, so parameter names
+    (``layers.7.mlp...``) are those of the unsplit model and checkpoints map 1:1.
+    """
+    ranges = [layers] if isinstance(layers, range) else list(layers)
+    kept = {}
+    for i in range(max(r.stop for r in ranges)):
+        block = make_block()
+        if any(i in r for r in ranges):
+            kept[i] = block
+        del block
+    if len(ranges) == 1 and ranges[0].start == 0:
+        return nn.ModuleList(kept.values())
+    return nn.ModuleDict({str(i): b for i, b in kept.items()})
+
+
+def stage_input(hidden_states, pc) -> None:
+    """Checks the activation a non-first pipeline stage receives in place of the embedding."""
+    if hidden_states is None:
+        raise ValueError(f"pipeline stage {pc.pp_rank} of {pc.pp} needs hidden_states (the previous stage's output)")

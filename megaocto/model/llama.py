@@ -32,6 +32,7 @@ from megaocto.kernels.attention import attention
 from megaocto.model.common import (RMSNorm, begin_kv_cache_step, check_input_ids, checkpoint,
                                    default_position_ids, dropout, kernel_ops, linear_loss, normal_init, run_layers,
                                    scaled_init, tag_sequence_parallel)
+from megaocto.model.common import build_stage_layers, chunk_blocks, stage_chunks, stage_input
 from megaocto.model.glm2 import GLM2Embedding as LlamaEmbedding
 from megaocto.model.glm2 import GLM2MLP as LlamaMLP
 from megaocto.parallel.layers import ColumnParallelLinear, RowParallelLinear, pad_vocab_size
@@ -157,30 +158,43 @@ class LlamaModel(nn.Module):
     """Llama decoder; see the module docstring. Built by :func:`megaocto.model.build_model`."""
 
     def __init__(self, cfg: ModelConfig, pc, *, dtype=torch.float32, device=None, recompute: str = "none",
-                 recompute_num_layers: int = 1):
+                 recompute_num_layers: int = 1, pp_layers=None, virtual_pp: int = 1):
         super().__init__()
         cfg.validate(pc.tp, sequence_parallel=pc.sequence_parallel)
         self.cfg, self.pc = cfg, pc
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         self.padded_vocab_size = pad_vocab_size(cfg.vocab_size, pc.tp, cfg.make_vocab_size_divisible_by)
         kw = dict(dtype=dtype, device=device)
-        self.embedding = LlamaEmbedding(cfg, pc, self.padded_vocab_size, **kw)
-        self.layers = nn.ModuleList(LlamaBlock(cfg, pc, selective_recompute=(recompute == "selective"), **kw)
-                                    for _ in range(cfg.num_layers))
+        # Pipeline stage (pp > 1): the first stage holds the embedding, the last the final norm and output layer
+        # (untied: nothing is shared). Every stage draws the embedding so the blocks get the unsplit model's weights.
+        pp, pp_rank = getattr(pc, "pp", 1), getattr(pc, "pp_rank", 0)
+        self.first_stage, self.last_stage = pp_rank == 0, pp_rank == pp - 1
+        # interleaved (virtual_pp > 1): this stage runs several model chunks; chunk 0 of the first stage embeds,
+        # the last chunk of the last stage has the head
+        self.layer_ranges = stage_chunks(cfg.num_layers, pp, pp_rank, pp_layers, virtual_pp)
+        self.layer_range = self.layer_ranges[0] if virtual_pp == 1 else None
+        embedding = LlamaEmbedding(cfg, pc, self.padded_vocab_size, **kw)
+        if self.first_stage:
+            self.embedding = embedding
+        del embedding
+        self.layers = build_stage_layers(
+            lambda: LlamaBlock(cfg, pc, selective_recompute=(recompute == "selective"), **kw), self.layer_ranges)
         self.ops = kernel_ops(cfg, pc, device)
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, ops=self.ops, **kw)
-        tag_sequence_parallel([self.final_layernorm.weight], pc)
-        self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,
-                                                 init_method=normal_init(cfg.init_method_std), **kw)
+        if self.last_stage:
+            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, ops=self.ops, **kw)
+            tag_sequence_parallel([self.final_layernorm.weight], pc)
+            self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, pc, bias=False,
+                                                     init_method=normal_init(cfg.init_method_std), **kw)
 
     def _dropout_on(self) -> bool:
         return self.training and (self.cfg.attention_dropout > 0 or self.cfg.hidden_dropout > 0)
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                kv_cache=None) -> torch.Tensor:
+                kv_cache=None, hidden_states: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
         """``kv_cache``: a :class:`megaocto.generation.kv_cache.KVCache`; this call appends its tokens' rotated K
-        and V and attends over the cache (positions from the cache unless given)."""
+        and V and attends over the cache (positions from the cache unless given). Pipeline stages after the first
+        take the previous stage's output as ``hidden_states``; stages before the last return their output."""
         pc, cfg = self.pc, self.cfg
         check_input_ids(input_ids, cfg, pc)
         if kv_cache is not None:
@@ -188,13 +202,20 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, segment_ids)
         cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rotary_base, cfg.rope_scaling_factor)
-        x = self.embedding(input_ids)
-        if pc.sequence_parallel:
-            x = scatter_to_sp(x, pc, dim=1)
-        x = dropout(x, cfg.hidden_dropout, self.training, pc, sharded=pc.sequence_parallel)
-        x = run_layers(self.layers, x, pc, self.recompute, self.recompute_num_layers,
+        first, last = self.first_stage and chunk == 0, self.last_stage and chunk == len(self.layer_ranges) - 1
+        if first:
+            x = self.embedding(input_ids)
+            if pc.sequence_parallel:
+                x = scatter_to_sp(x, pc, dim=1)
+            x = dropout(x, cfg.hidden_dropout, self.training, pc, sharded=pc.sequence_parallel)
+        else:
+            stage_input(hidden_states, pc)
+            x = hidden_states
+        x = run_layers(chunk_blocks(self.layers, self.layer_ranges, chunk), x, pc, self.recompute, self.recompute_num_layers,
                        dropout_on=self._dropout_on(), cos=cos, sin=sin, segment_ids=segment_ids,
                        kv_cache=kv_cache)
+        if not last:
+            return x
         if kv_cache is not None:
             kv_cache.commit()
             x = kv_cache.head_input(x)  # generation: LM head for the last position only

@@ -166,8 +166,11 @@ class ParallelContext:
 
     @classmethod
     def init(cls, tp: int = 1, pp: int = 1, sequence_parallel: bool = False, backend: str = "auto",
-             timeout_minutes: int = 10) -> "ParallelContext":
+             timeout_minutes: int = 10, pp_layers=None, virtual_pp: int = 1) -> "ParallelContext":
         """Initialise torch.distributed if needed (torchrun or SLURM env) and build all groups.
+
+        ``pp_layers`` and ``virtual_pp`` are accepted so that ``init(**asdict(ParallelConfig))`` works; the split of the layers over
+        the stages belongs to the model builder (``build_model(..., pp_layers=)``).
 
         Without any distributed environment and tp = pp = 1 this returns a single-process context
         (on cuda:0 when CUDA is available). ``sequence_parallel`` is switched off when tp == 1.

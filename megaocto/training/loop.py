@@ -11,6 +11,7 @@ step k (1-based) is schedule.lr_at(k); a skipped (NaN/inf) step still consumes i
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -167,12 +168,17 @@ def _summary_line(summary: dict) -> str:
     return ", ".join(parts)
 
 
+def masked_loss_sum(per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of loss x loss_mask, sum of loss_mask) of a micro batch's fp32 per-token loss [b, s]."""
+    mask = batch["loss_mask"].to(per_token.dtype)
+    return (per_token * mask).sum(), mask.sum()
+
+
 def micro_batch_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of loss x loss_mask, sum of loss_mask) over one micro batch, fp32 scalars."""
     kwargs = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
     per_token = model(batch["input_ids"], labels=batch["labels"], **kwargs)  # [b, s] fp32
-    mask = batch["loss_mask"].to(per_token.dtype)
-    return (per_token * mask).sum(), mask.sum()
+    return masked_loss_sum(per_token, batch)
 
 
 def micro_batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,8 +203,9 @@ class Trainer:
         self.pc = pc or ParallelContext.init(tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel,
                                              backend=p.backend, timeout_minutes=p.timeout_minutes)
         pc = self.pc
-        if pc.pp > 1:
-            raise ConfigError("parallel.pp > 1: the training loop has no pipeline schedule yet; use tp and dp")
+        if pc.pp > 1 and cfg.eval.humanevalpack.enabled:
+            raise ConfigError("eval.humanevalpack runs generation inside training, which needs parallel.pp=1; "
+                              "evaluate the pp > 1 checkpoints afterwards")
         cfg.model.validate(pc.tp)
         self.num_micro = cfg.train.microbatches(pc.dp)
         self.global_batch = self.num_micro * cfg.train.micro_batch_size * pc.dp
@@ -213,9 +220,30 @@ class Trainer:
                       f"{self.num_micro} micro | {self.total_iters} steps")
 
         seed_everything(cfg.train.seed, pc)
-        self.model = build_model(cfg.model, pc, dtype=torch.bfloat16 if self.bf16 else torch.float32,
-                                 device=pc.device, recompute=cfg.train.recompute,
-                                 recompute_num_layers=cfg.train.recompute_num_layers)
+        build = dict(dtype=torch.bfloat16 if self.bf16 else torch.float32, device=pc.device,
+                     recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers,
+                     pp_layers=cfg.parallel.pp_layers,  # checked against pp at every pp (one count per stage)
+                     virtual_pp=cfg.parallel.virtual_pp)
+        self.virtual_pp = cfg.parallel.virtual_pp
+        if self.virtual_pp > 1 and (pc.pp == 1 or self.num_micro % pc.pp):
+            raise ConfigError(f"parallel.virtual_pp={self.virtual_pp} (interleaved pipeline) needs parallel.pp > 1 and "
+                              f"the micro batches per DP rank ({self.num_micro}) divisible by pp={pc.pp}")
+        if self.virtual_pp > 1 and pc.pp == 2 and pc.backend == "nccl":
+            raise ConfigError("parallel.virtual_pp > 1 at pp=2 sends activations and grads between the same two ranks "
+                              "and tells them apart by P2P tags, which NCCL ignores; use pp >= 3 or virtual_pp=1")
+        if pc.pp == 1:
+            self.model = build_model(cfg.model, pc, **build)
+        else:  # every stage draws the weights from train.seed as pp=1 does (the same model at every pp); the
+            # per-stage RNG streams (seed + 100·pp_rank, dropout) stay as seeded above
+            with torch.random.fork_rng(devices=[pc.device] if pc.device.type == "cuda" else []):
+                torch.manual_seed(cfg.train.seed)
+                self.model = build_model(cfg.model, pc, **build)
+        if pc.pp > 1:  # a collective over the whole PP group first: NCCL then has the group's communicator before
+            dist.barrier(group=pc.pp_group)  # the first batch_isend_irecv (where not every rank talks to every one)
+        # tied word embeddings under pp: the first and last stage hold a copy each, kept equal by summing their grads
+        self._tied_stage = pc.pp > 1 and cfg.model.tie_embeddings and (pc.is_first_stage or pc.is_last_stage)
+        self._p2p_shape = (cfg.train.micro_batch_size,
+                           self.seq_length // pc.tp if pc.sequence_parallel else self.seq_length, cfg.model.hidden_size)
         self.model.train()
         self.iteration, self.consumed, self.skipped = 0, 0, 0
         self._loss_tokens = torch.zeros((), dtype=torch.int64, device=pc.device)  # this DP rank, since the last log
@@ -471,6 +499,18 @@ class Trainer:
             dist.all_reduce(value, group=self.pc.dp_group)
         return value
 
+    def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's value on every stage (the others computed zeros): a sum over the PP group."""
+        if self.pc.pp > 1:
+            if not self.pc.is_last_stage:
+                value = torch.zeros_like(value)
+            value = value.clone()
+            dist.all_reduce(value, group=self.pc.pp_group)
+        return value
+
+    def _model_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
     def _reduce_mean_dp(self, value: torch.Tensor) -> torch.Tensor:
         return self._sum_dp(value) / self.pc.dp if self.pc.dp > 1 else value
 
@@ -488,19 +528,38 @@ class Trainer:
         loss_acc = torch.zeros((), dtype=torch.float32, device=self.pc.device)
         for b in micro:  # tokens that carry loss (packed SFT: targets only), for the loss tok/s metric; no sync
             self._loss_tokens += (b["loss_mask"] > 0).sum()
-        for i, batch in enumerate(micro):
-            total, count = micro_batch_loss_sum(self.forward_model, batch)
+
+        def scaled_loss(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+            """The micro batch's loss to differentiate; adds what the step reports to loss_acc."""
             if step in self.cfg.train.debug_nan_iters:
                 total = total * float("nan")
             if token_mean:
-                scaled = total * (self.pc.dp / tokens)  # x dp: the DP grad all-reduce averages
-                loss_acc += total.detach()
-            else:
-                loss = total / count.clamp(min=1.0)
-                scaled = loss / self.num_micro
-                loss_acc += loss.detach()
-            self.optimizer.before_backward(last_micro_batch=i == self.num_micro - 1)
-            scaled.backward()
+                loss_acc.add_(total.detach())
+                return total * (self.pc.dp / tokens)  # x dp: the DP grad all-reduce averages
+            loss = total / count.clamp(min=1.0)
+            loss_acc.add_(loss.detach())
+            return loss / self.num_micro
+
+        if self.pc.pp == 1:
+            for i, batch in enumerate(micro):
+                scaled = scaled_loss(*micro_batch_loss_sum(self.forward_model, batch))
+                self.optimizer.before_backward(last_micro_batch=i == self.num_micro - 1)
+                scaled.backward()
+        else:
+            from megaocto.training.pipeline import allreduce_embedding_grads, forward_backward_1f1b
+
+            # The tied embedding's grads are summed over the first and last stage before the DP reduction, so
+            # those two stages start no DP bucket reduction from inside the backward (no overlap there).
+            overlap = not self._tied_stage
+            from megaocto.training.pipeline import forward_backward_interleaved
+
+            schedule = forward_backward_1f1b if self.virtual_pp == 1 else \
+                functools.partial(forward_backward_interleaved, virtual=self.virtual_pp)
+            schedule(self.forward_model, micro, self.pc, shape=self._p2p_shape, dtype=self._model_dtype(),
+                     loss_fn=lambda per_token, batch: scaled_loss(*masked_loss_sum(per_token, batch)),
+                     before_backward=lambda last: self.optimizer.before_backward(last_micro_batch=last and overlap))
+            if self._tied_stage:
+                allreduce_embedding_grads(self.model, self.pc)
         # Finalize the grads in Megatron's finalize_model_grads order: first wait for the DP all-reduces (with
         # overlap_grad_reduce they are still in flight over main_grad), then the TP reduction of the
         # sequence-parallel grads, which reads and rewrites that same memory.
@@ -508,6 +567,7 @@ class Trainer:
         if self.pc.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model, self.pc)
         step_loss = self._sum_dp(loss_acc) / tokens if token_mean else self._reduce_mean_dp(loss_acc / self.num_micro)
+        step_loss = self._from_last_stage(step_loss)
         norm = self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)
         loss_v, norm_v = float(step_loss), float(norm)
         applied = math.isfinite(loss_v) and math.isfinite(norm_v)
@@ -525,12 +585,23 @@ class Trainer:
         self.model.eval()
         sampler = iter(PretrainingSampler(len(ds), 0, self.cfg.train.micro_batch_size, self.pc.dp_rank, self.pc.dp))
         sums = torch.zeros(2, dtype=torch.float32, device=self.pc.device)  # [sum of loss x mask, sum of mask]
+        micro = []
         for n, indices in enumerate(sampler):
             if n == self.cfg.eval.iters * self.num_micro:
                 break
-            sums += torch.stack(micro_batch_loss_sum(self.forward_model, collate(ds, indices, self.pc.device)))
+            if self.pc.pp == 1:
+                sums += torch.stack(micro_batch_loss_sum(self.forward_model, collate(ds, indices, self.pc.device)))
+            else:
+                micro.append(collate(ds, indices, self.pc.device))
+        if micro:
+            from megaocto.training.pipeline import forward_only, forward_only_interleaved
+
+            run = forward_only if self.virtual_pp == 1 else \
+                functools.partial(forward_only_interleaved, virtual=self.virtual_pp)
+            run(self.forward_model, micro, self.pc, shape=self._p2p_shape, dtype=self._model_dtype(),
+                loss_fn=lambda per_token, batch: sums.add_(torch.stack(masked_loss_sum(per_token, batch))))
         self.model.train()
-        sums = self._sum_dp(sums)
+        sums = self._from_last_stage(self._sum_dp(sums))
         return float(sums[0] / sums[1].clamp(min=1.0))
 
     def train_loader(self):
