@@ -15,6 +15,7 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
     model at every TP size. ``recompute``: none | full (checkpoint every ``recompute_num_layers``-layer chunk) |
     selective (core attention only). Forward: ``model(input_ids, *, position_ids=None, segment_ids=None,
     labels=None)`` -> fp32 per-token loss [b, s] with labels, else vocab-parallel logits [b, s, V_pad/tp].
+    With ``cfg.lora.rank > 0`` the base is frozen and LoRA adapters are added (:mod:`megaocto.model.lora`).
     """
     import torch
 
@@ -34,5 +35,10 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
         from megaocto.model.llama import LlamaModel as cls
     else:
         from megaocto.model.glm2 import GLM2Model as cls
-    return cls(cfg, pc, dtype=dtype if dtype is not None else torch.float32, device=device,
-               recompute=recompute, recompute_num_layers=recompute_num_layers)
+    model = cls(cfg, pc, dtype=dtype if dtype is not None else torch.float32, device=device,
+                recompute=recompute, recompute_num_layers=recompute_num_layers)
+    if cfg.lora.enabled:  # frozen base + trainable adapters (megaocto/model/lora.py)
+        from megaocto.model.lora import inject_lora
+
+        inject_lora(model, cfg.lora, pc)
+    return model
