@@ -67,6 +67,9 @@ LORA_TARGETS = {
                 "fc1": ("mlp.dense_h_to_4h", None, None, None),
                 "fc2": ("mlp.dense_4h_to_h", None, None, None)},
     "glm2": {"query_key_value": ("self_attention.query_key_value", None, None, None),
+             "q": ("self_attention.query_key_value", 0, 1, None),
+             "k": ("self_attention.query_key_value", 1, 2, None),
+             "v": ("self_attention.query_key_value", 2, 3, None),
              "dense": ("self_attention.dense", None, None, None),
              "up": ("mlp.dense_h_to_4h", None, None, None),
              "down": ("mlp.dense_4h_to_h", None, None, None)},
@@ -82,7 +85,8 @@ LORA_TARGETS = {
 LORA_ALIASES = {
     "bigcode": {"c_attn": ["query_key_value"], "q_attn": [], "c_proj": ["dense", "fc2"], "c_fc": ["fc1"],
                 "dense_h_to_4h": ["fc1"], "dense_4h_to_h": ["fc2"], "mlp.c_proj": ["fc2"], "attn.c_proj": ["dense"]},
-    "glm2": {"dense_h_to_4h": ["up"], "dense_4h_to_h": ["down"]},
+    "glm2": {"dense_h_to_4h": ["up"], "dense_4h_to_h": ["down"], "q_proj": ["q"], "k_proj": ["k"], "v_proj": ["v"],
+             "o_proj": ["dense"], "gate_up_proj": ["up"], "down_proj": ["down"]},
     "llama": {"q_proj": ["q"], "k_proj": ["k"], "v_proj": ["v"], "o_proj": ["o"], "gate_proj": ["gate"],
               "up_proj": ["up"], "down_proj": ["down"], "query": ["q"], "key_value": ["k", "v"], "dense": ["o"],
               "dense_h_to_4h": ["gate", "up"], "dense_4h_to_h": ["down"]},
@@ -99,9 +103,10 @@ class LoraConfig:
     target_modules: list = field(
         default_factory=lambda: ["query_key_value", "dense"],
         doc="Layers that get adapters, in megaocto's names per family — bigcode: query_key_value (HF c_attn), query, "
-            "key_value, dense, fc1, fc2; glm2: query_key_value, dense, up, down; llama: q, k, v, o, gate, up, down — "
-            "or HF names (c_attn, q_attn, c_proj, c_fc, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-            "down_proj), which map to the same adapters PEFT would create.")
+            "key_value, dense, fc1, fc2; glm2: query_key_value (one A, ChatGLM2's adapter) or q, k, v "
+            "(one A each, transformers Glm's q_proj/k_proj/v_proj), dense, up, down; llama: q, k, v, o, gate, up, "
+            "down — or HF names (c_attn, q_attn, c_proj, c_fc, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+            "down_proj, gate_up_proj), which map to the same adapters PEFT would create.")
     init: str = field("peft", "Adapter init: peft (PEFT's default: A Kaiming-uniform a=sqrt(5), B zero) or gaussian "
                               "(A ~ N(0, 1/r²), B zero); both leave the step-0 model equal to the base.")
 
