@@ -98,6 +98,8 @@ class LoraAdapter(nn.Module):
         self.B = nn.Parameter(torch.zeros(self.out_slice[1] - self.out_slice[0], r, **kw))
         if self.kind == "column":
             _tag(self.B, 0, full_sizes[b0:b1])
+        if hasattr(host.weight, "kv_groups"):  # llama key_value: split up to tp = K/V heads, replicated above
+            self.B.kv_groups = host.weight.kv_groups
         elif pc.sequence_parallel:  # row (h is a sequence shard after the reduce-scatter) and replicated hosts
             self.B.sequence_parallel = True
 
@@ -159,6 +161,21 @@ def inject_lora(model: nn.Module, cfg: LoraConfig, pc) -> list[str]:
         model._dropout_on = types.MethodType(lambda self: base_dropout_on() or self.training, model)
     model.lora_config = cfg
     return added
+
+
+@torch.no_grad()
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash of this rank's frozen base weights (names, shapes, fp64 sum and sum of squares of each), recorded
+    in adapter checkpoints so that resuming onto another base is refused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if is_lora_key(name):
+            continue
+        t64 = t.detach().to(torch.float64)
+        h.update(f"{name}:{tuple(t.shape)}:{t64.sum().item()!r}:{t64.square().sum().item()!r};".encode())
+    return h.hexdigest()[:16]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

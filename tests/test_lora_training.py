@@ -1,0 +1,105 @@
+"""LoRA training runs: exact resume (6 == 3 + save + resume 3, bitwise, LoRA dropout on), adapter-only checkpoints
+with a base reference that the resume loads and fingerprints, frozen base, bf16 + full recompute."""
+import io
+import os
+
+import pytest
+import torch
+
+from megaocto import checkpoint as ckpt
+from megaocto.config.base import ConfigError
+from megaocto.config.loader import load_run_config
+from megaocto.training.loop import Trainer, train
+
+LORA = ("--model.lora.rank", "4", "--model.lora.alpha", "8", "--model.lora.dropout", "0.1",
+        "--model.lora.target_modules", "[c_attn, c_proj]")
+
+
+def _cfg(tmp_path, *extra, iters=6):
+    return load_run_config(None, [
+        "--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--train.iters", str(iters),
+        "--train.micro_batch_size", "2", "--train.global_batch_size", "4", "--train.dtype", "fp32",
+        "--train.seed", "7", "--optimizer.lr", "5e-3", "--schedule.warmup_iters", "2",
+        "--logging.run_dir", str(tmp_path / "run"), "--logging.log_interval", "1", "--data.num_workers", "0", *extra])
+
+
+def _quiet(cfg):
+    return train(cfg, stream=io.StringIO())
+
+
+def _state(save, it):
+    return torch.load(ckpt.model_file(save, it, 0), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("base")
+    save = str(tmp / "base")
+    _quiet(_cfg(tmp, "--checkpoint.save", save, iters=2))
+    return save
+
+
+def test_lora_exact_resume_adapter_checkpoint_and_frozen_base(tmp_path, base):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    straight = _quiet(_cfg(tmp_path, *LORA, "--checkpoint.load", base, "--checkpoint.save", a))
+    assert list(straight.losses) == list(range(1, 7))
+    first = _quiet(_cfg(tmp_path, *LORA, "--checkpoint.load", base, "--checkpoint.save", b,
+                        "--train.exit_interval", "3"))
+    assert first.iteration == 3
+    second = _quiet(_cfg(tmp_path, *LORA, "--checkpoint.load", base, "--checkpoint.save", b))
+    assert list(second.losses) == [4, 5, 6]
+    assert {**first.losses, **second.losses} == straight.losses, "resumed LoRA run diverged"
+
+    state, base_state = _state(b, 6), _state(base, 2)
+    assert state["model"] and all(".lora." in k for k in state["model"])  # adapters only
+    for k, v in _state(a, 6)["model"].items():
+        assert torch.equal(v, state["model"][k]), k
+    ref = state["lora_base"]
+    assert ref["path"] == os.path.abspath(base) and ref["iteration"] == 2 and len(ref["fingerprint"]) == 16
+    assert os.path.getsize(ckpt.model_file(b, 6, 0)) < os.path.getsize(ckpt.model_file(base, 2, 0)) / 4
+    # optimizer state of the adapters only
+    unique = {v.untyped_storage().data_ptr(): v for v in state["model"].values()}  # shared A saved once
+    assert len(unique) < len(state["model"])
+    n_adapter = sum(v.numel() for v in unique.values())
+    n_state = sum(t.numel() for s in state["optimizer"]["optimizer"]["state"].values() for k, t in s.items()
+                  if torch.is_tensor(t) and k == "exp_avg")
+    assert n_state == n_adapter
+
+    # the frozen base is unchanged after training, and the resume loaded it from the reference
+    resumed = Trainer(_cfg(tmp_path, *LORA, "--checkpoint.save", b, iters=6), stream=io.StringIO())
+    assert resumed.iteration == 6
+    own = resumed.model.state_dict()
+    for k, v in base_state["model"].items():
+        assert torch.equal(own[k], v), k
+
+
+def test_lora_resume_refuses_a_changed_base(tmp_path, base):
+    import shutil
+
+    moved = str(tmp_path / "base_copy")
+    shutil.copytree(base, moved)
+    save = str(tmp_path / "s")
+    _quiet(_cfg(tmp_path, *LORA, "--checkpoint.load", moved, "--checkpoint.save", save, iters=2))
+    path = ckpt.model_file(moved, 2, 0)
+    state = torch.load(path, weights_only=True)
+    state["model"]["final_layernorm.weight"] += 1.0
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match="fingerprint .* differs"):
+        Trainer(_cfg(tmp_path, *LORA, "--checkpoint.save", save, iters=4), stream=io.StringIO())
+    shutil.rmtree(moved)
+    with pytest.raises(ConfigError, match="base checkpoint .* is gone"):
+        Trainer(_cfg(tmp_path, *LORA, "--checkpoint.save", save, iters=4), stream=io.StringIO())
+
+
+def test_lora_bf16_recompute_trains_adapters_only(tmp_path, base):
+    tr = Trainer(_cfg(tmp_path, *LORA, "--checkpoint.load", base, "--train.dtype", "bf16", "--train.recompute",
+                      "full", iters=3), stream=io.StringIO())
+    n_adapter = sum(p.numel() for n, p in tr.model.named_parameters() if ".lora." in n)
+    assert tr.optimizer.grad_buffer.numel() == n_adapter == sum(m.numel() for m in tr.optimizer.masters)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    res = tr.run()
+    assert res.iteration == 3 and all(v == v for v in res.losses.values())
+    after = tr.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora." in k and k.endswith(".B") or ".lora." in k for k in changed), changed
+    assert any(k.endswith(".B") for k in changed)
