@@ -103,3 +103,40 @@ def test_lora_bf16_recompute_trains_adapters_only(tmp_path, base):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".lora." in k and k.endswith(".B") or ".lora." in k for k in changed), changed
     assert any(k.endswith(".B") for k in changed)
+
+
+def _dist_cfg(save, *extra):
+    return load_run_config(None, [
+        "--model.preset", "tiny-bigcode", "--model.seq_length", "32", "--train.iters", "4",
+        "--train.micro_batch_size", "2", "--train.global_batch_size", "4", "--train.dtype", "fp32",
+        "--train.seed", "11", "--optimizer.lr", "5e-3", "--schedule.warmup_iters", "1", *LORA[:4],
+        "--model.lora.target_modules", "[c_attn, c_proj, c_fc]", "--model.lora.init", "gaussian",
+        "--checkpoint.save", save, "--logging.run_dir", save + "_run", "--logging.jsonl", "false",
+        "--data.num_workers", "0", *extra])
+
+
+def _body_dist(rank, world_size, root, reference):
+    import torch.distributed as dist
+
+    for name, args in (("dp2", ("--parallel.tp", "1")), ("tp2sp", ("--parallel.tp", "2", "--parallel.sequence_parallel",
+                                                                    "true")),
+                       ("dp2zero1", ("--parallel.tp", "1", "--train.zero1", "true"))):
+        tr = Trainer(_dist_cfg(os.path.join(root, name), *args), stream=io.StringIO())
+        n_adapter = sum(p.numel() for n, p in tr.model.named_parameters() if ".lora." in n)
+        assert tr.optimizer.grad_buffer.numel() <= n_adapter + 64 * len(tr.optimizer.buckets)  # only adapter grads
+        losses = tr.run().losses
+        for step, want in reference.items():
+            assert losses[step] == pytest.approx(want, rel=1e-5, abs=1e-5), f"{name} step {step}"
+        if name.startswith("dp2"):  # the DP replicas hold the same adapters
+            for n, p in tr.model.named_parameters():
+                other = p.detach().clone()
+                dist.broadcast(other, 0, group=tr.pc.dp_group)
+                assert torch.equal(other, p.detach()), n
+
+
+def test_lora_dp2_tp2sp_zero1_match_single_process(tmp_path):
+    from dist_utils import run_distributed
+
+    reference = train(_dist_cfg(str(tmp_path / "ref")), stream=io.StringIO()).losses
+    assert len(reference) == 4
+    run_distributed(_body_dist, 2, str(tmp_path), reference)

@@ -98,10 +98,10 @@ class LoraAdapter(nn.Module):
         self.B = nn.Parameter(torch.zeros(self.out_slice[1] - self.out_slice[0], r, **kw))
         if self.kind == "column":
             _tag(self.B, 0, full_sizes[b0:b1])
-        if hasattr(host.weight, "kv_groups"):  # llama key_value: split up to tp = K/V heads, replicated above
-            self.B.kv_groups = host.weight.kv_groups
         elif pc.sequence_parallel:  # row (h is a sequence shard after the reduce-scatter) and replicated hosts
             self.B.sequence_parallel = True
+        if hasattr(host.weight, "kv_groups"):  # llama key_value: split up to tp = K/V heads, replicated above
+            self.B.kv_groups = host.weight.kv_groups
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution to the host's local output slice."""
