@@ -228,3 +228,115 @@ def _expected_megaocto_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     model = build_model(cfg, ParallelContext.single(), device="meta")
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if is_lora_key(k)}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def read_adapter_checkpoint(load: str, iteration=None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict, str]:
+    """(config, unsharded adapters, base reference, checkpoint dir) of a LoRA run's checkpoint at any TP."""
+    from megaocto import checkpoint as ckpt
+    from megaocto.convert.core import checkpoint_info, config_from_metadata, param_specs
+    from megaocto.model.lora import is_lora_key
+    from megaocto.parallel.layers import merge_shards
+
+    directory, meta, _ = checkpoint_info(load, iteration)
+    where = os.path.join(directory, ckpt.METADATA)
+    cfg = config_from_metadata(meta, where)
+    if not cfg.lora.enabled:
+        raise ConversionError(f"{where}: not a LoRA checkpoint (model.lora.rank=0); --lora-format/--merge-lora "
+                              f"apply to checkpoints of LoRA runs")
+    tp = int(meta.get("tp", 1))
+    states = [torch.load(os.path.join(directory, ckpt.rank_dir_name(r, 0, 1), ckpt.MODEL_FILE), map_location="cpu",
+                         weights_only=True) for r in range(tp)]
+    specs = {k: s for k, s in param_specs(cfg, tp).items() if is_lora_key(k)}
+    full = {}
+    for name, spec in specs.items():
+        if name not in states[0]["model"]:
+            raise ConversionError(f"{directory}: adapter {name!r} missing (config.model.lora in metadata.json does "
+                                  f"not match the saved adapters)")
+        parts = [s["model"][name] for s in states]
+        full[name] = parts[0] if spec.partition_dim is None or tp == 1 else merge_shards(
+            parts, spec.partition_dim, spec.partition_blocks)
+    return cfg, full, states[0].get("lora_base") or {}, directory
+
+
+def export_peft(load: str, output: str, *, iteration=None, dtype=None) -> None:
+    """``megaocto convert to-hf --lora-format peft``: a LoRA checkpoint's adapters as a PEFT adapter folder."""
+    from megaocto.convert.core import AtomicDir, check_output_free, parse_dtype
+
+    cfg, full, ref, _ = read_adapter_checkpoint(load, iteration)
+    check_output_free(output)
+    with AtomicDir(output) as tmp:
+        write_peft_adapter(tmp, cfg, full, base=ref.get("path"), dtype=parse_dtype(dtype))
+
+
+def merged_base_tensors(cfg: ModelConfig, base: dict[str, torch.Tensor], full: dict[str, torch.Tensor]
+                        ) -> dict[str, torch.Tensor]:
+    """The base's unsharded tensors with every adapter folded in (``W[rows] += alpha/r · B A``), in fp32 math."""
+    from megaocto.model import build_model
+    from megaocto.model.lora import LoraAdapter
+    from megaocto.parallel.context import ParallelContext
+
+    model = build_model(cfg, ParallelContext.single(), device="meta")  # tp=1: out_slice = rows of the full weight
+    out = dict(base)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraAdapter):
+            continue
+        host = name.rsplit(".lora.", 1)[0]
+        w = out[host + ".weight"]
+        if w.shape[1] != full[name + ".A"].shape[1]:
+            raise ConversionError(f"base {host}.weight has shape {tuple(w.shape)}; the adapter {name} needs "
+                                  f"{full[name + '.A'].shape[1]} input features (another base model?)")
+        s0, s1 = mod.out_slice
+        w = w.clone()
+        w[s0:s1] += (mod.scale * full[name + ".B"].float() @ full[name + ".A"].float()).to(w.dtype)
+        out[host + ".weight"] = w
+    return out
+
+
+def merge_to_hf(load: str, output: str, *, iteration=None, base: str | None = None, **to_hf_kwargs) -> None:
+    """``megaocto convert to-hf --merge-lora``: base (from the checkpoint's reference, or ``base``) + merged adapters
+    as a full HF model directory."""
+    import dataclasses
+    import tempfile
+
+    from megaocto.convert.core import check_output_free, read_megaocto_checkpoint, write_megaocto_checkpoint
+    from megaocto.convert.hf import to_hf
+
+    cfg, full, ref, directory = read_adapter_checkpoint(load, iteration)
+    check_output_free(output)
+    base_path, base_it = (base, None) if base else (ref.get("path"), ref.get("iteration"))
+    if not base_path:
+        raise ConversionError(f"{directory}: the LoRA run's base was initialised from the seed (no base checkpoint "
+                              f"recorded); pass --base with a megaocto checkpoint of the base")
+    base_cfg, tensors = read_megaocto_checkpoint(base_path, iteration=base_it)
+    plain = dataclasses.replace(cfg, lora=LoraConfig())
+    shape_fields = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_size")
+    diff = [f for f in shape_fields if getattr(base_cfg, f) != getattr(plain, f)]
+    if diff:
+        raise ConversionError(f"{base_path}: base model does not match the adapters' model ({', '.join(diff)} differ)")
+    merged = merged_base_tensors(cfg, dict(tensors), full)
+    with tempfile.TemporaryDirectory(prefix="megaocto_merge_") as tmp:
+        ck = os.path.join(tmp, "merged")
+        write_megaocto_checkpoint(ck, plain, merged, 1, progress=False)
+        to_hf(ck, output, **to_hf_kwargs)
+
+
+def from_hf_with_adapter(hf_dir: str, adapter_dir: str, output: str, *, tp: int = 1, dtype=None,
+                         progress: bool = True) -> None:
+    """``megaocto convert from-hf --lora DIR``: an HF base plus a PEFT adapter folder -> a megaocto checkpoint with
+    ``model.lora`` set and the adapters stored (training with ``checkpoint.load`` continues from them)."""
+    import dataclasses
+    import itertools
+
+    from megaocto.convert import core
+    from megaocto.convert.hf import _source_iter, plan_from_hf
+
+    plan = plan_from_hf(hf_dir, tp)
+    lora, full = read_peft_adapter(adapter_dir, plan.cfg)
+    cfg = dataclasses.replace(plan.cfg, lora=lora)
+    cfg.validate(tp)
+    core.check_output_free(output)
+    meta = {"converted_from": {"kind": "hf", "layout": plan.layout, "path": os.path.abspath(hf_dir),
+                               "token_ids": plan.token_ids, "peft_adapter": os.path.abspath(adapter_dir)}}
+    core.write_megaocto_checkpoint(output, cfg, itertools.chain(_source_iter(plan), full.items()), tp,
+                                   dtype=core.parse_dtype(dtype), metadata_extra=meta, progress=progress)
