@@ -3,6 +3,7 @@
 #
 #   sbatch launch/finetune.sh                          # from the repository root; log: octo-finetune-<jobid>.out
 #   MODEL=octogeex sbatch launch/finetune.sh
+#   MODEL=octocoder-lora sbatch launch/finetune.sh     # OctoCoder's LoRA recipe (launch/configs/octocoder-15b-lora.yaml)
 #   sbatch --nodes 2 launch/finetune.sh --train.iters 60   # extra args are `megaocto train` overrides
 #   bash launch/finetune.sh                            # no SLURM: local torchrun (gloo on CPU without a GPU)
 #   PRESET=tiny TP=2 bash launch/finetune.sh           # tiny model on synthetic data, 2 CPU processes
@@ -16,6 +17,7 @@
 #
 # Environment (every one optional):
 #   MODEL        octocoder (default; launch/configs/octocoder-15b.yaml) | octogeex (launch/configs/octogeex-6b.yaml)
+#                | octocoder-lora (launch/configs/octocoder-15b-lora.yaml; PRESET=tiny: tiny-bigcode-lora.yaml)
 #   PRESET       tiny: launch/configs/tiny-bigcode.yaml (octogeex: tiny-glm2.yaml) — tests and the demo
 #   CONFIG       a run config file; wins over MODEL/PRESET
 #   MEGAOCTO_ROOT  repository root (default: the sbatch submit directory, or this script's parent directory)
@@ -47,7 +49,8 @@ MODEL=${MODEL:-octocoder}
 case "$MODEL" in
   octocoder) full="octocoder-15b.yaml"; tiny="tiny-bigcode.yaml" ;;
   octogeex) full="octogeex-6b.yaml"; tiny="tiny-glm2.yaml" ;;
-  *) echo "finetune.sh: MODEL must be octocoder or octogeex (got '$MODEL')" >&2; exit 2 ;;
+  octocoder-lora) full="octocoder-15b-lora.yaml"; tiny="tiny-bigcode-lora.yaml" ;;
+  *) echo "finetune.sh: MODEL must be octocoder, octogeex or octocoder-lora (got '$MODEL')" >&2; exit 2 ;;
 esac
 case "${PRESET:-}" in
   "") default_config=$ROOT/launch/configs/$full ;;

@@ -8,6 +8,7 @@ from dist_utils import run_distributed
 from megaocto.config.base import ConfigError
 from megaocto.config.model import LoraConfig, ModelConfig
 from megaocto.model import build_model
+from megaocto.model.lora_memory import lora_params
 from megaocto.parallel.context import ParallelContext
 from megaocto.parallel.grads import allreduce_sequence_parallel_grads
 from megaocto.parallel.layers import gather_full_like, shard_for_param
@@ -122,6 +123,9 @@ def _body_tp(rank, world_size):
             torch.manual_seed(1234)
             model = build_model(cfg, pc2, recompute=recompute)
             randomize_adapters(model, pc2)
+            # model-info's torch-free count of the adapters one TP rank holds
+            assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora_params(cfg, 2)[1], name
+            assert sum(p.numel() for p in ref.parameters() if p.requires_grad) == lora_params(cfg, 1)[0], name
             torch.testing.assert_close(_loss_backward(model, pc2), _loss_backward(ref, pc1), **TOL)
             ref_params = dict(ref.named_parameters())
             checked = 0
@@ -138,3 +142,22 @@ def _body_tp(rank, world_size):
 
 def test_lora_tp2_matches_tp1_all_families_sp_off_and_on():
     run_distributed(_body_tp, 2)
+
+
+def test_memory_estimate_counts_frozen_base_as_weights_only(capsys):
+    from megaocto.cli import main
+    from megaocto.model.flops import num_params_per_rank
+    from megaocto.model.memory import estimate_memory
+
+    cfg = ModelConfig.from_preset("starcoder-15b", seq_length=2048,
+                                  lora=LoraConfig(rank=16, alpha=32, target_modules=["c_proj", "c_attn", "q_attn"]))
+    full = ModelConfig.from_preset("starcoder-15b", seq_length=2048)
+    n, m = num_params_per_rank(full, 2), lora_params(cfg, 2)[1]
+    assert 0 < m < n / 100
+    lora_mem = estimate_memory(cfg, tp=2, dp=4, recompute="selective")
+    full_mem = estimate_memory(full, tp=2, dp=4, recompute="selective")
+    assert lora_mem.weights == (n + m) * 2 and lora_mem.grads == m * 4 and lora_mem.optimizer == m * 12
+    assert lora_mem.activations == full_mem.activations and lora_mem.total < full_mem.total / 5
+    assert main(["model-info", "--preset", "starcoder-15b", "--tp", "2", "--lora-rank", "16",
+                 "--lora-targets", "c_proj,c_attn,q_attn"]) == 0
+    assert f"{lora_params(cfg, 1)[0]:,} adapter parameters" in capsys.readouterr().out

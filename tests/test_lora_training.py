@@ -140,3 +140,29 @@ def test_lora_dp2_tp2sp_zero1_match_single_process(tmp_path):
     reference = train(_dist_cfg(str(tmp_path / "ref")), stream=io.StringIO()).losses
     assert len(reference) == 4
     run_distributed(_body_dist, 2, str(tmp_path), reference)
+
+
+def test_recipe_configs_and_launcher_run_tiny_lora(tmp_path):
+    """launch/configs/octocoder-15b-lora.yaml carries the published LoRA hyper-parameters; MODEL=octocoder-lora
+    PRESET=tiny bash launch/finetune.sh trains tiny LoRA at tp=2 (2 CPU processes) and saves adapter checkpoints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_run_config(str(root / "launch" / "configs" / "octocoder-15b-lora.yaml"))
+    lora = cfg.model.lora
+    assert (lora.rank, lora.alpha, lora.dropout, lora.target_modules) == (16, 32, 0.05, ["c_proj", "c_attn", "q_attn"])
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.schedule.style, cfg.schedule.warmup_iters) == \
+        (5e-4, 0.05, "cosine", 5)
+    assert cfg.model.seq_length == 2048 and cfg.train.dtype == "bf16"
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(MEGAOCTO_ROOT=str(root), PYTHON=sys.executable, MODEL="octocoder-lora", PRESET="tiny", TP="2",
+               RUN_DIR=str(run), SAVE=str(run / "ck"), LOAD=str(run / "ck"), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(root))
+    proc = subprocess.run(["bash", str(root / "launch" / "finetune.sh"), "--train.iters", "2", "--eval.interval", "0",
+                           "--checkpoint.save_interval", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(ckpt.model_file(str(run / "ck"), 2, 1), weights_only=True)  # TP rank 1's adapter shards
+    assert state["model"] and all(".lora." in k for k in state["model"]) and state["lora_base"]["path"] is None
