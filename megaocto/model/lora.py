@@ -173,8 +173,12 @@ def base_fingerprint(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         if is_lora_key(name):
             continue
-        t64 = t.detach().to(torch.float64)
-        h.update(f"{name}:{tuple(t.shape)}:{t64.sum().item()!r}:{t64.square().sum().item()!r};".encode())
+        total = squares = 0.0
+        for chunk in t.detach().reshape(-1).split(1 << 22):  # fp64 in chunks: no full-size copy of big tensors
+            c64 = chunk.to(torch.float64)
+            total += c64.sum().item()
+            squares += c64.square().sum().item()
+        h.update(f"{name}:{tuple(t.shape)}:{total!r}:{squares!r};".encode())
     return h.hexdigest()[:16]
 
 
