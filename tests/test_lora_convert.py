@@ -103,3 +103,15 @@ def test_lora_convert_errors_are_one_line(runs, tmp_path, capsys):
     assert main(["convert", "from-hf", "--hf", other_hf, "--lora", out, "--output", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another base model" in err[0], err
+
+
+def test_generation_loads_a_lora_checkpoint(runs):
+    """megaocto generate / eval (generation.loading) load a LoRA checkpoint: base from its reference + adapters."""
+    from megaocto.generation.loading import load_checkpoint_model
+
+    tmp, base, lora, base_hf = runs
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    model, cfg = load_checkpoint_model(lora)
+    assert cfg.lora.rank == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[..., :1000], _ours_logits(tmp, lora, ids), atol=1e-5, rtol=1e-5)

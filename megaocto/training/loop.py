@@ -304,7 +304,7 @@ class Trainer:
                                        ckpt.MODEL_FILE)
         self._release = it == "release"  # Megatron's release checkpoints are weights only (finetune semantics)
         if self.cfg.model.lora.enabled:  # base checkpoint -> LoRA finetune start; adapter checkpoint -> its base too
-            from megaocto.training.lora_checkpoint import load_lora_checkpoint
+            from megaocto.model.lora_checkpoint import load_lora_checkpoint
 
             self._lora_base, adapters = load_lora_checkpoint(self.model, state, source, it, self.pc, self._ckpt_file)
             self._release = self._release or not adapters  # a base checkpoint: weights only (finetune semantics)
