@@ -161,3 +161,26 @@ def test_memory_estimate_counts_frozen_base_as_weights_only(capsys):
     assert main(["model-info", "--preset", "starcoder-15b", "--tp", "2", "--lora-rank", "16",
                  "--lora-targets", "c_proj,c_attn,q_attn"]) == 0
     assert f"{lora_params(cfg, 1)[0]:,} adapter parameters" in capsys.readouterr().out
+
+
+def test_lora_dropout_replayed_by_full_recompute():
+    """Full recompute replays the adapters' dropout masks (the model's own dropout is off here)."""
+    from megaocto.parallel.random import seed_everything
+
+    pc = ParallelContext.single()
+    cfg = _cfg("tiny-llama", dropout=0.3)
+    out = {}
+    for recompute in ("none", "full"):
+        torch.manual_seed(0)
+        model = build_model(cfg, pc, recompute=recompute).train()
+        randomize_adapters(model, pc)
+        seed_everything(5, pc)
+        loss = _loss_backward(model, pc)
+        out[recompute] = (loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        model.eval()
+        with torch.no_grad():
+            ids, seg, labels = _batch()
+            assert not torch.allclose(model(ids, segment_ids=seg, labels=labels), loss)  # dropout was active
+    assert torch.equal(out["none"][0], out["full"][0])
+    for n, g in out["none"][1].items():
+        torch.testing.assert_close(out["full"][1][n], g, atol=1e-6, rtol=1e-5, msg=n)

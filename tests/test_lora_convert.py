@@ -82,6 +82,8 @@ def test_lora_convert_errors_are_one_line(runs, tmp_path, capsys):
     assert main(["convert", "to-hf", "--load", lora, "--output", str(tmp_path / "x"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds LoRA adapters" in err[0]
+    assert main(["convert", "reshard", "--load", lora, "--output", str(tmp_path / "r"), "--tp", "2"]) == 2
+    assert "holds LoRA adapters" in capsys.readouterr().err
     assert main(["convert", "to-hf", "--load", base, "--output", str(tmp_path / "y"), "--lora-format", "peft"]) == 2
     assert "not a LoRA checkpoint" in capsys.readouterr().err
     out = str(tmp_path / "adapter")

@@ -161,6 +161,9 @@ def run(args) -> int:
             to_hf(args.load, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                   max_shard_size=args.max_shard_size, iteration=args.iteration, verify=args.verify,
                   progress=not args.quiet, verify_tol=tol)
+        elif cmd == "reshard" and _is_lora(args.load, args.iteration):
+            raise ConfigError(f"{args.load} holds LoRA adapters (and a reference to its base), which reshard does not "
+                              f"lay out; export them (to-hf --lora-format peft) or merge them (to-hf --merge-lora)")
         elif cmd == "reshard":
             from megaocto.convert.reshard import reshard
 
