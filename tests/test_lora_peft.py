@@ -92,3 +92,13 @@ def test_glm2_query_key_value_exports_as_three_projections():
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[..., :cfg.vocab_size], ref(input_ids=ids).logits, **TOL)
+
+
+def test_two_adapters_on_one_peft_module_refused():
+    from megaocto.convert.core import ConversionError
+
+    cfg = ModelConfig.from_preset("tiny-glm2", lora=LoraConfig(rank=4, target_modules=["query_key_value", "q"]))
+    torch.manual_seed(0)
+    model = build_model(cfg, ParallelContext.single())
+    with pytest.raises(ConversionError, match="one PEFT module self_attn.q_proj"):
+        to_peft(cfg, lora_state_dict(model))

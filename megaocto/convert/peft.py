@@ -57,6 +57,9 @@ def to_peft(cfg: ModelConfig, full: dict[str, torch.Tensor]) -> tuple[dict[str, 
 
     def put(i, module, a, b):
         key = PREFIX + _layer_prefix(cfg, i) + module
+        if key + ".lora_A.weight" in out:
+            raise ConversionError(f"two megaocto adapters map onto the one PEFT module {module} (e.g. glm2 "
+                                  f"query_key_value together with q/k/v); train with one of them")
         out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = a.contiguous(), b.contiguous()
         if module not in modules:
             modules.append(module)
