@@ -138,6 +138,14 @@ def _body_tp(rank, world_size):
                 assert ref_params[n].grad.abs().sum() > 0, n
                 checked += 1
             assert checked >= 4 * cfg.num_layers, (name, checked)
+            # merging the sharded adapters into the sharded weights keeps the function at tp=2
+            from megaocto.model.lora import merge_lora_
+
+            ids, seg, labels = _batch(1)
+            with torch.no_grad():
+                before = model(ids, segment_ids=seg, labels=labels)
+                merge_lora_(model)
+                torch.testing.assert_close(model(ids, segment_ids=seg, labels=labels), before, **TOL)
 
 
 def test_lora_tp2_matches_tp1_all_families_sp_off_and_on():
@@ -184,3 +192,19 @@ def test_lora_dropout_replayed_by_full_recompute():
     assert torch.equal(out["none"][0], out["full"][0])
     for n, g in out["none"][1].items():
         torch.testing.assert_close(out["full"][1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_merge_lora_in_place_keeps_the_function():
+    from megaocto.model.lora import merge_lora_
+
+    pc = ParallelContext.single()
+    for name in TARGETS:
+        torch.manual_seed(0)
+        model = build_model(_cfg(name), pc).eval()
+        randomize_adapters(model, pc)
+        ids, seg, _ = _batch()
+        with torch.no_grad():
+            before = model(ids, segment_ids=seg)
+            merge_lora_(model)
+            assert not any(".lora." in k for k in model.state_dict())
+            torch.testing.assert_close(model(ids, segment_ids=seg), before, atol=1e-5, rtol=1e-5)

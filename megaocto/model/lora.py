@@ -147,7 +147,7 @@ def inject_lora(model: nn.Module, cfg: LoraConfig, pc) -> list[str]:
             host = block.get_submodule(path)
             if not hasattr(host, "lora"):
                 host.lora = nn.ModuleDict()
-                host.register_forward_hook(_lora_hook)
+                host._lora_hook = host.register_forward_hook(_lora_hook)
             device = host.weight.device if host.weight.device.type != "meta" else None
             adapter = LoraAdapter(host, cfg, pc, blocks=(b0, b1), shared_a=shared.get(group) if group else None,
                                   dtype=dtype, device=device)
@@ -194,7 +194,8 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def merge_lora_(model: nn.Module) -> None:
-    """Fold every adapter into its host's weight in place (``W += scale · B A``) and remove the adapters."""
+    """Fold every adapter into its host's weight in place (``W += scale · B A``, on this rank's shards) and remove
+    the adapters: the plain model computing the same function (e.g. for generation without the LoRA path)."""
     for host in list(model.modules()):
         if not hasattr(host, "lora"):
             continue
@@ -203,4 +204,5 @@ def merge_lora_(model: nn.Module) -> None:
             s0, s1 = adapter.out_slice
             host.weight[s0:s1] += delta.to(host.weight.dtype)
         del host.lora
-        host._forward_hooks.clear()
+        host._lora_hook.remove()
+        del host._lora_hook
