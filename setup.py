@@ -205,7 +205,8 @@ setup(
         "transformers>=4.56",
     ],
     extras_require={
-        "test": ["pytest"],
+        # peft: tests/test_lora_peft.py checks LoRA parity and the PEFT export against HF PEFT itself.
+        "test": ["pytest", "peft>=0.13"],
         # Optional: only `megaocto eval humanevalpack` without --data-dir reads bigcode/humanevalpack from the hub
         # through `datasets`; that import is guarded with an error naming the package (offline runs never need it).
         "hub": ["datasets"],

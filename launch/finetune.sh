@@ -7,6 +7,7 @@
 #   MODEL=octogeex sbatch launch/finetune.sh
 #   MODEL=magicoder sbatch launch/finetune.sh          # then MODEL=magicoder-s (continues from its checkpoint)
 #   MODEL=inversecoder sbatch launch/finetune.sh       # stage 1 (self-generated data, 1 epoch), then stage 2
+#   MODEL=octocoder-lora sbatch launch/finetune.sh     # OctoCoder's LoRA recipe (launch/configs/octocoder-15b-lora.yaml)
 #   sbatch --nodes 2 launch/finetune.sh --train.iters 60   # extra args are `megaocto train` overrides
 #   bash launch/finetune.sh                            # no SLURM: local torchrun (gloo on CPU without a GPU)
 #   PRESET=tiny TP=2 bash launch/finetune.sh           # tiny model on synthetic data, 2 CPU processes
@@ -20,10 +21,11 @@
 #
 # Environment (every one optional):
 #   MODEL        octocoder (default; launch/configs/octocoder-15b.yaml) | octogeex (launch/configs/octogeex-6b.yaml) |
-#                magicoder (magicoder-ds-6.7b.yaml) | magicoder-s (magicoder-s-ds-6.7b.yaml) |
+#                octocoder-lora (octocoder-15b-lora.yaml) | magicoder (magicoder-ds-6.7b.yaml) |
+#                magicoder-s (magicoder-s-ds-6.7b.yaml) |
 #                inversecoder (inversecoder-ds-6.7b-stage1.yaml, then inversecoder-ds-6.7b-stage2.yaml)
-#   PRESET       tiny: launch/configs/tiny-bigcode.yaml (octogeex: tiny-glm2.yaml; magicoder, magicoder-s and both
-#                inversecoder stages: tiny-llama-sft.yaml) — tests and the demo
+#   PRESET       tiny: launch/configs/tiny-bigcode.yaml (octogeex: tiny-glm2.yaml; octocoder-lora: tiny-bigcode-lora.yaml;
+#                magicoder, magicoder-s and both inversecoder stages: tiny-llama-sft.yaml) — tests and the demo
 #   CONFIG       a run config file; wins over MODEL/PRESET (inversecoder: STAGE1_CONFIG / STAGE2_CONFIG)
 # MODEL=inversecoder runs stage 1 to its end, then stage 2 with checkpoint.load = stage 1's checkpoint.save and
 # checkpoint.finetune (weights only; a fresh optimizer and LR schedule). A stage 1 whose run dir records a finished
@@ -61,10 +63,11 @@ MODEL=${MODEL:-octocoder}
 case "$MODEL" in
   octocoder) full="octocoder-15b.yaml"; tiny="tiny-bigcode.yaml" ;;
   octogeex) full="octogeex-6b.yaml"; tiny="tiny-glm2.yaml" ;;
+  octocoder-lora) full="octocoder-15b-lora.yaml"; tiny="tiny-bigcode-lora.yaml" ;;
   magicoder) full="magicoder-ds-6.7b.yaml"; tiny="tiny-llama-sft.yaml" ;;
   magicoder-s) full="magicoder-s-ds-6.7b.yaml"; tiny="tiny-llama-sft.yaml" ;;
   inversecoder) full="inversecoder-ds-6.7b-stage1.yaml"; tiny="tiny-llama-sft.yaml" ;;
-  *) echo "finetune.sh: MODEL must be octocoder, octogeex, magicoder, magicoder-s or inversecoder (got '$MODEL')" >&2
+  *) echo "finetune.sh: MODEL must be octocoder, octogeex, octocoder-lora, magicoder, magicoder-s or inversecoder (got '$MODEL')" >&2
      exit 2 ;;
 esac
 case "${PRESET:-}" in

@@ -61,6 +61,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel size to shard for (default: %(default)s)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="cast the weights (default: keep the source's)")
+    p.add_argument("--lora", default=None, metavar="PEFT_DIR",
+                   help="also read this PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) "
+                        "onto the converted base; the checkpoint gets model.lora and the adapters")
     _add_verify_and_quiet(p)
 
     p = sub.add_parser("to-hf", help="megaocto checkpoint (any TP) -> HF model directory",
@@ -74,6 +77,13 @@ def add_arguments(parser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or tokenizer.json to copy alongside")
     p.add_argument("--max-shard-size", default="5GB",
                    help="split model.safetensors above this size, with an index (default: %(default)s)")
+    p.add_argument("--lora-format", choices=["peft"], default=None,
+                   help="LoRA checkpoints: write the adapters as a PEFT adapter folder (adapter_config.json + "
+                        "adapter_model.safetensors) for PeftModel.from_pretrained(base, DIR)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA checkpoints: write a full HF model with the adapters merged into the base weights")
+    p.add_argument("--base", default=None,
+                   help="with --merge-lora: the base megaocto checkpoint (default: the one the LoRA run recorded)")
     _add_verify_and_quiet(p)
 
     p = sub.add_parser("reshard", help="megaocto checkpoint -> the same weights at another TP/PP size",
@@ -121,6 +131,18 @@ def _interrupt_handlers():
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
+def _is_lora(load: str, iteration) -> bool:
+    """Whether the checkpoint's metadata records a LoRA run (model.lora.rank > 0); False when unreadable (to_hf
+    reports that)."""
+    try:
+        from megaocto.checkpoint.reader import checkpoint_info
+
+        _, meta, _ = checkpoint_info(load, iteration)
+        return int(((meta.get("config") or {}).get("model") or {}).get("lora", {}).get("rank", 0)) > 0
+    except Exception:  # noqa: BLE001 - the regular path gives the precise error
+        return False
+
+
 def run(args) -> int:
     """Exit codes: 0 done; 2 a user error (bad arguments, files, config; nothing written); 1 ``--verify`` found the
     result above ``--verify-tol`` (the output is written), or an internal error (a bug: please report it);
@@ -162,17 +184,39 @@ def _run(args, cmd: str, tol: float | None) -> int:
     from megaocto.convert.core import VerifyError
 
     try:
-        if cmd == "from-hf":
+        if cmd == "from-hf" and args.lora:
+            from megaocto.convert.peft import from_hf_with_adapter
+
+            if args.verify:
+                raise ConfigError("--verify is not supported with --lora (tests/test_lora_peft.py checks the mapping)")
+            from_hf_with_adapter(args.hf, args.lora, args.output, tp=args.tp, dtype=args.dtype,
+                                 progress=not args.quiet)
+        elif cmd == "from-hf":
             from megaocto.convert.hf import from_hf
 
             from_hf(args.hf, args.output, tp=args.tp, dtype=args.dtype, verify=args.verify, progress=not args.quiet,
                     verify_tol=tol)
+        elif cmd == "to-hf" and (args.lora_format or args.merge_lora or _is_lora(args.load, args.iteration)):
+            from megaocto.convert import peft
+
+            if bool(args.lora_format) == bool(args.merge_lora):
+                raise ConfigError(f"{args.load} holds LoRA adapters: pass one of --lora-format peft (adapter folder) "
+                                  f"or --merge-lora (full model with merged weights)")
+            if args.lora_format:
+                peft.export_peft(args.load, args.output, iteration=args.iteration, dtype=args.dtype)
+            else:
+                peft.merge_to_hf(args.load, args.output, iteration=args.iteration, base=args.base, dtype=args.dtype,
+                                 tokenizer=args.tokenizer, max_shard_size=args.max_shard_size, verify=args.verify,
+                                 progress=not args.quiet, verify_tol=tol)
         elif cmd == "to-hf":
             from megaocto.convert.hf import to_hf
 
             to_hf(args.load, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                   max_shard_size=args.max_shard_size, iteration=args.iteration, verify=args.verify,
                   progress=not args.quiet, verify_tol=tol)
+        elif cmd == "reshard" and _is_lora(args.load, args.iteration):
+            raise ConfigError(f"{args.load} holds LoRA adapters (and a reference to its base), which reshard does not "
+                              f"lay out; export them (to-hf --lora-format peft) or merge them (to-hf --merge-lora)")
         elif cmd == "reshard":
             from megaocto.convert.reshard import reshard
 

@@ -23,6 +23,10 @@ def add_arguments(parser) -> None:
                         help="layers per checkpointed chunk (full; default: %(default)s)")
     parser.add_argument("--zero1", action="store_true", help="distributed optimizer (shard fp32 states over dp)")
     parser.add_argument("--no-sequence-parallel", action="store_true", help="disable sequence parallelism (tp>1)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="LoRA rank: count a frozen base (weights only) plus adapters (default: 0 = full finetune)")
+    parser.add_argument("--lora-targets", default=None,
+                        help="comma-separated LoRA target modules (megaocto or HF names; default: model.lora's)")
     parser.add_argument("--no-flash", action="store_true", help="count the s^2 attention matrices (no flash-attn)")
 
 
@@ -44,6 +48,11 @@ def run(args) -> int:
                 raise ValueError(f"--seq-length must be >= 1 (got {args.seq_length}); omit it to use the preset's "
                                  f"sequence length")
             overrides["seq_length"] = args.seq_length
+        if args.lora_rank:
+            from megaocto.config.model import LoraConfig
+
+            targets = {"target_modules": args.lora_targets.split(",")} if args.lora_targets else {}
+            overrides["lora"] = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, **targets)
         cfg = ModelConfig.from_preset(args.preset, **overrides)
         print(model_info_report(cfg, preset=args.preset, tp=args.tp, pp=args.pp, dp=args.dp,
                                 micro_batch=args.micro_batch, dtype=args.dtype, recompute=args.recompute,

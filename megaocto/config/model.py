@@ -55,6 +55,126 @@ def weight_shape_differences(saved: dict, configured: dict) -> list[str]:
     return diff
 
 
+# LoRA target names per family (megaocto's own terms) -> (host module under the block, first block, end block,
+# shared-A group). Blocks index the fused output blocks of a column-parallel host ([q|k|v], [k|v], [gate|up]);
+# None = the whole output. Targets with the same group share one A (bigcode multi-query query_key_value: HF's single
+# c_attn adapter spans megaocto's column-parallel query and replicated key_value).
+LORA_TARGETS = {
+    "bigcode": {"query_key_value": None,  # resolved per attention type in lora_target_specs
+                "query": ("self_attention.query", None, None, None),
+                "key_value": ("self_attention.key_value", None, None, None),
+                "dense": ("self_attention.dense", None, None, None),
+                "fc1": ("mlp.dense_h_to_4h", None, None, None),
+                "fc2": ("mlp.dense_4h_to_h", None, None, None)},
+    "glm2": {"query_key_value": ("self_attention.query_key_value", None, None, None),
+             "q": ("self_attention.query_key_value", 0, 1, None),
+             "k": ("self_attention.query_key_value", 1, 2, None),
+             "v": ("self_attention.query_key_value", 2, 3, None),
+             "dense": ("self_attention.dense", None, None, None),
+             "up": ("mlp.dense_h_to_4h", None, None, None),
+             "down": ("mlp.dense_4h_to_h", None, None, None)},
+    "llama": {"q": ("self_attention.query", None, None, None),
+              "k": ("self_attention.key_value", 0, 1, None),
+              "v": ("self_attention.key_value", 1, 2, None),
+              "o": ("self_attention.dense", None, None, None),
+              "gate": ("mlp.dense_h_to_4h", 0, 1, None),
+              "up": ("mlp.dense_h_to_4h", 1, 2, None),
+              "down": ("mlp.dense_4h_to_h", None, None, None)},
+}
+# Accepted aliases (HF module names and megaocto module names) -> megaocto target names.
+LORA_ALIASES = {
+    "bigcode": {"c_attn": ["query_key_value"], "q_attn": [], "c_proj": ["dense", "fc2"], "c_fc": ["fc1"],
+                "dense_h_to_4h": ["fc1"], "dense_4h_to_h": ["fc2"], "mlp.c_proj": ["fc2"], "attn.c_proj": ["dense"]},
+    "glm2": {"dense_h_to_4h": ["up"], "dense_4h_to_h": ["down"], "q_proj": ["q"], "k_proj": ["k"], "v_proj": ["v"],
+             "o_proj": ["dense"], "gate_up_proj": ["up"], "down_proj": ["down"]},
+    "llama": {"q_proj": ["q"], "k_proj": ["k"], "v_proj": ["v"], "o_proj": ["o"], "gate_proj": ["gate"],
+              "up_proj": ["up"], "down_proj": ["down"], "query": ["q"], "key_value": ["k", "v"], "dense": ["o"],
+              "dense_h_to_4h": ["gate", "up"], "dense_4h_to_h": ["down"]},
+}
+LORA_INITS = ("peft", "gaussian")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(0, "LoRA rank r; 0 = LoRA off (full finetuning). With r > 0 every base weight is frozen "
+                         "(no grads, no fp32 masters, no optimizer state) and only the adapters train.")
+    alpha: float = field(16.0, "LoRA alpha: the adapter output is scaled by alpha / rank (PEFT lora_alpha).")
+    dropout: float = field(0.0, "Dropout on the adapter input (PEFT lora_dropout).")
+    target_modules: list = field(
+        default_factory=lambda: ["query_key_value", "dense"],
+        doc="Layers that get adapters, in megaocto's names per family — bigcode: query_key_value (HF c_attn), query, "
+            "key_value, dense, fc1, fc2; glm2: query_key_value (one A, ChatGLM2's adapter) or q, k, v "
+            "(one A each, transformers Glm's q_proj/k_proj/v_proj), dense, up, down; llama: q, k, v, o, gate, up, "
+            "down — or HF names (c_attn, q_attn, c_proj, c_fc, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+            "down_proj, gate_up_proj), which map to the same adapters PEFT would create.")
+    init: str = field("peft", "Adapter init: peft (PEFT's default: A Kaiming-uniform a=sqrt(5), B zero) or gaussian "
+                              "(A ~ N(0, 1/r²), B zero); both leave the step-0 model equal to the base.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self, family: str = "bigcode", mqa: bool = True) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"model.lora.rank must be >= 0 (got {self.rank})")
+        if not self.enabled:
+            return
+        if self.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha must be > 0 (got {self.alpha})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1) (got {self.dropout})")
+        if self.init not in LORA_INITS:
+            raise ConfigError(f"model.lora.init must be one of {LORA_INITS} (got {self.init!r})")
+        lora_target_specs(self, family, mqa)
+
+
+def lora_target_names(lora: LoraConfig, family: str) -> list[str]:
+    """The megaocto target names of ``lora.target_modules`` (aliases resolved, order kept, no duplicates)."""
+    if isinstance(lora.target_modules, str) or not lora.target_modules:
+        raise ConfigError(f"model.lora.target_modules must be a non-empty list (got {lora.target_modules!r})")
+    own, aliases = LORA_TARGETS[family], LORA_ALIASES[family]
+    names: list[str] = []
+    for t in lora.target_modules:
+        if t in own:
+            resolved = [t]
+        elif t in aliases:
+            resolved = aliases[t]
+        else:
+            raise ConfigError(f"model.lora.target_modules: {t!r} is not a {family} layer; use one of "
+                              f"{', '.join(own)} (or the HF names {', '.join(aliases)})")
+        names += [n for n in resolved if n not in names]
+    if not names:
+        raise ConfigError(f"model.lora.target_modules {lora.target_modules} match no {family} layer "
+                          f"(q_attn exists only in HF cross-attention)")
+    return names
+
+
+def lora_target_specs(lora: LoraConfig, family: str, mqa: bool) -> dict[str, tuple[str, int | None, int | None,
+                                                                                   str | None]]:
+    """{target name: (host path under a block, first block, end block, shared-A group)} for the configured targets."""
+    specs = {}
+    for name in lora_target_names(lora, family):
+        spec = LORA_TARGETS[family][name]
+        if family == "bigcode" and name == "query_key_value":
+            spec = ("self_attention.query_key_value", None, None, None)
+            if mqa:  # HF's c_attn [q | kv] is megaocto's column-parallel query + replicated key_value
+                specs["query_key_value.q"] = ("self_attention.query", None, None, "query_key_value")
+                specs["query_key_value.kv"] = ("self_attention.key_value", None, None, "query_key_value")
+                continue
+        elif family == "bigcode" and name in ("query", "key_value") and not mqa:
+            raise ConfigError(f"model.lora.target_modules: {name!r} exists only with multi-query attention "
+                              f"(num_query_groups=1); this model has the fused query_key_value (HF c_attn)")
+        specs[name] = spec
+    if family == "bigcode" and mqa and "query_key_value.q" in specs and ("query" in specs or "key_value" in specs):
+        raise ConfigError("model.lora.target_modules: query_key_value (c_attn) already covers query and key_value; "
+                          "list either query_key_value or query/key_value")
+    return specs
+
+
 @dataclass
 class ModelConfig:
     family: str = field("bigcode", "Model family: bigcode (GPT/StarCoder, MQA/MHA), glm2 (ChatGLM2/CodeGeeX2) or "
@@ -97,10 +217,18 @@ class ModelConfig:
     rope_scaling_factor: float = field(
         1.0, "llama: linear RoPE scaling (HF rope_scaling {type: linear, factor}): rotary angles use position / "
              "factor. 1.0 = no scaling (DeepSeek-Coder uses 4.0).")
+    lora: LoraConfig = field(default_factory=LoraConfig,
+                             doc="LoRA adapters (parameter-efficient finetuning); off unless lora.rank > 0.")
     kernels: str = field(
         "auto", "Fused-kernel implementation (megaocto.kernels): torch (plain torch, apex norms when installed), "
                 "triton (fused Triton kernels; on CPU only under TRITON_INTERPRET=1) or auto (triton on CUDA when "
                 "triton imports, else torch). Numerics only; the weights do not depend on it.")
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # from checkpoint metadata / to_dict()
+            self.lora = LoraConfig(**self.lora)
+        elif self.lora is None:
+            self.lora = LoraConfig()
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -245,3 +373,4 @@ class ModelConfig:
                 raise ConfigError(f"model.rope_scaling_factor must be >= 1 (got {self.rope_scaling_factor})")
             if self.rotary_base <= 0:
                 raise ConfigError(f"model.rotary_base must be > 0 (got {self.rotary_base})")
+        self.lora.validate(self.family, self.is_mqa)

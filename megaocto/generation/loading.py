@@ -65,8 +65,14 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         model = build_model(cfg, pc, dtype=dtype, device=device)
+    if cfg.lora.enabled:  # a LoRA run's checkpoint: its base (from the recorded reference) + the adapters
+        from megaocto.model.lora_checkpoint import load_lora_checkpoint
+
+        load_lora_checkpoint(model, saved, load, iteration, pc, path)
+        state = None
     try:
-        model.load_state_dict(state, strict=True)
+        if state is not None:
+            model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"{ckpt.model_file(load, iteration, pc.tp_rank)}: weights do not fit the model in "

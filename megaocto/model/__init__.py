@@ -24,6 +24,7 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
     Build it with the default RNG seeded as for pp = 1 to get the unsplit model's weights. ``virtual_pp > 1``
     (interleaved schedule) gives the stage that many model chunks (``megaocto.model.common.stage_chunks``), run as
     ``model(..., chunk=c)``.
+    With ``cfg.lora.rank > 0`` the base is frozen and LoRA adapters are added (:mod:`megaocto.model.lora`).
     """
     import torch
 
@@ -40,6 +41,11 @@ def build_model(cfg, pc, *, dtype=None, device=None, recompute: str = "none", re
         from megaocto.model.llama import LlamaModel as cls
     else:
         from megaocto.model.glm2 import GLM2Model as cls
-    return cls(cfg, pc, dtype=dtype if dtype is not None else torch.float32, device=device,
-               recompute=recompute, recompute_num_layers=recompute_num_layers, pp_layers=pp_layers,
-               virtual_pp=virtual_pp)
+    model = cls(cfg, pc, dtype=dtype if dtype is not None else torch.float32, device=device,
+                recompute=recompute, recompute_num_layers=recompute_num_layers, pp_layers=pp_layers,
+                virtual_pp=virtual_pp)
+    if cfg.lora.enabled:  # frozen base + trainable adapters (megaocto/model/lora.py)
+        from megaocto.model.lora import inject_lora
+
+        inject_lora(model, cfg.lora, pc)
+    return model

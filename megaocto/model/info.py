@@ -37,6 +37,13 @@ def model_info_report(cfg: ModelConfig, *, preset: str = "", tp: int = 1, pp: in
         f"zero1={zero1} sp={sequence_parallel and tp > 1} flash={flash_attention}; heaviest stage: {mem.stage}):",
         f"  params on GPU    {mem.params_per_gpu:,}",
     ]
+    if cfg.lora.enabled:
+        from megaocto.model.lora_memory import lora_params
+
+        total, per_rank = lora_params(cfg, tp)
+        lines.insert(3, f"LoRA:              r={cfg.lora.rank} on {', '.join(cfg.lora.target_modules)}: {total:,} "
+                         f"adapter parameters ({100.0 * total / num_params(cfg):.3f}% of the base), {per_rank:,} per "
+                         f"TP rank; frozen base counted as weights only")
     for k, v in mem.breakdown().items():
         lines.append(f"  {k:<16} {v:8.2f} GiB")
     return "\n".join(lines)

@@ -3,7 +3,9 @@
 Model states (Megatron mixed precision, ``docs/distrib_optimizer.md``): 16-bit training keeps 16-bit weights,
 fp32 gradient accumulation buffers, fp32 master weights and two fp32 Adam moments = 2 + 4 + 4 + 8 = 18 bytes per
 parameter; fp32 training keeps 4 + 4 + 8 = 16. With ``zero1`` (distributed optimizer) master weights and Adam
-moments are sharded over data parallelism.
+moments are sharded over data parallelism. With LoRA (``model.lora.rank > 0``) the frozen base holds its weights
+only and the adapters the full 18 (16) bytes per parameter (:mod:`megaocto.model.lora_memory`); the adapters'
+r-wide activations are not counted.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
 generalised to grouped/multi-query K/V, SwiGLU and any element size. For the standard case (MHA, 4h GELU MLP,
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from megaocto.config.model import ModelConfig
 from megaocto.model.flops import param_table
+from megaocto.model.lora_memory import lora_params
 
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -167,6 +170,11 @@ def estimate_memory(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, 
         n, acts = item[1]
         return n * (weight_b + grad_b + opt_b) + acts
 
+    if cfg.lora.enabled:  # frozen base: weights only; the adapters carry grads, fp32 masters and AdamW state
+        m = lora_params(cfg, tp)[1] * layers_per_stage // cfg.num_layers
+        stage, (n, acts) = max(candidates.items(), key=lambda item: item[1][0] * weight_b + item[1][1])
+        return MemoryEstimate(params_per_gpu=n + m, weights=(n + m) * weight_b, grads=m * grad_b,
+                              optimizer=m * opt_b, activations=acts, stage=stage)
     stage, (n, acts) = max(candidates.items(), key=total)
     return MemoryEstimate(params_per_gpu=n, weights=n * weight_b, grads=n * grad_b, optimizer=n * opt_b,
                           activations=acts, stage=stage)

@@ -248,7 +248,12 @@ class Trainer:
         self.iteration, self.consumed, self.skipped = 0, 0, 0
         self._loss_tokens = torch.zeros((), dtype=torch.int64, device=pc.device)  # this DP rank, since the last log
         self._diverged_checkpoint = None
+        self._lora_base = None  # LoRA runs: the base checkpoint reference saved with the adapters
         state = self._load_model_checkpoint()
+        if cfg.model.lora.enabled and self._lora_base is None:  # base from the seed: resume rebuilds and checks it
+            from megaocto.model.lora import base_fingerprint
+
+            self._lora_base = {"path": None, "iteration": None, "fingerprint": base_fingerprint(self.model)}
         self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, pc, bf16=self.bf16,
                                              bucket_mb=cfg.train.grad_bucket_mb,
                                              overlap_grad_reduce=cfg.train.overlap_grad_reduce,
@@ -327,6 +332,14 @@ class Trainer:
         self._ckpt_file = os.path.join(self._ckpt_dir, ckpt.rank_dir_name(self.pc.tp_rank, self.pc.pp_rank, self.pc.pp),
                                        ckpt.MODEL_FILE)
         self._release = it == "release"  # Megatron's release checkpoints are weights only (finetune semantics)
+        if self.cfg.model.lora.enabled:  # base checkpoint -> LoRA finetune start; adapter checkpoint -> its base too
+            from megaocto.model.lora_checkpoint import load_lora_checkpoint
+
+            self._lora_base, adapters = load_lora_checkpoint(self.model, state, source, it, self.pc, self._ckpt_file)
+            self._release = self._release or not adapters  # a base checkpoint: weights only (finetune semantics)
+            self.log.info(f"{'resuming LoRA adapters' if adapters else 'LoRA on base weights'} from "
+                          f"{ckpt.iter_dir_name(it)} in {source} (base {self._lora_base['path']})")
+            return state
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:  # missing/unexpected keys or shape mismatches: another architecture
@@ -473,12 +486,20 @@ class Trainer:
             optimizer = self.optimizer.state_dict()
         if not writes:
             return None
-        state = {"checkpoint_version": 3.0, "iteration": self.iteration, "model": self.model.state_dict(),
+        if self._lora_base is not None:  # LoRA: the adapters and the reference to the frozen base only
+            from megaocto.model.lora import lora_state_dict
+
+            model_state = lora_state_dict(self.model)
+        else:
+            model_state = self.model.state_dict()
+        state = {"checkpoint_version": 3.0, "iteration": self.iteration, "model": model_state,
                  "opt_param_scheduler": {**self.schedule.state_dict(), "num_steps": self.iteration},
                  "rng_state": [get_rng_state(self.pc)],
                  "data": {"consumed_samples": self.consumed, "skipped_steps": self.skipped}}
         if optimizer is not None:
             state["optimizer"] = optimizer
+        if self._lora_base is not None:
+            state["lora_base"] = self._lora_base
         return state
 
     def save(self, reason: str) -> str | None:
