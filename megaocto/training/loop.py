@@ -567,13 +567,12 @@ class Trainer:
                 self.optimizer.before_backward(last_micro_batch=i == self.num_micro - 1)
                 scaled.backward()
         else:
-            from megaocto.training.pipeline import allreduce_embedding_grads, forward_backward_1f1b
+            from megaocto.training.pipeline import (allreduce_embedding_grads, forward_backward_1f1b,
+                                                    forward_backward_interleaved)
 
             # The tied embedding's grads are summed over the first and last stage before the DP reduction, so
             # those two stages start no DP bucket reduction from inside the backward (no overlap there).
             overlap = not self._tied_stage
-            from megaocto.training.pipeline import forward_backward_interleaved
-
             schedule = forward_backward_1f1b if self.virtual_pp == 1 else \
                 functools.partial(forward_backward_interleaved, virtual=self.virtual_pp)
             schedule(self.forward_model, micro, self.pc, shape=self._p2p_shape, dtype=self._model_dtype(),
