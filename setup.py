@@ -203,6 +203,9 @@ setup(
         # with it. 4.56 is the first release with the `dtype=` argument of from_pretrained and PretrainedConfig
         # (huggingface/transformers#39782) that megaocto.convert uses; GlmConfig itself needs >= 4.46.
         "transformers>=4.56",
+        # `megaocto convert from-hf OWNER/NAME` resolves hub ids through huggingface_hub's cache (convert/io.py);
+        # transformers 4.56 already requires >= 0.34, stated here because megaocto imports it directly.
+        "huggingface_hub>=0.34",
     ],
     extras_require={
         # peft: tests/test_lora_peft.py checks LoRA parity and the PEFT export against HF PEFT itself.

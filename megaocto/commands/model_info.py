@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--zero1", action="store_true", help="distributed optimizer (shard fp32 states over dp)")
     parser.add_argument("--no-sequence-parallel", action="store_true", help="disable sequence parallelism (tp>1)")
     parser.add_argument("--lora-rank", type=int, default=0,
-                        help="LoRA rank: count a frozen base (weights only) plus adapters (default: 0 = full finetune)")
+                        help="LoRA rank: count a frozen base (weights only) plus adapters (default: %(default)s = full "
+                             "finetune)")
     parser.add_argument("--lora-targets", default=None,
                         help="comma-separated LoRA target modules (megaocto or HF names; default: model.lora's)")
     parser.add_argument("--no-flash", action="store_true", help="count the s^2 attention matrices (no flash-attn)")

@@ -530,7 +530,7 @@ def copy_tokenizer(files: list[str], directory: str, *, model_max_length: int | 
             smap.setdefault(key, have)
     for path, obj in ((conf_path, conf), (map_path, smap)):
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
+            json.dump(obj, f, indent=2)  # \u escapes: valid JSON, never a lone-surrogate UnicodeEncodeError
             f.write("\n")
 
 

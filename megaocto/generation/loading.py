@@ -68,6 +68,11 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
     if cfg.lora.enabled:  # a LoRA run's checkpoint: its base (from the recorded reference) + the adapters
         from megaocto.model.lora_checkpoint import load_lora_checkpoint
 
+        if int(meta.get("pp", 1)) != 1:
+            raise ConfigError(f"{where}: a LoRA checkpoint saved with pp={meta['pp']} cannot be loaded for generation "
+                              f"(its stages' adapter files are not merged); train the LoRA run with parallel.pp 1")
+        path = os.path.join(directory, ckpt.rank_dir_name(pc.tp_rank, 0, 1), ckpt.MODEL_FILE)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # with its lora_base reference
         load_lora_checkpoint(model, saved, load, iteration, pc, path)
         state = None
     try:
