@@ -104,10 +104,13 @@ def inference_mode_for(model, pc):
         model.train(was_training)
 
 
-def _position_limit(model) -> int | None:
+def position_limit(model) -> int | None:
     """Most positions a row may use (bigcode's learned table), or None (rotary: unbounded)."""
     cfg = model.cfg
     return cfg.max_positions if cfg.family == "bigcode" else None
+
+
+_position_limit = position_limit
 
 
 def _ends_with(tokens: list[int], seq: tuple[int, ...]) -> bool:
