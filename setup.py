@@ -191,9 +191,15 @@ setup(
         "wandb",
         "safetensors",
         "pyyaml",
+        # megaocto serve / megaocto instruct
+        "starlette",
+        "uvicorn",
+        "httpx",
+        "tqdm",
+        "pyahocorasick",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "tensorboard"],
+        "test": ["pytest", "transformers", "tensorboard", "openai"],
     },
     entry_points={"console_scripts": ["megaocto = megaocto.cli:main"]},
 )

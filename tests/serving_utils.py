@@ -112,3 +112,54 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+class ScriptedTeacher:
+    """An OpenAI-compatible test server (http.server in a thread) answering ``/v1/chat/completions`` with
+    ``answer(body, attempt) -> (status, json)``; records every request body. ``url`` is its ``.../v1``."""
+
+    def __init__(self, answer, delay_s: float = 0.0):
+        import http.server
+        import threading
+
+        self.requests: list[dict] = []
+        self.attempts: dict = {}
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = json.dumps(body, sort_keys=True)
+                with lock:
+                    outer.requests.append(body)
+                    attempt = outer.attempts[key] = outer.attempts.get(key, -1) + 1
+                if delay_s:
+                    time.sleep(delay_s)
+                status, payload = answer(body, attempt)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat_response(text: str, finish_reason: str = "stop") -> dict:
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted", "system_fingerprint": "fp_test",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                                                     "total_tokens": 2}}

@@ -1,0 +1,131 @@
+"""`megaocto instruct STAGE`: instruction-data generation (OSS-Instruct, Inverse-Instruct) and decontamination.
+
+Each stage reads and writes jsonl; generating stages are resumable and take --shard K/N (docs/instruct.md).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+NAME = "instruct"
+HELP = "Instruction data: oss-instruct, clean, decontaminate, inverse-instruct stages, merge (docs/instruct.md)."
+
+
+def _teacher_args(p, *, required=True) -> None:
+    p.add_argument("--teacher-url", required=required, help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    p.add_argument("--teacher-model", required=required, help="model name sent to the teacher")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=6, help="retries on 429/5xx/timeouts (default: %(default)s)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in s, doubling (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in s (default: %(default)s)")
+
+
+def _shard_arg(p) -> None:
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="process only indices with index %% N == K, into OUTPUT.shard-K-of-N (merge with "
+                        "`megaocto instruct merge`)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+
+    p = sub.add_parser("oss-instruct", help="OSS-Instruct: problems + solutions from seed snippets via a teacher")
+    p.add_argument("--seeds", nargs="+", required=True,
+                   help="seed corpus: .jsonl files (content + language), directories of source files, git repos")
+    p.add_argument("--output", required=True, help="output jsonl (resumable: rerun the same command to continue)")
+    p.add_argument("--lang", default=None, help="language of every document (default: per row / file extension)")
+    p.add_argument("--content-key", default="content", help="jsonl key of the document text (default: %(default)s)")
+    p.add_argument("--lang-key", default="lang", help="jsonl key of the language (default: %(default)s)")
+    p.add_argument("--quota", action="append", default=[], metavar="LANG=N",
+                   help="seeds per language, e.g. --quota python=40000 --quota cpp=5000")
+    p.add_argument("--default-quota", type=int, default=None, help="seeds for languages without --quota (all)")
+    p.add_argument("--max-considered", type=int, default=150000,
+                   help="documents considered per language (Magicoder: %(default)s; 0 = all)")
+    p.add_argument("--seed", type=int, default=976, help="Magicoder's seed (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=int, default=2500, help="default: %(default)s")
+    p.add_argument("--teacher-context", type=int, default=8192, help="teacher context length (default: %(default)s)")
+    p.add_argument("--count-tokenizer", default=None,
+                   help="tokenizer to count prompt tokens for max_tokens (default: tiktoken if installed, else bytes)")
+    _teacher_args(p)
+    _shard_arg(p)
+
+    p = sub.add_parser("clean", help="Magicoder cleaning: parse, whitespace-insensitive dedup of seed/problem/solution")
+    p.add_argument("--inputs", nargs="+", required=True, help="oss-instruct outputs")
+    p.add_argument("--output", required=True)
+    p.add_argument("--rejected", default=None, help="write rejected rows with their reason here")
+    p.add_argument("--shuffle-seed", type=int, default=666, help="default: %(default)s (Magicoder)")
+
+    p = sub.add_parser("merge", help="check that every shard is complete, then write the merged output")
+    p.add_argument("--output", required=True, help="the --output the shards were run with")
+    p.add_argument("--shards", type=int, required=True, help="N of --shard K/N")
+
+    # INVERSE_STAGES
+
+
+def _quotas(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        lang, sep, n = item.partition("=")
+        if not sep or not lang or not n.isdigit():
+            raise ValueError(f"--quota must be LANG=N, e.g. python=40000 (got {item!r})")
+        out[lang] = int(n)
+    return out
+
+
+def _teacher_cfg(args):
+    from megaocto.instruct.teacher import TeacherConfig
+
+    return TeacherConfig(url=args.teacher_url, model=args.teacher_model, api_key_env=args.api_key_env,
+                         timeout_s=args.timeout, max_retries=args.max_retries, backoff_s=args.backoff)
+
+
+def _print(summary: dict) -> None:
+    print(json.dumps(summary, indent=1, ensure_ascii=False))
+    sys.stdout.flush()
+
+
+def run(args) -> int:
+    from megaocto.instruct.resumable import ResumeError, merge_shards, parse_shard
+    from megaocto.instruct.teacher import TeacherError
+
+    try:
+        if args.stage == "oss-instruct":
+            from megaocto.instruct.oss import OSSConfig, run_oss_instruct
+
+            cfg = OSSConfig(seed=args.seed, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                            teacher_context=args.teacher_context, max_considered=args.max_considered or None)
+            summary = run_oss_instruct(args.seeds, args.output, _teacher_cfg(args), cfg, lang=args.lang,
+                                       content_key=args.content_key, lang_key=args.lang_key,
+                                       quotas=_quotas(args.quota), default_quota=args.default_quota,
+                                       count_tokenizer=args.count_tokenizer, shard=parse_shard(args.shard),
+                                       concurrency=args.concurrency, progress=not args.no_progress)
+            _print(summary)
+            return 0 if summary["complete"] else 3
+        if args.stage == "clean":
+            from megaocto.instruct.io import read_jsonl, write_jsonl
+            from megaocto.instruct.oss import clean
+
+            rows = []
+            for path in args.inputs:
+                for row in read_jsonl(path):
+                    if "lang" not in row:
+                        raise ValueError(f"{path}: rows need a 'lang' field")
+                    rows.append(row)
+            kept, rejected, counts = clean(rows, shuffle_seed=args.shuffle_seed)
+            write_jsonl(args.output, ({"lang": r["lang"], **r} for r in kept))
+            if args.rejected:
+                write_jsonl(args.rejected, rejected)
+            _print(counts)
+            return 0
+        if args.stage == "merge":
+            _print(merge_shards(args.output, args.shards))
+            return 0
+        # RUN_MORE
+        raise AssertionError(args.stage)
+    except (ValueError, ResumeError, TeacherError, OSError) as e:
+        print(f"megaocto instruct {args.stage}: error: {e}", file=sys.stderr)
+        return 2
