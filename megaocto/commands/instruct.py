@@ -63,6 +63,21 @@ def add_arguments(parser) -> None:
     p.add_argument("--output", required=True, help="the --output the shards were run with")
     p.add_argument("--shards", type=int, required=True, help="N of --shard K/N")
 
+    p = sub.add_parser("decontaminate", help="remove rows containing benchmark strings (exact, lower-cased)")
+    p.add_argument("--inputs", nargs="+", required=True, help="jsonl files")
+    p.add_argument("--columns", nargs="+", default=["problem", "solution"],
+                   help="columns joined by blank lines and searched (default: %(default)s)")
+    p.add_argument("--output", required=True, help="kept rows")
+    p.add_argument("--removed", default=None, help="removed rows + filter_reason + matched_substring")
+    p.add_argument("--humanevalpack", default=None,
+                   help="directory of HumanEvalPack <lang>.jsonl (default: $MEGAOCTO_HUMANEVALPACK, else the hub)")
+    p.add_argument("--humanevalpack-langs", nargs="+", default=None, help="languages (default: all six)")
+    p.add_argument("--humaneval", default=None,
+                   help="HumanEval jsonl (prompt, canonical_solution); default: HumanEvalPack's python rows")
+    p.add_argument("--benchmark", action="append", default=[], metavar="NAME=FILE:FIELDS",
+                   help="more benchmark strings, e.g. mbpp=mbpp_test.jsonl:text,code gsm8k=test.jsonl:question")
+    p.add_argument("--report", default=None, help="write the JSON report here too")
+
     # INVERSE_STAGES
 
 
@@ -124,8 +139,19 @@ def run(args) -> int:
         if args.stage == "merge":
             _print(merge_shards(args.output, args.shards))
             return 0
+        if args.stage == "decontaminate":
+            from megaocto.instruct.decontaminate import decontaminate_file, load_benchmarks
+
+            benchmarks = load_benchmarks(humanevalpack=args.humanevalpack, humanevalpack_langs=args.humanevalpack_langs,
+                                         humaneval=args.humaneval, extra=args.benchmark)
+            report = decontaminate_file(args.inputs, args.columns, benchmarks, args.output, args.removed)
+            if args.report:
+                with open(args.report, "w", encoding="utf-8") as f:
+                    json.dump(report, f, indent=1, ensure_ascii=False)
+            _print(report)
+            return 0
         # RUN_MORE
         raise AssertionError(args.stage)
-    except (ValueError, ResumeError, TeacherError, OSError) as e:
+    except (ValueError, ResumeError, TeacherError, OSError) as e:  # DataError/BadRowError are ValueErrors
         print(f"megaocto instruct {args.stage}: error: {e}", file=sys.stderr)
         return 2
