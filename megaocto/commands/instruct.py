@@ -78,7 +78,48 @@ def add_arguments(parser) -> None:
                    help="more benchmark strings, e.g. mbpp=mbpp_test.jsonl:text,code gsm8k=test.jsonl:question")
     p.add_argument("--report", default=None, help="write the JSON report here too")
 
-    # INVERSE_STAGES
+    p = sub.add_parser("extract", help="Inverse-Instruct stage 1: the first code block of each response")
+    p.add_argument("--inputs", nargs="+", required=True, help="jsonl with instruction/response rows")
+    p.add_argument("--output", required=True)
+    _shard_arg(p)
+
+    stages = {"summarize": "Inverse-Instruct stage 2: K instructions per code (the model summarizes its code)",
+              "score": "Inverse-Instruct stage 3: LM-score p(Yes)/(p(Yes)+p(No)) of every instruction/code pair",
+              "inverse-instruct": "Inverse-Instruct, all stages (extract, summarize, score, select); resumable"}
+    for name, help_ in stages.items():
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--input" if name != "inverse-instruct" else "--inputs", required=True,
+                       nargs=None if name != "inverse-instruct" else "+",
+                       help="the previous stage's output" if name != "inverse-instruct" else
+                       "jsonl with instruction/response rows (e.g. evol-codealpaca)")
+        p.add_argument("--output", required=True)
+        p.add_argument("--load", default=None, help="megaocto checkpoint, run in this process (torchrun for tp > 1)")
+        p.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's)")
+        p.add_argument("--tp", type=int, default=None)
+        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        p.add_argument("--batch-size", type=int, default=32, help="rows per decode batch / written chunk")
+        _teacher_args(p, required=False)
+        p.add_argument("--num-instructions", type=int, default=10, help="K per code (default: %(default)s)")
+        p.add_argument("--temperature", type=float, default=0.8, help="default: %(default)s")
+        p.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
+        p.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s")
+        p.add_argument("--max-new-tokens", type=int, default=2048, help="default: %(default)s")
+        p.add_argument("--seed", type=int, default=42, help="default: %(default)s")
+        p.add_argument("--score-mode", default=None, choices=["native", "compat"],
+                       help="native (full-vocabulary logits, needs --load) or compat (InverseCoder's top-5 rule, "
+                            "needs --teacher-url); default: native with --load, compat with --teacher-url")
+        p.add_argument("--oss-prefix", action="store_true",
+                       help="prefix selected instructions with Magicoder's OSS line (InverseCoder's OSS variant)")
+        if name == "inverse-instruct":
+            p.add_argument("--workdir", default=None, help="intermediate files (default: OUTPUT.work)")
+        _shard_arg(p)
+
+    p = sub.add_parser("select", help="Inverse-Instruct stage 4: the best-scored instruction per code")
+    p.add_argument("--input", required=True, help="score output")
+    p.add_argument("--output", required=True, help="instruction/response jsonl (preprocess --format "
+                                                   "instruction-response)")
+    p.add_argument("--oss-prefix", action="store_true")
+    p.add_argument("--shard", default=None, metavar="K/N")
 
 
 def _quotas(items: list[str]) -> dict[str, int]:
@@ -150,8 +191,56 @@ def run(args) -> int:
                     json.dump(report, f, indent=1, ensure_ascii=False)
             _print(report)
             return 0
-        # RUN_MORE
-        raise AssertionError(args.stage)
+        return _run_inverse(args)
     except (ValueError, ResumeError, TeacherError, OSError) as e:  # DataError/BadRowError are ValueErrors
         print(f"megaocto instruct {args.stage}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _run_inverse(args) -> int:
+    from megaocto.instruct import inverse_run as ir
+    from megaocto.instruct.inverse import InverseConfig
+    from megaocto.instruct.resumable import parse_shard
+
+    shard = parse_shard(args.shard)
+    if args.stage == "extract":
+        r = ir.run_extract(args.inputs, args.output, shard=shard)
+        _print(r)
+        return 0
+    if args.stage == "select":
+        _print(ir.run_select(args.input, args.output, InverseConfig(oss_prefix=args.oss_prefix), shard=shard))
+        return 0
+    if (args.load is None) == (args.teacher_url is None):
+        raise ValueError("give exactly one of --load CKPT (in-process) and --teacher-url URL (an endpoint)")
+    if args.teacher_url is not None and not args.teacher_model:
+        raise ValueError("--teacher-url needs --teacher-model")
+    mode = args.score_mode or ("native" if args.load else "compat")
+    if args.stage in ("score", "inverse-instruct"):
+        if mode == "native" and args.load is None:
+            raise ValueError("--score-mode native computes from the model's own logits: it needs --load")
+        if mode == "compat" and args.load is not None:
+            raise ValueError("--score-mode compat reproduces InverseCoder through an endpoint: use --teacher-url")
+    cfg = InverseConfig(num_instructions=args.num_instructions, temperature=args.temperature, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, score_mode=mode, oss_prefix=args.oss_prefix)
+    if args.load:
+        backend = ir.LocalBackend(args.load, args.tokenizer, tp=args.tp, dtype=args.dtype,
+                                  batch_size=args.batch_size)
+    else:
+        tok = None
+        if args.tokenizer:
+            from megaocto.generation import load_tokenizer
+            tok = load_tokenizer(args.tokenizer)
+        backend = ir.EndpointBackend(_teacher_cfg(args), concurrency=args.concurrency, batch_size=args.batch_size,
+                                     compat_tokenizer=tok)
+    progress = not args.no_progress
+    if args.stage == "summarize":
+        reports = [ir.run_summarize(args.input, args.output, backend, cfg, shard=shard, progress=progress)]
+    elif args.stage == "score":
+        reports = [ir.run_score(args.input, args.output, backend, cfg, shard=shard, progress=progress)]
+    else:
+        reports = ir.run_all(args.inputs, args.output, backend, cfg, workdir=args.workdir, shard=shard,
+                             progress=progress)
+    if backend.writer:
+        _print({"stages": reports})
+    return 0 if all(r.get("complete") is not False for r in reports) else 3
