@@ -60,7 +60,7 @@ def _rows(state: ServerState, req: SamplingRequest, prompts: list[list[int]], ma
             rows.append(RowRequest(prompt=ids, max_new_tokens=m, temperature=req.temperature, top_p=req.top_p,
                                    top_k=req.top_k, seed=_seed_for(base + i, j),
                                    repetition_penalty=req.repetition_penalty, stop=req.stop,
-                                   eos_id=state.tokenizer.eod, logprobs=req.logprobs))
+                                   eos_id=None if req.ignore_eos else state.tokenizer.eod, logprobs=req.logprobs))
     return rows
 
 

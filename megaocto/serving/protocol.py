@@ -40,6 +40,7 @@ class SamplingRequest:
     stream: bool
     echo: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False
 
 
 _MISSING = object()
@@ -98,6 +99,7 @@ def _common(body: dict, *, chat: bool) -> dict:
     penalty = float(_get(body, "repetition_penalty", (int, float), 1.0))
     _range("repetition_penalty", penalty, 0.0, None, low_open=True)
     stream = _get(body, "stream", bool, False)
+    ignore_eos = _get(body, "ignore_eos", bool, False)  # vLLM's extension: decode exactly max_tokens
     options = _get(body, "stream_options", dict, {})
     for key in ("presence_penalty", "frequency_penalty"):
         value = _get(body, key, (int, float), 0.0)
@@ -106,7 +108,7 @@ def _common(body: dict, *, chat: bool) -> dict:
                            code="unsupported_parameter")
     return dict(model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n,
                 seed=seed, stop=stop, repetition_penalty=penalty, stream=stream,
-                include_usage=bool(options.get("include_usage", False)))
+                include_usage=bool(options.get("include_usage", False)), ignore_eos=ignore_eos)
 
 
 def parse_completion(body: dict) -> tuple[SamplingRequest, list]:
