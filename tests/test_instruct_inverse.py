@@ -149,3 +149,19 @@ def test_summarize_and_compat_score_through_a_served_model(ckpt, tmp_path):
         assert len(read_rows(str(tmp_path / "sel.jsonl"))) == 3
     finally:
         server.kill()
+
+
+def test_shards_then_merge(ckpt, tmp_path):
+    from megaocto.cli import main
+
+    load, _ = ckpt
+    src = _corpus(tmp_path)
+    out = str(tmp_path / "sharded.jsonl")
+    base = ["instruct", "inverse-instruct", "--inputs", src, "--output", out, "--load", load, "--num-instructions",
+            "2", "--max-new-tokens", "4", "--no-progress"]
+    assert main(base + ["--shard", "1/2"]) == 0
+    assert main(["instruct", "merge", "--output", out, "--shards", "2"]) == 2  # shard 0 never ran
+    assert main(base + ["--shard", "0/2"]) == 0
+    assert main(["instruct", "merge", "--output", out, "--shards", "2"]) == 0
+    merged = read_rows(out)
+    assert [r["index"] for r in merged] == [0, 1, 3] and all(0 < r["score"] < 1 for r in merged)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 
 from megaocto.instruct import inverse as inv
 from megaocto.instruct.io import read_jsonl
-from megaocto.instruct.resumable import ResumableOutput, fingerprint, in_shard, read_rows, shard_path
+from megaocto.instruct.resumable import (ResumableOutput, fingerprint, in_shard, read_rows, rejected_path, run_path,
+                                         shard_path)
 from megaocto.instruct.runner import Progress
 
 
@@ -261,20 +263,23 @@ def run_score(input_path: str, output: str, backend, cfg: inv.InverseConfig, *, 
 
 def run_select(input_path: str, output: str, cfg: inv.InverseConfig, *, shard=(0, 1)) -> dict:
     """Stage 4: top-1 per code, ascending score, ``instruction``/``response`` rows."""
-    from megaocto.instruct.io import write_jsonl
-
     rows = [r for r in read_rows(input_path) if in_shard(r["code_index"], shard)]
     best = inv.select_best(rows, oss_prefix=cfg.oss_prefix)
     path = shard_path(output, shard)
-    write_jsonl(path, best)
-    return {"stage": "select", "output": path, "codes": len(best), "candidates": len(rows)}
+    for stale in (path, rejected_path(path), run_path(path)):  # recomputed whole from the scores
+        if os.path.exists(stale):
+            os.remove(stale)
+    settings = {"stage": "select", "oss_prefix": cfg.oss_prefix, "input": input_path, "shard": list(shard)}
+    out = ResumableOutput(path, fingerprint("select", settings), settings, shard)
+    for r in best:
+        out.write(r, kept=True)
+    out.close(r["index"] for r in best)
+    return {"stage": "select", "output": path, "codes": len(best), "candidates": len(rows), "complete": True}
 
 
 def run_all(inputs: list[str], output: str, backend, cfg: inv.InverseConfig, *, workdir: str | None = None,
             shard=(0, 1), progress: bool = True) -> list[dict]:
     """Every stage in order, intermediate files in ``workdir`` (default ``OUTPUT.work``); rerun to resume."""
-    import os
-
     work = workdir or output + ".work"
     os.makedirs(work, exist_ok=True)
     names = {s: os.path.join(work, f"{s}.jsonl") for s in ("extract", "summaries", "scores")}

@@ -156,7 +156,8 @@ def merge_shards(output: str, num_shards: int, *, sort_key: str = "index") -> di
         metas.append(meta)
     if missing:
         raise ResumeError("cannot merge, shards not complete:\n  " + "\n  ".join(missing))
-    settings = [{k: v for k, v in m["settings"].items() if k != "shard"} for m in metas]
+    # each shard names its own shard (and, for a later stage, its own shard of the previous stage's output)
+    settings = [{k: v for k, v in m["settings"].items() if k not in ("shard", "input")} for m in metas]
     if any(s != settings[0] for s in settings):
         raise ResumeError(f"cannot merge {output}: the shards were run with different settings")
     kept, rejected = [], []
