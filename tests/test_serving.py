@@ -49,6 +49,8 @@ def test_models_and_completion_with_logprobs(client):
     ch = r.choices[0]
     assert ch.finish_reason == "length" and r.usage.completion_tokens == 10
     assert r.usage.prompt_tokens == len(_tok().encode(PROMPT))
+    fixed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, extra_body={"ignore_eos": True})
+    assert fixed.usage.completion_tokens == 20 and fixed.choices[0].finish_reason == "length"
     lp = ch.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 10
     assert all(x <= 0 for x in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
@@ -198,12 +200,18 @@ def _load_tok(ckpt):
     _TOK["t"] = load_tokenizer(ckpt[1])
 
 
-def test_engine_rows_equal_generate_and_are_independent(ckpt):
-    from megaocto.generation import GenerationConfig, generate, load_checkpoint_model
+@pytest.mark.parametrize("family", ["tiny-bigcode", "tiny-glm2"])
+def test_engine_rows_equal_generate_and_are_independent(family):
+    from megaocto.config.model import ModelConfig
+    from megaocto.generation import GenerationConfig, generate
+    from megaocto.model import build_model
+    from megaocto.parallel.context import ParallelContext
     from megaocto.serving import Engine, RowRequest
 
-    model, _ = load_checkpoint_model(ckpt[0])
     tok = _tok()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset(family, init_method_std=0.2, vocab_size=tok.vocab_size),
+                        ParallelContext.single()).eval()
     prompts = [tok.encode(p) for p in ("def add_1(a, b):", "print(", "return a + b * 7\n\nprint(add_7(1, 2))")]
     engine = Engine(model, tok)
     rows = [RowRequest(prompt=p, max_new_tokens=5 + 2 * i) for i, p in enumerate(prompts)]
