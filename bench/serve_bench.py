@@ -190,9 +190,9 @@ def main() -> int:
               f"{(t / s) / base:>12.2f}x")
     for b, (s, t) in hf_runs.items():
         print(f"{'HF generate, batch ' + str(b):<28}{s:>10.2f}{t:>9}{t / s:>11.1f}{(t / s) / base:>12.2f}x")
-    print(f"LM-scoring {scoring['codes']} codes: megaocto batched {scoring['codes'] / scoring['megaocto_s']:.1f} codes/s, "
-          f"HF forward loop {scoring['codes'] / scoring['hf_loop_s']:.1f} codes/s "
-          f"(ratio {scoring['hf_loop_s'] / scoring['megaocto_s']:.2f}x; max |logit diff| {scoring['max_abs_diff']:.1e})")
+    n, ours, loop = scoring["codes"], scoring["megaocto_s"], scoring["hf_loop_s"]
+    print(f"LM-scoring {n} codes: megaocto batched {n / ours:.1f} codes/s, HF forward loop {n / loop:.1f} codes/s "
+          f"(ratio {loop / ours:.2f}x; max |logit diff| {scoring['max_abs_diff']:.1e})")
     return 0
 
 

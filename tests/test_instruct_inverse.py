@@ -165,3 +165,32 @@ def test_shards_then_merge(ckpt, tmp_path):
     assert main(["instruct", "merge", "--output", out, "--shards", "2"]) == 0
     merged = read_rows(out)
     assert [r["index"] for r in merged] == [0, 1, 3] and all(0 < r["score"] < 1 for r in merged)
+
+
+def test_in_process_tp2_under_torchrun(ckpt, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from megaocto.cli import main
+    from serving_utils import REPO, free_port
+
+    load, tok_path = ckpt
+    tp2 = str(tmp_path / "tp2")
+    assert main(["convert", "reshard", "--load", load, "--tp", "2", "--output", tp2, "--quiet"]) == 0
+    src = _corpus(tmp_path)
+    out = str(tmp_path / "tp2.jsonl")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun if os.path.exists(torchrun) else shutil.which("torchrun"), "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "megaocto.cli", "instruct", "inverse-instruct", "--inputs", src,
+           "--output", out, "--load", tp2, "--tokenizer", tok_path, "--num-instructions", "2", "--max-new-tokens", "4",
+           "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count('"stage": "select"') == 1  # rank 0 alone writes and reports
+    summaries = read_rows(os.path.join(out + ".work", "summaries.jsonl"))
+    assert len(summaries) == 6 and len({r["index"] for r in summaries}) == 6
+    final = read_rows(out)
+    assert [r["index"] for r in sorted(final, key=lambda r: r["index"])] == [0, 1, 3]
+    assert all(0 < r["score"] < 1 for r in final)
