@@ -16,7 +16,7 @@ positions, vocabulary = a byte-level BPE trained on a small code corpus. Every r
 * LM-scoring: --score-codes prompts of 256 tokens; megaocto ``next_token_logits`` in batches of 16 vs one HF
   forward per prompt (the loop a script would write); codes/s.
 
-Server and HF runs take turns (never concurrently) and get the same thread count (--threads).
+Server and HF runs alternate level by level (never concurrently) and get the same thread count (--threads).
 """
 from __future__ import annotations
 
@@ -165,16 +165,19 @@ def main() -> int:
                     break
                 except OSError:
                     time.sleep(0.2)
+            from transformers import GPTBigCodeForCausalLM
+            hf = GPTBigCodeForCausalLM.from_pretrained(hf_dir).eval()
             bench_serve(url, prompts[:2], 1, 2)  # warm-up
-            served = {c: bench_serve(url, prompts, c, new) for c in levels}
+            bench_hf(hf, prompts[:1], 1, 2, tok.pad)
+            # alternate the two sides level by level (the server idles while HF runs), so that a change in the
+            # machine's load hits both sides of a row alike
+            served, hf_runs = {}, {}
+            for c in levels:
+                served[c] = bench_serve(url, prompts, c, new)
+                hf_runs[c] = bench_hf(hf, prompts, c, new, tok.pad)
         finally:
             server.terminate()
             server.wait(60)
-
-        from transformers import GPTBigCodeForCausalLM
-        hf = GPTBigCodeForCausalLM.from_pretrained(hf_dir).eval()
-        bench_hf(hf, prompts[:1], 1, 2, tok.pad)  # warm-up
-        hf_runs = {b: bench_hf(hf, prompts, b, new, tok.pad) for b in sorted({1, *levels})}
         codes = [[rng.randrange(20, tok.vocab_size) for _ in range(256 if not args.small else 32)]
                  for _ in range(args.score_codes if not args.small else 8)]
         scoring = bench_scoring(load, hf, codes)
