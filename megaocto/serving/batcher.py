@@ -1,7 +1,7 @@
 """Collects concurrent requests into shared decode batches (one worker thread owns the model).
 
 Requests are queued as jobs (all rows of one HTTP request: prompts × n). The worker takes the first waiting job,
-waits ``batch_wait_s`` for more, and decodes every job that fits in ``max_batch`` rows together in one
+waits for more until none has arrived for ``batch_wait_s`` (at most ``10 · batch_wait_s``), and decodes every job that fits in ``max_batch`` rows together in one
 :meth:`Engine.run` — one prefill and one forward per step for all of them. Jobs that arrive while a batch decodes
 wait for the next batch. A job larger than ``max_batch`` rows is decoded alone in chunks of ``max_batch``.
 
@@ -72,13 +72,17 @@ class Batcher:
         if first is None:
             return [], True
         jobs, rows = [first], len(first.rows)
-        deadline = time.monotonic() + self.batch_wait_s
+        # wait until no request has arrived for batch_wait_s (a burst of clients lands in one batch), at most
+        # 10 * batch_wait_s after the first
+        now = time.monotonic()
+        deadline, cap = now + self.batch_wait_s, now + 10 * self.batch_wait_s
         stop = False
         while rows < self.max_batch:
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self._queue.get(timeout=max(0.0, min(deadline, cap) - time.monotonic()))
             except queue.Empty:
                 break
+            deadline = time.monotonic() + self.batch_wait_s
             if job is None:
                 stop = True
                 break
