@@ -206,10 +206,18 @@ setup(
         # `megaocto convert from-hf OWNER/NAME` resolves hub ids through huggingface_hub's cache (convert/io.py);
         # transformers 4.56 already requires >= 0.34, stated here because megaocto imports it directly.
         "huggingface_hub>=0.34",
+        # megaocto serve (an ASGI app on uvicorn) and megaocto instruct (teacher client over httpx, progress bars,
+        # Aho-Corasick decontamination)
+        "starlette",
+        "uvicorn",
+        "httpx",
+        "tqdm",
+        "pyahocorasick",
     ],
     extras_require={
-        # peft: tests/test_lora_peft.py checks LoRA parity and the PEFT export against HF PEFT itself.
-        "test": ["pytest", "peft>=0.13"],
+        # peft: tests/test_lora_peft.py checks LoRA parity and the PEFT export against HF PEFT itself; openai: the
+        # official client drives `megaocto serve` in tests/test_serving.py.
+        "test": ["pytest", "peft>=0.13", "openai"],
         # Optional: only `megaocto eval humanevalpack` without --data-dir reads bigcode/humanevalpack from the hub
         # through `datasets`; that import is guarded with an error naming the package (offline runs never need it).
         "hub": ["datasets"],

@@ -6,10 +6,11 @@
 ``KVCache``. Usage: docs/generation.md.
 """
 from megaocto.generation.generate import (GenerationConfig, completion_text, generate, generate_text,
-                                          truncate_at_stop)
+                                          next_token_logits, position_limit, truncate_at_stop)
 from megaocto.generation.kv_cache import KVCache
 from megaocto.generation.loading import load_checkpoint_model, load_tokenizer
 from megaocto.generation.sampling import filter_logits, full_vocab_logits, sample_next
 
 __all__ = ["GenerationConfig", "KVCache", "completion_text", "filter_logits", "full_vocab_logits", "generate",
-           "generate_text", "load_checkpoint_model", "load_tokenizer", "sample_next", "truncate_at_stop"]
+           "generate_text", "load_checkpoint_model", "load_tokenizer", "next_token_logits", "position_limit",
+           "sample_next", "truncate_at_stop"]

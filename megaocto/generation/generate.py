@@ -105,10 +105,13 @@ def inference_mode_for(model, pc):
         model.train(was_training)
 
 
-def _position_limit(model) -> int | None:
+def position_limit(model) -> int | None:
     """Most positions a row may use (bigcode's learned table), or None (rotary: unbounded)."""
     cfg = model.cfg
     return cfg.max_positions if cfg.family == "bigcode" else None
+
+
+_position_limit = position_limit
 
 
 def _ends_with(tokens: list[int], seq: tuple[int, ...]) -> bool:
@@ -338,3 +341,35 @@ def generate_text(model, tokenizer, prompts: Sequence[str], gen: GenerationConfi
     tokens = generate(model, encoded, gen, pc, use_cache=use_cache, batch_size=batch_size,
                       stop_fn=stop_fn if strings else None, progress=progress)
     return [truncate_at_stop(completion_text(tokenizer, encoded[k // n], t), strings) for k, t in enumerate(tokens)]
+
+
+def next_token_logits(model, prompts: Sequence[Sequence[int]], pc=None, *, batch_size: int | None = None
+                      ) -> torch.Tensor:
+    """Full-vocabulary fp32 logits ``[len(prompts), vocab_size]`` of the token after each prompt (one batched,
+    left-padded prefill per ``batch_size`` prompts, sorted by length; rows returned in input order). Collective over
+    TP like :func:`generate`; the result is identical on every TP rank. Used for scoring (e.g. LM-score of a
+    Yes/No answer) without decoding."""
+    pc = model.pc if pc is None else pc
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("next_token_logits: every prompt needs at least one token")
+    limit = position_limit(model)
+    if limit is not None and prompts and max(len(p) for p in prompts) > limit:
+        raise ValueError(f"a prompt has {max(len(p) for p in prompts)} tokens, more than max_position_embeddings="
+                         f"{limit} of the model; shorten the prompt")
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    step = batch_size or max(len(prompts), 1)
+    out = torch.empty(len(prompts), model.cfg.vocab_size, dtype=torch.float32)
+    with inference_mode_for(model, pc):
+        for start in range(0, len(order), step):
+            members = order[start:start + step]
+            rows = [list(prompts[i]) for i in members]
+            longest = max(len(r) for r in rows)
+            pad = torch.tensor([longest - len(r) for r in rows], dtype=torch.long)
+            ids = torch.zeros(len(rows), longest, dtype=torch.long)
+            for k, r in enumerate(rows):
+                ids[k, longest - len(r):] = torch.tensor(r, dtype=torch.long)
+            cache = KVCache.for_model(model, len(rows), longest, pad_lengths=pad.to(device))
+            logits = model(ids.to(device), kv_cache=cache)[:, -1]
+            out[members] = full_vocab_logits(logits, pc, model.cfg.vocab_size).cpu()
+    return out
