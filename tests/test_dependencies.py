@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # distribution name (normalised) -> import name, where they differ
-DIST_TO_IMPORT = {"pyyaml": "yaml"}
+DIST_TO_IMPORT = {"pyyaml": "yaml", "pyahocorasick": "ahocorasick"}
 # a module (and its submodules) whose import needs a distribution of another name
 IMPORT_NEEDS = {"torch.utils.tensorboard": "tensorboard"}
 GUARD_EXCEPTIONS = {"ImportError", "ModuleNotFoundError", "Exception"}

@@ -211,3 +211,19 @@ def test_end_to_end_against_real_tiny_server(tmp_path):
         assert all(r["response"] for r in rejected if r["reason"] == "not_stop")
     finally:
         server.kill()
+
+
+def test_a_teacher_row_with_a_lone_surrogate_is_rejected_not_a_crash(tmp_path):
+    """A JSON escape like "\\ud800" in a teacher's answer decodes to a string that UTF-8 cannot hold: the row goes to
+    the rejected file as "unencodable" (counted there), the run goes on and resumes past it."""
+    from megaocto.instruct.resumable import ResumableOutput, read_rows, rejected_path
+
+    path = str(tmp_path / "out.jsonl")
+    out = ResumableOutput(path, "fp", {"a": 1})
+    assert out.write({"index": 0, "problem": "ok"}, kept=True) is True
+    assert out.write({"index": 1, "problem": "bad \ud800"}, kept=True) is False
+    out.close([0, 1])
+    assert [r["index"] for r in read_rows(path)] == [0]
+    rejected = read_rows(rejected_path(path))
+    assert rejected[0]["index"] == 1 and rejected[0]["reason"] == "unencodable" and "problem" in rejected[0]["error"]
+    assert ResumableOutput(path, "fp", {"a": 1}).done == {0, 1}

@@ -140,7 +140,7 @@ def _teacher_cfg(args):
 
 
 def _print(summary: dict) -> None:
-    print(json.dumps(summary, indent=1, ensure_ascii=False))
+    print(json.dumps(summary, indent=1))
     sys.stdout.flush()
 
 
@@ -188,7 +188,7 @@ def run(args) -> int:
             report = decontaminate_file(args.inputs, args.columns, benchmarks, args.output, args.removed)
             if args.report:
                 with open(args.report, "w", encoding="utf-8") as f:
-                    json.dump(report, f, indent=1, ensure_ascii=False)
+                    json.dump(report, f, indent=1)
             _print(report)
             return 0
         return _run_inverse(args)

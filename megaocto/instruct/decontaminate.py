@@ -22,6 +22,8 @@ import dataclasses
 import os
 from typing import Iterable
 
+from megaocto.data.jsonl import write_jsonl_row
+
 # upstream's list, byte for byte (see the module doc for the fourth entry)
 HUMAN_EVAL_STRINGS_OK = ["return x + y", "return len(string)", "return n**2", "return " ".join(strings)"]
 
@@ -185,13 +187,12 @@ def decontaminate_file(inputs: list[str], columns: list[str], benchmarks: dict[s
                 m = dec.find(dec.row_text(row, columns))
                 if m is None:
                     kept += 1
-                    fo.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    write_jsonl_row(fo, row)  # read through read_jsonl: its strings are valid
                     continue
                 per_bench[m.benchmark] += 1
                 if len(examples[m.benchmark]) < 5:
                     examples[m.benchmark].append(m.substring[:200])
-                fr.write(json.dumps({**row, "filter_reason": f"{m.benchmark}_match",
-                                     "matched_substring": m.substring}, ensure_ascii=False) + "\n")
+                write_jsonl_row(fr, {**row, "filter_reason": f"{m.benchmark}_match", "matched_substring": m.substring})
     os.replace(tmp_out, output)
     if tmp_rm:
         os.replace(tmp_rm, removed)

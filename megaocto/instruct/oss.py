@@ -194,7 +194,8 @@ def token_counter(tokenizer: str | None, teacher_model: str):
             enc = tiktoken.get_encoding("cl100k_base")
         return lambda text: len(enc.encode(text)), f"tiktoken {enc.name}"
     except ImportError:
-        return lambda text: len(text.encode("utf-8")), "utf-8 bytes (upper bound; pass --count-tokenizer)"
+        return lambda text: len(text.encode("utf-8")), ("utf-8 bytes (upper bound; pip install tiktoken for the "
+                                                        "teacher's count, or pass --count-tokenizer)")
 
 
 @dataclasses.dataclass

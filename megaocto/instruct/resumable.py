@@ -21,6 +21,8 @@ import os
 import re
 from typing import Iterable
 
+from megaocto.data.jsonl import UnencodableRowError, encode_row, write_jsonl_row
+
 
 class ResumeError(ValueError):
     """Existing output that cannot be continued (other settings, foreign file, incomplete shard)."""
@@ -122,13 +124,20 @@ class ResumableOutput:
             json.dump(meta, f, indent=1, default=str)
         os.replace(tmp, run_path(self.path))
 
-    def write(self, row: dict, *, kept: bool) -> None:
+    def write(self, row: dict, *, kept: bool) -> bool:
+        """Append the row (kept or rejected); returns whether it was kept. A row holding a string that is not valid
+        Unicode (a lone surrogate from a teacher's JSON escape) is written as rejected with reason "unencodable"."""
         if row["index"] in self.done:
             raise ValueError(f"index {row['index']} written twice")  # a bug, never silently duplicated
+        try:
+            line = encode_row(row)
+        except UnencodableRowError as e:
+            kept, line = False, encode_row({"index": row["index"], "reason": "unencodable", "error": str(e)})
         f = self._out if kept else self._rej
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(line)
         f.flush()
         self.done.add(row["index"])
+        return kept
 
     def close(self, expected: Iterable[int]) -> bool:
         """Close the files and record whether every ``expected`` index is done; returns that."""
@@ -170,7 +179,7 @@ def merge_shards(output: str, num_shards: int, *, sort_key: str = "index") -> di
     for path, rows in ((output, kept), (rejected_path(output), rejected)):
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            for r in rows:  # read back from our own shard files: always encodable
+                write_jsonl_row(f, r)
         os.replace(tmp, path)
     return {"shards": num_shards, "kept": len(kept), "rejected": len(rejected)}
