@@ -13,7 +13,7 @@ import pytest
 
 from megaocto.cli import main
 from megaocto.config.model import ModelConfig
-from megaocto.model.plan import GPUS, PP_NOT_RUNNABLE, Hardware, Layout, estimate, format_plan, parse_memory, plan
+from megaocto.model.plan import GPUS, Hardware, Layout, estimate, format_plan, parse_memory, plan
 
 
 def _plan(preset, gpu, gpus, seq, gbs, **kw):
@@ -82,13 +82,15 @@ def test_33b_needs_more_than_one_node():
     assert (best.layout.tp, best.layout.pp, best.layout.dp, best.layout.zero1) == (8, 1, 2, True)
 
 
-def test_pp_layouts_are_marked_and_max_pp_1_keeps_only_runnable():
+def test_pp_layouts_are_planned_and_max_pp_1_excludes_them():
     p = _plan("starcoder-15b", "h100", 16, 2048, 32)
     assert any(e.layout.pp > 1 for e in p.feasible)
     text = format_plan(p, top=50)
     rows = [ln.split() for ln in text.splitlines()]
     pp_rows = [" ".join(r) for r in rows if len(r) >= 17 and r[0].isdigit() and r[1].isdigit() and r[2] != "1"]
-    assert pp_rows and all(PP_NOT_RUNNABLE in ln for ln in pp_rows)
+    assert pp_rows  # pipeline layouts are trained by megaocto (parallel.pp) and ranked like the others
+    pp_best = next(e for e in p.feasible if e.layout.pp > 1)
+    assert f"--parallel.pp {pp_best.layout.pp}" in pp_best.layout.overrides()
     only = _plan("starcoder-15b", "h100", 16, 2048, 32, max_pp=1)
     assert only.estimates and all(e.layout.pp == 1 for e in only.estimates)
     assert only.skipped.get("pp > --max-pp 1", 0) > 0
@@ -139,7 +141,7 @@ def test_cli_prints_assumptions_and_recommendation(capsys):
     assert rc == 0
     for needle in ("assumptions:", "989.4 TFLOP/s", "achievable 40% of peak", "NVLink 450 GB/s",
                    "3200 Gbit/s per node", "15% kept free", "(p-1)/m", "fit in memory",
-                   "recommended for megaocto (pp = 1, rank 1): --parallel.tp 2"):
+                   "recommended for megaocto (rank 1): --parallel.tp 2"):
         assert needle in out, needle
 
 
@@ -171,7 +173,7 @@ def test_launch_configs_use_the_planners_recommendation(capsys, name):
     assert argv[argv.index("--config") + 1] == f"launch/configs/{name}.yaml"
     argv[argv.index("--config") + 1] = str(path)
     assert main(argv) == 0
-    rec = re.search(r"recommended for megaocto \(pp = 1, rank 1\): (.*?)  \(", capsys.readouterr().out).group(1)
+    rec = re.search(r"recommended for megaocto \(rank 1\): (.*?)  \(", capsys.readouterr().out).group(1)
     want = dict(zip(rec.split()[::2], rec.split()[1::2]))
     cfg = load_run_config(str(path))
     got = {"--parallel.tp": str(cfg.parallel.tp), "--train.micro_batch_size": str(cfg.train.micro_batch_size),
@@ -239,8 +241,8 @@ def test_cli_starcoder_published_cluster(capsys):
     assert "network 400 Gbit/s per node" in out and "after the backward (not overlapped)" in out
     shape_table = out.split("best layout of each tp x pp shape")[1].splitlines()
     tp4pp4 = [ln for ln in shape_table if ln.split()[1:3] == ["4", "4"]]
-    assert tp4pp4 and int(tp4pp4[0].split()[0]) <= 4 and PP_NOT_RUNNABLE in tp4pp4[0]
-    assert "recommended for megaocto (pp = 1" in out
+    assert tp4pp4 and int(tp4pp4[0].split()[0]) <= 4
+    assert "recommended for megaocto (rank 1)" in out
 
 
 def test_no_layout_when_the_batch_does_not_split(capsys):

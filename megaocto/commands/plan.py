@@ -32,8 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--headroom", type=float, default=0.15,
                         help="fraction of GPU memory kept free (default: %(default)s)")
     parser.add_argument("--max-pp", type=int, default=None,
-                        help="largest pipeline-parallel size to consider; 1 = only what megaocto runs today "
-                             "(default: any; pp > 1 rows are estimates, marked not runnable)")
+                        help="largest pipeline-parallel size to consider; 1 = no pipeline parallelism (default: any)")
     parser.add_argument("--no-overlap-grad-reduce", action="store_true",
                         help="model a trainer that reduces gradients after the backward (megaocto "
                              "train.overlap_grad_reduce false; Megatron-LM before --overlap-grad-reduce)")

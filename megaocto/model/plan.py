@@ -20,7 +20,7 @@ The cost model is deliberately simple and every constant in it is printed with t
   reduction overlaps the last micro batch's backward (megaocto's overlapped buckets); the ZeRO-1 all-gather is
   synchronous in megaocto, so it is exposed. Over NVLink when the whole DP group is inside a node, else over the
   node's network links shared by its GPUs.
-* **pipeline parallel** (1F1B, estimate only: ``parallel.pp > 1`` is refused by megaocto's training loop today):
+* **pipeline parallel** (megaocto's non-interleaved 1F1B, ``parallel.pp``; ``parallel.virtual_pp`` is not modelled):
   bubble ``(p-1)/m`` of the compute + TP time, p2p of the (sequence-parallel-sharded) activations and their grads
   between stages, and the tied-embedding grad all-reduce between the first and last stage.
 
@@ -41,7 +41,6 @@ RECOMPUTE = ("none", "selective", "full")
 GEMM_ROWS_HALF = 512  # rows per GEMM at which the GEMM-size factor is 1/2 (r / (r + 512)): 0.80 at 2048, 0.94 at 8192
 GEMM_WIDTH_HALF = 128  # per-GPU hidden/tp at which the width factor is 1/2 (k / (k + 128)): 0.86 at 768, 0.97 at 4096
 LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth reached / link rate (ring collectives and p2p)
-PP_NOT_RUNNABLE = "pp > 1: not runnable in megaocto yet (estimate only)"
 
 
 @dataclass(frozen=True)
@@ -132,8 +131,9 @@ class Layout:
 
     @property
     def runnable(self) -> bool:
-        """Whether megaocto's training loop runs this layout today (it refuses parallel.pp > 1)."""
-        return self.pp == 1
+        """Whether megaocto's training loop runs this layout: every layout the planner forms (tp, pp, dp, ZeRO-1,
+        recompute, micro batch) is one it trains; kept so callers can still ask for pp = 1 only (max_pp=1)."""
+        return True
 
     def overrides(self) -> str:
         """The `megaocto train` overrides that select this layout (world size = tp * pp * dp from the launcher)."""
@@ -300,7 +300,7 @@ def plan(cfg: ModelConfig, hw: Hardware, *, seq_len: int, global_batch: int, dty
          recompute: tuple[str, ...] = RECOMPUTE, overlap_grad_reduce: bool = True, model: str = "") -> Plan:
     """Every layout of ``hw.gpus`` GPUs for ``cfg`` at ``seq_len`` and ``global_batch``, estimated and ranked.
 
-    ``max_pp=1`` restricts the plan to what megaocto runs today. Candidates that cannot exist (TP sizes the model
+    ``max_pp=1`` restricts the plan to layouts without pipeline parallelism. Candidates that cannot exist (TP sizes the model
     does not split into, TP beyond a node, pp not dividing the layers, a global batch not divisible by dp * micro
     batch) are counted in ``Plan.skipped`` by reason.
     """
@@ -374,7 +374,8 @@ def assumptions(hw: Hardware, *, overlap_grad_reduce: bool = True) -> list[str]:
         "rank order TP, DP, PP (Megatron): TP within a node; DP over NVLink only when tp*dp <= GPUs per node",
         "sequence parallelism on whenever tp > 1 (same communication volume as TP without it, less activation "
         "memory); flash attention assumed",
-        PP_NOT_RUNNABLE.replace("pp > 1", "layouts with pp > 1"),
+        "pipeline: non-interleaved 1F1B (parallel.virtual_pp > 1 would shrink the bubble to (p-1)/(m*v); not "
+        "modelled)",
     ]
 
 
@@ -395,7 +396,7 @@ def format_plan(p: Plan, *, top: int = 10) -> str:
         return (f"{i:>3} {lay.tp:>2} {lay.pp:>2} {lay.dp:>4} {lay.micro_batch:>3} {lay.num_microbatches:>4} "
                 f"{'yes' if lay.zero1 else 'no':>5} {lay.recompute:>9} {'yes' if lay.sequence_parallel else 'no':>3} "
                 f"{e.memory_gib:6.1f} {e.step_s:8.3f} {e.compute_s:8.3f} {e.tp_s:8.3f} {e.dp_s:8.3f} {e.pp_s:7.3f} "
-                f"{e.tokens_per_s / hw.gpus:9.0f} {100 * e.mfu:4.0f}%  {'' if lay.runnable else PP_NOT_RUNNABLE}")
+                f"{e.tokens_per_s / hw.gpus:9.0f} {100 * e.mfu:4.0f}%")
 
     if feas:
         lines.append(f"best {min(top, len(feas))} of the layouts that fit (estimated step time, seconds):")
@@ -405,13 +406,9 @@ def format_plan(p: Plan, *, top: int = 10) -> str:
         lines.append(f"best layout of each tp x pp shape ({len(shapes)} shapes fit):")
         lines.append(head)
         lines += [row(i, e) for i, e in enumerate(shapes, 1)]
-        best = p.best(runnable_only=True)
-        if best is None:
-            lines.append("no layout with pp = 1 fits: megaocto cannot train this today (pipeline parallelism is not "
-                         "implemented yet)")
-        else:
-            lines.append(f"recommended for megaocto (pp = 1, rank {feas.index(best) + 1}): {best.layout.overrides()}"
-                         f"  (~{best.memory_gib:.1f} GiB/GPU, ~{best.step_s:.2f} s/step, MFU ~{100 * best.mfu:.0f}%)")
+        best = p.best()
+        lines.append(f"recommended for megaocto (rank {feas.index(best) + 1}): {best.layout.overrides()}"
+                     f"  (~{best.memory_gib:.1f} GiB/GPU, ~{best.step_s:.2f} s/step, MFU ~{100 * best.mfu:.0f}%)")
     elif not p.estimates:
         lines.append("no layout can be formed from these GPUs and this global batch (see the skipped counts above): "
                      "the global batch must be divisible by dp = gpus / (tp * pp) for some tp and pp")
