@@ -156,7 +156,8 @@ def test_cli_errors(capsys, argv, msg):
     assert rc == 2 and msg in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["octocoder-15b", "octogeex-6b", "santacoderpack-1b", "starcoder-15b-octopack"])
+@pytest.mark.parametrize("name", ["octocoder-15b", "octogeex-6b", "santacoderpack-1b", "starcoder-15b-octopack",
+                                  "octocoder-15b-lora"])
 def test_launch_configs_use_the_planners_recommendation(capsys, name):
     """Each GPU run config names the `megaocto plan` command for its hardware and sets the layout it ranks first."""
     import re
@@ -250,3 +251,22 @@ def test_no_layout_when_the_batch_does_not_split(capsys):
     p = _plan("tiny-bigcode", "a100", 6, 64, 7)
     assert p.estimates == [] and p.skipped["global batch not divisible by dp"] > 0
     assert "no layout can be formed" in format_plan(p)
+
+
+def test_lora_plans_a_frozen_base():
+    """LoRA (model.lora): less memory (weights only for the base), fewer FLOPs (no weight-gradient GEMMs) and DP
+    traffic of the adapters only, against the same model fully finetuned."""
+    from megaocto.config.model import LoraConfig
+
+    full = ModelConfig.from_preset("starcoder-15b", seq_length=2048)
+    lora = ModelConfig.from_preset("starcoder-15b", seq_length=2048,
+                                   lora=LoraConfig(rank=16, alpha=32, target_modules=["c_proj", "c_attn"]))
+    hw = Hardware(GPUS["a100"], 8)
+    lay = Layout(tp=2, pp=1, dp=4, micro_batch=4, num_microbatches=2, zero1=False, recompute="none",
+                 sequence_parallel=True)
+    f, lo = (estimate(c, hw, lay, seq_len=2048, global_batch=32) for c in (full, lora))
+    assert lo.memory.total < 0.5 * f.memory.total
+    assert lo.compute_s < 0.7 * f.compute_s
+    assert lo.dp_s == 0.0 or lo.dp_s < 0.05 * f.dp_s
+    p = plan(lora, hw, seq_len=2048, global_batch=32, model="lora")
+    assert "LoRA: frozen base" in format_plan(p)

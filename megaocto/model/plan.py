@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 from megaocto.config.base import ConfigError
 from megaocto.config.model import ModelConfig
-from megaocto.model.flops import flops_per_token
+from megaocto.model.flops import flops_per_token, num_matmul_params
 from megaocto.model.memory import GIB, MemoryEstimate, estimate_memory
 
 RECOMPUTE = ("none", "selective", "full")
@@ -174,6 +174,7 @@ class Plan:
     estimates: list[Estimate]  # every layout that was estimated, best first (fitting ones before the others)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count of candidate layouts not estimated
     overlap_grad_reduce: bool = True  # as estimated (see estimate())
+    lora: bool = False  # the model trains LoRA adapters on a frozen base (model.lora)
 
     @property
     def feasible(self) -> list[Estimate]:
@@ -248,6 +249,8 @@ def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout, *, seq_len: int, gl
     gpu = hw.gpu
     # ---- compute
     fpt = flops_per_token(cfg, seq_len)
+    if cfg.lora.enabled:  # frozen base: no weight-gradient GEMMs (2N of the 6N); the rank-r adapters are negligible
+        fpt -= 2.0 * num_matmul_params(cfg)
     attn_fwd = 4.0 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     head = 6.0 * cfg.padded_vocab_size() * cfg.hidden_size
     extra = {"none": 0.0, "selective": attn_fwd, "full": (fpt - head) / 3}[layout.recompute]
@@ -268,7 +271,8 @@ def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout, *, seq_len: int, gl
     # ---- data parallel
     dp_in_node = t * d <= hw.gpus_per_node
     dp_bw = hw.intra_bw if dp_in_node else hw.inter_bw
-    n = mem.params_per_gpu
+    # the DP reduction and ZeRO-1 all-gather move the trainable params only (LoRA: the adapters; fp32 grads = 4 B)
+    n = mem.grads / 4 if cfg.lora.enabled else mem.params_per_gpu
     dp_s = 0.0
     if d > 1:
         frac = (d - 1) / d
@@ -349,12 +353,14 @@ def plan(cfg: ModelConfig, hw: Hardware, *, seq_len: int, global_batch: int, dty
                                             overlap_grad_reduce=overlap_grad_reduce))
     out.sort(key=lambda e: (not e.fits, e.step_s if e.fits else e.memory.total, e.memory.total))
     return Plan(model=model or cfg.family, hardware=hw, seq_len=seq_len, global_batch=global_batch, estimates=out,
-                skipped=skipped, overlap_grad_reduce=overlap_grad_reduce)
+                skipped=skipped, overlap_grad_reduce=overlap_grad_reduce, lora=cfg.lora.enabled)
 
 
-def assumptions(hw: Hardware, *, overlap_grad_reduce: bool = True) -> list[str]:
+def assumptions(hw: Hardware, *, overlap_grad_reduce: bool = True, lora: bool = False) -> list[str]:
     g = hw.gpu
-    return [
+    extra = ["LoRA: frozen base (weights only in memory; no weight-gradient GEMMs, so 4N + attention FLOPs per token "
+             "instead of 6N; MFU below counts those); DP reduces / all-gathers only the adapters"] if lora else []
+    return extra + [
         f"GPU {g.name}: {g.peak_tflops:g} TFLOP/s bf16 dense peak, achievable {100 * g.efficiency:.0f}% of peak on "
         f"large GEMMs (the MFU assumption), x r/(r+{GEMM_ROWS_HALF}) for r = micro_batch*seq rows per GEMM and x "
         f"k/(k+{GEMM_WIDTH_HALF}) for the per-GPU width k = hidden/tp "
@@ -383,7 +389,7 @@ def format_plan(p: Plan, *, top: int = 10) -> str:
     hw = p.hardware
     lines = [f"plan for {p.model} on {hw.gpus} x {hw.gpu.name} ({hw.memory_bytes / GIB:g} GiB), seq {p.seq_len}, "
              f"global batch {p.global_batch} ({p.global_batch * p.seq_len:,} tokens/step)", "assumptions:"]
-    lines += [f"  - {a}" for a in assumptions(hw, overlap_grad_reduce=p.overlap_grad_reduce)]
+    lines += [f"  - {a}" for a in assumptions(hw, overlap_grad_reduce=p.overlap_grad_reduce, lora=p.lora)]
     feas = p.feasible
     lines.append(f"{len(p.estimates)} layouts estimated, {len(feas)} fit in memory"
                  + "".join(f"; {n} skipped: {r}" for r, n in sorted(p.skipped.items())))
