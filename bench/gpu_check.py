@@ -17,6 +17,7 @@ Parts (real mode: one CUDA GPU; ``--dry-run``: CPU, tiny shapes, Triton kernels 
 * ``attention``: flash attention forward+backward at batch 2 x 16 heads x seq 8192 x head dim 128 (causal), TFLOP/s
   of megaocto's Triton kernel, SDPA's flash backend and flash-attn when installed (bench/kernels_bench.py's timer
   and FLOPs convention);
+* ``lora``: LoRA (r 16) vs full finetuning on bench/lora_bench.py's model and batch: step time, peak memory.
 * ``train1b``: one training step of starcoderbase-1b (1.1B BigCode, MQA) at seq 8192, bf16, kernels auto: tokens/s
   and MFU = (6N + 12·L·H·Q·T) x tokens/s / peak bf16 TFLOP/s of the GPU.
 
@@ -40,7 +41,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "kernels", "train", "nccl", "attention", "train1b")
+PARTS = ("tests", "kernels", "train", "nccl", "attention", "train1b", "lora")
 # The tests in tests/ that only run on a CUDA GPU (skipped elsewhere): pytest arguments.
 CUDA_TESTS = ["tests/test_csrc_cuda.py", "-k", "on_gpu or like_triton"]
 
@@ -380,6 +381,35 @@ def _kernel_impls(trainer) -> str:
     ops = ops_for(trainer.cfg.model.kernels, trainer.pc.device)
     attn = ops.attention_backend or "auto (flash-attn / sdpa)"
     return f"{ops.impl}, attention {attn}"
+
+
+# ---------------------------------------------------------------------------------------------- lora
+def part_lora(dry: bool) -> dict:
+    """LoRA vs full finetuning on the same model and batch (bench/lora_bench.py's shape and step, issue 16): step time
+    and peak memory side by side, bf16 on the GPU (dry: fp32 on CPU, a 2-layer model)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("lora_bench", Path(__file__).with_name("lora_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if dry:
+        bench.LAYERS, bench.HIDDEN, bench.HEADS, bench.VOCAB, bench.B, bench.S = 2, 64, 4, 512, 2, 32
+    dtype, steps = ("fp32", 2) if dry else ("bf16", 5)
+    rows = {}
+    for mode in ("full", "lora"):
+        if torch.cuda.is_available() and not dry:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        rows[mode] = bench.run_mode(mode, steps, 1, dtype, 16)
+    full, lora = rows["full"], rows["lora"]
+    figure = (f"{dtype}, r=16: step {lora['step_s'] * 1e3:.0f} vs {full['step_s'] * 1e3:.0f} ms "
+              f"({lora['step_s'] / full['step_s']:.2f}x), peak {lora['peak_bytes'] / 2**20:.0f} vs "
+              f"{full['peak_bytes'] / 2**20:.0f} MiB ({full['peak_kind']}), optimizer+grads "
+              f"{lora['optimizer_bytes'] / full['optimizer_bytes']:.3f}x")
+    ok = lora["optimizer_bytes"] < full["optimizer_bytes"] and lora["trainable"] < full["trainable"]
+    return _result("ok" if ok else "FAIL", figure, "" if ok else "LoRA did not shrink the trainable state")
 
 
 # ---------------------------------------------------------------------------------------------- summary

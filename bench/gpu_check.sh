@@ -13,6 +13,7 @@
 #   nccl       single-rank NCCL process group + megaocto ParallelContext       25
 #   attention  flash attention fwd+bwd, seq 8192, head dim 128: TFLOP/s vs SDPA (and flash-attn when installed)  90
 #   train1b    starcoderbase-1b (1.1B BigCode) training step at seq 8192: tokens/s, MFU (6N + 12*L*H*Q*T)      120
+#   lora       LoRA vs full finetuning, same model and batch (bench/lora_bench.py): step time, peak memory       45
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), OUT_DIR (results, logs; default a new /tmp folder),
 # BUDGET_S (total, default 480 = 8 min; a part never gets more than what is left), LIMIT_<PART> (e.g.
@@ -57,7 +58,7 @@ fi
 
 declare -A LIMIT=([build]=${LIMIT_BUILD:-150} [tests]=${LIMIT_TESTS:-40} [kernels]=${LIMIT_KERNELS:-120}
                   [train]=${LIMIT_TRAIN:-60} [nccl]=${LIMIT_NCCL:-25} [attention]=${LIMIT_ATTENTION:-90}
-                  [train1b]=${LIMIT_TRAIN1B:-120})
+                  [train1b]=${LIMIT_TRAIN1B:-120} [lora]=${LIMIT_LORA:-45})
 START=$(date +%s)
 echo "[gpu_check] $DEVICE; results and logs in $OUT; budget $BUDGET s"
 
@@ -76,7 +77,7 @@ if [ "${BUILD_CUDA:-0}" = 1 ] && [ "$DRY" = 0 ]; then
     || echo "[gpu_check] CUDA build failed or timed out (see $OUT/build.log); the tests part will say skip"
 fi
 
-for part in tests kernels train nccl attention train1b; do
+for part in tests kernels train nccl attention train1b lora; do
   lim=$(limit_for "$part")
   if [ "$lim" -lt 5 ]; then
     echo "[gpu_check] $part: not run, the $BUDGET s budget is spent"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "kernels", "train", "nccl", "attention", "train1b")
+PARTS = ("tests", "kernels", "train", "nccl", "attention", "train1b", "lora")
 
 
 def test_dry_run_runs_every_part_and_prints_the_table(tmp_path):
@@ -18,7 +18,7 @@ def test_dry_run_runs_every_part_and_prints_the_table(tmp_path):
                          text=True, timeout=600)
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
-    assert "megaocto GPU check — DRY RUN" in out and "6/6 parts ok" in out
+    assert "megaocto GPU check — DRY RUN" in out and "7/7 parts ok" in out
     table = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and
              line.split()[0] in PARTS and len(line.split()) > 2 and line.split()[1] in ("ok", "skip", "FAIL")}
     assert set(table) == set(PARTS), out
@@ -45,4 +45,4 @@ def test_summary_reports_timeouts_and_failures(tmp_path):
     rows = {ln.split()[0]: ln for ln in res.stdout.splitlines() if ln.split()[:1] and ln.split()[0] in PARTS}
     assert "TIMEOUT" in rows["attention"] and "stopped at its 100 s limit" in rows["attention"]
     assert "NOT RUN" in rows["train1b"] and "ok" in rows["nccl"]
-    assert "NVIDIA H100 80GB HBM3" in res.stdout and "4/6 parts ok" in res.stdout
+    assert "NVIDIA H100 80GB HBM3" in res.stdout and "4/7 parts ok" in res.stdout
