@@ -307,21 +307,10 @@ def _generate(args, problems):
     import torch
 
     from megaocto.config.base import ConfigError
-    from megaocto.generation import load_checkpoint_model, load_tokenizer
-    from megaocto.generation.loading import checkpoint_metadata
-    from megaocto.parallel.context import ParallelContext
+    from megaocto.generation.loading import load_model_and_tokenizer
 
-    iteration = args.iteration
-    if iteration is not None and iteration != "release":
-        iteration = int(iteration)
     try:
-        meta, iteration = checkpoint_metadata(args.load, iteration)
-        pc = ParallelContext.init(tp=int(meta.get("tp", 1)))
-        tok_path = args.tokenizer or ((meta.get("config") or {}).get("data") or {}).get("tokenizer") or ""
-        if not tok_path:
-            raise ConfigError(f"{args.load}: the checkpoint's config has no data.tokenizer; pass --tokenizer PATH")
-        tokenizer = load_tokenizer(tok_path)
-        model, _ = load_checkpoint_model(args.load, pc, iteration=iteration)
+        model, tokenizer, pc = load_model_and_tokenizer(args.load, tokenizer=args.tokenizer, iteration=args.iteration)
     except ConfigError as e:
         raise ValueError(str(e)) from None
     with torch.no_grad():

@@ -85,3 +85,20 @@ def load_checkpoint_model(load: str, pc: ParallelContext | None = None, *, dtype
     model.eval()
     model.requires_grad_(False)
     return model, cfg
+
+
+def load_model_and_tokenizer(load: str, *, tokenizer: str | None = None, iteration=None):
+    """``(model, tokenizer, pc)`` for generating from a checkpoint in a command: the process group at the
+    checkpoint's tp (torchrun / srun environment, or one process), the tokenizer at ``tokenizer`` or else the
+    checkpoint's ``data.tokenizer``. ``iteration``: a number (str or int), "release" or None (the tracker's).
+    ConfigError names what is missing."""
+    if iteration is not None and iteration != "release":
+        iteration = int(iteration)
+    meta, iteration = checkpoint_metadata(load, iteration)
+    pc = ParallelContext.init(tp=int(meta.get("tp", 1)))
+    tok_path = tokenizer or ((meta.get("config") or {}).get("data") or {}).get("tokenizer") or ""
+    if not tok_path:
+        raise ConfigError(f"{load}: the checkpoint's config has no data.tokenizer; pass --tokenizer PATH")
+    tok = load_tokenizer(tok_path)
+    model, _ = load_checkpoint_model(load, pc, iteration=iteration)
+    return model, tok, pc
