@@ -234,13 +234,16 @@ def _run_inverse(args) -> int:
         backend = ir.EndpointBackend(_teacher_cfg(args), concurrency=args.concurrency, batch_size=args.batch_size,
                                      compat_tokenizer=tok)
     progress = not args.no_progress
-    if args.stage == "summarize":
-        reports = [ir.run_summarize(args.input, args.output, backend, cfg, shard=shard, progress=progress)]
-    elif args.stage == "score":
-        reports = [ir.run_score(args.input, args.output, backend, cfg, shard=shard, progress=progress)]
-    else:
-        reports = ir.run_all(args.inputs, args.output, backend, cfg, workdir=args.workdir, shard=shard,
-                             progress=progress)
+    try:
+        if args.stage == "summarize":
+            reports = [ir.run_summarize(args.input, args.output, backend, cfg, shard=shard, progress=progress)]
+        elif args.stage == "score":
+            reports = [ir.run_score(args.input, args.output, backend, cfg, shard=shard, progress=progress)]
+        else:
+            reports = ir.run_all(args.inputs, args.output, backend, cfg, workdir=args.workdir, shard=shard,
+                                 progress=progress)
+    finally:
+        backend.close()
     if backend.writer:
         _print({"stages": reports})
     return 0 if all(r.get("complete") is not False for r in reports) else 3

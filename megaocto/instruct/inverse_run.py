@@ -48,6 +48,16 @@ class LocalBackend:
         self.writer = self.pc.rank == 0
         self._yes = self._no = None
 
+    def close(self) -> None:
+        """Under torchrun: every rank reaches this point, then the process group is torn down before the
+        interpreter exits (a gloo group left to interpreter shutdown can abort a rank with std::terminate while its
+        peer is still closing the connection)."""
+        import torch.distributed as dist
+
+        if self.pc.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def sync(self, obj):
         """rank 0's ``obj`` on every rank (the todo list)."""
         if self.pc.world_size == 1:
@@ -106,6 +116,10 @@ class EndpointBackend:
         self.name = f"endpoint:{teacher_cfg.url}:{teacher_cfg.model}"
         self.writer = True
         self.compat_tokenizer = compat_tokenizer
+
+    def close(self) -> None:
+        """Close the teacher's HTTP connection pool."""
+        self.teacher.close()
 
     def sync(self, obj):
         return obj
