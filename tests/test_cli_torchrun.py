@@ -83,3 +83,11 @@ def test_failure_report_shows_each_message_once_and_the_first_failures_code(tmp_
     # killed by a signal: 128 + N, as a shell reports it
     code, lines = failure_report({0: _failure(tmp_path, 0, -15, 10)})
     assert code == 143 and lines == ["megaocto torchrun: 1 worker(s) failed; exit code 143 (rank 0, SIGTERM)"]
+
+
+def test_a_worker_torchrun_stopped_is_not_the_root_cause(tmp_path):
+    """Rank 1 exits 2; torchrun then SIGTERMs rank 0 within the same second (timestamps have 1 s resolution): the
+    exit code is rank 1's 2, not 143 (this made the real 2-process test fail in about half the runs)."""
+    msg = "megaocto train: config error: train.iters must be > 0 (got 0)"
+    code, lines = failure_report({0: _failure(tmp_path, 0, -15, 10), 1: _failure(tmp_path, 1, 2, 10, msg)})
+    assert code == 2 and lines[-1] == "megaocto torchrun: 2 worker(s) failed; exit code 2 (rank 1)"

@@ -54,7 +54,10 @@ def failure_report(failures: dict) -> tuple[int, list[str]]:
 
     The code is the earliest failure's (torchrun's root cause). Lines: each distinct megaocto error message that
     rank 0 has not printed itself (labelled with the lowest rank that recorded it), then one summary line."""
-    first_rank, first = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    # torchrun SIGTERMs the surviving workers once one fails, and the timestamps have 1 s resolution: a worker that
+    # was only stopped that way is never the root cause while another failed on its own.
+    own = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    first_rank, first = min(own.items(), key=lambda item: (item[1].timestamp, item[0]))
     shown = {_rank0_message(failures)}
     lines = []
     for rank in sorted(failures):
